@@ -1,0 +1,348 @@
+"""The file formats fldsl writes: the only contract between the compiler and the runtime.
+
+Data flows one way (DESIGN §4, §6): the compiler writes these files into ``build/<pipeline>/``; the runtime
+reads them and never imports the parser. Every file is a pydantic model serialised with :func:`dump_json`
+(sorted keys, 2-space indent, trailing newline) so the same input gives byte-identical artifacts.
+
+Layout of a build directory::
+
+    build/<pipeline>/
+      pipeline.json                    PipelineFile: IR summary, task graph, digest, measurements
+      nodes/<party>.<node>/
+        plan.json                      Plan: what this node runs            (measured: a trusted file)
+        policy.json                    Policy: what it may send/receive     (measured: a trusted file)
+        pins.json                      Pins: identities of every node       (NOT measured, see below)
+        <node>.manifest.template       Gramine v1.9 manifest template (jinja)
+        <node>.manifest.toml           the same rendered; lists plan/policy with their sha256
+
+Why pins are not measured: if node A's measured files pinned B's measurement and B's pinned A's, each
+measurement would depend on the other (a hash cycle). Instead every node of a deployment carries the same
+pin table (Pins); its SHA-256 is put into the node's RA-TLS claims (bound into the quote's report_data), and
+a peer is accepted only if its attested pin-table digest equals our own. A host that edits its node's pins
+changes that digest, so honest peers refuse the node. See README "Trust model".
+
+Addresses are not in any of these files: they differ per deployment and are not a security property (the
+peer's identity is checked by attestation). The launcher passes them at run time (``--peer id=host:port``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PLAN_FORMAT = "fldsl.plan/1"
+POLICY_FORMAT = "fldsl.policy/1"
+PINS_FORMAT = "fldsl.pins/1"
+PIPELINE_FORMAT = "fldsl.pipeline/1"
+
+DType = Literal["float32", "float64", "int32", "int64", "bool", "string", "bytes"]
+JSON = Any
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TensorSpec(_Model):
+    """A tensor's static type. ``None`` in a shape is the batch dimension (known only at run time)."""
+
+    shape: list[int | None]
+    dtype: DType
+
+    def nbytes(self, batch: int) -> int:
+        n = 1
+        for d in self.shape:
+            n *= batch if d is None else d
+        return n * _DTYPE_SIZE.get(self.dtype, 8)
+
+
+_DTYPE_SIZE = {"float32": 4, "float64": 8, "int32": 4, "int64": 8, "bool": 1}
+
+
+class Flow(_Model):
+    """A tensor that crosses between two nodes, as allowed by one ``allow`` rule of the trust block."""
+
+    id: str  # stable id, e.g. "media.trainer->shop.trainer:act1"
+    tensor: str  # logical tensor name: "act1", "grad(act1)", "gradients", "weights", "shard", "psi"
+    kind: Literal["activation", "gradient", "gradients", "weights", "data", "psi", "metrics", "control"]
+    src: str  # node id "party.node"
+    dst: str  # node id
+    spec: TensorSpec | None = None  # None for structured payloads (weights lists, PSI sets)
+    max_bytes: int  # per message, enforced by the receiver; compile-time bound from shapes and batch size
+    rule: str  # the trust-block rule that allows it, as written, e.g. "allow media -> shop: act1"
+    rule_span: str | None = None  # "file:line:col" of that rule
+
+
+class DataSpec(_Model):
+    """A data set this node reads. Columns are resolved at compile time (patterns like ``x*`` expanded)."""
+
+    name: str  # dataset name in the pipeline, e.g. "impressions"
+    reader: Literal["csv", "criteo", "wide_n_deep"]
+    path: str | None = None  # csv: absolute path on the node's machine (may be overridden at run time)
+    params: dict[str, JSON] = Field(default_factory=dict)  # generators: rows, seed, part, parts, ...
+    id_column: str | None = None
+    label_column: str | None = None
+    feature_columns: list[str] = Field(default_factory=list)  # csv: numeric features, in order
+    # The fields a model can reference as ``<dataset>.<field>``, e.g. features / label / dense / sparse.
+    fields: dict[str, TensorSpec] = Field(default_factory=dict)
+
+
+class OpCall(_Model):
+    """One stdlib op application in the model block: ``output = op(inputs..., params...)``."""
+
+    output: str  # tensor name, e.g. "act1"
+    op: str  # stdlib op name, e.g. "mlp", "dense", "concat", "embed", "wide_deep", "dlrm"
+    inputs: list[str]  # tensor refs: "<dataset>.<field>" or another op's output
+    params: dict[str, JSON] = Field(default_factory=dict)  # with defaults filled in
+    spec: TensorSpec
+    party: str  # where it runs (placement); for horizontal/distributed every worker runs every op
+
+
+class LossSpec(_Model):
+    op: str  # "softmax_cross_entropy" | "sigmoid_cross_entropy" | "mse"
+    logits: str  # tensor ref
+    label: str  # tensor ref "<dataset>.label"
+    party: str
+
+
+class OptimizerSpec(_Model):
+    name: Literal["sgd", "adam", "adagrad"]
+    params: dict[str, JSON] = Field(default_factory=dict)  # learning_rate, momentum, ...
+
+
+class ValidationSpec(_Model):
+    """Held-out evaluation, computed by the label owner (vertical) or on every worker / a test set."""
+
+    fraction: float = 0.0  # 0 = none; ids are split with a stratified, seeded split
+    seed: int = 0
+    test_data: str | None = None  # dataset name holding a separate test split (horizontal)
+
+
+class TrainSpec(_Model):
+    epochs: int
+    batch_size: int
+    optimizer: OptimizerSpec
+    seed: int = 0
+    checkpoint_every_steps: int | None = None  # None = only at epoch end
+    metrics: list[Literal["loss", "auc", "accuracy"]] = Field(default_factory=lambda: ["loss"])
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    steps_per_epoch: int | None = None  # computed by the runtime when None
+
+
+class AlignmentSpec(_Model):
+    method: Literal["psi_ecdh", "join"]
+    key: str  # id column name
+    parties: list[str]  # node ids taking part; the first is the leader (label owner)
+
+
+class AggregationSpec(_Model):
+    """Horizontal / distributed training: who aggregates, how and how often."""
+
+    server: str  # node id of the parameter server
+    workers: list[str]  # node ids
+    mode: Literal["sync", "fedavg"]  # sync = gradients every step; fedavg = weights every N steps / epoch
+    every_steps: int | None = None  # fedavg: every N local steps
+    every_epoch: bool = False  # fedavg: once per epoch
+    weighting: Literal["mean", "examples"] = "examples"
+
+
+class ShardingSpec(_Model):
+    """Distributed training: the chief shards its data to the workers."""
+
+    chief: str
+    workers: list[str]
+    strategy: Literal["round_robin", "contiguous"]
+
+
+class Task(_Model):
+    """A task of the task graph placed on this node (see PipelineFile.graph for the whole graph)."""
+
+    id: str  # e.g. "media.trainer/forward:act1"
+    kind: Literal[
+        "read", "align", "shard", "forward", "send", "recv", "loss", "backward", "apply",
+        "aggregate", "checkpoint", "export", "evaluate",
+    ]
+    inputs: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
+    params: dict[str, JSON] = Field(default_factory=dict)
+
+
+class PeerRef(_Model):
+    id: str  # node id
+    party: str
+    dial: bool  # True: this node opens the connection (client); False: the peer dials us
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plan.json
+# ---------------------------------------------------------------------------------------------------------
+
+Role = Literal[
+    "vertical.active",  # label owner: top model + loss, returns gradients of received activations
+    "vertical.passive",  # feature holder: bottom model, sends activations, applies returned gradients
+    "horizontal.worker",
+    "horizontal.server",  # parameter server / aggregator
+    "distributed.chief",  # data owner: shards and streams data to the workers
+    "distributed.worker",
+    "distributed.server",
+]
+
+
+class Plan(_Model):
+    format: Literal["fldsl.plan/1"] = PLAN_FORMAT
+    pipeline: str
+    node: str  # "party.node"
+    party: str
+    role: Role
+    peers: list[PeerRef]
+    data: list[DataSpec]  # data sets this node reads (empty for a PS)
+    alignment: AlignmentSpec | None = None
+    model: list[OpCall]  # ops this node computes, in topological order
+    loss: LossSpec | None = None  # only on the label owner / workers
+    train: TrainSpec
+    aggregation: AggregationSpec | None = None
+    sharding: ShardingSpec | None = None
+    sends: list[str] = Field(default_factory=list)  # Flow ids this node sends
+    receives: list[str] = Field(default_factory=list)  # Flow ids this node receives
+    tasks: list[Task]
+    export: str | None = None  # logical name of the exported (sealed) model, e.g. "media.trainer/model"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy.json
+# ---------------------------------------------------------------------------------------------------------
+
+
+class AttestationRequirement(_Model):
+    """What a peer's evidence must satisfy (identity values themselves are in Pins)."""
+
+    mode: Literal["dcap", "sim"]  # dcap: real SGX quotes required; sim: simulated quotes accepted
+    allow_debug: bool = False
+    allow_unverified_real_quotes: bool = False  # dev only: real quotes when Intel QVL is absent
+
+
+class Policy(_Model):
+    format: Literal["fldsl.policy/1"] = POLICY_FORMAT
+    pipeline: str
+    node: str
+    attestation: AttestationRequirement
+    accept_peers: list[str]  # node ids allowed to connect / be connected to
+    flows: list[Flow]  # every flow this node sends or receives (src or dst is this node)
+    max_message_bytes: int  # gRPC message limit (chunks above it)
+    at_rest: Literal["encrypted", "plain"] = "encrypted"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pins.json — identical for every node of a deployment
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Identity(_Model):
+    """The identity a node's quote must show."""
+
+    mr_enclave: list[str]  # hex; any one matches. Simulated unless measurement_kind == "sgx"
+    mr_signer: str | None = None  # hex; None = not checked (mr_enclave is the stronger pin)
+    isv_prod_id: int
+    isv_svn_min: int
+    debug: bool = False  # the node's enclave is built with sgx.debug = true
+    measurement_kind: Literal["simulated", "sgx"] = "simulated"
+
+
+class Pins(_Model):
+    format: Literal["fldsl.pins/1"] = PINS_FORMAT
+    pipeline: str
+    nodes: dict[str, Identity]  # node id -> identity
+
+    def digest(self) -> str:
+        """The value bound into every node's RA-TLS claims (see module docstring)."""
+        return sha256_hex(dump_json(self).encode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pipeline.json
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GraphNode(_Model):
+    id: str
+    kind: str  # Task.kind
+    node: str  # node id it is placed on
+    party: str
+    label: str
+    params: dict[str, JSON] = Field(default_factory=dict)
+
+
+class GraphEdge(_Model):
+    src: str
+    dst: str
+    flow: str | None = None  # Flow.id when the edge crosses nodes
+    tensor: str | None = None
+    spec: TensorSpec | None = None
+
+
+class NodeSummary(_Model):
+    id: str
+    party: str
+    role: Role
+    measurement: str  # hex mr_enclave (simulated unless signed)
+    measurement_kind: Literal["simulated", "sgx"] = "simulated"
+    files: dict[str, str]  # relative path -> sha256 of every artifact written for this node
+
+
+class PipelineFile(_Model):
+    format: Literal["fldsl.pipeline/1"] = PIPELINE_FORMAT
+    pipeline: str
+    digest: str  # over source, stdlib modules used and every rendered artifact
+    source: str  # file name of the .flp (not the absolute path: keeps output machine-independent)
+    params: dict[str, JSON]  # pipeline parameters after CLI overrides
+    scenario: Literal["vertical", "horizontal", "distributed"]
+    parties: dict[str, list[str]]  # party -> node ids
+    nodes: list[NodeSummary]
+    flows: list[Flow]
+    graph_nodes: list[GraphNode]
+    graph_edges: list[GraphEdge]
+    ir: dict[str, JSON]  # the checked IR, for tools
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serialisation helpers: the one way every artifact is written and read.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dump_json(model: BaseModel | dict[str, Any]) -> str:
+    """Canonical JSON: sorted keys, 2-space indent, trailing newline, no NaN."""
+    data = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ArtifactError(Exception):
+    """A build directory file is missing, malformed or of another format version."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(cls: type[M], path: Path) -> M:
+    try:
+        return cls.model_validate_json(path.read_bytes())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: missing (was the pipeline compiled? run `fldsl compile`)") from e
+    except ValueError as e:  # pydantic.ValidationError is a ValueError
+        raise ArtifactError(f"{path}: not a valid {cls.__name__} file: {e}") from e
+
+
+def node_dir(build_dir: Path, node_id: str) -> Path:
+    return build_dir / "nodes" / node_id

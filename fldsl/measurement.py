@@ -1,0 +1,74 @@
+"""Simulated enclave measurement: what the compiler pins and what a sim-attested node reports.
+
+Real MRENCLAVE is a hash over the enclave's pages and the signed manifest (reference/gramine.md §3.2) and
+can only be computed on the deployment host by ``gramine-sgx-sign``. Without SGX we compute a *simulated*
+measurement with the same coverage that matters for trust:
+
+    mr_enclave_sim = SHA-256( "fldsl-sim-mrenclave/1\\0"
+                              ‖ canonical bytes of the node's rendered manifest (.manifest.toml)
+                              ‖ "\\0" ‖ code digest )
+
+The rendered manifest lists ``plan.json`` and ``policy.json`` in ``sgx.trusted_files`` *with their sha256*
+(as Gramine's ``.manifest.sgx`` does), so changing the plan or the policy changes the measurement, and the
+code digest covers every file of the installed ``fldsl`` package (runtime, stdlib, ...). The compiler and
+the sim attestation backend both call :func:`sim_mr_enclave`, so the pinned value and the reported value
+can only agree when the node runs exactly the compiled plan with exactly the compiled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+SIM_DOMAIN = b"fldsl-sim-mrenclave/1\0"
+# Files of the installed package that make up "the code" of a node.
+CODE_SUFFIXES = (".py", ".lark", ".j2", ".flp", ".proto")
+
+
+def package_root() -> Path:
+    import fldsl
+
+    return Path(fldsl.__file__).resolve().parent
+
+
+def _package_dirs() -> list[tuple[str, Path]]:
+    """The folders mapped into ``fldsl.*`` (works for editable and regular installs alike)."""
+    import importlib
+
+    out = []
+    for name in ("fldsl", "fldsl.compiler", "fldsl.runtime", "fldsl.stdlib", "fldsl.grammar", "fldsl.pipelines"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        out.append((name, Path(mod.__file__).resolve().parent))
+    return out
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 over (package-relative path, sha256(content)) of every code file, sorted by path."""
+    entries: list[tuple[str, str]] = []
+    for name, root in _package_dirs():
+        for f in sorted(root.rglob("*")):
+            if not f.is_file() or f.suffix not in CODE_SUFFIXES or "__pycache__" in f.parts:
+                continue
+            # Sub-packages are walked again under their own name; count each file once, under the
+            # deepest package name that owns it.
+            rel = f.relative_to(root).as_posix()
+            entries.append((f"{name}:{rel}", hashlib.sha256(f.read_bytes()).hexdigest()))
+    # A file under fldsl/ is never also under compiler/ etc. because the folders are siblings on disk.
+    h = hashlib.sha256()
+    for rel, digest in sorted(set(entries)):
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest()
+
+
+def sim_mr_enclave(manifest_toml: bytes, code: str | None = None) -> str:
+    """The simulated MRENCLAVE (hex) of a node from its rendered manifest bytes."""
+    h = hashlib.sha256(SIM_DOMAIN)
+    h.update(manifest_toml)
+    h.update(b"\0")
+    h.update((code or code_digest()).encode())
+    return h.hexdigest()
