@@ -1,0 +1,259 @@
+"""Data readers: CSV files and the deterministic generators, returned as a :class:`Table`.
+
+``load_dataset(spec)`` returns the fields a model references as ``<dataset>.<field>`` (``features``,
+``label``, ``dense``, ``sparse``) plus the example ids used for alignment. Every expected problem is a
+:class:`DataError` whose message starts with ``file:line:`` (1-based, the header is line 1), so a user can
+open the file at the row; nothing here prints a traceback to a user.
+
+``stratified_split`` is the seeded train/holdout split the label owner makes; it returns ids in a canonical
+(keyed-hash) order that does not depend on the input order, so the central reference and a federated run
+whose rows arrive in another order (PSI output order) still see the same rows in the same batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fldsl.artifacts import DataSpec
+
+
+class DataError(Exception):
+    """A data file or generator spec is unusable. ``str(e)`` is the user-facing ``file:line: message``."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+        prefix = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(prefix + message)
+        self.file = file
+        self.line = line
+        self.detail = message
+
+
+@dataclass
+class Table:
+    """Rows of one data set: ``ids[i]`` is the example id of row i of every array in ``fields``."""
+
+    ids: np.ndarray
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> Table:
+        rows = np.asarray(rows, dtype=np.int64)
+        return Table(self.ids[rows], {k: v[rows] for k, v in self.fields.items()})
+
+    def index_of(self, ids: Sequence[object] | np.ndarray) -> np.ndarray:
+        """Row numbers of ``ids`` (in that order); DataError naming the first id this table lacks."""
+        pos = {_key(v): i for i, v in enumerate(self.ids.tolist())}
+        out = np.empty(len(ids), dtype=np.int64)
+        for j, v in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
+            i = pos.get(_key(v))
+            if i is None:
+                raise DataError(f"id {v!r} is not in this data set")
+            out[j] = i
+        return out
+
+    def select(self, ids: Sequence[object] | np.ndarray) -> Table:
+        """The rows of ``ids``, in that order (e.g. the PSI intersection)."""
+        return self.take(self.index_of(ids))
+
+
+def _key(v: object) -> str:
+    # Ids may arrive as str from PSI and as int from a generator; compare them as text.
+    return v if isinstance(v, str) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_csv(path: Path | str, *, id_column: str | None, label_column: str | None,
+             feature_columns: Sequence[str], label_dtype: str = "int64") -> Table:
+    """Read a CSV with a header; see the module docstring for the error contract."""
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("no such file", name) from None
+    except IsADirectoryError:
+        raise DataError("is a directory, not a CSV file", name) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", name) from None
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror}", name) from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise DataError("empty file: expected a header line", name, 1)
+    try:
+        parsed = list(csv.reader(lines))
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", name) from None
+    header = [h.strip() for h in parsed[0]]
+    col = {}
+    for j, h in enumerate(header):
+        if h in col:
+            raise DataError(f"column `{h}` appears twice in the header", name, 1)
+        col[h] = j
+    wanted = [c for c in (id_column, label_column) if c] + list(feature_columns)
+    for c in wanted:
+        if c not in col:
+            raise DataError(f"missing column `{c}` (the header has: {', '.join(header)})", name, 1)
+    # Keep (line number, row) for non-blank lines; a blank line (often a trailing one) is not a row.
+    line_no = [i + 1 for i, r in enumerate(parsed) if i > 0 and r]
+    rows = [r for i, r in enumerate(parsed) if i > 0 and r]
+    ncol = len(header)
+    for ln, r in zip(line_no, rows, strict=True):
+        if len(r) != ncol:
+            raise DataError(f"expected {ncol} columns (as in the header), found {len(r)}", name, ln)
+    n = len(rows)
+    if n == 0:
+        raise DataError("no data rows after the header", name, 1)
+    grid = np.array(rows, dtype=str).reshape(n, ncol)
+
+    if id_column:
+        ids = np.char.strip(grid[:, col[id_column]])
+        seen: dict[str, int] = {}
+        for i, v in enumerate(ids.tolist()):
+            if not v:
+                raise DataError(f"missing id in column `{id_column}`", name, line_no[i])
+            if v in seen:
+                raise DataError(f"duplicate id {v!r} (first seen at line {seen[v]})", name, line_no[i])
+            seen[v] = line_no[i]
+    else:
+        ids = np.arange(n, dtype=np.int64)
+
+    fields: dict[str, np.ndarray] = {}
+    idx = [col[c] for c in feature_columns]
+    fields["features"] = _numbers(grid[:, idx], list(feature_columns), name, line_no).astype(np.float32)
+    if label_column:
+        raw = grid[:, col[label_column]]
+        for i in np.flatnonzero(np.char.str_len(np.char.strip(raw)) == 0)[:1]:
+            raise DataError(f"missing label in column `{label_column}`", name, line_no[int(i)])
+        y = _numbers(raw[:, None], [label_column], name, line_no)[:, 0]
+        if label_dtype in ("int32", "int64", "bool"):
+            bad = np.flatnonzero(y != np.round(y))
+            if bad.size:
+                i = int(bad[0])
+                raise DataError(f"label `{label_column}` must be a whole number (a class), got {raw[i]!r}",
+                                name, line_no[i])
+            fields["label"] = y.astype(np.int64 if label_dtype != "int32" else np.int32)
+        else:
+            fields["label"] = y.astype(np.float32 if label_dtype == "float32" else np.float64)
+    return Table(ids=ids, fields=fields)
+
+
+def _numbers(block: np.ndarray, columns: list[str], name: str, line_no: list[int]) -> np.ndarray:
+    """Parse a [rows, cols] block of strings as float64; the first bad cell is reported by file:line."""
+    if block.shape[1] == 0:
+        return np.zeros(block.shape, dtype=np.float64)
+    try:
+        values = block.astype(np.float64)
+    except ValueError:
+        values = None
+    if values is not None:
+        bad = np.argwhere(~np.isfinite(values))
+        if bad.size == 0:
+            return values
+        i, j = (int(x) for x in bad[0])
+        raise DataError(f"column `{columns[j]}`: {block[i, j]!r} is not a finite number", name, line_no[i])
+    # Slow path only on error: find the first cell float() rejects, in file order.
+    for i in range(block.shape[0]):
+        for j in range(block.shape[1]):
+            cell = block[i, j]
+            try:
+                float(cell)
+            except ValueError:
+                what = "empty value" if not cell.strip() else f"{cell!r} is not a number"
+                raise DataError(f"column `{columns[j]}`: {what}", name, line_no[i]) from None
+    raise DataError("unparseable numbers", name)  # pragma: no cover - astype and float() agree
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_dataset(spec: DataSpec, base_dir: Path | str | None = None) -> Table:
+    """Read or generate ``spec`` and return the fields it declares (all available ones if none declared)."""
+    from fldsl.runtime import datagen
+
+    fields = spec.fields
+    if spec.reader == "csv":
+        if not spec.path:
+            raise DataError(f"data set `{spec.name}`: csv reader without a path")
+        path = Path(spec.path)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        label_dtype = fields["label"].dtype if "label" in fields else "int64"
+        table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
+                         feature_columns=spec.feature_columns, label_dtype=label_dtype)
+    elif spec.reader in ("criteo", "wide_n_deep"):
+        table = datagen.generate(spec.reader, spec.params, where=f"data set `{spec.name}`")
+    else:  # pragma: no cover - pydantic restricts the literal
+        raise DataError(f"data set `{spec.name}`: unknown reader `{spec.reader}`")
+    if fields:
+        missing = [f for f in fields if f not in table.fields]
+        if missing:
+            raise DataError(f"data set `{spec.name}` ({spec.reader}) has no field(s) {', '.join(missing)} "
+                            f"(it has: {', '.join(sorted(table.fields))})")
+        out: dict[str, np.ndarray] = {}
+        for f, ts in fields.items():
+            arr = table.fields[f]
+            width = ts.shape[1] if len(ts.shape) == 2 else None
+            if width is not None and arr.ndim == 2 and arr.shape[1] != width:
+                raise DataError(f"data set `{spec.name}`: field `{f}` has {arr.shape[1]} columns, "
+                                f"the plan expects {width}")
+            out[f] = arr.astype(ts.dtype, copy=False) if ts.dtype not in ("string", "bytes") else arr
+        table = Table(table.ids, out)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train / holdout split
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _split_keys(ids: Sequence[object] | np.ndarray, seed: int) -> np.ndarray:
+    prefix = f"fldsl-split/1/{seed}/".encode()
+    return np.fromiter(
+        (int.from_bytes(hashlib.sha256(prefix + _key(v).encode()).digest()[:8], "big") for v in ids),
+        dtype=np.uint64, count=len(ids),
+    )
+
+
+def stratified_split(ids: Sequence[object] | np.ndarray, labels: np.ndarray | None, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, test_ids): ``round(fraction * n_c)`` of each class c held out, chosen by a keyed hash of
+    the id, so the result depends only on (id set, labels, fraction, seed), not on the row order. Both
+    lists come back sorted by that hash (the canonical training order). Regression labels (more than 32
+    distinct values) are stratified by deciles."""
+    ids = np.asarray(ids)
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"validation fraction must be in [0, 1), got {fraction}")
+    keys = _split_keys(ids, seed)
+    if labels is None:
+        strata = np.zeros(len(ids), dtype=np.int64)
+    else:
+        y = np.asarray(labels).reshape(-1)
+        if y.shape[0] != ids.shape[0]:
+            raise DataError(f"split: {ids.shape[0]} ids but {y.shape[0]} labels")
+        if np.unique(y).size > 32:
+            edges = np.quantile(y.astype(np.float64), np.linspace(0, 1, 11)[1:-1])
+            strata = np.searchsorted(edges, y, side="right")
+        else:
+            strata = np.unique(y, return_inverse=True)[1]
+    test_mask = np.zeros(len(ids), dtype=bool)
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        members = members[np.argsort(keys[members], kind="stable")]
+        test_mask[members[: round(fraction * members.size)]] = True
+    order = np.argsort(keys, kind="stable")
+    return ids[order[~test_mask[order]]], ids[order[test_mask[order]]]
