@@ -175,7 +175,10 @@ class Table:
             return
         for name in self.required:
             if name not in v:
-                full = _join(key, name)
+                # Name the innermost required key: "libos.entrypoint is required", not "libos is required".
+                full, spec = _join(key, name), self.fields.get(name)
+                while isinstance(spec, Table) and spec.required:
+                    full, spec = _join(full, spec.required[0]), spec.fields.get(spec.required[0])
                 _err(out, "missing-key", full, f"`{full}` is required")
         for name, value in v.items():
             full = _join(key, name)
@@ -657,15 +660,16 @@ def _lint(doc: dict[str, Any], ctx: LintContext, out: list[Finding]) -> None:
             m = _mount_for(path, mounts)
             if m is None:
                 _err(out, "output-not-encrypted", "fs.mounts",
-                     f"output path `{path}` is not on any mount; add "
+                     f"output path `{path}` is not on any of `fs.mounts`; add "
                      f'{{ type = "encrypted", path = "{path}", uri = "file:...", '
                      'key_name = "_sgx_mrenclave" }')
                 continue
             idx = mounts.index(m)
             if m.get("type") != "encrypted":
                 _err(out, "output-not-encrypted", f"fs.mounts[{idx}].type",
-                     f'output path `{path}` is on a plain ({m.get("type", "chroot")}) mount, so the host '
-                     'reads what the node writes; use type = "encrypted" with key_name = "_sgx_mrenclave"')
+                     f'output path `{path}` is on a plain ({m.get("type", "chroot")}) mount '
+                     f'`fs.mounts[{idx}]`, so the host reads what the node writes; use type = "encrypted" '
+                     'with key_name = "_sgx_mrenclave"')
                 continue
             host = m.get("uri")
             for i, a in allowed:
