@@ -1,0 +1,268 @@
+"""One fldsl node: ``python -m fldsl.runtime.node --build DIR --node ID --addresses FILE --run-dir DIR``.
+
+What a container or ``gramine-sgx`` runs (the manifest fixes these arguments). Steps: load plan / policy /
+pins → check plan.json and policy.json against the sha256 listed in the node's rendered manifest (refuse to
+start on mismatch) → attest (sim backend by default, Gramine's ``/dev/attestation`` when present) → RA-TLS
+identity bound to the pins digest → attested transport to every peer → the role loop (alignment, training,
+checkpoints, export) → final metrics.
+
+stdout carries only machine-readable progress lines (``fldsl.runtime.progress``) for the launcher; logs go
+to stderr. Exit codes: 0 ok, 1 failure, 3 trust failure (a peer refused us or we refused it, or our own
+artifacts fail their integrity check), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
+NODE_DIR_URI = "file:/fldsl/node/"
+MEASURED = ("plan.json", "policy.json")
+
+log = logging.getLogger("fldsl.node")
+
+
+class NodeError(Exception):
+    """A user-facing failure of the node; ``code`` is its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fldsl.runtime.node", description=__doc__.splitlines()[0])
+    p.add_argument("--build", required=True, type=Path, help="build directory (fldsl compile output)")
+    p.add_argument("--node", required=True, help="node id, e.g. shop.trainer")
+    p.add_argument("--addresses", required=True, type=Path, help="addresses.json written by the launcher")
+    p.add_argument("--run-dir", required=True, type=Path, help="where checkpoints, models and logs go")
+    p.add_argument("--trust-dir", type=Path, default=Path(".fldsl/trust"),
+                   help="simulated trust material (fldsl trust init); sim backend only")
+    p.add_argument("--attestation", choices=["auto", "sim", "gramine"], default="auto")
+    p.add_argument("--connect-timeout", type=float, default=120.0)
+    p.add_argument("--recv-timeout", type=float, default=300.0)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# integrity of the node's own artifacts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def manifest_path(ndir: Path) -> Path:
+    found = sorted(ndir.glob("*.manifest.toml"))
+    if len(found) != 1:
+        raise NodeError(f"{ndir}: expected one rendered manifest (*.manifest.toml), found {len(found)}; "
+                        "recompile the pipeline", EXIT_TRUST)
+    return found[0]
+
+
+def listed_hashes(toml_text: str, where: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of the node files the manifest lists as trusted (same reading as
+    ``fldsl.compiler.manifest.trusted_node_files``; re-implemented: the runtime never imports the
+    compiler)."""
+    try:
+        doc = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as e:
+        raise NodeError(f"{where}: not valid TOML: {e}", EXIT_TRUST) from None
+    out: dict[str, str] = {}
+    for entry in doc.get("sgx", {}).get("trusted_files", []) or []:
+        if isinstance(entry, dict) and isinstance(entry.get("uri"), str) and \
+                entry["uri"].startswith(NODE_DIR_URI) and isinstance(entry.get("sha256"), str):
+            out[entry["uri"][len(NODE_DIR_URI):]] = entry["sha256"].lower()
+    return out
+
+
+def check_artifacts(ndir: Path) -> bytes:
+    """Refuse to start when plan.json / policy.json differ from what the manifest measured.
+
+    Returns the manifest bytes (the sim backend's measurement input)."""
+    mpath = manifest_path(ndir)
+    data = mpath.read_bytes()
+    listed = listed_hashes(data.decode("utf-8", errors="replace"), mpath)
+    for name in MEASURED:
+        want = listed.get(name)
+        if want is None:
+            raise NodeError(f"{mpath}: {name} is not among the trusted files; recompile the pipeline",
+                            EXIT_TRUST)
+        got = hashlib.sha256((ndir / name).read_bytes()).hexdigest()
+        if got != want:
+            raise NodeError(f"{name} was modified after compile: sha256 {got[:16]}… but the manifest "
+                            f"({mpath.name}) lists {want[:16]}…; recompile with `fldsl compile`", EXIT_TRUST)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the node
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _backend(args: argparse.Namespace, manifest: bytes, identity: Any) -> tuple[Any, bytes | None]:
+    """The attestation backend and the sim root certificate peers' sim quotes must chain to."""
+    use_gramine = args.attestation == "gramine" or (
+        args.attestation == "auto" and Path("/dev/attestation/quote").exists())
+    if use_gramine:
+        from fldsl.runtime.attestation.gramine import GramineBackend
+
+        return GramineBackend(), None
+    from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
+
+    backend = SimBackend.for_node(args.trust_dir, manifest_toml=manifest, identity=identity)
+    return backend, SimDeployment.load(args.trust_dir).root_cert_pem
+
+
+def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> dict[str, Any]:
+    from fldsl.runtime.attestation.ratls import make_identity
+    from fldsl.runtime.attestation.verify import PeerVerifier
+    from fldsl.runtime.checkpoint import CheckpointStore
+    from fldsl.runtime.roles import role_main
+    from fldsl.runtime.roles.common import RoleContext
+    from fldsl.runtime.transport import Transport, load_addresses
+
+    from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
+
+    ndir = node_dir(args.build, args.node)
+    if not ndir.is_dir():
+        raise NodeError(f"{args.build}: no node `{args.node}` (nodes/{args.node}/ is missing)")
+    plan = load_model(Plan, ndir / "plan.json")
+    policy = load_model(Policy, ndir / "policy.json")
+    pins = load_model(Pins, ndir / "pins.json")
+    if plan.node != args.node or policy.node != args.node:
+        raise NodeError(f"{ndir}: plan/policy are for {plan.node}/{policy.node}, not {args.node}", EXIT_TRUST)
+    progress.emit("started", role=plan.role, pipeline=plan.pipeline, pid=os.getpid())
+
+    progress.emit("phase", name="attest")
+    manifest = check_artifacts(ndir)
+    me = pins.nodes.get(args.node)
+    if me is None:
+        raise NodeError(f"pins.json has no identity for {args.node}; recompile the pipeline", EXIT_TRUST)
+    backend, sim_root = _backend(args, manifest, me)
+    digest = pins.digest()
+    identity = make_identity(backend, node_id=args.node, pins_digest=digest)
+    verifier = PeerVerifier(pins, policy.attestation, sim_root_pem=sim_root, own_pins_digest=digest)
+
+    progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
+    transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
+                          verifier=verifier, addresses=load_addresses(args.addresses),
+                          connect_timeout_s=args.connect_timeout)
+    transport.start()
+    try:
+        links = {}
+        deadline = time.monotonic() + args.connect_timeout
+        for peer in plan.peers:
+            while True:  # wait in slices so Ctrl-C is honoured while peers come up
+                if stop.is_set():
+                    from fldsl.runtime.roles.common import Interrupted
+
+                    raise Interrupted()
+                try:
+                    links[peer.id] = transport.link(peer.id, timeout=1.0)
+                    break
+                except Exception as e:  # only "not yet" is retried
+                    from fldsl.runtime.transport import PeerUnreachable
+
+                    if not isinstance(e, PeerUnreachable) or time.monotonic() > deadline:
+                        raise
+            progress.emit("connected", peer=peer.id)
+        # Checkpoints are always sealed, whatever at_rest says: they hold the model.
+        store = CheckpointStore(args.run_dir / "checkpoints" / args.node, node_id=args.node,
+                                key=backend.sealing_key())
+        ctx = RoleContext(plan=plan, policy=policy, links=links, progress=progress, store=store,
+                          run_dir=args.run_dir, seal_key=backend.sealing_key(), stop=stop,
+                          recv_timeout_s=args.recv_timeout)
+        result = role_main(plan)(ctx)
+        stats = transport.stats
+        result["bytes_sent"] = {k: v.bytes_sent for k, v in sorted(stats.items()) if v.bytes_sent}
+        result["bytes_received"] = {k: v.bytes_received for k, v in sorted(stats.items()) if v.bytes_received}
+        result["exports"] = dict(ctx.exports)
+        # Let the peers read what we sent last before our end of the streams goes away.
+        transport.close(flush_timeout=10.0)
+        transport = None
+        return result
+    finally:
+        if transport is not None:
+            transport.close(flush_timeout=1.0)
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.checkpoint import CheckpointError
+    from fldsl.runtime.data import DataError
+    from fldsl.runtime.roles.common import Interrupted, RoleError
+    from fldsl.runtime.sealing import SealError
+    from fldsl.runtime.transport import FlowRefused, TransportError, is_trust_failure
+
+    from fldsl.artifacts import ArtifactError
+
+    if isinstance(exc, NodeError):
+        return exc.code, str(exc)
+    if isinstance(exc, Interrupted | KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted; the last checkpoint is kept"
+    if is_trust_failure(exc):
+        return EXIT_TRUST, f"trust failure: {exc}"
+    if isinstance(exc, FlowRefused):
+        return EXIT_TRUST, f"policy violation: {exc}"
+    if isinstance(exc, AttestationError | SealError | CheckpointError):
+        return EXIT_TRUST, f"trust failure: {exc}"
+    if isinstance(exc, ArtifactError | RoleError | DataError | TransportError):
+        return EXIT_FAILED, str(exc)
+    return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc} (see the node log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Before TensorFlow is imported anywhere: quiet C++ logs, and keep oneDNN from printing its banner.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
+    from fldsl.runtime.progress import Progress
+
+    progress = Progress(args.node)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():  # second Ctrl-C: stop waiting for the step to finish
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping at the next step boundary", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_node(args, progress, stop)
+    except BaseException as e:  # every failure becomes an exit code + one clear line
+        code, message = _classify(e)
+        if code == EXIT_FAILED and message.startswith("internal error"):
+            log.exception("node failed")
+        else:
+            log.error("%s", message)
+        progress.emit("error", message=message, code=code)
+        return code
+    progress.emit("done", **result)
+    return EXIT_OK
+
+
+def _exit(code: int) -> None:
+    """Flush, then exit; if non-daemon threads (gRPC, TensorFlow) keep the interpreter alive, force it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(10.0, lambda: os._exit(code))
+    timer.daemon = True
+    timer.start()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())

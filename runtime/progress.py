@@ -1,0 +1,62 @@
+"""Machine-readable progress lines: what a node prints on stdout and the launcher parses.
+
+A node's stdout carries only these lines (one JSON object each, prefixed so that stray prints from libraries
+can never be mistaken for progress); humans read the launcher's display and the per-node log files (stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any, TextIO
+
+PREFIX = "@fldsl "
+
+# Events a node emits, in the order they usually appear:
+#   started   node, role, pipeline
+#   phase     name (attest | connect | align | resume | train | export), detail
+#   plan      total_steps, steps_per_epoch, epochs, resumed_from
+#   step      step, total, loss, examples_per_s
+#   epoch     epoch, metrics {loss, auc, accuracy, ...}
+#   checkpoint step, path
+#   export    name, path
+#   done      metrics, examples_per_s, bytes_sent {flow: bytes}, bytes_received, exports
+#   error     message, code (exit code the node will use), kind (trust | run | input)
+_lock = threading.Lock()
+
+
+class Progress:
+    """Writes progress events to a stream (the node's stdout by default)."""
+
+    def __init__(self, node: str, stream: TextIO | None = None) -> None:
+        self.node = node
+        self._stream = stream
+
+    def emit(self, event: str, **fields: Any) -> None:
+        rec = {"event": event, "node": self.node, **fields}
+        line = PREFIX + json.dumps(rec, sort_keys=True, default=_jsonable) + "\n"
+        stream = self._stream or sys.stdout
+        with _lock:
+            stream.write(line)
+            stream.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    # numpy scalars and arrays sneak into metrics; make them plain JSON.
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """The event carried by one stdout line, or None for anything else (library noise)."""
+    if not line.startswith(PREFIX):
+        return None
+    try:
+        rec = json.loads(line[len(PREFIX):])
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "event" in rec else None

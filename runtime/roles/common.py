@@ -1,0 +1,373 @@
+"""What every role shares: the run context, flow lookup, control messages, batching, models, export."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fldsl.runtime.checkpoint import Checkpoint, CheckpointStore, agree_resume_step
+from fldsl.runtime.progress import Progress
+
+from fldsl.artifacts import Flow, Plan, Policy, TensorSpec
+
+log = logging.getLogger("fldsl.node")
+
+# Step keys of the per-(flow, step) mailboxes. Training steps are 0..total-1; control messages and evaluation
+# batches use keys far above any training step so they can never collide with one.
+CTRL_BASE = 1 << 50
+CTRL_RESUME = CTRL_BASE + 1  # node -> coordinator: checkpoint steps it holds
+CTRL_RESUME_AGREED = CTRL_BASE + 2  # coordinator -> node: the step everybody continues from
+CTRL_ALIGN = CTRL_BASE + 3  # vertical: active -> passive: train / holdout positions
+CTRL_INFO = CTRL_BASE + 4  # horizontal: worker -> server: number of rows
+CTRL_SCHEDULE = CTRL_BASE + 5  # horizontal: server -> worker: steps per epoch
+CTRL_DONE = CTRL_BASE + 6  # end of training
+EVAL_BASE = 1 << 52  # + epoch * EVAL_STRIDE + batch index
+EVAL_STRIDE = 1 << 24
+DATA_BASE = 1 << 54  # distributed: chief -> worker shard chunks
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM asked the node to stop at the next step boundary."""
+
+
+class RoleError(Exception):
+    """A user-facing failure of the role (bad plan shape, peer protocol violation)."""
+
+
+@dataclass
+class RoleContext:
+    plan: Plan
+    policy: Policy
+    links: dict[str, Any]  # peer node id -> PeerLink
+    progress: Progress
+    store: CheckpointStore | None
+    run_dir: Path
+    seal_key: bytes
+    stop: threading.Event = field(default_factory=threading.Event)
+    recv_timeout_s: float = 300.0
+    exports: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def node(self) -> str:
+        return self.plan.node
+
+    # -- flows ----------------------------------------------------------------------------------------------
+
+    def flow(self, src: str, dst: str, kinds: tuple[str, ...], tensor: str | None = None) -> Flow:
+        for f in self.policy.flows:
+            if f.src == src and f.dst == dst and f.kind in kinds and (tensor is None or f.tensor == tensor):
+                return f
+        what = f"{'/'.join(kinds)} flow" + (f" `{tensor}`" if tensor else "")
+        raise RoleError(f"the policy of {self.node} has no {what} from {src} to {dst}; "
+                        "recompile the pipeline (`fldsl compile`)")
+
+    def flows_in(self, kind: str) -> list[Flow]:
+        return [f for f in self.policy.flows if f.dst == self.node and f.kind == kind]
+
+    def control_flow(self, src: str, dst: str) -> str:
+        return self.flow(src, dst, ("control",)).id
+
+    # -- control messages (small JSON documents over the peer's control flow) -------------------------------
+
+    def send_json(self, peer: str, step: int, obj: Any) -> None:
+        data = json.dumps(obj, sort_keys=True).encode()
+        self.links[peer].send_blob(self.control_flow(self.node, peer), step, data)
+
+    def recv_json(self, peer: str, step: int) -> Any:
+        data = self.wait(lambda t: self.links[peer].recv_blob(self.control_flow(peer, self.node), step, t))
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise RoleError(f"malformed control message from {peer}: {e}") from e
+
+    def wait(self, fn: Callable[[float], Any]) -> Any:
+        """Call a blocking receive in short slices so Ctrl-C is honoured while waiting on a peer."""
+        deadline = time.monotonic() + self.recv_timeout_s
+        while True:
+            self.check_stop()
+            try:
+                return fn(0.5)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise RoleError(f"{self.node}: no message from the peer for {self.recv_timeout_s:.0f} s"
+                                    ) from None
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted()
+
+    # -- resume agreement -----------------------------------------------------------------------------------
+
+    def agree_resume(self, coordinator: str, members: list[str]) -> int | None:
+        """Exchange checkpoint steps; the coordinator picks the newest step all hold (None = fresh start)."""
+        mine = self.store.steps() if self.store else []
+        if self.node == coordinator:
+            available = [mine]
+            for peer in members:
+                available.append(list(self.recv_json(peer, CTRL_RESUME)["steps"]))
+            agreed = agree_resume_step(available)
+            for peer in members:
+                self.send_json(peer, CTRL_RESUME_AGREED, {"step": agreed})
+        else:
+            self.send_json(coordinator, CTRL_RESUME, {"steps": mine})
+            agreed = self.recv_json(coordinator, CTRL_RESUME_AGREED)["step"]
+        if agreed is not None and agreed not in mine:
+            raise RoleError(f"{self.node}: peers agreed to resume at step {agreed} but this node has no "
+                            "checkpoint for it")
+        if self.store is not None:
+            if agreed is None:
+                for s in mine:  # a fresh run: stale checkpoints of an earlier run must not be resumed later
+                    self.store.path(s).unlink(missing_ok=True)
+            else:
+                self.store.discard_after(agreed)
+        return agreed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorFlow set-up, models, batching
+# ---------------------------------------------------------------------------------------------------------
+
+
+def configure_tf(intra: int = 1, inter: int = 2) -> None:
+    """Few threads per node: several nodes share the machine's cores (inter-op >= 2 avoids deadlocks)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:
+        pass  # already initialised (tests running several roles in one process)
+
+
+def input_specs(plan: Plan, policy: Policy) -> dict[str, TensorSpec]:
+    """Specs of everything the node's model reads: its data fields and the tensors it receives."""
+    specs: dict[str, TensorSpec] = {}
+    for ds in plan.data:
+        for name, spec in ds.fields.items():
+            specs[f"{ds.name}.{name}"] = spec
+    produced = {op.output for op in plan.model}
+    for op in plan.model:
+        for ref in op.inputs:
+            if ref in specs or ref in produced:
+                continue
+            for f in policy.flows:
+                if f.dst == plan.node and f.tensor == ref and f.spec is not None:
+                    specs[ref] = f.spec
+                    break
+            else:
+                raise RoleError(f"{plan.node}: the model reads `{ref}`, which is neither a data field of "
+                                "this node nor a tensor it receives")
+    return specs
+
+
+def build_model(plan: Plan, policy: Policy):
+    from fldsl.stdlib.tf import build_segment
+
+    return build_segment(plan.model, input_specs(plan, policy), seed=plan.train.seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: identical on every node (and in the central reference)."""
+    from fldsl.stdlib.tf.batching import epoch_permutation
+
+    return epoch_permutation(n, seed, epoch)
+
+
+def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def cyclic_batch(order: np.ndarray, j: int, batch_size: int) -> np.ndarray:
+    """Batch j of an order that wraps around (workers with fewer rows than the largest one)."""
+    n = len(order)
+    if n == 0:
+        raise RoleError("no training rows")
+    idx = (np.arange(batch_size) + j * batch_size) % n
+    return order[idx]
+
+
+def field_inputs(plan: Plan, tables: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``{"<dataset>.<field>": array}`` for the given rows (all rows when None)."""
+    out = {}
+    for ds in plan.data:
+        table = tables[ds.name]
+        for name in ds.fields:
+            arr = table.fields[name]
+            out[f"{ds.name}.{name}"] = arr if rows is None else arr[rows]
+    return out
+
+
+def label_ref(plan: Plan) -> tuple[str, str]:
+    if plan.loss is None:
+        raise RoleError(f"{plan.node}: the plan has no loss")
+    ds, _, fld = plan.loss.label.partition(".")
+    return ds, fld
+
+
+class Meter:
+    """Examples per second over the training loop (excluding set-up)."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+        self.seconds = 0.0
+        self._t: float | None = None
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def stop(self, examples: int) -> None:
+        if self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self._t = None
+        self.examples += examples
+
+    @property
+    def rate(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def score_metrics(loss_op: str, wanted: list[str], logits: np.ndarray,
+                  labels: np.ndarray) -> dict[str, float]:
+    """AUC / accuracy of predictions (computed by whoever holds the labels)."""
+    from fldsl.stdlib.tf import metrics as M
+
+    out: dict[str, float] = {}
+    labels = np.asarray(labels).reshape(-1)
+    if loss_op == "mse":
+        pred = logits.reshape(-1)
+        out["mse"] = float(np.mean((pred - labels) ** 2))
+        return out
+    if loss_op == "sigmoid_cross_entropy":
+        scores = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+        predicted = (scores >= 0.5).astype(np.int64)
+    else:
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        scores = probs[:, 1] if probs.shape[1] == 2 else probs
+        predicted = probs.argmax(axis=1)
+    if "auc" in wanted and np.ndim(scores) == 1 and len(np.unique(labels)) == 2:
+        out["auc"] = float(M.auc(labels.astype(np.int64), scores))
+    if "accuracy" in wanted or "auc" not in out:
+        out["accuracy"] = float(np.mean(predicted == labels.astype(np.int64)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint and export helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_checkpoint_step(plan: Plan, step_done: int, steps_per_epoch: int) -> bool:
+    """Whether a checkpoint is due after ``step_done`` steps (counted from 1): every N steps, epoch ends."""
+    every = plan.train.checkpoint_every_steps
+    return (every is not None and every > 0 and step_done % every == 0) or step_done % steps_per_epoch == 0
+
+
+def weights_arrays(prefix: str, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}{i:04d}": w for i, w in enumerate(weights)}
+
+
+def arrays_list(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
+    keys = sorted(k for k in arrays if k.startswith(prefix))
+    return [arrays[k] for k in keys]
+
+
+def save_checkpoint(ctx: RoleContext, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    if ctx.store is None:
+        return
+    path = ctx.store.save(Checkpoint(step=step, arrays=arrays, meta=meta))
+    ctx.progress.emit("checkpoint", step=step, path=str(path))
+
+
+def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) -> Path | None:
+    """Seal the node's part of the trained model under the plan's export name."""
+    if ctx.plan.export is None:
+        return None
+    from fldsl.runtime import sealing
+
+    buf = io.BytesIO()
+    np.savez(buf, **{f"{i:04d}:{n}": w for i, (n, w) in enumerate(zip(names, weights, strict=True))})
+    safe = ctx.plan.export.replace("/", "_")
+    dst = ctx.run_dir / "models" / f"{safe}.sealed"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sealing.seal_file(buf.getvalue(), dst, key=ctx.seal_key, node_id=ctx.node, name=ctx.plan.export,
+                      version=1)
+    ctx.exports[ctx.plan.export] = str(dst)
+    ctx.progress.emit("export", name=ctx.plan.export, path=str(dst))
+    return dst
+
+
+PSI_BASE = 1 << 53
+
+
+def blob_channel(ctx: RoleContext, peer: str, kind: str, base: int = PSI_BASE
+                 ) -> tuple[Callable[[bytes], None], Callable[[], bytes]]:
+    """``send(bytes)`` / ``recv() -> bytes`` over the (kind) flows with a peer: what PSI runs on.
+
+    Messages are numbered per direction so the mailbox delivers them in order.
+    """
+    out_id = ctx.flow(ctx.node, peer, (kind,)).id
+    in_id = ctx.flow(peer, ctx.node, (kind,)).id
+    link = ctx.links[peer]
+    counters = {"out": 0, "in": 0}
+
+    def send(data: bytes) -> None:
+        link.send_blob(out_id, base + counters["out"], data)
+        counters["out"] += 1
+
+    def recv() -> bytes:
+        data = ctx.wait(lambda t: link.recv_blob(in_id, base + counters["in"], t))
+        counters["in"] += 1
+        return data
+
+    return send, recv
+
+
+def load_tables(plan: Plan) -> dict[str, Any]:
+    from fldsl.runtime.data import load_dataset
+
+    return {ds.name: load_dataset(ds) for ds in plan.data}
+
+
+def send_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int, data: bytes) -> None:
+    """Send bytes larger than the flow's per-message budget as numbered chunks (count first)."""
+    limit = max(1024, flow.max_bytes - 64)
+    chunks = [data[i:i + limit] for i in range(0, len(data), limit)] or [b""]
+    link = ctx.links[peer]
+    link.send_blob(flow.id, base, len(chunks).to_bytes(8, "little"))
+    for i, c in enumerate(chunks):
+        link.send_blob(flow.id, base + 1 + i, c)
+
+
+def recv_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int) -> bytes:
+    link = ctx.links[peer]
+    head = ctx.wait(lambda t: link.recv_blob(flow.id, base, t))
+    if len(head) != 8:
+        raise RoleError(f"{peer}: malformed chunk header on flow {flow.id}")
+    n = int.from_bytes(head, "little")
+    if n > (1 << 20):
+        raise RoleError(f"{peer}: implausible chunk count {n} on flow {flow.id}")
+    parts = [ctx.wait(lambda t, i=i: link.recv_blob(flow.id, base + 1 + i, t)) for i in range(n)]
+    return b"".join(parts)
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes, who: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as e:
+        raise RoleError(f"malformed array bundle from {who}: {e}") from e

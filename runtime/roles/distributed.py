@@ -1,0 +1,96 @@
+"""Secure distributed training: a data owner (chief) shards its data round robin and streams the shards to
+untrusted cloud workers over the attested channel (flow kind ``data``); workers and the parameter server
+then train exactly as horizontal sync training (``horizontal.worker`` / ``horizontal.server``).
+
+The chief streams every shard in full before it reports done; a worker's shard lives only in its memory
+(and in its sealed checkpoints' alignment-free state: shards are re-streamed on a restart, which is cheap and
+deterministic).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from fldsl.runtime.roles import horizontal
+from fldsl.runtime.roles.common import (
+    DATA_BASE,
+    RoleContext,
+    RoleError,
+    configure_tf,
+    load_tables,
+    pack_arrays,
+    recv_chunked,
+    send_chunked,
+    unpack_arrays,
+)
+
+
+def run(ctx: RoleContext) -> dict[str, Any]:
+    if ctx.plan.role == "distributed.chief":
+        return chief(ctx)
+    configure_tf()
+    if ctx.plan.role == "distributed.server":
+        return horizontal.server(ctx)
+    return _worker(ctx)
+
+
+def _sharding(ctx: RoleContext):
+    if ctx.plan.sharding is None:
+        raise RoleError(f"{ctx.node}: the plan has no sharding section")
+    return ctx.plan.sharding
+
+
+def shard_rows(n: int, workers: int, index: int, strategy: str) -> np.ndarray:
+    if strategy == "round_robin":
+        return np.arange(index, n, workers, dtype=np.int64)
+    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
+    return np.arange(bounds[index], bounds[index + 1], dtype=np.int64)
+
+
+def chief(ctx: RoleContext) -> dict[str, Any]:
+    plan = ctx.plan
+    sh = _sharding(ctx)
+    tables = load_tables(plan)
+    ctx.progress.emit("phase", name="shard", detail=f"{sh.strategy} to {len(sh.workers)} workers")
+    sent = 0
+    for k, w in enumerate(sh.workers):
+        bundle: dict[str, np.ndarray] = {}
+        for name, t in sorted(tables.items()):
+            rows = shard_rows(len(t.ids), len(sh.workers), k, sh.strategy)
+            bundle[f"{name}/__ids__"] = np.asarray(t.ids)[rows].astype(str)
+            for fld, arr in t.fields.items():
+                bundle[f"{name}/{fld}"] = arr[rows]
+            sent += len(rows)
+        send_chunked(ctx, w, ctx.flow(plan.node, w, ("data",)), DATA_BASE, pack_arrays(bundle))
+        ctx.progress.emit("step", step=k + 1, total=len(sh.workers))
+    # The shards are sent; wait until each worker has them all before leaving (closing our end early would
+    # cut a stream still being read). The worker's acknowledgement is a control message.
+    for w in sh.workers:
+        ctx.recv_json(w, DATA_BASE - 1)
+    return {"metrics": {"rows_sharded": sent}, "examples_per_s": 0.0, "steps": len(sh.workers)}
+
+
+def _worker(ctx: RoleContext) -> dict[str, Any]:
+    plan = ctx.plan
+    sh = _sharding(ctx)
+    ctx.progress.emit("phase", name="receive shard", detail=f"from {sh.chief}")
+    bundle = unpack_arrays(recv_chunked(ctx, sh.chief, ctx.flow(sh.chief, plan.node, ("data",)), DATA_BASE),
+                           sh.chief)
+    ctx.send_json(sh.chief, DATA_BASE - 1, {"received": True})
+    tables: dict[str, Any] = {}
+    for ds in plan.data or []:
+        tables[ds.name] = _table_from(bundle, ds.name, sh.chief)
+    if not tables:  # the worker's plan may name the chief's data sets only through the model inputs
+        names = sorted({k.split("/", 1)[0] for k in bundle})
+        tables = {n: _table_from(bundle, n, sh.chief) for n in names}
+    return horizontal.worker(ctx, tables)
+
+
+def _table_from(bundle: dict[str, np.ndarray], name: str, chief: str) -> Any:
+    ids_key = f"{name}/__ids__"
+    if ids_key not in bundle:
+        raise RoleError(f"{chief} sent no shard of data set `{name}`")
+    fields = {k.split("/", 1)[1]: v for k, v in bundle.items() if k.startswith(f"{name}/") and k != ids_key}
+    return SimpleNamespace(ids=bundle[ids_key], fields=fields)

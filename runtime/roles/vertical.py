@@ -1,0 +1,347 @@
+"""Vertical federated learning (split learning): passive parties send activations, the active party
+(label owner) runs the top model and the loss and returns the gradients of those activations.
+
+Protocol (every message keyed by (flow, step) in the peers' mailboxes, so lock-step is by iteration id):
+
+1. resume agreement: each passive sends the checkpoint steps it holds; the active picks the newest one all
+   hold (or a fresh start) and tells everybody (``RoleContext.agree_resume``);
+2. fresh start only: PSI (or a plain join) between the active party and each passive party; the active keeps
+   the ids common to all, makes the stratified train/holdout split and sends each passive the positions of
+   the train and holdout rows in that pair's PSI output (the passive learns nothing it did not learn from the
+   PSI already);
+3. per step s: passive forward -> ``act`` (s) -> active forward + loss + backward + apply
+   -> ``grad(act)`` (s) -> passive backward (``tape.gradient(act, vars, output_gradients=grad)``)
+   + apply. Sequential: the passive's forward of s+1 uses the weights updated by s, exactly as the
+   same model trained centrally;
+4. at every epoch end the passives forward the holdout rows and the active computes the metrics;
+5. both sides checkpoint at the same steps, so a batch is in both checkpoints or in neither; after a crash
+   the agreed step rolls every node back to the same iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+from fldsl.runtime.roles.common import (
+    CTRL_ALIGN,
+    EVAL_BASE,
+    EVAL_STRIDE,
+    Meter,
+    RoleContext,
+    RoleError,
+    arrays_list,
+    batches,
+    blob_channel,
+    build_model,
+    configure_tf,
+    epoch_order,
+    export_model,
+    field_inputs,
+    is_checkpoint_step,
+    label_ref,
+    load_tables,
+    pack_arrays,
+    recv_chunked,
+    save_checkpoint,
+    score_metrics,
+    send_chunked,
+    unpack_arrays,
+    weights_arrays,
+)
+from fldsl.runtime.roles.optstate import get_opt_state, set_opt_state
+
+
+def run(ctx: RoleContext) -> dict[str, Any]:
+    configure_tf()
+    if ctx.plan.role == "vertical.active":
+        return _active(ctx)
+    return _passive(ctx)
+
+
+def _single_table(ctx: RoleContext, tables: dict[str, Any]) -> tuple[str, Any]:
+    if len(tables) != 1:
+        raise RoleError(f"{ctx.node}: vertical training expects one aligned data set per node, "
+                        f"the plan has {len(tables)}")
+    return next(iter(tables.items()))
+
+
+def _align_peer(ctx: RoleContext, peer: str, ids: list[str], leader: bool) -> list[str]:
+    """The ids this node shares with ``peer``, in the same order on both sides."""
+    method = ctx.plan.alignment.method if ctx.plan.alignment else "join"
+    send, recv = blob_channel(ctx, peer, "psi")
+    if method == "psi_ecdh":
+        from fldsl.runtime import psi
+
+        fn = psi.psi_leader if leader else psi.psi_follower
+        return [str(x) for x in fn(ids, send, recv)]
+    # Plain join (the plan chose to reveal ids): exchange the id lists, keep the common ones sorted.
+    send(json.dumps(ids).encode())
+    theirs = set(json.loads(recv()))
+    return sorted(set(ids) & theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# active party (label owner)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _active(ctx: RoleContext) -> dict[str, Any]:
+    import tensorflow as tf
+    from fldsl.stdlib.tf import loss_fn, make_optimizer
+
+    plan = ctx.plan
+    passives = [p.id for p in plan.peers]
+    ctx.progress.emit("phase", name="resume")
+    resume = ctx.agree_resume(plan.node, passives)
+
+    tables = load_tables(plan)
+    ds_name, table = _single_table(ctx, tables)
+    label_ds, label_field = label_ref(plan)
+    if label_ds != ds_name:
+        raise RoleError(f"{ctx.node}: the loss label `{plan.loss.label}` is not in this node's data")
+    row_of = {str(i): r for r, i in enumerate(table.ids.tolist())}
+
+    ckpt = ctx.store.load(resume) if resume is not None else None
+    if ckpt is not None:
+        train_rows, hold_rows = ckpt.arrays["train_rows"], ckpt.arrays["hold_rows"]
+    else:
+        ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
+        ids = [str(i) for i in table.ids.tolist()]
+        pairwise = {p: _align_peer(ctx, p, ids, leader=True) for p in passives}
+        common = set(ids)
+        for lst in pairwise.values():
+            common &= set(lst)
+        first = pairwise[passives[0]] if passives else ids
+        final = [i for i in first if i in common]
+        if not final:
+            raise RoleError(f"{ctx.node}: the parties have no example id in common")
+        rows = np.array([row_of[i] for i in final], dtype=np.int64)
+        labels = table.fields[label_field][rows]
+        frac = plan.train.validation.fraction
+        if frac > 0:
+            from fldsl.runtime.data import stratified_split
+
+            train_ids, hold_ids = stratified_split(np.array(final), labels, frac, plan.train.validation.seed)
+            pos = {i: k for k, i in enumerate(final)}
+            train_pos = np.array([pos[str(i)] for i in train_ids], dtype=np.int64)
+            hold_pos = np.array([pos[str(i)] for i in hold_ids], dtype=np.int64)
+        else:
+            train_pos = np.arange(len(final), dtype=np.int64)
+            hold_pos = np.zeros(0, dtype=np.int64)
+        for p in passives:
+            where = {i: k for k, i in enumerate(pairwise[p])}
+            in_pair = np.array([where[i] for i in final], dtype=np.int64)
+            bundle = pack_arrays({"train": in_pair[train_pos], "holdout": in_pair[hold_pos]})
+            send_chunked(ctx, p, ctx.flow(plan.node, p, ("control",)), CTRL_ALIGN, bundle)
+        train_rows, hold_rows = rows[train_pos], rows[hold_pos]
+        ctx.progress.emit("aligned", rows=len(final), train=len(train_rows), holdout=len(hold_rows))
+
+    model = build_model(plan, ctx.policy)
+    opt = make_optimizer(plan.train.optimizer)
+    loss = loss_fn(plan.loss)
+    variables = list(model.trainable_variables)
+
+    # Received activations: per passive, the flows it sends us and the gradient flow back for each.
+    recv_flows = [(p, f) for p in passives for f in ctx.policy.flows
+                  if f.src == p and f.dst == plan.node and f.kind == "activation"]
+    if not recv_flows:
+        raise RoleError(f"{ctx.node}: the policy declares no activation flow into this node")
+    grad_flows = {(p, f.tensor): ctx.flow(plan.node, p, ("gradient",), f"grad({f.tensor})")
+                  for p, f in recv_flows}
+    act_names = [f.tensor for _, f in recv_flows]
+    own_refs = [r for r in model.input_refs if r not in act_names]
+
+    @tf.function(reduce_retracing=True)
+    def train_step(inputs, acts, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(acts)
+            out = model({**inputs, **acts}, training=True)
+            value = loss(out[plan.loss.logits], labels)
+        grads = tape.gradient(value, [*variables, *acts.values()])
+        opt.apply(grads[:len(variables)], variables)
+        return value, grads[len(variables):]
+
+    @tf.function(reduce_retracing=True)
+    def predict(inputs, acts):
+        return model({**inputs, **acts}, training=False)[plan.loss.logits]
+
+    def inputs_for(rows: np.ndarray) -> dict[str, np.ndarray]:
+        data = field_inputs(plan, tables, rows)
+        return {k: v for k, v in data.items() if k in own_refs}
+
+    b = plan.train.batch_size
+    spe = max(1, math.ceil(len(train_rows) / b))
+    total = spe * plan.train.epochs
+    start = 0
+    epoch_losses: list[float] = []
+    history: list[dict[str, Any]] = []
+    if ckpt is not None:
+        model.set_weights(arrays_list(ckpt.arrays, "w"))
+        set_opt_state(opt, variables, ckpt.arrays)
+        start = ckpt.step
+        epoch_losses = [float(x) for x in ckpt.meta.get("epoch_losses", [])]
+        history = list(ckpt.meta.get("history", []))
+    ctx.progress.emit("plan", total_steps=total, steps_per_epoch=spe, epochs=plan.train.epochs,
+                      resumed_from=start if ckpt is not None else None)
+    ctx.progress.emit("phase", name="train")
+
+    meter = Meter()
+    last_emit = 0.0
+    for s in range(start, total):
+        ctx.check_stop()
+        e, j = divmod(s, spe)
+        rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
+        acts = {}
+        for p, f in recv_flows:
+            acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t))
+        meter.start()
+        value, grads = train_step(inputs_for(rows), acts, table.fields[label_field][rows])
+        for (p, f), g in zip(recv_flows, grads, strict=True):
+            ctx.links[p].send(grad_flows[(p, f.tensor)].id, s, g.numpy())
+        meter.stop(len(rows))
+        epoch_losses.append(float(value))
+        now = time.monotonic()
+        if now - last_emit > 0.25 or s + 1 == total:
+            ctx.progress.emit("step", step=s + 1, total=total, loss=float(value), examples_per_s=meter.rate)
+            last_emit = now
+        if (s + 1) % spe == 0:  # epoch end: metrics on the holdout (every node runs the same schedule)
+            metrics = {"loss": float(np.mean(epoch_losses))}
+            metrics.update(_evaluate(ctx, recv_flows, hold_rows, e, predict, inputs_for,
+                                     table.fields[label_field]))
+            history.append({"epoch": e + 1, **metrics})
+            ctx.progress.emit("epoch", epoch=e + 1, metrics=metrics)
+            epoch_losses = []
+        if is_checkpoint_step(plan, s + 1, spe):
+            arrays = {**weights_arrays("w", model.get_weights()), **get_opt_state(opt, variables),
+                      "train_rows": train_rows, "hold_rows": hold_rows}
+            save_checkpoint(ctx, s + 1, arrays, {"epoch_losses": epoch_losses, "history": history})
+
+    export_model(ctx, model.get_weights(), model.weight_names)
+    final = history[-1] if history else {}
+    return {"metrics": final, "history": history, "examples_per_s": meter.rate, "steps": total}
+
+
+def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all) -> dict[str, float]:
+    if len(hold_rows) == 0:
+        return {}
+    b = ctx.plan.train.batch_size
+    logits = []
+    for k, idx in enumerate(batches(np.arange(len(hold_rows)), b)):
+        key = EVAL_BASE + epoch * EVAL_STRIDE + k
+        acts = {f.tensor: ctx.wait(lambda t, p=p, f=f, key=key: ctx.links[p].recv(f.id, key, t))
+                for p, f in recv_flows}
+        logits.append(predict(inputs_for(hold_rows[idx]), acts).numpy())
+    return score_metrics(ctx.plan.loss.op, ctx.plan.train.metrics, np.concatenate(logits),
+                         labels_all[hold_rows])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# passive party (features only)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _passive(ctx: RoleContext) -> dict[str, Any]:
+    import tensorflow as tf
+    from fldsl.stdlib.tf import make_optimizer
+
+    plan = ctx.plan
+    actives = [p.id for p in plan.peers]
+    if len(actives) != 1:
+        raise RoleError(f"{ctx.node}: a passive party talks to exactly one active party, the plan lists "
+                        f"{len(actives)} peers")
+    active = actives[0]
+    ctx.progress.emit("phase", name="resume")
+    resume = ctx.agree_resume(active, [])
+
+    tables = load_tables(plan)
+    _, table = _single_table(ctx, tables)
+    ckpt = ctx.store.load(resume) if resume is not None else None
+    if ckpt is not None:
+        train_rows, hold_rows = ckpt.arrays["train_rows"], ckpt.arrays["hold_rows"]
+    else:
+        ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
+        ids = [str(i) for i in table.ids.tolist()]
+        pair = _align_peer(ctx, active, ids, leader=False)
+        bundle = unpack_arrays(recv_chunked(ctx, active, ctx.flow(active, plan.node, ("control",)),
+                                            CTRL_ALIGN), active)
+        row_of = {str(i): r for r, i in enumerate(table.ids.tolist())}
+        pair_rows = np.array([row_of[i] for i in pair], dtype=np.int64)
+        try:
+            train_rows, hold_rows = pair_rows[bundle["train"]], pair_rows[bundle["holdout"]]
+        except (KeyError, IndexError) as e:
+            raise RoleError(f"{active} sent an alignment that does not fit the PSI result: {e}") from e
+        ctx.progress.emit("aligned", rows=len(pair), train=len(train_rows), holdout=len(hold_rows))
+
+    model = build_model(plan, ctx.policy)
+    opt = make_optimizer(plan.train.optimizer)
+    variables = list(model.trainable_variables)
+    send_flows = [f for f in ctx.policy.flows
+                  if f.src == plan.node and f.dst == active and f.kind == "activation"]
+    if not send_flows:
+        raise RoleError(f"{ctx.node}: the policy declares no activation flow to {active}")
+    grad_flows = [ctx.flow(active, plan.node, ("gradient",), f"grad({f.tensor})") for f in send_flows]
+    names = [f.tensor for f in send_flows]
+
+    @tf.function(reduce_retracing=True)
+    def forward(inputs):
+        out = model(inputs, training=True)
+        return [out[n] for n in names]
+
+    @tf.function(reduce_retracing=True)
+    def backward(inputs, out_grads):
+        # Recompute the forward under a tape with the same weights (no randomness in the ops), so the
+        # gradient equals the one of the forward whose activations were sent.
+        with tf.GradientTape() as tape:
+            out = model(inputs, training=True)
+            targets = [out[n] for n in names]
+        grads = tape.gradient(targets, variables, output_gradients=out_grads)
+        opt.apply(grads, variables)
+
+    b = plan.train.batch_size
+    spe = max(1, math.ceil(len(train_rows) / b))
+    total = spe * plan.train.epochs
+    start = 0
+    if ckpt is not None:
+        model.set_weights(arrays_list(ckpt.arrays, "w"))
+        set_opt_state(opt, variables, ckpt.arrays)
+        start = ckpt.step
+    ctx.progress.emit("plan", total_steps=total, steps_per_epoch=spe, epochs=plan.train.epochs,
+                      resumed_from=start if ckpt is not None else None)
+    ctx.progress.emit("phase", name="train")
+    link = ctx.links[active]
+    meter = Meter()
+    last_emit = 0.0
+    for s in range(start, total):
+        ctx.check_stop()
+        e, j = divmod(s, spe)
+        rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
+        inputs = field_inputs(plan, tables, rows)
+        meter.start()
+        acts = forward(inputs)
+        for f, a in zip(send_flows, acts, strict=True):
+            link.send(f.id, s, a.numpy())
+        meter.stop(0)
+        grads = [ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t)) for g in grad_flows]
+        meter.start()
+        backward(inputs, grads)
+        meter.stop(len(rows))
+        now = time.monotonic()
+        if now - last_emit > 0.25 or s + 1 == total:
+            ctx.progress.emit("step", step=s + 1, total=total, examples_per_s=meter.rate)
+            last_emit = now
+        if (s + 1) % spe == 0 and len(hold_rows):
+            for k, idx in enumerate(batches(np.arange(len(hold_rows)), b)):
+                acts = forward(field_inputs(plan, tables, hold_rows[idx]))
+                for f, a in zip(send_flows, acts, strict=True):
+                    link.send(f.id, EVAL_BASE + e * EVAL_STRIDE + k, a.numpy())
+        if is_checkpoint_step(plan, s + 1, spe):
+            arrays = {**weights_arrays("w", model.get_weights()), **get_opt_state(opt, variables),
+                      "train_rows": train_rows, "hold_rows": hold_rows}
+            save_checkpoint(ctx, s + 1, arrays, {})
+
+    export_model(ctx, model.get_weights(), model.weight_names)
+    return {"metrics": {}, "examples_per_s": meter.rate, "steps": total}
