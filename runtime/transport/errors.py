@@ -1,0 +1,41 @@
+"""Errors of the attested transport. Every message is meant for an operator: who, which flow, why."""
+
+from __future__ import annotations
+
+
+class TransportError(Exception):
+    """Base class: the link cannot do what was asked (peer unreachable, stream broken, timeout)."""
+
+
+class FrameError(TransportError):
+    """Bytes on the wire are not a well-formed frame (truncated, bad dtype/shape/size bookkeeping)."""
+
+
+class FlowRefused(TransportError):
+    """A tensor/blob is not allowed by the policy (on the sender before sending, or on the receiver)."""
+
+    def __init__(self, message: str, *, flow: str | None = None, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.flow = flow
+        self.peer = peer
+
+
+class RemoteRefused(TransportError):
+    """The peer refused our attestation at Hello; carries the peer's reason (e.g. which field mismatched).
+
+    Local verification failures raise the verifier's own ``PeerRefused`` instead; both are trust failures
+    (see :func:`fldsl.runtime.transport.is_trust_failure`).
+    """
+
+    def __init__(self, message: str, *, peer: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.field = field
+
+
+class PeerUnreachable(TransportError):
+    """No connection to the peer within the connect timeout."""
+
+
+class RecvTimeout(TransportError, TimeoutError):
+    """Nothing arrived for (flow, step) within the timeout."""

@@ -1,0 +1,563 @@
+"""``PeerLink``: the mailbox-style, policed, reconnecting end of one peer pair's bidirectional stream.
+
+A link outlives the gRPC streams that carry it: when the peer disconnects the link waits for a new stream
+(the dialer re-attests and reconnects; the acceptor waits to be dialled again) and bumps ``generation`` so
+the executor can resynchronise iteration ids (``on_reconnect``). Receives are keyed by (flow, step) so
+out-of-order arrival and pipelining work.
+
+Delivery semantics: in order within one stream; at a reconnect, frames queued on the broken stream may be
+lost (the generation counter tells the executor), a message whose sending was interrupted is sent again
+on the new stream. A policy violation in either direction is fatal for the link (fail closed): every
+pending and later call raises :class:`FlowRefused` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import codec
+from . import fldsl_pb2 as pb
+from .errors import FlowRefused, FrameError, PeerUnreachable, RecvTimeout, TransportError
+from .guard import FlowGuard, WireSpec
+
+log = logging.getLogger("fldsl.transport.link")
+
+
+@dataclass
+class FlowStats:
+    """Traffic of one flow on this node (for the run summary)."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+
+
+class StatsBook:
+    """Thread-safe ``flow id -> FlowStats``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.flows: dict[str, FlowStats] = {}
+
+    def sent(self, flow: str, nbytes: int) -> None:
+        with self._lock:
+            s = self.flows.setdefault(flow, FlowStats())
+            s.messages_sent += 1
+            s.bytes_sent += nbytes
+
+    def received(self, flow: str, nbytes: int) -> None:
+        with self._lock:
+            s = self.flows.setdefault(flow, FlowStats())
+            s.messages_received += 1
+            s.bytes_received += nbytes
+
+    def snapshot(self) -> dict[str, FlowStats]:
+        with self._lock:
+            return {k: FlowStats(**vars(v)) for k, v in self.flows.items()}
+
+
+class StreamClosed(Exception):
+    """Internal: the stream an outbox belongs to has ended."""
+
+
+class Outbox:
+    """Byte-bounded FIFO of encoded frames feeding one gRPC stream (gives senders back-pressure)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit = limit_bytes
+        self._q: deque[bytes] = deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put(self, frame: bytes, *, urgent: bool = False) -> None:
+        with self._cv:
+            # One frame is always admitted when the queue is empty, whatever its size.
+            while not urgent and not self._closed and self._bytes and self._bytes + len(frame) > self._limit:
+                self._cv.wait()
+            if self._closed:
+                raise StreamClosed
+            self._q.append(frame)
+            self._bytes += len(frame)
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """No more puts; the frames already queued still leave (the iterator drains, then ends)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        """The stream is gone: drop what is queued and wake everyone."""
+        with self._cv:
+            self._closed = True
+            self._q.clear()
+            self._bytes = 0
+            self._cv.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pending(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            with self._cv:
+                while not self._q and not self._closed:
+                    self._cv.wait()
+                if not self._q:
+                    return
+                frame = self._q.popleft()
+                self._bytes -= len(frame)
+                self._cv.notify_all()
+            yield frame
+
+
+@dataclass
+class _Assembly:
+    kind: str
+    flow: str
+    step: int
+    chunks: int
+    total: int
+    buf: bytearray
+    next_chunk: int = 1
+    written: int = 0
+    meta: Any = None  # tensor: (dtype, shape); arrays: list[ArraySpec]
+
+
+@dataclass
+class Stream:
+    """One gRPC Exchange call carrying a link (either direction of dialling)."""
+
+    outbox: Outbox
+    cancel: Callable[[], Any] = lambda: None
+    ready: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    end_reason: str = ""
+    assemblies: dict[tuple[str, str, int], _Assembly] = field(default_factory=dict)
+
+
+_CONTROL_NAMES = {pb.Control.START: "start", pb.Control.COMMIT: "commit", pb.Control.ABORT: "abort"}
+_CONTROL_KINDS = {v: k for k, v in _CONTROL_NAMES.items()}
+
+
+class PeerLink:
+    """This node's end of the link with ``peer_id``. Created and driven by :class:`Transport`."""
+
+    def __init__(
+        self, *, me: str, peer_id: str, dial: bool, guard: FlowGuard, stats: StatsBook, chunk_bytes: int,
+        send_buffer_bytes: int, connect_timeout_s: float,
+    ) -> None:
+        self.me = me
+        self.peer_id = peer_id
+        self.dial = dial
+        self._guard = guard
+        self._stats = stats
+        self._chunk = chunk_bytes
+        self._send_buffer = send_buffer_bytes
+        self._connect_timeout = connect_timeout_s
+        self._cv = threading.Condition()
+        self._stream: Stream | None = None
+        self._generation = 0
+        self._down_since: float | None = time.monotonic()
+        self._peer_closed = False
+        self._failure: Exception | None = None
+        self._closed = False
+        self._mailbox: dict[tuple[str, int], deque[tuple[str, Any]]] = {}
+        self._controls: dict[tuple[str, int], int] = {}
+        self._callbacks: list[Callable[[int], None]] = []
+        self.peer_summary: str = ""  # the verifier's one-line summary of the peer, set at attestation
+
+    # ------------------------------------------------------------------------------------------------
+    # Public API
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """1 after the first connection, +1 at each reconnection (re-attested stream)."""
+        return self._generation
+
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None
+
+    def on_reconnect(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(generation)`` (in a helper thread) after every reconnection."""
+        with self._cv:
+            self._callbacks.append(callback)
+
+    def send(self, flow_id: str, step: int, array: np.ndarray) -> None:
+        arr = codec.as_wire_array(array)
+        spec = WireSpec(arr.dtype.name, arr.shape)
+        self._guard.check_send(self.peer_id, flow_id, "tensor", [spec], arr.nbytes)
+        self._send(flow_id, arr.nbytes, lambda: codec.tensor_frames(flow_id, step, arr, self._chunk))
+
+    def send_arrays(self, flow_id: str, step: int, arrays: list[np.ndarray]) -> None:
+        wire = [codec.as_wire_array(a) for a in arrays]
+        packed = codec.pack_arrays(wire)
+        specs = [WireSpec(a.dtype.name, a.shape) for a in wire]
+        self._guard.check_send(self.peer_id, flow_id, "arrays", specs, packed.total)
+        self._send(flow_id, packed.total, lambda: codec.arrays_frames(flow_id, step, packed, self._chunk))
+
+    def send_blob(self, flow_id: str, step: int, data: bytes) -> None:
+        self._guard.check_send(self.peer_id, flow_id, "blob", [], len(data))
+        self._send(flow_id, len(data), lambda: codec.blob_frames(flow_id, step, data, self._chunk))
+
+    def recv(self, flow_id: str, step: int, timeout: float | None = None) -> np.ndarray:
+        """The tensor of (flow, step). Read-only when it arrived in one frame (zero copy)."""
+        return self._take(flow_id, step, "tensor", timeout)
+
+    def recv_arrays(self, flow_id: str, step: int, timeout: float | None = None) -> list[np.ndarray]:
+        return self._take(flow_id, step, "arrays", timeout)
+
+    def recv_blob(self, flow_id: str, step: int, timeout: float | None = None) -> bytes:
+        return self._take(flow_id, step, "blob", timeout)
+
+    def send_control(self, kind: str, iteration: int) -> None:
+        """Iteration markers (Bridge style): ``kind`` in start / commit / abort. They carry no data."""
+        code = _CONTROL_KINDS.get(kind)
+        if code is None:
+            raise ValueError(f"unknown control kind {kind!r} (use {', '.join(_CONTROL_KINDS)})")
+        self._send(f"control:{kind}", 0, lambda: [codec.control_frame(code, iteration)], count=False)
+
+    def recv_control(self, kind: str, iteration: int, timeout: float | None = None) -> None:
+        """Wait for the peer's ``kind`` marker of ``iteration``."""
+        if kind not in _CONTROL_KINDS:
+            raise ValueError(f"unknown control kind {kind!r} (use {', '.join(_CONTROL_KINDS)})")
+        key = (kind, iteration)
+
+        def ready() -> bool:
+            return self._controls.get(key, 0) > 0
+
+        with self._cv:
+            self._wait(ready, f"{kind} of iteration {iteration}", timeout, mailbox_hit=ready)
+            self._controls[key] -= 1
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until a stream is up (raises the link's failure, or PeerUnreachable on timeout)."""
+        with self._cv:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._stream is None:
+                self._raise_if_failed(pending_ok=False)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PeerUnreachable(
+                        f"no attested connection with {self.peer_id} within {timeout:.0f} s "
+                        f"({'dialling it' if self.dial else 'waiting for it to dial'})")
+                self._cv.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
+
+    # ------------------------------------------------------------------------------------------------
+    # Sending
+    # ------------------------------------------------------------------------------------------------
+
+    def _send(
+        self, flow: str, nbytes: int, frames: Callable[[], Iterable[bytes]], count: bool = True,
+    ) -> None:
+        while True:
+            stream = self._current_stream_for_send()
+            try:
+                for frame in frames():
+                    stream.outbox.put(frame)
+            except StreamClosed:
+                log.info("link %s -> %s: stream ended while sending %s; sending again on the next stream",
+                         self.me, self.peer_id, flow)
+                continue
+            if count:
+                self._stats.sent(flow, nbytes)
+            return
+
+    def _current_stream_for_send(self) -> Stream:
+        with self._cv:
+            while True:
+                self._raise_if_failed(pending_ok=False)
+                if self._peer_closed:
+                    raise TransportError(f"{self.peer_id} closed the link; nothing more can be sent to it")
+                if self._stream is not None:
+                    return self._stream
+                self._check_down_too_long()
+                self._cv.wait(timeout=0.5)
+
+    def _send_urgent(self, stream: Stream, frame: bytes) -> None:
+        try:
+            stream.outbox.put(frame, urgent=True)
+        except StreamClosed:
+            pass
+
+    # ------------------------------------------------------------------------------------------------
+    # Receiving
+    # ------------------------------------------------------------------------------------------------
+
+    def _take(self, flow: str, step: int, kind: str, timeout: float | None) -> Any:
+        key = (flow, step)
+
+        def hit() -> bool:
+            return bool(self._mailbox.get(key))
+
+        with self._cv:
+            self._wait(hit, f"flow {flow!r} step {step}", timeout, mailbox_hit=hit)
+            q = self._mailbox[key]
+            got_kind, value = q.popleft()
+            if not q:
+                del self._mailbox[key]
+        if got_kind != kind:
+            raise TransportError(
+                f"{self.peer_id} sent flow {flow!r} step {step} as {_KIND_WORDS[got_kind]}, "
+                f"but {_KIND_WORDS[kind]} was expected")
+        return value
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None,
+              mailbox_hit: Callable[[], bool]) -> None:
+        """Wait (holding ``_cv``) until ``ready()``; fail on link failure, peer close or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            self._raise_if_failed(pending_ok=False)
+            if self._peer_closed:
+                raise TransportError(f"{self.peer_id} closed the link before sending {what}")
+            self._check_down_too_long()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                state = "connected" if self._stream is not None else "disconnected"
+                raise RecvTimeout(
+                    f"nothing for {what} from {self.peer_id} within {timeout:g} s "
+                    f"(link generation {self._generation}, {state})")
+            self._cv.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
+        # A refusal is fatal even for messages that already arrived: the peer misbehaved.
+        self._raise_if_failed(pending_ok=False)
+
+    def _raise_if_failed(self, pending_ok: bool) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed and not pending_ok:
+            raise TransportError(f"the link to {self.peer_id} is closed")
+
+    def _check_down_too_long(self) -> None:
+        if self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            if down > self._connect_timeout:
+                self._failure = PeerUnreachable(
+                    f"lost the link to {self.peer_id} and it did not come back within "
+                    f"{self._connect_timeout:.0f} s")
+                self._cv.notify_all()
+                raise self._failure
+
+    # ------------------------------------------------------------------------------------------------
+    # Stream life cycle (called by the Transport / server threads)
+    # ------------------------------------------------------------------------------------------------
+
+    def attach(self, stream: Stream) -> int:
+        """Make ``stream`` the link's stream; returns the new generation."""
+        with self._cv:
+            if self._closed:
+                stream.outbox.close()
+                stream.cancel()
+                raise TransportError(f"link to {self.peer_id} is closed")
+            old = self._stream
+            self._stream = stream
+            self._generation += 1
+            gen = self._generation
+            self._down_since = None
+            self._peer_closed = False
+            callbacks = list(self._callbacks) if gen > 1 else []
+            self._cv.notify_all()
+        if old is not None:
+            old.outbox.abort()
+            old.cancel()
+        log.info("link %s <-> %s up (generation %d)", self.me, self.peer_id, gen)
+        for cb in callbacks:
+            threading.Thread(target=cb, args=(gen,), name=f"on-reconnect-{self.peer_id}", daemon=True).start()
+        return gen
+
+    def detach(self, stream: Stream, reason: str) -> None:
+        stream.outbox.abort()
+        stream.end_reason = stream.end_reason or reason
+        stream.done.set()
+        with self._cv:
+            if self._stream is not stream:
+                return
+            self._stream = None
+            self._down_since = time.monotonic()
+            self._cv.notify_all()
+        if self._closed or self._peer_closed:
+            log.info("link %s <-> %s closed: %s", self.me, self.peer_id, reason)
+        else:
+            log.warning("link %s <-> %s lost: %s", self.me, self.peer_id, reason)
+
+    def fail(self, exc: Exception) -> None:
+        """Fatal: every pending and later call raises ``exc``."""
+        with self._cv:
+            if self._failure is None:
+                self._failure = exc
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            stream = self._stream
+            self._cv.notify_all()
+        if stream is not None:
+            # Queued frames still leave, then CLOSE tells the peer this was deliberate, then the stream ends.
+            self._send_urgent(stream, codec.control_frame(pb.Control.CLOSE, 0))
+            stream.outbox.close()
+
+    def reset_down_clock(self) -> None:
+        """Start counting the connect timeout now (called when the transport starts)."""
+        with self._cv:
+            if self._stream is None:
+                self._down_since = time.monotonic()
+
+    def wait_stream_done(self, timeout: float) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.done.wait(timeout)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (bounded) until the frames queued so far have been handed to gRPC; True if they were."""
+        stream = self._stream
+        deadline = time.monotonic() + timeout
+        while stream is not None and stream.outbox.pending() and not stream.done.is_set():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # ------------------------------------------------------------------------------------------------
+    # Incoming frames (reader thread of the current stream)
+    # ------------------------------------------------------------------------------------------------
+
+    def on_frame(self, stream: Stream, data: bytes) -> None:
+        if self._failure is not None:
+            return  # fail closed: nothing more is accepted on a refused link
+        try:
+            header, payload = codec.decode_frame(data)
+            which = header.WhichOneof("kind")
+            if which == "control":
+                self._on_control(stream, header.control)
+            elif which == "error":
+                e = header.error
+                msg = f"{self.peer_id} refused what we sent on flow {e.flow!r} step {e.step}: {e.reason}"
+                log.error("%s", msg)
+                self.fail(FlowRefused(msg, flow=e.flow, peer=self.peer_id))
+            elif which in ("tensor", "arrays", "blob"):
+                self._on_data(stream, which, getattr(header, which), payload)
+            else:
+                raise FrameError("frame without a kind")
+        except FlowRefused as e:
+            self._refuse(stream, e.flow or "", str(e), e)
+        except FrameError as e:
+            self._refuse(stream, "", f"malformed frame: {e}", e)
+
+    def _refuse(self, stream: Stream, flow: str, reason: str, exc: Exception) -> None:
+        # Log the reason, never the payload.
+        log.error("%s refused a message from %s: %s", self.me, self.peer_id, reason)
+        self._send_urgent(stream, codec.error_frame(flow, 0, f"refused by {self.me}: {reason}"))
+        if isinstance(exc, FlowRefused):
+            msg = f"refused a message from {self.peer_id}: {reason}"
+            exc = FlowRefused(msg, flow=flow, peer=self.peer_id)
+        self.fail(exc)
+
+    def _on_control(self, stream: Stream, c: pb.Control) -> None:
+        if c.kind == pb.Control.READY:
+            if not stream.ready.is_set():
+                stream.ready.set()
+                self.attach(stream)
+            return
+        if c.kind == pb.Control.CLOSE:
+            with self._cv:
+                self._peer_closed = True
+                self._cv.notify_all()
+            return
+        name = _CONTROL_NAMES.get(c.kind)
+        if name is None:
+            raise FrameError(f"unknown control kind {c.kind}")
+        with self._cv:
+            key = (name, c.iteration)
+            self._controls[key] = self._controls.get(key, 0) + 1
+            self._cv.notify_all()
+
+    def _on_data(self, stream: Stream, kind: str, h: Any, payload: memoryview) -> None:
+        key = (kind, h.flow, h.step)
+        if h.chunk == 0:
+            if key in stream.assemblies:
+                raise FrameError(f"flow {h.flow!r} step {h.step}: a new message began before the last ended")
+            if h.chunks < 1:
+                raise FrameError(f"flow {h.flow!r} step {h.step}: chunk count {h.chunks}")
+            meta = self._admit(kind, h)
+            if h.chunks == 1:
+                if h.offset != 0 or len(payload) != h.total_bytes:
+                    raise FrameError(f"flow {h.flow!r} step {h.step}: {len(payload)} payload bytes, "
+                                     f"header says {h.total_bytes}")
+                self._deliver(kind, h.flow, h.step, meta, payload)
+                return
+            asm = _Assembly(
+                kind, h.flow, h.step, h.chunks, h.total_bytes, bytearray(h.total_bytes), meta=meta)
+            stream.assemblies[key] = asm
+        else:
+            asm = stream.assemblies.get(key)
+            if (asm is None or h.chunk != asm.next_chunk or h.chunks != asm.chunks
+                    or h.total_bytes != asm.total):
+                raise FrameError(f"flow {h.flow!r} step {h.step}: chunk {h.chunk}/{h.chunks} out of sequence")
+            asm.next_chunk += 1
+        if h.offset != asm.written or asm.written + len(payload) > asm.total:
+            raise FrameError(f"flow {h.flow!r} step {h.step}: chunk {h.chunk} at a wrong offset or too long")
+        asm.buf[asm.written : asm.written + len(payload)] = payload
+        asm.written += len(payload)
+        if h.chunk == asm.chunks - 1:
+            del stream.assemblies[key]
+            if asm.written != asm.total:
+                raise FrameError(f"flow {h.flow!r} step {h.step}: {asm.written} of {asm.total} bytes arrived")
+            self._deliver(kind, h.flow, h.step, asm.meta, memoryview(asm.buf))
+
+    def _admit(self, kind: str, h: Any) -> Any:
+        """Policy check on a message's first chunk, before any buffer is allocated for it."""
+        if kind == "tensor":
+            if h.dtype not in codec.DTYPES:
+                raise FrameError(f"flow {h.flow!r}: unknown dtype {h.dtype!r}")
+            shape = tuple(int(d) for d in h.shape)
+            self._guard.check_recv(self.peer_id, h.flow, "tensor", [WireSpec(h.dtype, shape)], h.total_bytes)
+            if any(d < 0 for d in shape) or codec.nbytes_of(h.dtype, shape) != h.total_bytes:
+                raise FrameError(
+                    f"flow {h.flow!r}: {h.dtype}{list(shape)} does not have {h.total_bytes} bytes")
+            return (h.dtype, shape)
+        if kind == "arrays":
+            specs = []
+            for a in h.arrays:
+                if a.dtype not in codec.DTYPES:
+                    raise FrameError(f"flow {h.flow!r}: unknown dtype {a.dtype!r}")
+                shape = tuple(int(d) for d in a.shape)
+                if any(d < 0 for d in shape) or codec.nbytes_of(a.dtype, shape) != a.nbytes \
+                        or a.offset + a.nbytes > h.total_bytes:
+                    raise FrameError(f"flow {h.flow!r}: inconsistent array index")
+                specs.append(WireSpec(a.dtype, shape))
+            self._guard.check_recv(self.peer_id, h.flow, "arrays", specs, h.total_bytes)
+            return list(h.arrays)
+        self._guard.check_recv(self.peer_id, h.flow, "blob", [], h.total_bytes)
+        return None
+
+    def _deliver(self, kind: str, flow: str, step: int, meta: Any, buf: memoryview) -> None:
+        if kind == "tensor":
+            dtype, shape = meta
+            value: Any = codec.array_from_buffer(dtype, shape, buf)
+        elif kind == "arrays":
+            value = [
+                codec.array_from_buffer(a.dtype, a.shape, buf[a.offset : a.offset + a.nbytes]) for a in meta]
+        else:
+            value = bytes(buf)
+        self._stats.received(flow, len(buf))
+        with self._cv:
+            self._mailbox.setdefault((flow, step), deque()).append((kind, value))
+            self._cv.notify_all()
+
+
+_KIND_WORDS = {"tensor": "a tensor", "arrays": "a list of arrays", "blob": "opaque bytes"}

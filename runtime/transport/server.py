@@ -1,0 +1,209 @@
+"""A node's gRPC servers: the bootstrap port (Hello) and the mutual-TLS port (Exchange).
+
+Why two servers, not two ports of one: a gRPC server serves every registered service on every port, so
+one server would also offer ``Exchange`` on the insecure port. Separate servers keep the insecure port to
+the single ``Hello`` RPC (the per-call certificate check would refuse it anyway: defence in depth).
+
+The secure port uses ``grpc.dynamic_ssl_server_credentials``: gRPC asks ``CertRegistry.fetch`` at each new
+TLS handshake for the current configuration, whose client roots are exactly the RA-TLS certificates that
+passed ``PeerVerifier.verify`` at Hello (plus our own certificate, so the root list is never empty). A peer
+certificate is self-signed with CA:FALSE; BoringSSL (grpcio 1.85) accepts such a leaf as its own trust
+anchor when it is in the root list (checked by tests/transport/test_tls.py), so no CA extensions are needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import fldsl_pb2 as pb
+from . import fldsl_pb2_grpc as pb_grpc
+from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
+
+log = logging.getLogger("fldsl.transport.server")
+
+EXCHANGE_METHOD = "/fldsl.transport.v1.Peer/Exchange"
+# Certificates kept per peer node: a restarted peer has a fresh one; a few old ones may still be
+# finishing handshakes. Only the holder of a certificate's private key can use it, so keeping old
+# ones does not widen access.
+_CERTS_PER_NODE = 4
+
+
+def cert_fingerprint(pem_or_der: bytes) -> str:
+    """SHA-256 of the certificate's DER encoding (PEM formatting differences do not matter)."""
+    data = pem_or_der.strip()
+    if data.startswith(b"-----BEGIN"):
+        data = x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    return hashlib.sha256(data).hexdigest()
+
+
+class CertRegistry:
+    """Verified peer certificates: client roots of the secure port and the caller map of every RPC."""
+
+    def __init__(self, identity: LocalIdentityLike) -> None:
+        self._identity = identity
+        self._lock = threading.Lock()
+        self._by_node: dict[str, OrderedDict[str, bytes]] = {}
+        self._node_of: dict[str, str] = {}
+        self._version = 0
+        self._served = -1
+
+    def add(self, node_id: str, cert_pem: bytes) -> None:
+        fp = cert_fingerprint(cert_pem)
+        with self._lock:
+            certs = self._by_node.setdefault(node_id, OrderedDict())
+            certs.pop(fp, None)
+            certs[fp] = cert_pem
+            self._node_of[fp] = node_id
+            while len(certs) > _CERTS_PER_NODE:
+                old, _ = certs.popitem(last=False)
+                self._node_of.pop(old, None)
+            self._version += 1
+
+    def node_of(self, cert_pem: bytes) -> str | None:
+        try:
+            fp = cert_fingerprint(cert_pem)
+        except ValueError:
+            return None
+        with self._lock:
+            return self._node_of.get(fp)
+
+    def roots(self) -> bytes:
+        with self._lock:
+            peers = [c for certs in self._by_node.values() for c in certs.values()]
+        return b"".join(_pem_line_end(c) for c in [self._identity.cert_pem, *peers])
+
+    def initial_config(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(self._identity.key_pem, self._identity.cert_pem)], root_certificates=self.roots())
+
+    def fetch(self) -> Any:
+        """gRPC's cert_config_fetcher: a new configuration when the verified set changed, else None."""
+        with self._lock:
+            if self._served == self._version:
+                return None
+            self._served = self._version
+        return self.initial_config()
+
+
+def _pem_line_end(pem: bytes) -> bytes:
+    return pem if pem.endswith(b"\n") else pem + b"\n"
+
+
+HelloPolicy = Callable[[str, str], str | None]  # (claimed node, expect_node) -> refusal reason or None
+StreamHandler = Callable[[str, Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
+
+
+class _Bootstrap(pb_grpc.BootstrapServicer):
+    def __init__(self, me: str, identity: LocalIdentityLike, verifier: PeerVerifierLike,
+                 registry: CertRegistry, admissible: HelloPolicy) -> None:
+        self.me = me
+        self.identity = identity
+        self.verifier = verifier
+        self.registry = registry
+        self.admissible = admissible
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        claimed = request.node_id
+        reason = self.admissible(claimed, request.expect_node)
+        if reason is not None:
+            log.warning("%s refused Hello from %r at %s: %s", self.me, claimed, context.peer(), reason)
+            return pb.HelloReply(
+                ok=False, reason=f"refused by {self.me}: {reason}", field="node", node_id=self.me)
+        try:
+            verdict = self.verifier.verify(request.cert_pem, claimed)
+        except Exception as e:  # fail closed: any verifier error refuses the peer
+            field = refusal_field(e)
+            log.warning("%s refused %s: %s", self.me, claimed, e)
+            return pb.HelloReply(ok=False, reason=f"refused by {self.me}: {e}", field=field or "",
+                                 node_id=self.me)
+        node = getattr(verdict, "node_id", claimed)
+        if node != claimed:
+            return pb.HelloReply(ok=False, reason=(
+                f"refused by {self.me}: the certificate is attested as {node}, not {claimed}"),
+                field="node", node_id=self.me)
+        self.registry.add(claimed, request.cert_pem)
+        log.info("%s accepted %s: %s", self.me, claimed, getattr(verdict, "summary", "attested"))
+        return pb.HelloReply(ok=True, cert_pem=self.identity.cert_pem, node_id=self.me)
+
+
+class NodeServer:
+    """Both servers of one node. Ports 0 pick free ports (``bound_port``/``bound_bootstrap_port``)."""
+
+    def __init__(
+        self, *, node_id: str, identity: LocalIdentityLike, verifier: PeerVerifierLike, host: str, port: int,
+        bootstrap_port: int, admissible: HelloPolicy, on_stream: StreamHandler, max_message_bytes: int,
+        stream_workers: int,
+    ) -> None:
+        self.node_id = node_id
+        self.registry = CertRegistry(identity)
+        self._on_stream = on_stream
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Notice dead peers on a quiet link, and let dialers ping us.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._boot = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"hello-{node_id}"),
+            options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_BootstrapServicer_to_server(
+            _Bootstrap(node_id, identity, verifier, self.registry, admissible), self._boot)
+        self._secure = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix=f"peer-{node_id}"),
+            options=options)
+        handler = grpc.method_handlers_generic_handler("fldsl.transport.v1.Peer", {
+            "Exchange": grpc.stream_stream_rpc_method_handler(self._exchange),
+        })
+        self._secure.add_generic_rpc_handlers((handler,))
+        creds = grpc.dynamic_ssl_server_credentials(
+            self.registry.initial_config(), self.registry.fetch, require_client_authentication=True)
+        self.bound_bootstrap_port = self._add_port(self._boot, host, bootstrap_port, None)
+        self.bound_port = self._add_port(self._secure, host, port, creds)
+
+    @staticmethod
+    def _add_port(server: grpc.Server, host: str, port: int, creds: Any) -> int:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            if creds is None:
+                bound = server.add_insecure_port(target)
+            else:
+                bound = server.add_secure_port(target, creds)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {target}: {e}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {target} (port in use?)")
+        return bound
+
+    def start(self) -> None:
+        self._boot.start()
+        self._secure.start()
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._secure.stop(grace).wait()
+        self._boot.stop(grace).wait()
+
+    def _exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        # Every RPC re-checks the caller: the TLS client certificate must be one verified at Hello.
+        pems = context.auth_context().get("x509_pem_cert") or []
+        node = self.registry.node_of(pems[0]) if pems else None
+        if node is None:
+            log.warning("%s: Exchange from %s with an unverified certificate refused",
+                        self.node_id, context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{self.node_id}: the client certificate was not verified at Hello")
+        return self._on_stream(node, request_iterator, context)
