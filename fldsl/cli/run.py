@@ -1,0 +1,183 @@
+"""``fldsl run FILE.flp | BUILD_DIR``: run a pipeline's nodes on this machine (or one node, ``--node``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK
+
+
+def _params(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _build_dir(target: Path, params: dict[str, str]) -> Path:
+    """A build dir as is; a .flp compiled first (the runtime itself never imports the compiler)."""
+    if target.is_dir():
+        if params:
+            raise click.UsageError("--set only applies when running a .flp (a build dir is compiled already)")
+        return target
+    if target.suffix != ".flp":
+        raise click.UsageError(f"{target}: expected a .flp pipeline or a build directory")
+    from fldsl.api import load_or_compile
+    from fldsl.diagnostics import FldslError
+
+    try:
+        return Path(load_or_compile(target, params))
+    except FldslError as e:
+        render = getattr(e, "render", None)
+        click.echo(render() if callable(render) else str(e), err=True)
+        sys.exit(EXIT_INPUT)
+
+
+class RichDisplay:
+    """One progress bar per node (step/total, loss, examples/s) while the run lasts."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+
+    def begin(self, launcher: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[node]:<18}"), TextColumn("{task.fields[phase]:<8}"),
+            BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=self.console, transient=False)
+        for nid, st in sorted(launcher.nodes.items()):
+            self.tasks[nid] = self.progress.add_task(nid, total=None, node=nid, phase=st.phase, info=st.role)
+        self.progress.start()
+
+    def update(self, st: Any) -> None:
+        if self.progress is None:
+            return
+        info = []
+        if st.loss is not None:
+            info.append(f"loss {st.loss:.4f}")
+        for k in ("auc", "accuracy"):
+            if k in st.metrics:
+                info.append(f"{k} {st.metrics[k]:.4f}")
+        if st.examples_per_s:
+            info.append(f"{st.examples_per_s:,.0f} ex/s")
+        if st.error:
+            info = [f"[red]{st.error[:60]}"]
+        self.progress.update(self.tasks[st.id], completed=st.step, total=st.total, phase=st.phase,
+                             info="  ".join(info) or st.role)
+
+    def end(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(console: Any, result: Any) -> None:
+    from rich.table import Table
+
+    doc = result.to_json()
+    table = Table(title=f"{doc['pipeline']} — {'ok' if result.exit_code == 0 else 'FAILED'} "
+                        f"in {doc['seconds']:.1f} s", show_lines=False)
+    for col in ("node", "role", "status", "steps", "metrics", "examples/s", "sent", "model"):
+        table.add_column(col)
+    for nid, n in doc["nodes"].items():
+        metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in sorted((n["metrics"] or {}).items()))
+        status = "ok" if n["exit_code"] == 0 else f"[red]exit {n['exit_code']}"
+        sent = sum((n["bytes_sent"] or {}).values())
+        models = ", ".join(str(Path(p).relative_to(result.run_dir)) if Path(p).is_relative_to(result.run_dir)
+                           else p for p in (n["exports"] or {}).values())
+        table.add_row(nid, n["role"], status, str(n["steps"]), metrics or "-",
+                      f"{n['examples_per_s']:,.0f}" if n["examples_per_s"] else "-",
+                      _fmt_bytes(sent) if sent else "-", models or "-")
+    console.print(table)
+    flows: dict[str, int] = {}
+    for n in doc["nodes"].values():
+        for f, b in (n["bytes_sent"] or {}).items():
+            flows[f] = flows.get(f, 0) + b
+    if flows:
+        ft = Table(title="bytes sent per flow")
+        ft.add_column("flow")
+        ft.add_column("bytes", justify="right")
+        for f, b in sorted(flows.items()):
+            ft.add_row(f, _fmt_bytes(b))
+        console.print(ft)
+    console.print(f"run directory: {result.run_dir}  (metrics.jsonl, logs/, models/ sealed, checkpoints/)")
+    failed = getattr(result, "first_failure", None)
+    if failed is not None:
+        from fldsl.runtime.launcher import tail
+
+        console.print(f"[red]node {failed.id} failed: {failed.error}")
+        for line in tail(failed.log_path):
+            console.print(f"  [dim]{failed.id}[/dim] | {line}", markup=True, highlight=False)
+
+
+@click.command("run")
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a pipeline parameter")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the live display")
+@click.option("--node", "only", metavar="PARTY.NODE", help="run this one node in the foreground")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="run dir (default runs/<pipeline>/<id>)")
+@click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
+              help="simulated trust material (created on first use)")
+@click.option("--addresses", type=click.Path(path_type=Path),
+              help="--node only: addresses.json (default <run-dir>/addresses.json)")
+def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None, run_dir: Path | None,
+            trust_dir: Path, addresses: Path | None) -> None:
+    """Run a pipeline: every node as a local process over attested gRPC, with live progress."""
+    from rich.console import Console
+
+    from fldsl.runtime import launcher as L
+
+    build = _build_dir(target, _params(sets))
+    try:
+        L.ensure_trust(trust_dir)
+        if only is not None:
+            sys.exit(_run_one(build, only, run_dir, trust_dir, addresses))
+        console = Console(stderr=as_json)
+        display = None if as_json else RichDisplay(console)
+        result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display)
+    except L.LaunchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_ENV)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), sort_keys=True, indent=2))
+    else:
+        print_summary(console, result)
+    sys.exit(result.exit_code if result.exit_code else EXIT_OK)
+
+
+def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addresses: Path | None) -> int:
+    from fldsl.runtime import launcher as L
+    from fldsl.runtime import node as N
+
+    if only not in L.node_ids(build):
+        raise L.LaunchError(f"{build}: no node `{only}` (nodes: {', '.join(L.node_ids(build))})")
+    if run_dir is None:
+        raise L.LaunchError("--node needs --run-dir (shared with the other nodes' addresses.json)")
+    addresses = addresses or run_dir / "addresses.json"
+    if not addresses.exists():
+        raise L.LaunchError(f"{addresses}: missing; write one ({{node: {{host, port, bootstrap_port}}}}) "
+                            "or pass --addresses")
+    return N.main(["--build", str(build), "--node", only, "--addresses", str(addresses),
+                   "--run-dir", str(run_dir), "--trust-dir", str(trust_dir)])

@@ -1,0 +1,333 @@
+"""The local launcher behind ``fldsl run``: one OS process per node on loopback, live progress, a summary.
+
+It writes ``runs/<pipeline>/<run-id>/``: ``addresses.json``, ``metrics.jsonl`` (every progress event of every
+node, one JSON object a line), ``logs/<node>.log`` (each node's stderr), ``checkpoints/<node>/`` and
+``models/`` (sealed, written by the nodes themselves). A node that fails stops the others (SIGINT, then
+SIGKILL after a grace period); Ctrl-C does the same for all nodes. Exit code: 0 all ok, 3 a node failed a
+trust check, 1 any other failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fldsl.runtime.progress import parse_line
+
+from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
+
+EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
+GRACE_S = 10.0
+
+
+class LaunchError(Exception):
+    """The run cannot start (bad build dir, no free port); user-facing."""
+
+
+@dataclass
+class NodeState:
+    id: str
+    role: str
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    phase: str = "starting"
+    step: int = 0
+    total: int | None = None
+    loss: float | None = None
+    examples_per_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: dict[str, Any] | None = None
+    error: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class RunResult:
+    pipeline: str
+    run_dir: Path
+    exit_code: int
+    nodes: dict[str, NodeState]
+    seconds: float
+    interrupted: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pipeline": self.pipeline, "run_dir": str(self.run_dir),
+                               "exit_code": self.exit_code, "seconds": round(self.seconds, 3),
+                               "interrupted": self.interrupted, "nodes": {}}
+        for nid, st in sorted(self.nodes.items()):
+            done = st.done or {}
+            out["nodes"][nid] = {
+                "role": st.role, "exit_code": st.exit_code, "error": st.error, "steps": st.step,
+                "metrics": done.get("metrics", st.metrics), "history": done.get("history", st.history),
+                "examples_per_s": done.get("examples_per_s", st.examples_per_s),
+                "bytes_sent": done.get("bytes_sent", {}), "bytes_received": done.get("bytes_received", {}),
+                "exports": done.get("exports", {}), "log": str(st.log_path) if st.log_path else None,
+            }
+        return out
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports (bound together so none is handed out twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_ids(build_dir: Path) -> list[str]:
+    nodes = build_dir / "nodes"
+    if not nodes.is_dir():
+        raise LaunchError(f"{build_dir}: not a build directory (no nodes/); "
+                          "compile a .flp with `fldsl compile`")
+    ids = sorted(p.name for p in nodes.iterdir() if (p / "plan.json").is_file())
+    if not ids:
+        raise LaunchError(f"{build_dir}: no node plans under nodes/")
+    return ids
+
+
+def pipeline_name(build_dir: Path, ids: list[str]) -> str:
+    pf = build_dir / "pipeline.json"
+    if pf.is_file():
+        return load_model(PipelineFile, pf).pipeline
+    return load_model(Plan, node_dir(build_dir, ids[0]) / "plan.json").pipeline
+
+
+def new_run_dir(root: Path, pipeline: str) -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    base = root / pipeline
+    for i in range(1000):
+        cand = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            cand.mkdir(parents=True)
+            return cand
+        except FileExistsError:
+            continue
+    raise LaunchError(f"{base}: cannot create a fresh run directory")
+
+
+def write_addresses(path: Path, ids: list[str], host: str = "127.0.0.1") -> None:
+    from fldsl.runtime.transport import Addresses, save_addresses
+
+    ports = free_ports(2 * len(ids), host)
+    doc = {nid: {"host": host, "port": ports[2 * i], "bootstrap_port": ports[2 * i + 1]}
+           for i, nid in enumerate(ids)}
+    save_addresses(Addresses.model_validate(doc), path)
+
+
+def ensure_trust(trust_dir: Path) -> list[str]:
+    """Create the deployment's simulated trust material on first use; returns what was created."""
+    from fldsl.runtime.attestation.sim import trust_init
+
+    return list(trust_init(trust_dir).created)
+
+
+def node_command(build_dir: Path, nid: str, addresses: Path, run_dir: Path, trust_dir: Path,
+                 extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "fldsl.runtime.node", "--build", str(build_dir), "--node", nid,
+            "--addresses", str(addresses), "--run-dir", str(run_dir), "--trust-dir", str(trust_dir),
+            *(extra or [])]
+
+
+def node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    env["PYTHONUNBUFFERED"] = "1"
+    # Several nodes share the machine's cores: keep each one's thread pools small.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class Launcher:
+    """Starts the nodes of a build dir and follows them until all end (or one fails)."""
+
+    def __init__(self, build_dir: Path, *, run_dir: Path, trust_dir: Path, display: Any = None,
+                 node_args: dict[str, list[str]] | None = None) -> None:
+        self.build_dir = build_dir.resolve()
+        self.run_dir = run_dir.resolve()
+        self.trust_dir = trust_dir.resolve()
+        self.ids = node_ids(self.build_dir)
+        self.pipeline = pipeline_name(self.build_dir, self.ids)
+        self.nodes = {nid: NodeState(id=nid, role=load_model(
+            Plan, node_dir(self.build_dir, nid) / "plan.json").role) for nid in self.ids}
+        self.display = display
+        self.node_args = node_args or {}
+        self._lock = threading.Lock()
+        self._metrics = None
+        self._changed = threading.Event()
+
+    # -- events ---------------------------------------------------------------------------------------------
+
+    def _on_event(self, st: NodeState, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        with self._lock:
+            if kind == "phase":
+                st.phase = str(ev.get("name"))
+            elif kind == "plan":
+                st.total = ev.get("total_steps")
+                st.step = ev.get("resumed_from") or 0
+            elif kind == "step":
+                st.phase = "train"
+                st.step = int(ev.get("step", st.step))
+                st.total = ev.get("total", st.total)
+                if ev.get("loss") is not None:
+                    st.loss = float(ev["loss"])
+                if ev.get("examples_per_s"):
+                    st.examples_per_s = float(ev["examples_per_s"])
+            elif kind == "epoch":
+                st.metrics = dict(ev.get("metrics") or {})
+                st.history.append({"epoch": ev.get("epoch"), **st.metrics})
+            elif kind == "done":
+                st.done = ev
+                st.phase = "done"
+            elif kind == "error":
+                st.error = str(ev.get("message"))
+                st.phase = "failed"
+            if self._metrics is not None:
+                self._metrics.write(json.dumps(ev, sort_keys=True) + "\n")
+                self._metrics.flush()
+        if self.display is not None:
+            self.display.update(st)
+
+    def _reader(self, st: NodeState) -> None:
+        assert st.proc is not None and st.proc.stdout is not None
+        with open(st.log_path, "a", encoding="utf-8") as log:  # type: ignore[arg-type]
+            for line in st.proc.stdout:
+                ev = parse_line(line)
+                if ev is None:
+                    log.write(line)  # library output on stdout: keep it, but in the log
+                    log.flush()
+                    continue
+                self._on_event(st, ev)
+        self._changed.set()
+
+    # -- running --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        addresses = self.run_dir / "addresses.json"
+        if not addresses.exists():
+            write_addresses(addresses, self.ids)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        for nid, st in self.nodes.items():
+            st.log_path = self.run_dir / "logs" / f"{nid}.log"
+            cmd = node_command(self.build_dir, nid, addresses, self.run_dir, self.trust_dir,
+                               self.node_args.get(nid))
+            err = open(st.log_path, "a", encoding="utf-8")
+            st.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                       text=True, bufsize=1, env=node_env())
+            err.close()
+            threading.Thread(target=self._reader, args=(st,), daemon=True, name=f"read-{nid}").start()
+
+    def stop_all(self, sig: int = signal.SIGINT) -> None:
+        for st in self.nodes.values():
+            if st.proc is not None and st.proc.poll() is None:
+                try:
+                    st.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def wait(self) -> tuple[int, bool]:
+        """Follow the nodes; returns (exit code, interrupted)."""
+        interrupted = False
+        failed: NodeState | None = None
+        stop_sent: float | None = None
+        try:
+            while True:
+                running = 0
+                for st in self.nodes.values():
+                    code = st.proc.poll() if st.proc else 0
+                    if code is None:
+                        running += 1
+                    elif st.exit_code is None:
+                        st.exit_code = code
+                        if code != 0 and failed is None and not interrupted:
+                            failed = st
+                            if st.error is None:
+                                st.error = f"exited with code {code}"
+                            self.stop_all()
+                            stop_sent = time.monotonic()
+                if running == 0:
+                    break
+                if stop_sent is not None and time.monotonic() - stop_sent > GRACE_S:
+                    self.stop_all(signal.SIGKILL)
+                    stop_sent = time.monotonic() + 3600
+                self._changed.wait(0.2)
+                self._changed.clear()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.stop_all()  # the terminal usually sent SIGINT to the nodes already; make sure
+            deadline = time.monotonic() + GRACE_S
+            for st in self.nodes.values():
+                if st.proc is None:
+                    continue
+                try:
+                    st.exit_code = st.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    st.proc.kill()
+                    st.exit_code = st.proc.wait()
+        finally:
+            time.sleep(0.05)
+            if self._metrics is not None:
+                with self._lock:
+                    self._metrics.close()
+                    self._metrics = None
+        if interrupted:
+            return EXIT_INTERRUPTED, True
+        if failed is not None:
+            self.first_failure = failed
+            codes = [st.exit_code for st in self.nodes.values()]
+            return (EXIT_TRUST if EXIT_TRUST in codes else EXIT_FAILED), False
+        return EXIT_OK, False
+
+    first_failure: NodeState | None = None
+
+
+def tail(path: Path | None, n: int = 15) -> list[str]:
+    if path is None or not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines[-n:]
+
+
+def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Path | None = None,
+                 trust_dir: Path = Path(".fldsl/trust"), display: Any = None,
+                 node_args: dict[str, list[str]] | None = None) -> RunResult:
+    """Run every node of a build dir on this machine; returns when all have ended."""
+    ensure_trust(trust_dir)
+    ids = node_ids(build_dir)
+    pipeline = pipeline_name(build_dir, ids)
+    if run_dir is None:
+        run_dir = new_run_dir(runs_root, pipeline)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launcher = Launcher(build_dir, run_dir=run_dir, trust_dir=trust_dir, display=display, node_args=node_args)
+    t0 = time.monotonic()
+    if display is not None:
+        display.begin(launcher)
+    try:
+        launcher.start()
+        code, interrupted = launcher.wait()
+    finally:
+        if display is not None:
+            display.end()
+    result = RunResult(pipeline=pipeline, run_dir=run_dir, exit_code=code, nodes=launcher.nodes,
+                       seconds=time.monotonic() - t0, interrupted=interrupted)
+    result.first_failure = launcher.first_failure  # type: ignore[attr-defined]
+    return result
