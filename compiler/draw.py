@@ -216,7 +216,8 @@ def _q(text: str) -> str:
 def to_dot(scene: Scene) -> str:
     lines = [
         f"digraph {_q(scene.title)} {{",
-        "  graph [rankdir=LR, compound=true, fontname=\"Helvetica\", fontsize=12, labelloc=t, "
+        '  graph [rankdir=LR, compound=true, newrank=true, nodesep=0.4, ranksep=0.7, fontname="Helvetica", '
+        "fontsize=12, labelloc=t, "
         + f"label={_q(_title(scene))}{', fontcolor=' + _q(RED) if scene.violations else ''}];",
         '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname="Helvetica", fontsize=10];',
         '  edge [fontname="Helvetica", fontsize=9];',
@@ -226,13 +227,13 @@ def to_dot(scene: Scene) -> str:
     for pi, (party, encl) in enumerate(scene.parties.items()):
         lines.append(f"  subgraph cluster_p{pi} {{")
         lines.append(f'    label={_q("party " + party)}; style="dashed,rounded"; color="#555555"; '
-                     'fontsize=12;')
+                     'fontcolor="#222222"; fontsize=12;')
         for ni, e in enumerate(encl):
             name = f"cluster_p{pi}_n{ni}"
             cluster_of[e.id] = name
             lines.append(f"    subgraph {name} {{")
             lines.append(f'      label={_q(e.caption())}; style="filled,rounded"; fillcolor="#eef3fb"; '
-                         'color="#3a6ea5"; fontsize=10;')
+                         'color="#3a6ea5"; fontcolor="#222222"; fontsize=10;')
             if e.id in anchors:
                 lines.append(f'      {_q("enclave:" + e.id)} [shape=point, style=invis, width=0.01];')
             for t in e.tasks:
