@@ -8,11 +8,11 @@
   so a part only generates its own blocks. Ids are the global row numbers.
 - ``wide_n_deep(rows, seed, side, features=512, overlap=0.9)``: Fedlearner's example layout (string example
   ids, ``features`` int slots in [0, 100]; label on the leader) with a planted signal SPLIT across both sides:
-  label ~ Bernoulli(sigmoid(1.5 (z_leader + z_follower))) where each side's latent z is visible only through
-  that side's informative slots (every 8th slot, value = 50 + 18 z + noise). A model needs both parties to
-  do well. Leader and follower each hold ``rows`` rows, ``round(overlap*rows)`` of them common, each side in
-  its own shuffled order (so PSI alignment is needed). Both sides must use the same rows/seed/features/
-  overlap; only ``side`` differs.
+  label ~ Bernoulli(sigmoid(2 (z_leader + z_follower))) where each side's latent z is visible only through
+  that side's informative slots (every 4th slot, value = 50 + 8 round(2.5 z + noise)). A model needs both
+  parties to do well. Leader and follower each hold ``rows`` rows, ``round(overlap*rows)`` of them common,
+  each side in its own shuffled order (so PSI alignment is needed). Both sides must use the same
+  rows/seed/features/overlap; only ``side`` differs.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def wide_n_deep(rows: int, seed: int, side: str, features: int = 512, overlap: f
     universe = 2 * rows - common
     world = _rng("wnd-world", seed, rows, features, overlap)
     z = world.standard_normal((universe, 2))  # column 0: leader's latent, 1: follower's
-    label = (world.random(universe) < 1.0 / (1.0 + np.exp(-1.5 * (z[:, 0] + z[:, 1])))).astype(np.int64)
+    label = (world.random(universe) < 1.0 / (1.0 + np.exp(-2.0 * (z[:, 0] + z[:, 1])))).astype(np.int64)
     id_numbers = world.permutation(universe)
     # Universe rows [0, common) are held by both, [common, rows) by the leader only, [rows, universe)
     # by the follower only; ids are permuted so the id value does not tell which.
@@ -138,9 +138,11 @@ def wide_n_deep(rows: int, seed: int, side: str, features: int = 512, overlap: f
         latent = z[:, 1]
     srng = _rng("wnd-side", seed, rows, features, overlap, side)
     values = srng.integers(0, WND_MAX_VALUE + 1, (universe, features), dtype=np.int64)
-    informative = np.arange(0, features, 8)
-    noisy = 50.0 + 18.0 * latent[:, None] + srng.normal(0.0, 12.0, (universe, informative.size))
-    values[:, informative] = np.clip(np.rint(noisy), 0, WND_MAX_VALUE).astype(np.int64)
+    informative = np.arange(0, features, 4)
+    # Coarse levels (steps of 8 around 50): few distinct values per slot, so an embedding learns them from
+    # a couple of thousand rows; the noise keeps any single slot a weak predictor.
+    level = np.rint(2.5 * latent[:, None] + srng.normal(0.0, 1.0, (universe, informative.size)))
+    values[:, informative] = np.clip(50 + 8 * level, 0, WND_MAX_VALUE).astype(np.int64)
     order = held[srng.permutation(held.size)]
     fields = {"sparse": values[order]}
     if side == "leader":
