@@ -303,10 +303,15 @@ def verify_sim_quote(quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime 
         chain = x509.load_pem_x509_certificates(q.cert_data.rstrip(b"\0"))
     except ValueError as e:
         return _fail("bad-cert-data", f"unreadable certificate chain: {e}")
-    leaves = [c for c in chain if c != root]
-    if len(leaves) != 1:
-        return _fail("bad-cert-data", f"expected one PCK certificate in the chain, found {len(leaves)}")
-    pck = leaves[0]
+    # Exactly "PCK ‖ root ‖ NUL" in canonical PEM, as SimBackend writes it: nothing else rides along unsigned.
+    canonical = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain) + b"\0"
+    if len(chain) != 2 or chain[1] != root or q.cert_data != canonical:
+        return _fail(
+            "untrusted-root" if len(chain) == 2 and chain[1] != root else "bad-cert-data",
+            "the quote's certification data is not 'PCK certificate, this deployment's simulated root CA' "
+            "(another deployment's trust material, or a modified chain)",
+        )
+    pck = chain[0]
     try:
         pck.verify_directly_issued_by(root)
     except (InvalidSignature, ValueError, TypeError) as e:
