@@ -1,8 +1,8 @@
 """Fixtures for transport tests: identities, a verifier, policies and a pair of transports on loopback.
 
-``attest`` picks the trust layer: the trust helper's real sim backend (``fldsl.runtime.attestation``) when
-it is importable, otherwise test certificates judged by :class:`FakeVerifier` (an allow-list of
-"attested" certificate fingerprints), so the transport is testable on its own.
+Peers are attested with the trust layer's real sim backend (``fldsl.runtime.attestation``: a throw-away
+deployment from ``trust_init``). ``make_test_identity`` / ``FakeVerifier`` are plain self-signed
+certificates and an allow-list verifier, for the TLS-level tests that must not depend on the trust layer.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import hashlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
-from fldsl.artifacts import AttestationRequirement, Flow, PeerRef, Policy, TensorSpec
+from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pins, Policy, TensorSpec
 
 A = "media.trainer"
 B = "shop.trainer"
@@ -128,15 +130,54 @@ def make_addresses() -> Addresses:
 
 
 @dataclass
+class Trust:
+    """One deployment's trust material for A and B (real sim attestation from fldsl.runtime.attestation)."""
+
+    dir: Path
+    pins: Pins
+    mr: dict[str, bytes]
+
+    def identity(self, node: str, *, mr_enclave: bytes | None = None, debug: bool = False) -> Any:
+        from fldsl.runtime.attestation.ratls import make_identity
+        from fldsl.runtime.attestation.sim import SimDeployment
+
+        dep = SimDeployment.load(self.dir)
+        backend = dep.backend(mr_enclave=mr_enclave or self.mr[node], isv_prod_id=1, isv_svn=1, debug=debug)
+        return make_identity(backend, node_id=node, pins_digest=self.pins.digest())
+
+    def verifier(self) -> Any:
+        from fldsl.runtime.attestation.sim import SimDeployment
+        from fldsl.runtime.attestation.verify import PeerVerifier
+
+        dep = SimDeployment.load(self.dir)
+        return PeerVerifier(self.pins, AttestationRequirement(mode="sim"), sim_root_pem=dep.root_cert_pem,
+                            own_pins_digest=self.pins.digest())
+
+
+def make_trust(directory: Path) -> Trust:
+    from fldsl.runtime.attestation.sim import trust_init
+
+    trust_init(directory)
+    mr = {n: hashlib.sha256(f"code of {n}".encode()).digest() for n in (A, B)}
+    pins = Pins(pipeline="t", nodes={
+        n: Identity(mr_enclave=[m.hex()], isv_prod_id=1, isv_svn_min=1) for n, m in mr.items()})
+    return Trust(directory, pins, mr)
+
+
+@pytest.fixture(scope="session")
+def trust(tmp_path_factory: pytest.TempPathFactory) -> Trust:
+    return make_trust(tmp_path_factory.mktemp("trust"))
+
+
+@dataclass
 class Pair:
     a: Transport
     b: Transport
-    verifier: FakeVerifier
+    trust: Trust
     addresses: Addresses
-    ids: dict[str, TestIdentity]
 
 
-def make_transport(node: str, ident: TestIdentity, verifier: FakeVerifier, addresses: Addresses,
+def make_transport(node: str, ident: Any, verifier: Any, addresses: Addresses,
                    flows: list[Flow] | None = None, connect_timeout_s: float = 20.0,
                    max_message_bytes: int = 4 * 1024 * 1024) -> Transport:
     other = B if node == A else A
@@ -146,20 +187,21 @@ def make_transport(node: str, ident: TestIdentity, verifier: FakeVerifier, addre
         identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=connect_timeout_s)
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
-    """A (dialer, media.trainer) and B (acceptor, shop.trainer), attested and connected."""
-    verifier = FakeVerifier()
-    ids = {n: make_test_identity(n) for n in (A, B)}
-    for n, ident in ids.items():
-        verifier.attest(ident, n)
+def start_pair(trust: Trust, flows_a: list[Flow] | None = None, flows_b: list[Flow] | None = None) -> Pair:
     addresses = make_addresses()
-    a = make_transport(A, ids[A], verifier, addresses)
-    b = make_transport(B, ids[B], verifier, addresses)
+    a = make_transport(A, trust.identity(A), trust.verifier(), addresses, flows_a)
+    b = make_transport(B, trust.identity(B), trust.verifier(), addresses, flows_b)
     a.start()
     b.start()
+    return Pair(a, b, trust, addresses)
+
+
+@pytest.fixture
+def pair(trust: Trust) -> Iterator[Pair]:
+    """A (dialer, media.trainer) and B (acceptor, shop.trainer), sim-attested by the real trust layer."""
+    p = start_pair(trust)
     try:
-        yield Pair(a, b, verifier, addresses, ids)
+        yield p
     finally:
-        a.close()
-        b.close()
+        p.a.close()
+        p.b.close()

@@ -1,0 +1,164 @@
+"""Attestation at Hello, pinned mutual TLS: refusals name the field; copied certificates are useless."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from fldsl.runtime.attestation.verify import PeerRefused
+from fldsl.runtime.transport import PeerUnreachable, RemoteRefused, is_trust_failure
+from fldsl.runtime.transport import fldsl_pb2 as pb
+from fldsl.runtime.transport import fldsl_pb2_grpc as pb_grpc
+from fldsl.runtime.transport.server import EXCHANGE_METHOD
+
+from .conftest import A, B, Pair, Trust, make_addresses, make_test_identity, make_transport
+
+
+def _hello(target: str, cert_pem: bytes, node: str, expect: str) -> pb.HelloReply:
+    with grpc.insecure_channel(target) as ch:
+        return pb_grpc.BootstrapStub(ch).Hello(
+            pb.HelloRequest(cert_pem=cert_pem, node_id=node, expect_node=expect), timeout=10)
+
+
+def _exchange_with(target: str, root: bytes, key: bytes, chain: bytes, name: str = B) -> grpc.RpcError | None:
+    """Open Exchange with the given TLS material and wait for the first frame; the error if it fails."""
+    creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+    opts = [("grpc.ssl_target_name_override", name), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.secure_channel(target, creds, options=opts) as ch:
+        call = ch.stream_stream(EXCHANGE_METHOD)(iter([]), timeout=5)
+        try:
+            for _ in call:
+                return None
+        except grpc.RpcError as e:
+            return e
+    return None
+
+
+def _pair_with(trust: Trust, ident_a, ident_b, timeout: float = 10.0):
+    addresses = make_addresses()
+    a = make_transport(A, ident_a, trust.verifier(), addresses, connect_timeout_s=timeout)
+    b = make_transport(B, ident_b, trust.verifier(), addresses, connect_timeout_s=timeout)
+    b.start()
+    a.start()
+    return a, b
+
+
+def test_wrongly_attested_dialer_refused_at_hello_with_field(trust: Trust) -> None:
+    bad = trust.identity(A, mr_enclave=b"\x66" * 32)  # runs other code than was compiled for A
+    a, b = _pair_with(trust, bad, trust.identity(B))
+    try:
+        with pytest.raises(RemoteRefused) as err:
+            a.link(B, timeout=15)
+        msg = str(err.value)
+        assert err.value.field == "mr_enclave"
+        assert msg.startswith(f"refused by {B}:") and "mr_enclave" in msg
+        assert trust.mr[A].hex() in msg and "66" * 32 in msg
+        assert is_trust_failure(err.value)
+        with pytest.raises(PeerUnreachable):  # the acceptor never got a stream from it
+            b.link(A, timeout=0.5)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_non_attested_certificate_refused_at_hello(trust: Trust) -> None:
+    a, b = _pair_with(trust, make_test_identity(A), trust.identity(B))
+    try:
+        with pytest.raises(RemoteRefused) as err:
+            a.link(B, timeout=15)
+        assert err.value.field == "certificate" and f"refused by {B}" in str(err.value)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_dialer_refuses_wrongly_attested_acceptor(trust: Trust) -> None:
+    a, b = _pair_with(trust, trust.identity(A), trust.identity(B, debug=True))
+    try:
+        with pytest.raises(PeerRefused) as err:
+            a.link(B, timeout=15)
+        assert err.value.field == "debug" and is_trust_failure(err.value)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_hello_refuses_strangers_and_misdirected_dialers(pair: Pair) -> None:
+    target = pair.addresses[B].bootstrap_target()
+    stranger = _hello(target, pair.trust.identity(A).cert_pem, "evil.node", B)
+    assert not stranger.ok and "not a peer of shop.trainer" in stranger.reason and not stranger.cert_pem
+    misdirected = _hello(target, pair.trust.identity(A).cert_pem, A, "other.node")
+    assert not misdirected.ok and "this is shop.trainer, not other.node" in misdirected.reason
+    # B dials nobody; A dials B: B saying Hello to A is the wrong direction.
+    wrong_way = _hello(pair.addresses[A].bootstrap_target(), pair.trust.identity(B).cert_pem, B, A)
+    assert not wrong_way.ok and "not the other way round" in wrong_way.reason
+
+
+def test_copied_certificate_without_its_key_cannot_open_the_tls_stream(pair: Pair) -> None:
+    la = pair.a.link(B, timeout=15)
+    victim_cert = pair.trust.identity(A).cert_pem  # a genuine, attested certificate of A...
+    # ...which the attacker presents at Hello (certificates are public, so Hello accepts it)...
+    reply = _hello(pair.addresses[B].bootstrap_target(), victim_cert, A, B)
+    assert reply.ok
+    b_cert = reply.cert_pem
+    attacker = make_test_identity(A)  # ...but the attacker only has its own private key.
+    target = pair.addresses[B].secure_target()
+    err = _exchange_with(target, b_cert, attacker.key_pem, victim_cert)
+    assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
+    # Its own certificate (never verified at Hello) is not a client root either.
+    err = _exchange_with(target, b_cert, attacker.key_pem, attacker.cert_pem)
+    assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
+    # The genuine link is unaffected.
+    la.send("act", 0, np.ones((1, 16), np.float32))
+    assert pair.b.link(A).recv("act", 0, timeout=10).shape == (1, 16)
+    assert la.generation == 1
+
+
+def test_every_call_rechecks_the_client_certificate(pair: Pair, trust: Trust) -> None:
+    # B's own certificate is in B's client roots (so the list is never empty) but was never verified at
+    # Hello as a peer: a client holding B's key passes TLS and must still be refused by the per-call check.
+    pair.a.link(B, timeout=15)
+    ident_b = pair.b._identity  # the acceptor's own identity object
+    target = pair.addresses[B].secure_target()
+    err = _exchange_with(target, ident_b.cert_pem, ident_b.key_pem, ident_b.cert_pem)
+    assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not verified at Hello" in err.details()
+
+
+class _FakeBootstrap(pb_grpc.BootstrapServicer):
+    def __init__(self, cert_pem: bytes) -> None:
+        self.cert_pem = cert_pem
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        return pb.HelloReply(ok=True, cert_pem=self.cert_pem, node_id=B)
+
+
+def test_impostor_acceptor_with_copied_certificate_is_never_connected(trust: Trust) -> None:
+    """A process at B's address replays B's genuine certificate but has its own key: A never connects."""
+    from concurrent import futures
+
+    real_b = trust.identity(B)
+    impostor = make_test_identity(B)
+    addresses = make_addresses()
+    boot = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_BootstrapServicer_to_server(_FakeBootstrap(real_b.cert_pem), boot)
+    boot.add_insecure_port(addresses[B].bootstrap_target())
+    secure = grpc.server(futures.ThreadPoolExecutor(2))
+    secure.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fldsl.transport.v1.Peer", {
+        "Exchange": grpc.stream_stream_rpc_method_handler(lambda it, ctx: iter([b"\x0a\x02\x08\x01"]))}),))
+    # It cannot serve B's certificate without B's key (gRPC refuses the mismatched pair at start-up),
+    # so it serves its own key and a certificate naming B: the pinned root (B's real cert) rejects it.
+    secure.add_secure_port(addresses[B].secure_target(), grpc.ssl_server_credentials(
+        [(impostor.key_pem, impostor.cert_pem)]))
+    boot.start()
+    secure.start()
+    a = make_transport(A, trust.identity(A), trust.verifier(), addresses, connect_timeout_s=3)
+    a.start()
+    try:
+        with pytest.raises(PeerUnreachable) as err:
+            a.link(B, timeout=15)
+        assert "could not connect to shop.trainer" in str(err.value)
+    finally:
+        a.close()
+        boot.stop(0)
+        secure.stop(0)
