@@ -27,6 +27,7 @@ import tomllib
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from fldsl.compiler.manifest_check import LintContext
 from pydantic import BaseModel, ConfigDict, field_validator
 
 # Host folder the deployment puts this node's build folder in; the trusted uris of plan.json / policy.json
@@ -296,10 +297,8 @@ def render_node_manifest(inputs: ManifestInputs) -> RenderedManifest:
     return RenderedManifest(template=template, toml=render_local(template))
 
 
-def lint_context_for(inputs: ManifestInputs) -> Any:
+def lint_context_for(inputs: ManifestInputs) -> LintContext:
     """The production lint context matching what :func:`render_node_manifest` was asked to render."""
-    from fldsl.compiler.manifest_check import LintContext
-
     return LintContext(
         production=True,
         debug_allowed=inputs.debug,

@@ -16,6 +16,8 @@ from fldsl.compiler.manifest import (
     trusted_node_files,
 )
 from fldsl.compiler.manifest_check import LintContext, validate_manifest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fldsl.measurement import sim_mr_enclave
@@ -350,3 +352,40 @@ def test_toml_syntax_error_has_line_and_column():
 def test_directory_entry_counts_as_trusting_the_node_files():
     text = _edit(PLAN_LINE, '  "file:/fldsl/node/",\n')
     assert validate_manifest(text, LINT) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Robustness
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_local_rendering_ignores_this_process_sys_path(rendered, monkeypatch):
+    # pytest, IDEs and launchers prepend entries to sys.path; they must not change the measurement.
+    import sys
+
+    _, _template, toml = rendered
+    monkeypatch.setattr(sys, "path", ["/tmp/some-plugin-dir", *sys.path])
+    assert render_node_manifest(_inputs()).toml == toml
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_validator_only_returns_findings_on_mutated_manifests(data):
+    text = MINIMAL
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(text)))
+        op = data.draw(st.sampled_from(["delete", "insert", "replace-value"]))
+        if op == "delete":
+            text = text[:pos] + text[pos + data.draw(st.integers(1, 20)):]
+        elif op == "insert":
+            text = text[:pos] + data.draw(st.sampled_from(
+                ['"', "[", "]", "{", "}", "=", "\n", ",", "true", "1", "x.y = 2\n", "sgx = 3\n",
+                 "fs.mounts = 5\n", 'loader.env.A = { value = "a", passthrough = true }\n'])) + text[pos:]
+        else:
+            old = data.draw(st.sampled_from(['"8G"', "64", '"dcap"', '"/usr"', "true"]))
+            new = data.draw(st.sampled_from(["[]", "{}", "-1", '""', "1.5", "[1, [2]]", "false"]))
+            text = text.replace(old, new, 1)
+    findings = validate_manifest(text, LINT)
+    assert isinstance(findings, list)
+    for f in findings:
+        assert f.code and f.message and f.severity in ("error", "warning")
