@@ -1,0 +1,1 @@
+"""Jinja templates shipped as package data (a package so setuptools includes the *.j2 files)."""
