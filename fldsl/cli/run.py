@@ -99,11 +99,12 @@ def print_summary(console: Any, result: Any) -> None:
         table.add_column(col)
     for nid, n in doc["nodes"].items():
         metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in sorted((n["metrics"] or {}).items()))
+                            for k, v in sorted((n["metrics"] or {}).items()) if k != "epoch")
         status = "ok" if n["exit_code"] == 0 else f"[red]exit {n['exit_code']}"
         sent = sum((n["bytes_sent"] or {}).values())
-        models = ", ".join(str(Path(p).relative_to(result.run_dir)) if Path(p).is_relative_to(result.run_dir)
-                           else p for p in (n["exports"] or {}).values())
+        root = Path(result.run_dir).resolve()
+        models = ", ".join(str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p
+                           for p in (n["exports"] or {}).values())
         table.add_row(nid, n["role"], status, str(n["steps"]), metrics or "-",
                       f"{n['examples_per_s']:,.0f}" if n["examples_per_s"] else "-",
                       _fmt_bytes(sent) if sent else "-", models or "-")
