@@ -389,3 +389,10 @@ def test_validator_only_returns_findings_on_mutated_manifests(data):
     assert isinstance(findings, list)
     for f in findings:
         assert f.code and f.message and f.severity in ("error", "warning")
+
+
+def test_runtime_reads_the_same_hashes_as_the_renderer_wrote(rendered):
+    # The runtime re-implements the reading (it never imports the compiler); both must agree.
+    node = pytest.importorskip("fldsl.runtime.node", reason="the runtime node module is not in this checkout")
+    _, _template, toml = rendered
+    assert node.listed_hashes(toml, __import__("pathlib").Path("m.toml")) == trusted_node_files(toml)
