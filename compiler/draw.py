@@ -284,7 +284,9 @@ def _mq(text: str) -> str:
 
 
 def to_mermaid(scene: Scene) -> str:
-    lines = ["---", f"title: {_title(scene)}", "---", "flowchart LR"]
+    # Front matter is YAML: the title is quoted (it contains ": " when there are violations).
+    title = _title(scene).replace("\\", "\\\\").replace('"', '\\"')
+    lines = ["---", f'title: "{title}"', "---", "flowchart LR"]
     ids: dict[str, str] = {}
     enclave_ids: dict[str, str] = {}
     for pi, (party, encl) in enumerate(scene.parties.items()):
@@ -298,9 +300,9 @@ def to_mermaid(scene: Scene) -> str:
                 ids[t.id] = tid
                 lines.append(f"      {tid}[{_mq(t.label)}]")
             lines.append("    end")
-            lines.append(f"    class {sid} enclave")
+            lines.append(f"    style {sid} fill:#eef3fb,stroke:#3a6ea5")
         lines.append("  end")
-        lines.append(f"  class P{pi} party")
+        lines.append(f"  style P{pi} fill:#fafafa,stroke:#555,stroke-dasharray:5 5")
     red: list[int] = []
     blue: list[int] = []
     n = 0
@@ -315,8 +317,6 @@ def to_mermaid(scene: Scene) -> str:
                      f"{enclave_ids[x.dst]}")
         red.append(n)
         n += 1
-    lines.append("  classDef party fill:#fafafa,stroke:#555,stroke-dasharray:5 5")
-    lines.append("  classDef enclave fill:#eef3fb,stroke:#3a6ea5")
     if blue:
         lines.append(f"  linkStyle {','.join(map(str, blue))} stroke:#1f4e9c,stroke-width:2px")
     if red:

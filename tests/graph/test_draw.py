@@ -83,6 +83,7 @@ def test_dot_is_deterministic_whatever_the_insertion_order(graph):
 def test_mermaid_has_subgraphs_flow_labels_and_red_link_styles(graph):
     mm = to_mermaid(_scene(graph, [LABEL_LEAK]))
     assert "flowchart LR" in mm
+    assert mm.startswith('---\ntitle: "pipeline vertical_demo: 1 flow violation (red)"\n---\n')
     assert 'subgraph P0["party media"]' in mm
     assert 'subgraph P0N0["enclave media.trainer<br/>mr 0a1b2c3d4e5f (sim)"]' in mm
     assert '-- "act1<br/>float32[B,64]<br/>allow media -#gt; shop: act1" -->' in mm

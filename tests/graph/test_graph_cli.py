@@ -54,7 +54,7 @@ def test_pipeline_json_and_build_dir_give_identical_output(build_dir):
     a = _run(str(build_dir), "--format", "mermaid")
     b = _run(str(build_dir / "pipeline.json"), "--format", "mermaid")
     assert a.exit_code == b.exit_code == 0
-    assert a.stdout == b.stdout and a.stdout.startswith("---\ntitle: pipeline vertical_demo")
+    assert a.stdout == b.stdout and a.stdout.startswith('---\ntitle: "pipeline vertical_demo"')
 
 
 def test_format_from_output_suffix(build_dir, tmp_path, monkeypatch):
