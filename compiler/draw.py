@@ -141,7 +141,8 @@ def build_scene(
 
     task_node: dict[str, str] = {}
     for tid in sorted(graph.nodes, key=lambda t: order[str(t)]):
-        attrs = dict(graph.nodes[tid])
+        # Unknown attributes (tools may decorate the graph) are ignored rather than refused.
+        attrs = {k: v for k, v in graph.nodes[tid].items() if k in GraphNode.model_fields}
         attrs.setdefault("id", str(tid))
         attrs.setdefault("node", "?")
         attrs.setdefault("party", _party_of(attrs["node"]))
@@ -159,7 +160,11 @@ def build_scene(
     pending = sorted(violations, key=lambda v: (v.src, v.dst, v.tensor, v.message))
     edges: list[SceneEdge] = []
     for u, v in sorted(graph.edges, key=lambda e: (order[str(e[0])], order[str(e[1])])):
-        data = GraphEdge.model_validate({"src": str(u), "dst": str(v), **graph.edges[u, v]})
+        known = {k: x for k, x in graph.edges[u, v].items() if k in GraphEdge.model_fields}
+        try:
+            data = GraphEdge.model_validate({**known, "src": str(u), "dst": str(v)})
+        except ValueError as e:
+            raise DrawError(f"edge {u!r} -> {v!r} of the graph has malformed attributes: {e}") from e
         flow = flows_by_id.get(data.flow) if data.flow else None
         crossing = task_node.get(data.src) != task_node.get(data.dst)
         edge = SceneEdge(
@@ -236,6 +241,8 @@ def to_dot(scene: Scene) -> str:
                          'color="#3a6ea5"; fontcolor="#222222"; fontsize=10;')
             if e.id in anchors:
                 lines.append(f'      {_q("enclave:" + e.id)} [shape=point, style=invis, width=0.01];')
+            if not e.tasks and e.id not in anchors:  # Graphviz does not draw an empty cluster
+                lines.append(f'      {_q("enclave:" + e.id)} [label="(no tasks)", shape=plaintext];')
             for t in e.tasks:
                 shape = _SHAPES.get(t.kind, "box")
                 lines.append(f"      {_q(t.id)} [label={_q(t.label)}, shape={shape}];")

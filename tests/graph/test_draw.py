@@ -158,3 +158,18 @@ def test_cyclic_graph_still_draws():
     g.add_edge("a.x/forward:1", "a.x/forward:2")
     g.add_edge("a.x/forward:2", "a.x/forward:1")
     assert to_dot(build_scene(g)).count("->") == 2
+
+
+def test_extra_attributes_are_ignored_and_enclaves_without_tasks_are_shown(graph):
+    graph.nodes["media.trainer/read:impressions"]["color"] = "green"
+    graph.edges["media.trainer/read:impressions", "media.trainer/forward:act1"]["weight"] = 3
+    scene = build_scene(graph, FLOWS, {**MEASUREMENTS, "hub.ps": "ab" * 32}, title="t")
+    dot = to_dot(scene)
+    assert '"enclave:hub.ps" [label="(no tasks)"' in dot and 'label="party hub"' in dot
+    assert "color=green" not in dot.replace(" ", "")
+
+
+def test_malformed_edge_attributes_are_a_draw_error(graph):
+    graph.edges["media.trainer/read:impressions", "media.trainer/forward:act1"]["spec"] = {"shape": "x"}
+    with pytest.raises(draw.DrawError, match="malformed attributes"):
+        build_scene(graph)
