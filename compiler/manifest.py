@@ -297,6 +297,20 @@ def render_node_manifest(inputs: ManifestInputs) -> RenderedManifest:
     return RenderedManifest(template=template, toml=render_local(template))
 
 
+def gramine_manifest_command(
+    template: str, output: str, entrypoint: str, arch_libdir: str = "/lib/x86_64-linux-gnu"
+) -> list[str]:
+    """The ``gramine-manifest`` call that renders a node's template on the deployment host: the template
+    needs exactly the ``entrypoint`` (the venv's python3, where fldsl is installed) and ``arch_libdir``
+    defines (no trailing slash)."""
+    if not entrypoint.startswith("/"):
+        raise ManifestError(f"the entrypoint must be an absolute path, got {entrypoint!r}")
+    if not arch_libdir.startswith("/") or arch_libdir.endswith("/"):
+        raise ManifestError(f"arch_libdir must be absolute without a trailing /, got {arch_libdir!r}")
+    defines = [f"-Dentrypoint={entrypoint}", f"-Darch_libdir={arch_libdir}"]
+    return ["gramine-manifest", *defines, template, output]
+
+
 def lint_context_for(inputs: ManifestInputs) -> LintContext:
     """The production lint context matching what :func:`render_node_manifest` was asked to render."""
     return LintContext(

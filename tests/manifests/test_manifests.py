@@ -396,3 +396,18 @@ def test_runtime_reads_the_same_hashes_as_the_renderer_wrote(rendered):
     node = pytest.importorskip("fldsl.runtime.node", reason="the runtime node module is not in this checkout")
     _, _template, toml = rendered
     assert node.listed_hashes(toml, __import__("pathlib").Path("m.toml")) == trusted_node_files(toml)
+
+
+def test_gramine_manifest_command_supplies_every_template_variable(rendered):
+    import jinja2
+    from fldsl.compiler.manifest import gramine_manifest_command
+    from jinja2 import meta
+
+    _, template, _toml = rendered
+    cmd = gramine_manifest_command("n.manifest.template", "n.manifest", "/venv/bin/python3")
+    defines = {a[2:].split("=", 1)[0] for a in cmd if a.startswith("-D")}
+    # Every free variable of the template is a gramine-manifest global or one of our -D defines.
+    free = meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    assert free == defines | {"gramine", "python"}
+    with pytest.raises(ManifestError):
+        gramine_manifest_command("t", "o", "python3")
