@@ -73,7 +73,18 @@ class RoleContext:
         return [f for f in self.policy.flows if f.dst == self.node and f.kind == kind]
 
     def control_flow(self, src: str, dst: str) -> str:
+        """The protocol channel between two nodes (the compiler emits ``control`` flows both ways)."""
+        for f in self.policy.flows:
+            if f.src == src and f.dst == dst and f.kind == "control" and f.tensor == "control":
+                return f.id
         return self.flow(src, dst, ("control",)).id
+
+    def holdout_flow(self, src: str, dst: str) -> Flow:
+        """The flow sized for the train/holdout positions (``holdout``), else the control flow."""
+        for f in self.policy.flows:
+            if f.src == src and f.dst == dst and f.kind == "control" and f.tensor == "holdout":
+                return f
+        return self.flow(src, dst, ("control",))
 
     # -- control messages (small JSON documents over the peer's control flow) -------------------------------
 

@@ -26,6 +26,8 @@ from fldsl.runtime.roles.common import (
     unpack_arrays,
 )
 
+from fldsl.artifacts import TensorSpec
+
 
 def run(ctx: RoleContext) -> dict[str, Any]:
     if ctx.plan.role == "distributed.chief":
@@ -85,7 +87,9 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
     if not tables:  # the worker's plan may name the chief's data sets only through the model inputs
         names = sorted({k.split("/", 1)[0] for k in bundle})
         tables = {n: _table_from(bundle, n, sh.chief) for n in names}
-    return horizontal.worker(ctx, tables)
+    specs = {f"{name}.{fld}": TensorSpec(shape=[None, *arr.shape[1:]], dtype=str(arr.dtype))
+             for name, t in tables.items() for fld, arr in t.fields.items()}
+    return horizontal.worker(ctx, tables, specs)
 
 
 def _table_from(bundle: dict[str, np.ndarray], name: str, chief: str) -> Any:

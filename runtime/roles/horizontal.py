@@ -169,8 +169,10 @@ def _split_tables(plan: Plan, tables: dict[str, Any]) -> tuple[str, Any, Any | N
     return train_ds, tables[train_ds], tables.get(test_name) if test_name else None
 
 
-def worker(ctx: RoleContext, tables: dict[str, Any],
+def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec] | None = None,
            after_setup: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train as a worker on ``tables``; ``specs`` (distributed: derived from the received shard) overrides
+    the input specs of the plan's data sets."""
     import tensorflow as tf
     from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
 
@@ -197,7 +199,10 @@ def worker(ctx: RoleContext, tables: dict[str, Any],
         train_rows = np.array([pos[str(i)] for i in tr], dtype=np.int64)
         hold_rows = np.array([pos[str(i)] for i in ho], dtype=np.int64)
 
-    specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}
+    if specs is None:
+        specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}
+    refs = {r for op in plan.model for r in op.inputs if r.startswith(f"{train_ds}.")}
+    specs = {k: v for k, v in specs.items() if k in refs}
     ctx.send_json(srv, CTRL_INFO, {"rows": len(train_rows),
                                    "specs": {k: v.model_dump(mode="json") for k, v in sorted(specs.items())}})
     sched = ctx.recv_json(srv, CTRL_SCHEDULE)

@@ -136,7 +136,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
             where = {i: k for k, i in enumerate(pairwise[p])}
             in_pair = np.array([where[i] for i in final], dtype=np.int64)
             bundle = pack_arrays({"train": in_pair[train_pos], "holdout": in_pair[hold_pos]})
-            send_chunked(ctx, p, ctx.flow(plan.node, p, ("control",)), CTRL_ALIGN, bundle)
+            send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), CTRL_ALIGN, bundle)
         train_rows, hold_rows = rows[train_pos], rows[hold_pos]
         ctx.progress.emit("aligned", rows=len(final), train=len(train_rows), holdout=len(hold_rows))
 
@@ -266,8 +266,8 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
         ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
         ids = [str(i) for i in table.ids.tolist()]
         pair = _align_peer(ctx, active, ids, leader=False)
-        bundle = unpack_arrays(recv_chunked(ctx, active, ctx.flow(active, plan.node, ("control",)),
-                                            CTRL_ALIGN), active)
+        bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, plan.node), CTRL_ALIGN),
+                               active)
         row_of = {str(i): r for r, i in enumerate(table.ids.tolist())}
         pair_rows = np.array([row_of[i] for i in pair], dtype=np.int64)
         try:
