@@ -1,0 +1,120 @@
+"""The public Python API of the compiler: check, compile, the task graph, and load-or-compile.
+
+Every expected failure raises :class:`fldsl.diagnostics.FldslError` carrying diagnostics (rendered by the
+CLI with file:line:col, the source line and a caret).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import networkx as nx
+
+from fldsl.compiler.emit import CompileResult, EmitError
+from fldsl.compiler.ir import Program
+from fldsl.diagnostics import Diagnostic, FldslError
+
+__all__ = [
+    "CompileResult",
+    "Program",
+    "check",
+    "check_source",
+    "compile_pipeline",
+    "load_or_compile",
+    "task_graph",
+]
+
+
+def _read_source(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FldslError([Diagnostic("error", "file not found", str(path))]) from None
+    except IsADirectoryError:
+        raise FldslError([Diagnostic("error", "is a directory, not a .flp file", str(path))]) from None
+    except UnicodeDecodeError as e:
+        raise FldslError(
+            [Diagnostic("error", f"not UTF-8 text ({e.reason} at byte {e.start})", str(path))]
+        ) from None
+    except OSError as e:
+        raise FldslError([Diagnostic("error", f"cannot read: {e.strerror}", str(path))]) from None
+
+
+def check_source(
+    source: str, file: str = "<input>", params: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Program:
+    """Parse and check ``source``; relative data paths resolve against ``base_dir`` (then the cwd)."""
+    from fldsl.compiler.check import Checker
+    from fldsl.compiler.parse import parse
+
+    module = parse(source, file)
+    return Checker(module, source, file, base_dir or Path.cwd(), dict(params or {})).run()
+
+
+def check(path: str | Path, params: Mapping[str, str] | None = None) -> Program:
+    """Check a ``.flp`` file (``params``: ``--set`` overrides as strings)."""
+    path = Path(path)
+    return check_source(_read_source(path), str(path), params, path.resolve().parent)
+
+
+def compile_pipeline(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    params: Mapping[str, str] | None = None,
+    target: str | None = None,
+) -> CompileResult:
+    """Check and emit ``build/<pipeline>/`` (or ``out_dir``).
+
+    ``target`` (kubernetes/compose deployment files) is not built yet: giving one is an input error."""
+    from fldsl.compiler.emit import emit
+
+    path = Path(path)
+    source = _read_source(path)
+    program = check_source(source, str(path), params, path.resolve().parent)
+    if target is not None:
+        raise FldslError(
+            [
+                Diagnostic(
+                    "error",
+                    f"--target {target}: deployment files are not available in this "
+                    "build (compile without --target and use `fldsl run`)",
+                    str(path),
+                )
+            ]
+        )
+    out = Path(out_dir) if out_dir is not None else Path("build") / program.pipeline
+    try:
+        return emit(program, source, out, str(path))
+    except EmitError as e:
+        raise FldslError([Diagnostic("error", str(e), str(path))]) from None
+    except OSError as e:
+        raise FldslError(
+            [Diagnostic("error", f"cannot write the build directory {out}: {e}", str(path))]
+        ) from None
+
+
+def task_graph(program: Program) -> nx.DiGraph:
+    from fldsl.compiler.lower import task_graph as _tg
+
+    return _tg(program)
+
+
+def load_or_compile(path_or_build_dir: str | Path, params: Mapping[str, str] | None = None) -> Path:
+    """A build directory as is; a ``.flp`` compiled to ``build/<pipeline>/`` first."""
+    p = Path(path_or_build_dir)
+    if p.is_dir():
+        if not (p / "pipeline.json").is_file():
+            raise FldslError(
+                [
+                    Diagnostic(
+                        "error",
+                        "not a build directory (no pipeline.json); pass a .flp file or run `fldsl compile`",
+                        str(p),
+                    )
+                ]
+            )
+        if params:
+            raise FldslError([Diagnostic("error", "--set only applies when compiling a .flp file", str(p))])
+        return p
+    return compile_pipeline(p, params=params).build_dir

@@ -1,0 +1,72 @@
+"""``fldsl compile FILE [-o DIR] [--set k=v] [--sign KEY] [--target ...]``: emit the build directory."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+from fldsl.cli import EXIT_ENV, EXIT_INPUT
+from fldsl.cli.check import parse_sets, print_diagnostics, print_warnings
+from fldsl.diagnostics import FldslError
+
+
+@click.command("compile")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Build directory (default: build/<pipeline>).",
+)
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a pipeline parameter.")
+@click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Sign every node with this RSA-3072 key and pin the real MRENCLAVE/MRSIGNER.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["kubernetes", "compose"]),
+    default=None,
+    help="Also write deployment files (not available in this build).",
+)
+def command(
+    file: str, out_dir: str | None, sets: tuple[str, ...], sign_key: str | None, target: str | None
+) -> None:
+    """Compile a .flp pipeline into per-node plans, policies, pins and Gramine manifests."""
+    from fldsl.api import compile_pipeline
+
+    try:
+        result = compile_pipeline(file, out_dir, parse_sets(sets), target)
+    except FldslError as e:
+        print_diagnostics(e)
+        sys.exit(EXIT_INPUT)
+    print_warnings(result.warnings, {file: Path(file).read_text(encoding="utf-8")})
+    if sign_key is not None:
+        try:
+            sign = importlib.import_module("fldsl.compiler.sign")
+        except ModuleNotFoundError:
+            click.echo("error: --sign is not available in this build", err=True)
+            sys.exit(EXIT_ENV)
+        try:
+            sign.sign_build(result.build_dir, Path(sign_key))
+        except sign.GramineMissing as e:
+            click.echo(f"error: --sign: {e}", err=True)
+            sys.exit(EXIT_ENV)
+        except sign.SignError as e:
+            click.echo(f"error: --sign: {e}", err=True)
+            sys.exit(EXIT_INPUT)
+    nodes = sorted({f.split("/")[1] for f in result.files if f.startswith("nodes/")})
+    click.echo(f"compiled {result.build_dir}  digest {result.digest}")
+    click.echo(f"  pipeline.json  ({len(result.files)} files)")
+    for n in nodes:
+        click.echo(f"  nodes/{n}/  plan.json policy.json pins.json manifest (.template, .toml)")
+    if sign_key is not None:
+        click.echo(f"  signed with {sign_key}: pins hold the real MRENCLAVE/MRSIGNER")
