@@ -142,7 +142,8 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
             bad = np.flatnonzero(y != np.round(y))
             if bad.size:
                 i = int(bad[0])
-                raise DataError(f"label `{label_column}` must be a whole number (a class), got {raw[i]!r}",
+                cell = str(raw[i])
+                raise DataError(f"label `{label_column}` must be a whole number (a class), got {cell!r}",
                                 name, line_no[i])
             fields["label"] = y.astype(np.int64 if label_dtype != "int32" else np.int32)
         else:
@@ -163,11 +164,12 @@ def _numbers(block: np.ndarray, columns: list[str], name: str, line_no: list[int
         if bad.size == 0:
             return values
         i, j = (int(x) for x in bad[0])
-        raise DataError(f"column `{columns[j]}`: {block[i, j]!r} is not a finite number", name, line_no[i])
+        cell = str(block[i, j])
+        raise DataError(f"column `{columns[j]}`: {cell!r} is not a finite number", name, line_no[i])
     # Slow path only on error: find the first cell float() rejects, in file order.
     for i in range(block.shape[0]):
         for j in range(block.shape[1]):
-            cell = block[i, j]
+            cell = str(block[i, j])
             try:
                 float(cell)
             except ValueError:
