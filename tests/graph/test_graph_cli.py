@@ -110,3 +110,47 @@ def test_flp_pipeline_draws_with_measurements():
     assert r.exit_code == 0, r.output
     assert "party media" in r.stdout and "party shop" in r.stdout
     assert "(sim)" in r.stdout and "act1" in r.stdout
+
+
+@needs_compiler
+def test_invalid_pipeline_prints_diagnostics_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.flp"
+    bad.write_text("pipeline oops {\n  party media {\n")
+    r = _run(str(bad))
+    assert r.exit_code == 2
+    assert "bad.flp:" in r.stderr and "error" in r.stderr and "Traceback" not in r.output
+    assert r.stdout == ""
+
+
+@needs_compiler
+def test_partial_program_with_violations_is_drawn_in_red(tmp_path, monkeypatch):
+    # When the compiler's error carries the partial program and the refused flows, they are drawn.
+    from fldsl.compiler import draw
+
+    from fldsl import api
+    from fldsl.diagnostics import Diagnostic, FldslError
+
+    class Partial:
+        name = "leaky"
+        flows = FLOWS
+
+    msg = "shop.conversions.label -> media (no allow rule)"
+    err = FldslError([Diagnostic("error", msg, "leaky.flp", 9, 3)])
+    err.program = Partial()  # type: ignore[attr-defined]
+    leak = {"src": "shop.trainer", "dst": "media.trainer", "tensor": "labels", "message": msg}
+    err.violations = [leak]  # type: ignore[attr-defined]
+
+    def fail(*_a, **_k):
+        raise err
+
+    monkeypatch.setattr(api, "compile_pipeline", fail)
+    monkeypatch.setattr(api, "task_graph", lambda program: build_graph())
+    src = tmp_path / "leaky.flp"
+    src.write_text("# drawn from the partial program\n")
+    out = tmp_path / "leaky.dot"
+    r = _run(str(src), "-o", str(out))
+    assert r.exit_code == 2
+    assert "leaky.flp:9:3: error: shop.conversions.label -> media" in r.stderr
+    assert "1 violation(s) in red" in r.stderr
+    dot = out.read_text()
+    assert '"enclave:shop.trainer" -> "enclave:media.trainer"' in dot and draw.RED in dot
