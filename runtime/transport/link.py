@@ -471,7 +471,10 @@ class PeerLink:
         if c.kind == pb.Control.READY:
             if not stream.ready.is_set():
                 stream.ready.set()
-                self.attach(stream)
+                try:
+                    self.attach(stream)
+                except TransportError:  # we are closing: drop the late stream
+                    stream.cancel()
             return
         if c.kind == pb.Control.CLOSE:
             with self._cv:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -32,10 +31,6 @@ from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
 log = logging.getLogger("fldsl.transport.server")
 
 EXCHANGE_METHOD = "/fldsl.transport.v1.Peer/Exchange"
-# Certificates kept per peer node: a restarted peer has a fresh one; a few old ones may still be
-# finishing handshakes. Only the holder of a certificate's private key can use it, so keeping old
-# ones does not widen access.
-_CERTS_PER_NODE = 4
 
 
 def cert_fingerprint(pem_or_der: bytes) -> str:
@@ -47,26 +42,30 @@ def cert_fingerprint(pem_or_der: bytes) -> str:
 
 
 class CertRegistry:
-    """Verified peer certificates: client roots of the secure port and the caller map of every RPC."""
+    """Verified peer certificates: client roots of the secure port and the caller map of every RPC.
+
+    Exactly ONE certificate per peer node: the last one verified at Hello (a restarted peer brings a fresh
+    one). Why not keep a few: every certificate of a node has the same subject (CN = node id) and no
+    authority key identifier, and BoringSSL picks the trust anchor by subject name, so with two
+    certificates of one node in the roots the handshake of the newer one fails ("self signed
+    certificate"). Replaying an old, still valid certificate at Hello can therefore evict the current
+    one; it gives no access (the replayer lacks the key), established streams are unaffected, and the
+    real peer re-runs Hello before every reconnection, which puts its certificate back.
+    """
 
     def __init__(self, identity: LocalIdentityLike) -> None:
         self._identity = identity
         self._lock = threading.Lock()
-        self._by_node: dict[str, OrderedDict[str, bytes]] = {}
-        self._node_of: dict[str, str] = {}
+        self._by_node: dict[str, tuple[str, bytes]] = {}  # node -> (fingerprint, PEM)
         self._version = 0
         self._served = -1
 
     def add(self, node_id: str, cert_pem: bytes) -> None:
         fp = cert_fingerprint(cert_pem)
         with self._lock:
-            certs = self._by_node.setdefault(node_id, OrderedDict())
-            certs.pop(fp, None)
-            certs[fp] = cert_pem
-            self._node_of[fp] = node_id
-            while len(certs) > _CERTS_PER_NODE:
-                old, _ = certs.popitem(last=False)
-                self._node_of.pop(old, None)
+            if self._by_node.get(node_id, ("", b""))[0] == fp:
+                return
+            self._by_node[node_id] = (fp, cert_pem)
             self._version += 1
 
     def node_of(self, cert_pem: bytes) -> str | None:
@@ -75,11 +74,11 @@ class CertRegistry:
         except ValueError:
             return None
         with self._lock:
-            return self._node_of.get(fp)
+            return next((node for node, (f, _) in self._by_node.items() if f == fp), None)
 
     def roots(self) -> bytes:
         with self._lock:
-            peers = [c for certs in self._by_node.values() for c in certs.values()]
+            peers = [pem for _, pem in self._by_node.values()]
         return b"".join(_pem_line_end(c) for c in [self._identity.cert_pem, *peers])
 
     def initial_config(self) -> Any:
