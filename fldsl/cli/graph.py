@@ -2,8 +2,10 @@
 
 FILE is a ``.flp`` pipeline (compiled into a temporary folder so the drawing shows real measurements), a
 build directory or its ``pipeline.json``. An invalid pipeline is still drawn when the compiler's error
-carries the partial program (``FldslError.program``) and the refused flows (``FldslError.violations``);
-those flows are red. The diagnostics go to stderr and the exit code stays 2 so scripts notice.
+carries the partial program (``FldslError.program``) and the refused flows (``FldslError.violations``:
+objects or dicts with src, dst, tensor, message); those flows are red. A pipeline that checks but fails
+later (e.g. manifest lint) is drawn without measurements. Either way the diagnostics go to stderr and the
+exit status is 2 so scripts notice.
 """
 
 from __future__ import annotations
@@ -75,11 +77,16 @@ def _scene_from_source(path: Path, params: dict[str, str]) -> tuple[Any, Excepti
         except FldslError as e:
             program = getattr(e, "program", None)
             if program is None:
-                return None, e
+                # The pipeline may check and only fail later (emit, manifest lint): draw the checked graph
+                # without measurements.
+                try:
+                    program = api.check(path, params)
+                except FldslError:
+                    return None, e
             graph = api.task_graph(program)
+            name = getattr(program, "pipeline", None) or getattr(program, "name", None) or path.stem
             scene = build_scene(graph, getattr(program, "flows", None) or (),
-                                violations=_violations(getattr(e, "violations", None)),
-                                title=str(getattr(program, "name", None) or path.stem))
+                                violations=_violations(getattr(e, "violations", None)), title=str(name))
             return scene, e
         return _scene_from_build(Path(result.build_dir)), None
 

@@ -154,3 +154,19 @@ def test_partial_program_with_violations_is_drawn_in_red(tmp_path, monkeypatch):
     assert "1 violation(s) in red" in r.stderr
     dot = out.read_text()
     assert '"enclave:shop.trainer" -> "enclave:media.trainer"' in dot and draw.RED in dot
+
+
+@needs_compiler
+def test_pipeline_failing_after_check_is_drawn_without_measurements(monkeypatch):
+    from fldsl import api
+    from fldsl.diagnostics import Diagnostic, FldslError
+
+    def fail(path, *_a, **_k):
+        msg = "manifest of node `media.trainer`: ... [enclave-size]"
+        raise FldslError([Diagnostic("error", msg, str(path))])
+
+    monkeypatch.setattr(api, "compile_pipeline", fail)
+    r = _run(str(REPO / "pipelines" / "vertical_wide_deep.flp"), "--format", "dot")
+    assert r.exit_code == 2 and "[enclave-size]" in r.stderr
+    assert 'label="party media"' in r.stdout and "allow media -> shop: act1" in r.stdout
+    assert "(sim)" not in r.stdout  # no measurements: the build was not emitted
