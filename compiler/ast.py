@@ -76,7 +76,17 @@ class Schedule:
     span: Span
 
 
-Expr = Call | Ref | Literal_ | ListExpr
+@dataclass
+class BinOp:
+    """Integer / float arithmetic on parameters: ``i - 1``, ``rows * 2``."""
+
+    op: str  # "+", "-", "*"
+    left: Expr
+    right: Expr
+    span: Span
+
+
+Expr = Call | Ref | Literal_ | ListExpr | BinOp
 
 
 @dataclass

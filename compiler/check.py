@@ -394,7 +394,7 @@ class Checker:
         name = dd.name.value
         if rname == "csv":
             return self._csv(dd, party, args, env, span)
-        for k in ("rows", "parts"):
+        for k in ("rows", "parts", "buckets"):
             if k in args and args[k] <= 0:
                 self.error(call.span, f"`{k}` of `{rname}(...)` must be positive, got {args[k]}")
                 return None
@@ -413,7 +413,8 @@ class Checker:
             label_column="label" if "label" in fields else None,
             fields=fields,
         )
-        return IRDataset(party=party, spec=spec, rows=args["rows"], span=span)
+        rows = -(-args["rows"] // args["parts"]) if rname == "criteo" else args["rows"]
+        return IRDataset(party=party, spec=spec, rows=rows, span=span)
 
     def _csv(
         self, dd: ast.DataDecl, party: str, args: dict[str, Any], env: Env, span: str

@@ -76,8 +76,8 @@ class _Tasks:
     def send(self, f: Flow, inputs: list[str]) -> None:
         self.add("send", self._name(f, f.dst), inputs, [], flow=f.id, to=f.dst)
 
-    def recv(self, f: Flow, outputs: list[str]) -> None:
-        self.add("recv", self._name(f, f.src), [], outputs, flow=f.id, **{"from": f.src})
+    def recv(self, f: Flow, outputs: list[str], **params: Any) -> None:
+        self.add("recv", self._name(f, f.src), [], outputs, flow=f.id, **{"from": f.src}, **params)
 
 
 def _flows(
@@ -173,7 +173,9 @@ def _worker(t: _Tasks, p: Program, n: IRNode) -> None:
     assert agg is not None
     if n.role == "distributed.worker":
         for f in _flows(p, dst=n.id, tensor="shard"):
-            t.recv(f, sorted(n.input_specs))
+            # The shard carries the chief's data set fields; the worker has no DataSpec of its own.
+            fields = {k: v.model_dump(mode="json") for k, v in n.input_specs.items()}
+            t.recv(f, sorted(n.input_specs), fields=fields)
     else:
         _read(t, p, n)
     _forward(t, p, n)

@@ -94,6 +94,9 @@ class _ToAst(Transformer[Token, ast.Module]):
     def list(self, meta: Any, c: list[Any]) -> ast.ListExpr:
         return ast.ListExpr([x for x in c if x is not None], _span_meta(meta))
 
+    def binop(self, meta: Any, c: list[Any]) -> ast.BinOp:
+        return ast.BinOp(str(c[1]), c[0], c[2], _span_meta(meta))
+
     def kwarg(self, meta: Any, c: list[Any]) -> ast.Arg:
         return ast.Arg(_name(c[0]), c[1], _span_meta(meta))
 

@@ -52,6 +52,8 @@ def describe(expr: Any) -> str:
             return f"a call of `{expr.func.value}`"
         case ast.Ref():
             return f"`{expr.text}`"
+        case ast.BinOp():
+            return "an arithmetic expression"
     return "a value"
 
 
@@ -112,6 +114,18 @@ def evaluate(
         return BAD if any(v is BAD for v in vals) else vals
 
     value: Any
+    if isinstance(expr, ast.BinOp):
+        if ptype not in ("int", "float"):
+            return bad(_expected(ptype))
+        left = evaluate(expr.left, ptype, env, what, report)
+        right = evaluate(expr.right, ptype, env, what, report)
+        if left is BAD or right is BAD:
+            return BAD
+        result = {"+": left + right, "-": left - right, "*": left * right}[expr.op]
+        if abs(result) > 10**15:
+            report(span, f"{what} is out of range ({result})", None)
+            return BAD
+        return result
     if isinstance(expr, ast.Ref):
         found, value = _param_ref(expr, env)
         if not found:

@@ -359,7 +359,13 @@ READERS: dict[str, ReaderSignature] = {
     ),
     "criteo": ReaderSignature(
         "criteo",
-        (Param("rows", "int"), Param("seed", "int", 0), Param("part", "int", 0), Param("parts", "int", 1)),
+        (
+            Param("rows", "int"),  # total over all parts; part p holds rows[rows*p//parts, rows*(p+1)//parts)
+            Param("seed", "int", 0),
+            Param("part", "int", 0),
+            Param("parts", "int", 1),
+            Param("buckets", "int", 100000),
+        ),
         "id",
         "generated Criteo layout: dense float32[B,13], sparse int64[B,26], label int64[B]",
         _criteo_fields,
