@@ -635,6 +635,11 @@ def _lint(doc: dict[str, Any], ctx: LintContext, out: list[Finding]) -> None:
             _err(out, "empty-trusted-files", "sgx.trusted_files",
                  "`sgx.trusted_files` is empty: nothing the enclave loads is measured; list the interpreter, "
                  "libraries, code and the node's plan and policy")
+        for i, a in allowed:
+            if a.endswith("/") or a in ("file:", "file:/", "dev:"):
+                _err(out, "broad-allowed-file", f"sgx.allowed_files[{i}]",
+                     f'`sgx.allowed_files[{i}]` = "{a}" lets the host hand the enclave any unmeasured file '
+                     "under it; list single files", "warning")
         env = _get(doc, "loader.env", {})
         if isinstance(env, dict):
             for name, value in env.items():

@@ -411,3 +411,9 @@ def test_gramine_manifest_command_supplies_every_template_variable(rendered):
     assert free == defines | {"gramine", "python"}
     with pytest.raises(ManifestError):
         gramine_manifest_command("t", "o", "python3")
+
+
+def test_allowed_directory_is_a_warning_in_production():
+    findings = validate_manifest(MINIMAL + 'sgx.allowed_files = ["file:/etc/"]\n', LINT)
+    assert [(f.code, f.key, f.severity) for f in findings] == [
+        ("broad-allowed-file", "sgx.allowed_files[0]", "warning")]
