@@ -237,8 +237,8 @@ class AttestationStmt:
 
 @dataclass
 class AllowStmt:
-    src: Ref
-    dst: Ref
+    srcs: list[Ref]  # `allow guest, host -> arbiter: weights` allows each pair
+    dsts: list[Ref]
     tensor: TensorPat
     as_type: TypeSpecExpr | None
     span: Span

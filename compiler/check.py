@@ -99,6 +99,7 @@ class Checker:
         self.op_spans: dict[str, ast.Span] = {}
         self.scenario = "vertical"
         self.rules: list[Rule] = []
+        self.missing_data_params: set[str] = set()
 
     # --- reporting -------------------------------------------------------------------------------------
     def error(self, span: ast.Span | None, message: str, hint: str | None = None) -> None:
@@ -426,12 +427,21 @@ class Checker:
         found = next((c for c in candidates if c.is_file()), None)
         arg_span = call.args[0].span if call.args else call.span
         if found is None:
-            hint = None
             path_params = [p for p in sorted(env.used_params) if env.param_types.get(p) == "path"]
-            if path_params:
-                hint = f"set the data folder with `--set {path_params[0]}=DIR`"
             where = " or ".join(str(c.resolve()) for c in candidates)
-            self.error(arg_span, f"data file not found: {raw} (looked for {where})", hint)
+            if path_params:
+                # One line per parameter: the other files under that folder are missing for the same reason.
+                if path_params[0] in self.missing_data_params:
+                    return None
+                self.missing_data_params.add(path_params[0])
+                self.error(
+                    arg_span,
+                    f"data file not found: {raw} (looked for {where}); "
+                    f"set parameter `{path_params[0]}` to the folder that holds it: "
+                    f"`--set {path_params[0]}=DIR`",
+                )
+            else:
+                self.error(arg_span, f"data file not found: {raw} (looked for {where})")
             return None
         found = found.resolve()
         try:
@@ -1021,9 +1031,9 @@ class Checker:
                     else:
                         trust.at_rest = mode.value  # type: ignore[assignment]
                 case ast.AllowStmt():
-                    rule = self._rule(item)
-                    if rule is not None:
-                        self.rules.append(rule)
+                    rules = self._rules(item)
+                    if rules:
+                        self.rules += rules
                         trust.rules.append(item.text)
         return trust
 
@@ -1045,8 +1055,10 @@ class Checker:
             return pname, ref.parts[1].value
         return pname, None
 
-    def _rule(self, a: ast.AllowStmt) -> Rule | None:
-        src, dst = self._endpoint(a.src), self._endpoint(a.dst)
+    def _rules(self, a: ast.AllowStmt) -> list[Rule]:
+        """One rule per (source, destination) pair of the statement."""
+        srcs = [self._endpoint(r) for r in a.srcs]
+        dsts = [self._endpoint(r) for r in a.dsts]
         tp = a.tensor
         known = [k for k in self.tensors]
         ok = True
@@ -1070,10 +1082,15 @@ class Checker:
                 else:
                     self.unknown(tp.ref.span, "tensor", name, [*known, *specials])
                     ok = False
-        if src is None or dst is None or not ok:
-            return None
+        if None in srcs or None in dsts or not ok:
+            return []
         as_spec = self._type_spec(a.as_type) if a.as_type is not None else None
-        return Rule(a, src[0], src[1], dst[0], dst[1], tp.text, as_spec)
+        return [
+            Rule(a, s[0], s[1], d[0], d[1], tp.text, as_spec)
+            for s in srcs
+            for d in dsts
+            if s is not None and d is not None
+        ]
 
     def _type_spec(self, t: ast.TypeSpecExpr) -> TensorSpec | None:
         dtypes = ("float32", "float64", "int32", "int64", "bool")

@@ -571,8 +571,11 @@ class FlowBuilder:
                         f"`{fmt_spec(f.spec)}`",
                     )
             out.append(f)
+        used = {id(r.stmt) for r in c.rules if r.used}
+        warned: set[int] = set()
         for r in c.rules:
-            if not r.used:
+            if id(r.stmt) not in used and id(r.stmt) not in warned:
+                warned.add(id(r.stmt))
                 c.warning(r.stmt.span, f"allow rule is not used by any flow: `{r.stmt.text}`")
         return out
 

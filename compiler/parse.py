@@ -216,10 +216,15 @@ class _ToAst(Transformer[Token, ast.Module]):
         ]
         return ast.TypeSpecExpr(_name(c[0]), dims, _span_meta(meta))
 
+    def ref_list(self, meta: Any, c: list[ast.Ref]) -> list[ast.Ref]:
+        return list(c)
+
     def allow_stmt(self, meta: Any, c: list[Any]) -> ast.AllowStmt:
-        src, _arrow, dst, tensor, as_type = c
-        text = f"allow {src.text} -> {dst.text}: {tensor.text}"
-        return ast.AllowStmt(src, dst, tensor, as_type, _span_meta(meta), text)
+        srcs, _arrow, dsts, tensor, as_type = c
+        text = (
+            f"allow {', '.join(r.text for r in srcs)} -> {', '.join(r.text for r in dsts)}: {tensor.text}"
+        )
+        return ast.AllowStmt(srcs, dsts, tensor, as_type, _span_meta(meta), text)
 
     def trust_block(self, meta: Any, c: list[Any]) -> ast.TrustBlock:
         return ast.TrustBlock(list(c), _span_meta(meta))
