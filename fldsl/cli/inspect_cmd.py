@@ -1,0 +1,162 @@
+"""``fldsl inspect cert|quote|sealed FILE``: decode and verify trust objects, for humans (or ``--json``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST
+
+DEFAULT_TRUST_DIR = Path(".fldsl/trust")
+_trust_dir = click.option(
+    "--trust-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_TRUST_DIR,
+    show_default=True,
+    help="Simulated deployment whose root CA (and sealing key) to verify against.",
+)
+_json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(name="inspect")
+def command() -> None:
+    """Decode and verify RA-TLS certificates, SGX quotes and sealed files."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        click.echo(f"error: {path}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+
+
+def _genuine(quote: Any, trust_dir: Path) -> Any:
+    from fldsl.runtime.attestation import qvl
+    from fldsl.runtime.attestation.backend import Verdict
+    from fldsl.runtime.attestation.sim import FILES, verify_sim_quote
+
+    if quote.is_simulated:
+        root = trust_dir / FILES["root_cert"]
+        if not root.is_file():
+            return Verdict(False, True, "no-sim-root", f"no simulated root CA at {root} (pass --trust-dir)")
+        return verify_sim_quote(quote, root.read_bytes())
+    try:
+        return qvl.verify_dcap_quote(quote)
+    except qvl.QvlUnavailable as e:
+        return Verdict(False, False, "qvl-missing", f"cannot verify a real SGX quote here: {e}")
+
+
+def _emit(doc: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        from fldsl.artifacts import dump_json
+
+        click.echo(dump_json(doc), nl=False)
+        return
+    click.echo(title)
+
+    def show(d: dict[str, Any], indent: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                click.echo(f"{indent}{k}:")
+                show(v, indent + "  ")
+            else:
+                click.echo(f"{indent}{k + ':':<20} {v}")
+
+    show(doc, "  ")
+
+
+def _verdict_doc(verdict: Any) -> dict[str, Any]:
+    return {"ok": verdict.ok, "status": verdict.status, "label": verdict.label, "detail": verdict.message}
+
+
+@command.command(name="cert")
+@click.argument("file", type=click.Path(path_type=Path))
+@_json
+@_trust_dir
+def cert(file: Path, as_json: bool, trust_dir: Path) -> None:
+    """An RA-TLS certificate (PEM or DER): evidence, key binding, quote genuineness."""
+    from fldsl.runtime.attestation.ratls import CertificateError, parse_certificate
+
+    try:
+        ev = parse_certificate(_read(file))
+    except CertificateError as e:
+        click.echo(f"error: {file}: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    verdict = _genuine(ev.quote, trust_dir)
+    doc = ev.summary()
+    doc["genuine"] = _verdict_doc(verdict)
+    problems = []
+    if not ev.self_signature_ok:
+        problems.append("certificate self-signature is invalid (modified after signing)")
+    if not ev.pubkey_hash_ok:
+        problems.append(f"evidence does not bind the certificate key: {ev.binding_problem}")
+    if not verdict.ok:
+        problems.append(f"quote not verified: {verdict.message}")
+    if ev.quote.debug:
+        problems.append("DEBUG enclave: its memory is readable by the host; production policies refuse it")
+    doc["problems"] = problems
+    _emit(doc, as_json, f"RA-TLS certificate {file}")
+    sys.exit(EXIT_TRUST if (not ev.self_signature_ok or not ev.pubkey_hash_ok or not verdict.ok) else EXIT_OK)
+
+
+@command.command(name="quote")
+@click.argument("file", type=click.Path(path_type=Path))
+@_json
+@_trust_dir
+def quote(file: Path, as_json: bool, trust_dir: Path) -> None:
+    """A raw SGX ECDSA quote (binary, or hex text)."""
+    from fldsl.runtime.attestation.quote import Quote, QuoteError
+
+    raw = _read(file)
+    text = raw.strip()
+    if text and all(c in b"0123456789abcdefABCDEF" for c in text) and len(text) % 2 == 0:
+        raw = bytes.fromhex(text.decode())
+    try:
+        q = Quote.parse(raw)
+    except QuoteError as e:
+        click.echo(f"error: {file}: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    verdict = _genuine(q, trust_dir)
+    doc = q.summary()
+    doc["genuine"] = _verdict_doc(verdict)
+    _emit(doc, as_json, f"SGX quote {file}")
+    sys.exit(EXIT_OK if verdict.ok else EXIT_TRUST)
+
+
+@command.command(name="sealed")
+@click.argument("file", type=click.Path(path_type=Path))
+@_json
+@_trust_dir
+@click.option(
+    "--key-file", type=click.Path(path_type=Path), default=None, help="Default: TRUST_DIR/sealing.key."
+)
+def sealed(file: Path, as_json: bool, trust_dir: Path, key_file: Path | None) -> None:
+    """A sealed file: its header, and whether it authenticates with the deployment's sealing key."""
+    from fldsl.runtime import sealing
+
+    try:
+        header = sealing.read_header_file(file)
+    except OSError as e:
+        click.echo(f"error: {file}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+    except sealing.SealError as e:
+        click.echo(f"error: {file}: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    doc: dict[str, Any] = header.summary()
+    doc["file_bytes"] = file.stat().st_size
+    key_path = key_file or trust_dir / "sealing.key"
+    status, code = "not checked (no sealing key; pass --key-file or --trust-dir)", EXIT_OK
+    if key_path.is_file():
+        key = key_path.read_bytes()
+        try:
+            sealing.verify_file(file, key=key, node_id=header.node_id, name=header.name)
+            status = "authentic (every chunk verified)"
+        except sealing.SealError as e:
+            status, code = f"REFUSED: {e}", EXIT_TRUST
+    doc["integrity"] = status
+    _emit(doc, as_json, f"sealed file {file}")
+    sys.exit(code)

@@ -1,0 +1,142 @@
+"""`fldsl trust init`, `fldsl inspect cert|quote|sealed`, `fldsl model decrypt`: output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from click.testing import CliRunner
+from fldsl.runtime import sealing
+from fldsl.runtime.attestation import qvl, ratls
+
+from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, main
+
+from .conftest import MR_A, VECTORS
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_trust_init_creates_then_reuses_and_says_simulated(tmp_path):
+    d = tmp_path / "t"
+    first = run("trust", "init", str(d))
+    assert first.exit_code == EXIT_OK, first.output
+    assert "SIMULATED" in first.output and "created  sealing.key" in first.output
+    assert stat.S_IMODE((d / "sealing.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "attestation.key").stat().st_mode) == 0o600
+    key_before = (d / "enclave_signing.key").read_bytes()
+    second = run("trust", "init", str(d))
+    assert "reused   enclave_signing.key" in second.output and "created" not in second.output
+    assert (d / "enclave_signing.key").read_bytes() == key_before
+
+
+@pytest.fixture
+def own_cert(tmp_path, deployment):
+    backend = deployment.backend(mr_enclave=MR_A, isv_prod_id=7, isv_svn=2, debug=False)
+    path = tmp_path / "node.pem"
+    path.write_bytes(ratls.make_identity(backend, node_id="a.n", pins_digest="00" * 32).cert_pem)
+    return path
+
+
+def test_inspect_own_cert_verifies_against_the_trust_dir(own_cert, deployment):
+    res = run("inspect", "cert", str(own_cert), "--json", "--trust-dir", str(deployment.dir))
+    assert res.exit_code == EXIT_OK, res.output
+    doc = json.loads(res.output)
+    assert doc["node_id"] == "a.n" and doc["pubkey_hash_ok"] and doc["genuine"]["ok"]
+    assert doc["quote"]["mr_enclave"] == MR_A.hex() and doc["quote"]["simulated"] is True
+
+
+def test_inspect_own_cert_against_another_deployment_is_a_trust_failure(own_cert, other_deployment):
+    res = run("inspect", "cert", str(own_cert), "--trust-dir", str(other_deployment.dir))
+    assert res.exit_code == EXIT_TRUST and "quote not verified" in res.output
+
+
+@pytest.mark.skipif(qvl.find_library() is not None, reason="Intel QVL installed")
+def test_inspect_real_gramine_cert_shows_values_and_refuses(tmp_path):
+    res = run("inspect", "cert", str(VECTORS / "gramine-ra-tls-cert.pem"), "--trust-dir", str(tmp_path))
+    assert res.exit_code == EXIT_TRUST
+    assert "0866e7ca11b9f4efe4bf39b2607f4e1299f111920d96d95719080f01b62b7585" in res.output
+    assert "DEBUG enclave" in res.output and "libsgx_dcap_quoteverify" in res.output
+
+
+def test_inspect_garbage_cert_is_bad_input(tmp_path):
+    (tmp_path / "x.pem").write_text("hello")
+    res = run("inspect", "cert", str(tmp_path / "x.pem"))
+    assert res.exit_code == EXIT_INPUT and "not a valid X.509 certificate" in res.output
+
+
+def test_inspect_quote_binary_and_hex(tmp_path, backend_a, deployment):
+    raw = backend_a.quote(b"\x05" * 64)
+    (tmp_path / "q.bin").write_bytes(raw)
+    (tmp_path / "q.hex").write_text(raw.hex() + "\n")
+    for name in ("q.bin", "q.hex"):
+        res = run("inspect", "quote", str(tmp_path / name), "--trust-dir", str(deployment.dir))
+        assert res.exit_code == EXIT_OK, res.output
+        assert MR_A.hex() in res.output and "SIMULATED" in res.output
+    (tmp_path / "bad.bin").write_bytes(raw[:600])
+    assert run("inspect", "quote", str(tmp_path / "bad.bin")).exit_code == EXIT_INPUT
+
+
+def test_inspect_sealed_and_model_decrypt(tmp_path, deployment):
+    data = b"weights " * 1000
+    sealed = tmp_path / "model.sealed"
+    sealing.seal_file(data, sealed, key=deployment.sealing_key, node_id="a.n", name="a.n/model", version=1)
+    res = run("inspect", "sealed", str(sealed), "--trust-dir", str(deployment.dir))
+    assert res.exit_code == EXIT_OK and "authentic" in res.output and "a.n/model" in res.output
+    out = tmp_path / "model.bin"
+    res = run(
+        "model",
+        "decrypt",
+        str(sealed),
+        "-o",
+        str(out),
+        "--key-file",
+        str(deployment.sealing_key_path),
+        "--node",
+        "a.n",
+        "--name",
+        "a.n/model",
+    )
+    assert res.exit_code == EXIT_OK, res.output
+    assert out.read_bytes() == data
+
+    res = run(
+        "model",
+        "decrypt",
+        str(sealed),
+        "-o",
+        str(tmp_path / "o2"),
+        "--key-file",
+        str(deployment.sealing_key_path),
+        "--node",
+        "a.n",
+        "--name",
+        "b.n/model",
+    )
+    assert res.exit_code == EXIT_TRUST and "not 'b.n/model'" in res.output and not (tmp_path / "o2").exists()
+
+    blob = bytearray(sealed.read_bytes())
+    blob[-3] ^= 1
+    sealed.write_bytes(bytes(blob))
+    res = run("inspect", "sealed", str(sealed), "--trust-dir", str(deployment.dir))
+    assert res.exit_code == EXIT_TRUST and "REFUSED" in res.output
+
+
+def test_model_decrypt_without_key_file_is_bad_input(tmp_path):
+    (tmp_path / "m").write_bytes(b"x")
+    res = run(
+        "model",
+        "decrypt",
+        str(tmp_path / "m"),
+        "-o",
+        str(tmp_path / "o"),
+        "--key-file",
+        str(tmp_path / "missing.key"),
+        "--node",
+        "a",
+        "--name",
+        "b",
+    )
+    assert res.exit_code == EXIT_INPUT and "cannot read key file" in res.output
