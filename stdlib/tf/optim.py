@@ -39,12 +39,18 @@ def _unique_rows(g: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:
     return idx, values
 
 
+# The spellings of ``fldsl.stdlib.signatures.OPTIMIZERS`` (what the compiler writes into plans) -> ours
+# (Keras'). Both are accepted.
+ALIASES = {"beta1": "beta_1", "beta2": "beta_2", "initial_accumulator": "initial_accumulator_value"}
+
+
 class Optimizer:
     name = "base"
     slot_names: tuple[str, ...] = ()
     defaults: ClassVar[dict[str, float | bool]] = {}
 
     def __init__(self, **params: Any) -> None:
+        params = {ALIASES.get(k, k): v for k, v in params.items()}
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             raise OptimizerError(f"optimizer {self.name}: unknown parameter(s) {', '.join(unknown)} "
@@ -202,7 +208,7 @@ class Adagrad(Optimizer):
     name = "adagrad"
     slot_names = ("accumulator",)
     defaults: ClassVar[dict[str, float | bool]] = {
-        "learning_rate": 0.001, "initial_accumulator_value": 0.1, "epsilon": 1e-7,
+        "learning_rate": 0.01, "initial_accumulator_value": 0.1, "epsilon": 1e-7,
     }
 
     def _initial_slot(self, slot: str, var: tf.Variable) -> np.ndarray:
