@@ -177,13 +177,13 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     spe = max(1, math.ceil(len(train_rows) / b))
     total = spe * plan.train.epochs
     start = 0
-    epoch_losses: list[float] = []
+    epoch_losses: list[tuple[float, int]] = []  # (batch loss, batch size) of the current epoch
     history: list[dict[str, Any]] = []
     if ckpt is not None:
         model.set_weights(arrays_list(ckpt.arrays, "w"))
         set_opt_state(opt, variables, ckpt.arrays)
         start = ckpt.step
-        epoch_losses = [float(x) for x in ckpt.meta.get("epoch_losses", [])]
+        epoch_losses = [(float(x), int(n)) for x, n in ckpt.meta.get("epoch_losses", [])]
         history = list(ckpt.meta.get("history", []))
     ctx.progress.emit("plan", total_steps=total, steps_per_epoch=spe, epochs=plan.train.epochs,
                       resumed_from=start if ckpt is not None else None)
@@ -203,13 +203,13 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
         for (p, f), g in zip(recv_flows, grads, strict=True):
             ctx.links[p].send(grad_flows[(p, f.tensor)].id, s, g.numpy())
         meter.stop(len(rows))
-        epoch_losses.append(float(value))
+        epoch_losses.append((float(value), len(rows)))
         now = time.monotonic()
         if now - last_emit > 0.25 or s + 1 == total:
             ctx.progress.emit("step", step=s + 1, total=total, loss=float(value), examples_per_s=meter.rate)
             last_emit = now
         if (s + 1) % spe == 0:  # epoch end: metrics on the holdout (every node runs the same schedule)
-            metrics = {"loss": float(np.mean(epoch_losses))}
+            metrics = {"loss": sum(v * n for v, n in epoch_losses) / max(1, sum(n for _, n in epoch_losses))}
             metrics.update(_evaluate(ctx, recv_flows, hold_rows, e, predict, inputs_for,
                                      table.fields[label_field]))
             history.append({"epoch": e + 1, **metrics})

@@ -1,0 +1,237 @@
+"""Hand-built build directories (plan / policy / pins / rendered manifest) for runtime and e2e tests.
+
+They follow ``fldsl/artifacts.py`` exactly, like the compiler's output, so the runtime can be tested without
+the compiler: small configs, generated data, flows named ``src->dst:tensor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from fldsl.artifacts import (
+    AggregationSpec,
+    AlignmentSpec,
+    AttestationRequirement,
+    DataSpec,
+    Flow,
+    Identity,
+    LossSpec,
+    OpCall,
+    OptimizerSpec,
+    PeerRef,
+    Pins,
+    Plan,
+    Policy,
+    ShardingSpec,
+    TensorSpec,
+    TrainSpec,
+    ValidationSpec,
+    dump_json,
+    node_dir,
+)
+from fldsl.measurement import sim_mr_enclave
+
+F32 = "float32"
+I64 = "int64"
+
+
+def spec(shape: list[int | None], dtype: str = F32) -> TensorSpec:
+    return TensorSpec(shape=shape, dtype=dtype)
+
+
+def flow(src: str, dst: str, tensor: str, kind: str, s: TensorSpec | None = None,
+         max_bytes: int = 8 << 20) -> Flow:
+    return Flow(id=f"{src}->{dst}:{tensor}", tensor=tensor, kind=kind, src=src, dst=dst, spec=s,
+                max_bytes=max_bytes, rule=f"allow {src.split('.')[0]} -> {dst.split('.')[0]}: {tensor}")
+
+
+def control_pair(a: str, b: str) -> list[Flow]:
+    return [flow(a, b, "control", "control", None, 4 << 20), flow(b, a, "control", "control", None, 4 << 20)]
+
+
+def render_manifest(pipeline: str, node: str, plan_bytes: bytes, policy_bytes: bytes) -> tuple[str, str]:
+    from fldsl.compiler.manifest import ManifestInputs, TrustedFile, render_node_manifest
+
+    inputs = ManifestInputs(pipeline=pipeline, node_id=node, isv_prod_id=1, isv_svn=1, node_files=[
+        TrustedFile(uri="file:/fldsl/node/plan.json", sha256=hashlib.sha256(plan_bytes).hexdigest()),
+        TrustedFile(uri="file:/fldsl/node/policy.json", sha256=hashlib.sha256(policy_bytes).hexdigest()),
+    ])
+    out = render_node_manifest(inputs)
+    return out.template, out.toml
+
+
+def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str = "sim",
+                max_message_bytes: int = 4 << 20) -> Path:
+    """Write plan/policy/manifest of every node, then the same pins.json into each node dir."""
+    pipeline = plans[0].pipeline
+    build = root / "build" / pipeline
+    pins_nodes: dict[str, Identity] = {}
+    for plan in plans:
+        mine = [f for f in flows if plan.node in (f.src, f.dst)]
+        plan.sends = sorted(f.id for f in mine if f.src == plan.node)
+        plan.receives = sorted(f.id for f in mine if f.dst == plan.node)
+        policy = Policy(pipeline=pipeline, node=plan.node,
+                        attestation=AttestationRequirement(mode=mode),
+                        accept_peers=sorted(p.id for p in plan.peers), flows=mine,
+                        max_message_bytes=max_message_bytes)
+        d = node_dir(build, plan.node)
+        d.mkdir(parents=True, exist_ok=True)
+        plan_b, policy_b = dump_json(plan).encode(), dump_json(policy).encode()
+        (d / "plan.json").write_bytes(plan_b)
+        (d / "policy.json").write_bytes(policy_b)
+        template, toml = render_manifest(pipeline, plan.node, plan_b, policy_b)
+        short = plan.node.split(".", 1)[1]
+        (d / f"{short}.manifest.template").write_text(template)
+        (d / f"{short}.manifest.toml").write_text(toml)
+        pins_nodes[plan.node] = Identity(mr_enclave=[sim_mr_enclave(toml.encode())], isv_prod_id=1,
+                                         isv_svn_min=1)
+    pins = Pins(pipeline=pipeline, nodes=pins_nodes)
+    for plan in plans:
+        (node_dir(build, plan.node) / "pins.json").write_text(dump_json(pins))
+    return build
+
+
+def rehash_manifest(build: Path, node: str) -> None:
+    """Re-render a node's manifest after its plan/policy changed (what an attacker on the host would do so
+    the node starts); pins are NOT updated, so peers must refuse the new measurement."""
+    d = node_dir(build, node)
+    plan_b, policy_b = (d / "plan.json").read_bytes(), (d / "policy.json").read_bytes()
+    pipeline = Plan.model_validate_json(plan_b).pipeline
+    _, toml = render_manifest(pipeline, node, plan_b, policy_b)
+    short = node.split(".", 1)[1]
+    (d / f"{short}.manifest.toml").write_text(toml)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scenarios
+# ---------------------------------------------------------------------------------------------------------
+
+
+def vertical_build(root: Path, *, rows: int = 600, features: int = 8, epochs: int = 2, batch: int = 64,
+                   lr: float = 0.01, checkpoint_every: int | None = None, method: str = "psi_ecdh",
+                   seed: int = 3, validation: float = 0.2) -> Path:
+    active, passive = "shop.trainer", "media.trainer"
+    emb_dim = 4
+    train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
+                      optimizer=OptimizerSpec(name="adam", params={"learning_rate": lr}),
+                      checkpoint_every_steps=checkpoint_every, metrics=["loss", "auc"],
+                      validation=ValidationSpec(fraction=validation, seed=seed))
+    gen = {"rows": rows, "seed": 7, "features": features}
+    media_data = DataSpec(name="impressions", reader="wide_n_deep", params={**gen, "side": "follower"},
+                          id_column="example_id", fields={"sparse": spec([None, features], I64)})
+    shop_data = DataSpec(name="conversions", reader="wide_n_deep", params={**gen, "side": "leader"},
+                         id_column="example_id", fields={"sparse": spec([None, features], I64),
+                                                         "label": spec([None], I64)})
+    align = AlignmentSpec(method=method, key="example_id", parties=[active, passive])
+    act = spec([None, 16])
+    media_ops = [
+        OpCall(output="m_emb", op="embed", inputs=["impressions.sparse"],
+               params={"buckets": 101, "dim": emb_dim},
+               spec=spec([None, features * emb_dim]), party="media"),
+        OpCall(output="act1", op="mlp", inputs=["m_emb"], params={"units": [16], "activation": "relu"},
+               spec=act, party="media"),
+    ]
+    shop_ops = [
+        OpCall(output="s_emb", op="embed", inputs=["conversions.sparse"],
+               params={"buckets": 101, "dim": emb_dim},
+               spec=spec([None, features * emb_dim]), party="shop"),
+        OpCall(output="s_bottom", op="mlp", inputs=["s_emb"], params={"units": [16], "activation": "relu"},
+               spec=spec([None, 16]), party="shop"),
+        OpCall(output="joined", op="concat", inputs=["s_bottom", "act1"], params={}, spec=spec([None, 32]),
+               party="shop"),
+        OpCall(output="logits", op="dense", inputs=["joined"],
+               params={"units": [16, 2], "activation": "relu"}, spec=spec([None, 2]), party="shop"),
+    ]
+    loss = LossSpec(op="softmax_cross_entropy", logits="logits", label="conversions.label", party="shop")
+    plans = [
+        Plan(pipeline="vertical_test", node=passive, party="media", role="vertical.passive",
+             peers=[PeerRef(id=active, party="shop", dial=True)], data=[media_data], alignment=align,
+             model=media_ops, train=train, tasks=[], export=f"{passive}/model"),
+        Plan(pipeline="vertical_test", node=active, party="shop", role="vertical.active",
+             peers=[PeerRef(id=passive, party="media", dial=False)], data=[shop_data], alignment=align,
+             model=shop_ops, loss=loss, train=train, tasks=[], export=f"{active}/model"),
+    ]
+    flows = [
+        flow(passive, active, "act1", "activation", act, batch * 16 * 4 + 256),
+        flow(active, passive, "grad(act1)", "gradient", act, batch * 16 * 4 + 256),
+        flow(passive, active, "psi", "psi"), flow(active, passive, "psi", "psi"),
+        *control_pair(active, passive),
+    ]
+    return write_build(root, plans, flows)
+
+
+def _mlp_ops(ds: str, n_features: int, units: list[int], party: str) -> list[OpCall]:
+    return [OpCall(output="logits", op="dense", inputs=[f"{ds}.features"],
+                   params={"units": units, "activation": "relu"}, spec=spec([None, units[-1]]), party=party)]
+
+
+def horizontal_build(root: Path, *, workers: int = 2, rows: int = 300, mode: str = "sync",
+                     epochs: int = 2, batch: int = 32, every_steps: int | None = None,
+                     checkpoint_every: int | None = None, lr: float = 0.05, seed: int = 1) -> Path:
+    """Workers with CSV-free generated data: criteo parts, a small dense model on the 13 dense features."""
+    server = "hub.ps"
+    wids = [f"bank{i}.worker" for i in range(1, workers + 1)]
+    train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
+                      optimizer=OptimizerSpec(name="sgd", params={"learning_rate": lr}),
+                      checkpoint_every_steps=checkpoint_every, metrics=["loss", "auc"],
+                      validation=ValidationSpec(fraction=0.2, seed=seed))
+    agg = AggregationSpec(server=server, workers=wids, mode=mode, every_steps=every_steps,
+                          every_epoch=mode == "fedavg" and every_steps is None)
+    ops = [OpCall(output="logits", op="dense", inputs=["clicks.dense"],
+                  params={"units": [8, 2], "activation": "relu"}, spec=spec([None, 2]), party="bank")]
+    loss = LossSpec(op="softmax_cross_entropy", logits="logits", label="clicks.label", party="bank")
+    plans, flows = [], []
+    for i, w in enumerate(wids):
+        data = DataSpec(name="clicks", reader="criteo",
+                        params={"rows": rows, "seed": 5, "part": i, "parts": workers, "buckets": 1000},
+                        fields={"dense": spec([None, 13]), "label": spec([None], I64)})
+        plans.append(Plan(pipeline="horizontal_test", node=w, party=w.split(".")[0], role="horizontal.worker",
+                          peers=[PeerRef(id=server, party="hub", dial=True)], data=[data], model=ops,
+                          loss=loss, train=train, aggregation=agg, tasks=[], export=None))
+        up = "gradients" if mode == "sync" else "weights"
+        flows += [flow(w, server, up, up if mode == "sync" else "weights"),
+                  flow(server, w, "weights", "weights"), *control_pair(server, w)]
+    plans.append(Plan(pipeline="horizontal_test", node=server, party="hub", role="horizontal.server",
+                      peers=[PeerRef(id=w, party=w.split(".")[0], dial=False) for w in wids], data=[],
+                      model=ops, loss=loss, train=train, aggregation=agg, tasks=[], export=f"{server}/model"))
+    return write_build(root, plans, flows)
+
+
+def distributed_build(root: Path, *, workers: int = 2, rows: int = 400, epochs: int = 1, batch: int = 32,
+                      seed: int = 1) -> Path:
+    chief, server = "owner.chief", "cloud.ps"
+    wids = [f"cloud.worker{i}" for i in range(1, workers + 1)]
+    train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
+                      optimizer=OptimizerSpec(name="sgd", params={"learning_rate": 0.05}),
+                      metrics=["loss", "auc"], validation=ValidationSpec(fraction=0.2, seed=seed))
+    agg = AggregationSpec(server=server, workers=wids, mode="sync")
+    sharding = ShardingSpec(chief=chief, workers=wids, strategy="round_robin")
+    data = DataSpec(name="clicks", reader="criteo", params={"rows": rows, "seed": 5, "buckets": 1000},
+                    fields={"dense": spec([None, 13]), "label": spec([None], I64)})
+    ops = [OpCall(output="logits", op="dense", inputs=["clicks.dense"],
+                  params={"units": [8, 2], "activation": "relu"}, spec=spec([None, 2]), party="cloud")]
+    loss = LossSpec(op="softmax_cross_entropy", logits="logits", label="clicks.label", party="cloud")
+    plans = [Plan(pipeline="distributed_test", node=chief, party="owner", role="distributed.chief",
+                  peers=[PeerRef(id=w, party="cloud", dial=True) for w in wids], data=[data], model=[],
+                  train=train, sharding=sharding, tasks=[])]
+    flows: list[Flow] = []
+    for w in wids:
+        plans.append(Plan(pipeline="distributed_test", node=w, party="cloud", role="distributed.worker",
+                          peers=[PeerRef(id=chief, party="owner", dial=False),
+                                 PeerRef(id=server, party="cloud", dial=True)],
+                          data=[data], model=ops, loss=loss, train=train, aggregation=agg, sharding=sharding,
+                          tasks=[]))
+        flows += [flow(chief, w, "shard", "data"), *control_pair(chief, w),
+                  flow(w, server, "gradients", "gradients"), flow(server, w, "weights", "weights"),
+                  *control_pair(server, w)]
+    plans.append(Plan(pipeline="distributed_test", node=server, party="cloud", role="distributed.server",
+                      peers=[PeerRef(id=w, party="cloud", dial=False) for w in wids], data=[], model=ops,
+                      loss=loss, train=train, aggregation=agg, sharding=sharding, tasks=[],
+                      export=f"{server}/model"))
+    return write_build(root, plans, flows)
+
+
+def run_args(**kw: Any) -> dict[str, Any]:
+    return kw

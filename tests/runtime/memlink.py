@@ -1,0 +1,124 @@
+"""An in-memory stand-in for ``fldsl.runtime.transport.PeerLink`` (same mailbox semantics, no network), and a
+helper that runs several roles of one build in threads of this process."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fldsl.runtime.checkpoint import CheckpointStore
+from fldsl.runtime.progress import Progress
+from fldsl.runtime.roles import role_main
+from fldsl.runtime.roles.common import RoleContext
+
+from fldsl.artifacts import Plan, Policy, load_model, node_dir
+
+KEY = bytes(range(32))
+
+
+class _Box:
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, int, str], Any] = {}
+        self.cv = threading.Condition()
+
+
+class MemLink:
+    def __init__(self, me: str, peer: str, boxes: dict[tuple[str, str], _Box], policy: Policy) -> None:
+        self.me, self.peer = me, peer
+        self._in = boxes.setdefault((peer, me), _Box())
+        self._out = boxes.setdefault((me, peer), _Box())
+        self._flows = {f.id: f for f in policy.flows}
+        self.sent: dict[str, int] = {}
+
+    def _put(self, flow: str, step: int, kind: str, value: Any, nbytes: int) -> None:
+        f = self._flows.get(flow)
+        # The real transport refuses undeclared flows on both ends; so does the double (send side).
+        assert f is not None and f.src == self.me and f.dst == self.peer, f"undeclared flow {flow}"
+        assert nbytes <= f.max_bytes, f"{flow}: {nbytes} > {f.max_bytes}"
+        self.sent[flow] = self.sent.get(flow, 0) + nbytes
+        with self._out.cv:
+            self._out.items[(flow, step, kind)] = value
+            self._out.cv.notify_all()
+
+    def _take(self, flow: str, step: int, kind: str, timeout: float | None) -> Any:
+        key = (flow, step, kind)
+        with self._in.cv:
+            if not self._in.cv.wait_for(lambda: key in self._in.items, timeout):
+                raise TimeoutError(f"{flow}@{step}")
+            return self._in.items.pop(key)
+
+    def send(self, flow_id: str, step: int, array: np.ndarray) -> None:
+        a = np.array(array, copy=True)
+        self._put(flow_id, step, "t", a, a.nbytes)
+
+    def send_arrays(self, flow_id: str, step: int, arrays: list[np.ndarray]) -> None:
+        arrs = [np.array(a, copy=True) for a in arrays]
+        self._put(flow_id, step, "a", arrs, sum(a.nbytes for a in arrs))
+
+    def send_blob(self, flow_id: str, step: int, data: bytes) -> None:
+        self._put(flow_id, step, "b", bytes(data), len(data))
+
+    def recv(self, flow_id: str, step: int, timeout: float | None = None) -> np.ndarray:
+        return self._take(flow_id, step, "t", timeout)
+
+    def recv_arrays(self, flow_id: str, step: int, timeout: float | None = None) -> list[np.ndarray]:
+        return self._take(flow_id, step, "a", timeout)
+
+    def recv_blob(self, flow_id: str, step: int, timeout: float | None = None) -> bytes:
+        return self._take(flow_id, step, "b", timeout)
+
+
+def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | None = None,
+                   timeout: float = 240.0) -> dict[str, Any]:
+    """Run every node of ``build`` as a thread; returns {node: result or exception}.
+
+    ``stop_after`` = {node: step}: that node's stop flag is set once it emitted a checkpoint at >= step (the
+    others then fail with a receive timeout or stop too: only checkpoints matter for resume tests)."""
+    ids = sorted(p.name for p in (build / "nodes").iterdir())
+    plans = {i: load_model(Plan, node_dir(build, i) / "plan.json") for i in ids}
+    policies = {i: load_model(Policy, node_dir(build, i) / "policy.json") for i in ids}
+    boxes: dict[tuple[str, str], _Box] = {}
+    results: dict[str, Any] = {}
+    stops = {i: threading.Event() for i in ids}
+    all_stop = threading.Event()
+
+    class _Watch(io.StringIO):
+        def __init__(self, node: str) -> None:
+            super().__init__()
+            self.node = node
+
+        def write(self, s: str) -> int:
+            from fldsl.runtime.progress import parse_line
+
+            ev = parse_line(s)
+            if ev and stop_after and ev.get("event") == "checkpoint" and \
+                    ev.get("step", 0) >= stop_after.get(self.node, 1 << 60):
+                all_stop.set()
+                for e in stops.values():
+                    e.set()
+            return super().write(s)
+
+    def target(i: str) -> None:
+        plan, policy = plans[i], policies[i]
+        links = {p.id: MemLink(i, p.id, boxes, policy) for p in plan.peers}
+        ctx = RoleContext(plan=plan, policy=policy, links=links, progress=Progress(i, _Watch(i)),
+                          store=CheckpointStore(run_dir / "checkpoints" / i, node_id=i, key=KEY),
+                          run_dir=run_dir, seal_key=KEY, stop=stops[i], recv_timeout_s=60)
+        try:
+            results[i] = role_main(plan)(ctx)
+            results[i]["_links"] = links
+        except BaseException as e:
+            results[i] = e
+            if not all_stop.is_set():  # a real failure: unblock the others
+                for ev in stops.values():
+                    ev.set()
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
