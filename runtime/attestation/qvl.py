@@ -56,9 +56,25 @@ def _load() -> ctypes.CDLL:
             f"cannot be verified here; install libsgx-dcap-quote-verify and a PCCS config, or set {ENV_LIB}"
         )
     try:
-        return ctypes.CDLL(path)
-    except OSError as e:
+        lib = ctypes.CDLL(path)
+        get_size, verify = lib.sgx_qv_get_quote_supplemental_data_size, lib.sgx_qv_verify_quote
+    except (OSError, AttributeError) as e:
         raise QvlUnavailable(f"cannot load Intel QVL from {path}: {e}") from None
+    u32p = ctypes.POINTER(ctypes.c_uint32)
+    get_size.argtypes, get_size.restype = [u32p], ctypes.c_uint32
+    verify.argtypes = [
+        ctypes.c_char_p,  # p_quote
+        ctypes.c_uint32,  # quote_size
+        ctypes.c_void_p,  # p_quote_collateral (NULL: QVL fetches it through the QCNL/PCCS)
+        ctypes.c_int64,  # expiration_check_date (time_t)
+        u32p,  # p_collateral_expiration_status
+        u32p,  # p_quote_verification_result (sgx_ql_qv_result_t)
+        ctypes.c_void_p,  # p_qve_report_info (NULL: verify in-process, no QvE)
+        ctypes.c_uint32,  # supplemental_data_size
+        ctypes.c_void_p,  # p_supplemental_data
+    ]
+    verify.restype = ctypes.c_uint32
+    return lib
 
 
 def verify_dcap_quote(quote: Quote, *, now: float | None = None) -> Verdict:
@@ -69,19 +85,18 @@ def verify_dcap_quote(quote: Quote, *, now: float | None = None) -> Verdict:
     supp_size = ctypes.c_uint32(0)
     if lib.sgx_qv_get_quote_supplemental_data_size(ctypes.byref(supp_size)) != 0:
         supp_size.value = 0
-    supp = (ctypes.c_uint8 * max(supp_size.value, 1))()
+    supp = ctypes.create_string_buffer(max(supp_size.value, 1))
     expiration = ctypes.c_uint32(0)
-    result = ctypes.c_uint32(0xA006)
-    buf = (ctypes.c_uint8 * len(quote.raw)).from_buffer_copy(quote.raw)
+    result = ctypes.c_uint32(0xA006)  # UNSPECIFIED until QVL says otherwise
     rc = lib.sgx_qv_verify_quote(
-        buf,
-        ctypes.c_uint32(len(quote.raw)),
+        quote.raw,
+        len(quote.raw),
         None,
-        ctypes.c_int64(int(now if now is not None else time.time())),
+        int(now if now is not None else time.time()),
         ctypes.byref(expiration),
         ctypes.byref(result),
         None,
-        ctypes.c_uint32(supp_size.value),
+        supp_size.value,
         supp if supp_size.value else None,
     )
     if rc != 0:
