@@ -33,7 +33,7 @@ from fldsl.artifacts import (
     TrainSpec,
     ValidationSpec,
 )
-from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean, suggest
+from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean, suggest, suggest_in
 
 STD_MODULES = {"std.models": sorted(sig.OPS)}
 MAX_FAMILY = 256
@@ -100,6 +100,7 @@ class Checker:
         self.scenario = "vertical"
         self.rules: list[Rule] = []
         self.missing_data_params: set[str] = set()
+        self.poisoned: set[str] = set()  # tensors whose definition failed: uses are not reported again
 
     # --- reporting -------------------------------------------------------------------------------------
     def error(self, span: ast.Span | None, message: str, hint: str | None = None) -> None:
@@ -121,6 +122,10 @@ class Checker:
 
     def unknown(self, span: ast.Span, kind: str, name: str, candidates: Any) -> None:
         msg, hint = suggest(kind, name, candidates)
+        self.error(span, msg, hint)
+
+    def unknown_in(self, span: ast.Span, owner: str, kind: str, name: str, candidates: Any) -> None:
+        msg, hint = suggest_in(owner, kind, name, candidates)
         self.error(span, msg, hint)
 
     def loc(self, span: ast.Span) -> str:
@@ -207,6 +212,7 @@ class Checker:
                     f"unknown parameter type `{ptype}`" + (f"; did you mean `{best}`?" if best else ""),
                     None if best else "parameter types are int, float, str and path",
                 )
+                params[name], types[name] = BAD, "bad"  # uses are not reported again
                 continue
             d = p.default
             ok = (
@@ -216,10 +222,13 @@ class Checker:
             )
             if not ok:
                 self.error(d.span, f"default of `{name}` must be {_type_word(ptype)}, got {describe(d)}")
+                params[name], types[name] = BAD, "bad"
                 continue
             params[name] = float(d.value) if ptype == "float" else d.value  # type: ignore[arg-type]
             types[name] = ptype
         for key, raw in self.overrides.items():
+            if types.get(key) == "bad":
+                continue
             if key not in params:
                 msg, hint = suggest("parameter", key, params)
                 self.diags.append(
@@ -260,7 +269,7 @@ class Checker:
                 self.uses.append(mod)
             for n in names:
                 if n.value not in STD_MODULES[mod]:
-                    self.unknown(n.span, f"name in `{mod}`", n.value, STD_MODULES[mod])
+                    self.unknown_in(n.span, f"module `{mod}`", "name", n.value, STD_MODULES[mod])
                 else:
                     self.imported.add(n.value)
 
@@ -354,7 +363,7 @@ class Checker:
                 positional = False
                 p = next((q for q in params if q.name == a.name.value), None)
                 if p is None:
-                    self.unknown(a.name.span, f"parameter of {what}", a.name.value, names)
+                    self.unknown_in(a.name.span, what, "parameter", a.name.value, names)
                     ok = False
                     continue
             if p.name in out:
@@ -550,7 +559,7 @@ class Checker:
         if family_ok and members:
             return [f"{party.name}.{n}" for n in members]
         cands = list(party.nodes) + (sorted(set(party.node_families.values())) if family_ok else [])
-        self.unknown(ref.parts[1].span, f"node of party `{party.name}`", nname, cands)
+        self.unknown_in(ref.parts[1].span, f"party `{party.name}`", "node", nname, cands)
         return None
 
     def check_partition_nodes(self) -> None:
@@ -660,8 +669,8 @@ class Checker:
             owner = self.parties[chief_party]
         ds = (owner or owners[0]).datasets[ds_name.value]
         if field_name.value not in ds.spec.fields:
-            self.unknown(
-                field_name.span, f"field of data set `{ds_name.value}`", field_name.value, ds.spec.fields
+            self.unknown_in(
+                field_name.span, f"data set `{ds_name.value}`", "field", field_name.value, ds.spec.fields
             )
             return None
         party_tag = owner.name if owner else "*"
@@ -680,6 +689,8 @@ class Checker:
     def tensor_ref(self, ref: ast.Ref, at: str | None) -> Tensor | None:
         if len(ref.parts) == 1:
             t = self.tensors.get(ref.text)
+            if t is None and ref.text in self.poisoned:
+                return None
             if t is None:
                 if ref.text in {d for p in self.parties.values() for d in p.datasets}:
                     self.error(
@@ -811,34 +822,11 @@ class Checker:
         block = self.m.models[0]
         losses = [s for s in block.stmts if isinstance(s, ast.LossStmt)]
         for s in block.stmts:
-            if not isinstance(s, ast.Assign):
-                continue
-            at: str | None = None
-            if self.scenario == "vertical":
-                if s.at is None:
-                    self.error(
-                        s.target.span,
-                        "in a vertical pipeline every model statement says where it runs",
-                        f"write `at PARTY: {s.target.value} = ...`",
-                    )
-                    continue
-                if s.at.value not in self.parties:
-                    self.unknown(s.at.span, "party", s.at.value, self.parties)
-                    continue
-                at = s.at.value
-            elif s.at is not None:
-                self.error(
-                    s.at.span,
-                    f"in a {self.scenario} pipeline every worker runs the whole model; "
-                    f"remove `at {s.at.value}:`",
-                )
-            if s.target.value in self.tensors:
-                self.error(s.target.span, f"tensor `{s.target.value}` is defined twice")
-                continue
-            if not isinstance(s.value, ast.Call):
-                self.error(s.value.span, f"expected an op call, got {describe(s.value)}")
-                continue
-            self.op_call(s.value, at, s.target.value, {}, top=True)
+            if isinstance(s, ast.Assign):
+                defined = s.target.value in self.tensors
+                self._assign(s)
+                if not defined and s.target.value not in self.tensors:
+                    self.poisoned.add(s.target.value)
         if not losses:
             self.error(
                 block.span,
@@ -850,6 +838,34 @@ class Checker:
             self.error(extra.span, "only one `loss` is allowed")
         self.loss_stmt = losses[0]
         self.check_loss(losses[0])
+
+    def _assign(self, s: ast.Assign) -> None:
+        at: str | None = None
+        if self.scenario == "vertical":
+            if s.at is None:
+                self.error(
+                    s.target.span,
+                    "in a vertical pipeline every model statement says where it runs",
+                    f"write `at PARTY: {s.target.value} = ...`",
+                )
+                return
+            if s.at.value not in self.parties:
+                self.unknown(s.at.span, "party", s.at.value, self.parties)
+                return
+            at = s.at.value
+        elif s.at is not None:
+            self.error(
+                s.at.span,
+                f"in a {self.scenario} pipeline every worker runs the whole model; "
+                f"remove `at {s.at.value}:`",
+            )
+        if s.target.value in self.tensors:
+            self.error(s.target.span, f"tensor `{s.target.value}` is defined twice")
+            return
+        if not isinstance(s.value, ast.Call):
+            self.error(s.value.span, f"expected an op call, got {describe(s.value)}")
+            return
+        self.op_call(s.value, at, s.target.value, {}, top=True)
 
     def check_loss(self, stmt: ast.LossStmt) -> None:
         call = stmt.call
@@ -883,7 +899,7 @@ class Checker:
         try:
             loss.check(logits.spec, label.spec)
         except sig.SignatureError as e:
-            self.error(call.span, f"`{name}`: {e}")
+            self.error(call.span, str(e))
             raise _Fatal from None
         self.logits_t, self.label_t = logits, label
         party = label.party or "*"
@@ -1050,7 +1066,7 @@ class Checker:
             nodes = {n for m in members for n in self.parties[m].nodes}
             nodes |= {f for m in members for f in self.parties[m].node_families.values()}
             if ref.parts[1].value not in nodes:
-                self.unknown(ref.parts[1].span, f"node of `{pname}`", ref.parts[1].value, nodes)
+                self.unknown_in(ref.parts[1].span, f"party `{pname}`", "node", ref.parts[1].value, nodes)
                 return None
             return pname, ref.parts[1].value
         return pname, None

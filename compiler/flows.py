@@ -297,7 +297,8 @@ class FlowBuilder:
                     continue
                 ds = c.parties[pname].datasets.get(dname)
                 if ds is None:
-                    c.unknown(ref.parts[1].span, f"data set of `{pname}`", dname, c.parties[pname].datasets)
+                    known = c.parties[pname].datasets
+                    c.unknown_in(ref.parts[1].span, f"party `{pname}`", "data set", dname, known)
                     continue
                 if ds.spec.id_column != al.key.value:
                     c.error(

@@ -339,9 +339,22 @@ def _end_position(source: str) -> tuple[int, int]:
     return len(lines), len(lines[-1]) + 1
 
 
+def _accepts(e: UnexpectedInput, fallback: set[str]) -> set[str]:
+    """The terminals the parser could take at the error (the lexer's set can be wider)."""
+    ip = getattr(e, "interactive_parser", None)
+    if ip is None:
+        return set(fallback)
+    try:
+        got = set(ip.accepts())
+    except Exception:  # accepts() re-runs the parser on copies; never let it mask the real error
+        return set(fallback)
+    return got or set(fallback)
+
+
 def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic:
     prev = _prev_token(e)
     if isinstance(e, UnexpectedToken):
+        e.expected = _accepts(e, set(e.expected))
         tok = e.token
         if tok.type == "$END":
             line, col = _end_position(source)

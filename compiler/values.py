@@ -77,6 +77,9 @@ def substitute(text: str, span: ast.Span, env: Env, report: Report) -> Any:
             ok = False
             return ""
         env.used_params.add(name)
+        if env.params[name] is BAD:
+            ok = False
+            return ""
         return str(env.params[name])
 
     out = _SUBST.sub(repl, text)
@@ -91,7 +94,7 @@ def _param_ref(expr: ast.Ref, env: Env) -> tuple[bool, Any]:
         return True, env.index
     if name in env.params:
         env.used_params.add(name)
-        return True, env.params[name]
+        return True, env.params[name]  # BAD for a parameter whose declaration was already reported
     return False, None
 
 
@@ -128,6 +131,8 @@ def evaluate(
         return result
     if isinstance(expr, ast.Ref):
         found, value = _param_ref(expr, env)
+        if found and value is BAD:
+            return BAD
         if not found:
             # A bare identifier is accepted where a name or a keyword-like string is expected.
             if ptype == "name" and len(expr.parts) == 1:

@@ -69,6 +69,19 @@ def suggest(kind: str, name: str, candidates: Iterable[str]) -> tuple[str, str |
     return msg, None
 
 
+def suggest_in(owner: str, kind: str, name: str, candidates: Iterable[str]) -> tuple[str, str | None]:
+    """``("data set `x` has no field `spars`; did you mean `sparse`?", hint)``."""
+    cands = sorted(set(candidates))
+    best = did_you_mean(name, cands)
+    msg = f"{owner} has no {kind} `{name}`"
+    if best is not None:
+        return f"{msg}; did you mean `{best}`?", None
+    if cands:
+        shown = ", ".join(f"`{c}`" for c in cands[:8]) + (", ..." if len(cands) > 8 else "")
+        return msg, f"its {kind}s: {shown}"
+    return msg, None
+
+
 def _caret_line(text: str, column: int, end_column: int | None) -> str:
     # Expand tabs the same way in the caret line so the caret lands under the right character.
     prefix = "".join("\t" if ch == "\t" else " " for ch in text[: column - 1])
