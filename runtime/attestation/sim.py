@@ -21,6 +21,7 @@ code runs inside an enclave — any process with read access to the trust direct
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -170,6 +171,16 @@ def trust_init(directory: Path | str = DEFAULT_TRUST_DIR) -> SimDeployment:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
+    # Launchers on one machine may race to create the material: one creates, the others then reuse it.
+    with open(d / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _init_locked(d)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _init_locked(d: Path) -> SimDeployment:
     p = {k: d / v for k, v in FILES.items()}
     created: list[str] = []
     now = dt.datetime.now(dt.UTC)

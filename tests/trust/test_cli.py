@@ -140,3 +140,28 @@ def test_model_decrypt_without_key_file_is_bad_input(tmp_path):
         "b",
     )
     assert res.exit_code == EXIT_INPUT and "cannot read key file" in res.output
+
+
+def test_concurrent_trust_init_agrees_on_one_deployment(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fldsl.runtime.attestation.sim import trust_init
+
+    d = tmp_path / "race"
+    with ThreadPoolExecutor(3) as pool:
+        deps = list(pool.map(lambda _: trust_init(d), range(3)))
+    assert len({dep.root_cert_pem for dep in deps}) == 1 and len({dep.mr_signer for dep in deps}) == 1
+    assert sum(len(dep.created) for dep in deps) == 7
+
+
+def test_incomplete_trust_dir_is_a_clear_error(tmp_path):
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.attestation.sim import SimDeployment, trust_init
+
+    d = tmp_path / "t"
+    trust_init(d)
+    (d / "root_ca.key").unlink()
+    with pytest.raises(AttestationError, match="both exist"):
+        trust_init(d)
+    with pytest.raises(AttestationError, match="missing root_ca.key"):
+        SimDeployment.load(d)
