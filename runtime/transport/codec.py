@@ -118,6 +118,7 @@ def _chunk_segments(segments: Sequence[memoryview], chunk: int) -> Iterator[list
     """Split the concatenation of ``segments`` into pieces of at most ``chunk`` bytes, without copying."""
     current: list[memoryview] = []
     room = chunk
+    yielded = False
     for seg in segments:
         pos = 0
         while pos < len(seg):
@@ -127,8 +128,9 @@ def _chunk_segments(segments: Sequence[memoryview], chunk: int) -> Iterator[list
             room -= take
             if room == 0:
                 yield current
+                yielded = True
                 current, room = [], chunk
-    if current or chunk == room:  # also yields one empty chunk for an empty payload
+    if current or not yielded:  # an empty payload still makes one (empty) frame
         yield current
 
 
