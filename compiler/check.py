@@ -129,7 +129,8 @@ class Checker:
         self.error(span, msg, hint)
 
     def loc(self, span: ast.Span) -> str:
-        return f"{self.file}:{span.line}:{span.column}"
+        # Written into artifacts: the file name only, so builds do not depend on where the source lives.
+        return f"{Path(self.file).name}:{span.line}:{span.column}"
 
     def fail_if_errors(self) -> None:
         if any(d.severity == "error" for d in self.diags):
@@ -998,11 +999,10 @@ class Checker:
                 )
             else:
                 validation.test_data = tv.text
-        if vals["epochs"] is None or vals["batch_size"] is None:
-            raise _Fatal
+        # A missing/bad value was reported; a placeholder lets the trust block still be checked.
         return TrainSpec(
-            epochs=vals["epochs"],
-            batch_size=vals["batch_size"],
+            epochs=vals["epochs"] or 1,
+            batch_size=vals["batch_size"] or 1,
             optimizer=opt,
             seed=vals["seed"],
             checkpoint_every_steps=ckpt,

@@ -1,0 +1,164 @@
+"""Every example pipeline checks and compiles; output is deterministic; measurements track what changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from fldsl.compiler.manifest import trusted_node_files
+
+from fldsl.api import check, compile_pipeline, load_or_compile
+from fldsl.artifacts import Pins, Plan, Policy, load_model, sha256_hex
+from fldsl.measurement import sim_mr_enclave
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = REPO / "pipelines"
+GENERATED = ["vertical_wide_deep", "horizontal_dlrm", "distributed_dlrm"]
+FATE = ["fate_breast_vertical", "fate_credit_vertical", "fate_breast_horizontal", "fate_credit_horizontal"]
+
+
+def fate_dir() -> Path:
+    env = os.environ.get("FLDSL_SHARED_DATA")
+    return (Path(env) if env else REPO.parent / "shared" / "data") / "fate"
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generated_pipelines_check_and_compile(name: str, tmp_path: Path) -> None:
+    program = check(PIPELINES / f"{name}.flp")
+    assert program.pipeline == name
+    result = compile_pipeline(PIPELINES / f"{name}.flp", tmp_path / "b")
+    files = _tree(result.build_dir)
+    assert "pipeline.json" in files
+    for n in program.nodes:
+        for f in ("plan.json", "policy.json", "pins.json"):
+            assert f"nodes/{n.id}/{f}" in files
+        node = n.id.split(".", 1)[1]
+        assert f"nodes/{n.id}/{node}.manifest.toml" in files
+        assert f"nodes/{n.id}/{node}.manifest.template" in files
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", FATE)
+def test_fate_pipelines_check_and_compile(name: str, tmp_path: Path) -> None:
+    params = {"data_dir": str(fate_dir())}
+    program = check(PIPELINES / f"{name}.flp", params)
+    for ds in program.datasets:
+        assert ds.spec.path is not None and Path(ds.spec.path).is_absolute()
+        assert ds.spec.feature_columns and all(c.startswith("x") for c in ds.spec.feature_columns)
+    compile_pipeline(PIPELINES / f"{name}.flp", tmp_path / "b", params)
+
+
+def test_fate_missing_data_is_one_clear_line(tmp_path: Path) -> None:
+    from fldsl.diagnostics import FldslError
+
+    with pytest.raises(FldslError) as ei:
+        check(PIPELINES / "fate_breast_vertical.flp", {"data_dir": str(tmp_path / "nowhere")})
+    errors = ei.value.errors
+    assert len(errors) == 1
+    msg = errors[0].message
+    assert "breast_hetero_guest.csv" in msg and "--set data_dir=DIR" in msg
+
+
+def test_compile_twice_is_byte_identical(tmp_path: Path) -> None:
+    a = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "a")
+    b = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "b")
+    assert a.digest == b.digest
+    assert _tree(a.build_dir) == _tree(b.build_dir)
+    # Recompiling into the same directory replaces it cleanly.
+    c = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "a")
+    assert _tree(c.build_dir) == _tree(b.build_dir)
+
+
+def test_artifacts_are_consistent(tmp_path: Path) -> None:
+    r = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "b")
+    pins = load_model(Pins, r.build_dir / "nodes/media.trainer/pins.json")
+    pf = json.loads((r.build_dir / "pipeline.json").read_text())
+    assert pf["digest"] == r.digest
+    assert "/" not in pf["source"]
+    for node in ("media.trainer", "shop.trainer"):
+        d = r.build_dir / "nodes" / node
+        assert (d / "pins.json").read_bytes() == (r.build_dir / "nodes/shop.trainer/pins.json").read_bytes()
+        toml = (d / "trainer.manifest.toml").read_bytes()
+        # The pinned measurement is the simulated MRENCLAVE of exactly this manifest ...
+        assert pins.nodes[node].mr_enclave == [sim_mr_enclave(toml)]
+        assert pins.nodes[node].isv_prod_id == 1 and pins.nodes[node].isv_svn_min == 1
+        # ... and the manifest measures exactly the plan and policy that were written.
+        trusted = trusted_node_files(toml.decode())
+        assert trusted["plan.json"] == sha256_hex((d / "plan.json").read_bytes())
+        assert trusted["policy.json"] == sha256_hex((d / "policy.json").read_bytes())
+        load_model(Plan, d / "plan.json")
+        load_model(Policy, d / "policy.json")
+
+
+def _compile_variant(tmp_path: Path, name: str, old: str, new: str) -> dict[str, str]:
+    src = (PIPELINES / "vertical_wide_deep.flp").read_text()
+    assert src.count(old) == 1
+    # Same file name for every variant: the name appears in rule spans (policy.json), so it is measured.
+    (tmp_path / name).mkdir()
+    f = tmp_path / name / "vertical_wide_deep.flp"
+    f.write_text(src.replace(old, new))
+    r = compile_pipeline(f, tmp_path / name / "build")
+    pins = load_model(Pins, r.build_dir / "nodes/media.trainer/pins.json")
+    return {"digest": r.digest, **{n: i.mr_enclave[0] for n, i in pins.nodes.items()}}
+
+
+def test_changing_units_changes_affected_measurements_and_digest(tmp_path: Path) -> None:
+    base = _compile_variant(tmp_path, "base", "units: [32, 2]", "units: [32, 2]")
+    top = _compile_variant(tmp_path, "top", "units: [32, 2]", "units: [16, 2]")
+    # Only the shop runs the top model: its measurement changes, the media party's does not.
+    assert top["shop.trainer"] != base["shop.trainer"]
+    assert top["media.trainer"] == base["media.trainer"]
+    assert top["digest"] != base["digest"]
+    same = _compile_variant(tmp_path, "same", "units: [32, 2]", "units: [32, 2]")
+    assert same == base
+
+
+def test_declared_cut_shape_must_follow_units(tmp_path: Path) -> None:
+    from fldsl.diagnostics import FldslError
+
+    src = (PIPELINES / "vertical_wide_deep.flp").read_text()
+    f = tmp_path / "vertical_wide_deep.flp"
+    f.write_text(src.replace("units: [64])\n  at shop:  act2", "units: [32])\n  at shop:  act2"))
+    with pytest.raises(FldslError) as ei:
+        check(f)
+    assert ei.value.errors[0].message == (
+        "declared `float32[batch, 64]` for `act1` but it is inferred as `float32[batch, 32]`"
+    )
+    f.write_text(f.read_text().replace("float32[batch, 64]", "float32[batch, 32]"))
+    base = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "base")
+    narrow = compile_pipeline(f, tmp_path / "narrow")
+    a = load_model(Pins, base.build_dir / "nodes/media.trainer/pins.json").nodes
+    b = load_model(Pins, narrow.build_dir / "nodes/media.trainer/pins.json").nodes
+    assert a["media.trainer"].mr_enclave != b["media.trainer"].mr_enclave
+    assert a["shop.trainer"].mr_enclave != b["shop.trainer"].mr_enclave
+
+
+def test_set_overrides_params_and_changes_digest(tmp_path: Path) -> None:
+    a = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "a")
+    b = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "b", {"rows": "500"})
+    plan = load_model(Plan, b.build_dir / "nodes/media.trainer/plan.json")
+    assert plan.data[0].params["rows"] == 500
+    assert a.digest != b.digest
+
+
+def test_load_or_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    built = load_or_compile(PIPELINES / "vertical_wide_deep.flp")
+    assert built == Path("build/vertical_wide_deep")
+    assert (built / "pipeline.json").is_file()
+    assert load_or_compile(built) == built
+
+
+def test_refuses_to_overwrite_foreign_directory(tmp_path: Path) -> None:
+    from fldsl.diagnostics import FldslError
+
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FldslError, match="refusing to overwrite"):
+        compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
