@@ -135,12 +135,17 @@ def sign_node(
     node_dir: Path, key: Path, *, entrypoint: str, arch_libdir: str, expected_mr_signer: str
 ) -> SignedNode:
     node_id = node_dir.name
-    template = node_dir / f"{node_id}.manifest.template"
-    if not template.is_file():
-        raise SignError(f"{template}: missing (was the pipeline compiled?)")
-    manifest = node_dir / f"{node_id}.manifest"
-    sgx = node_dir / f"{node_id}.manifest.sgx"
-    sig = node_dir / f"{node_id}.sig"
+    templates = sorted(node_dir.glob("*.manifest.template"))
+    if len(templates) != 1:
+        found = ", ".join(t.name for t in templates) or "none"
+        raise SignError(
+            f"{node_dir}: expected one *.manifest.template, found {found} (was the pipeline compiled?)"
+        )
+    template = templates[0]
+    stem = template.name.removesuffix(".manifest.template")  # e.g. "trainer" for node media.trainer
+    manifest = node_dir / f"{stem}.manifest"
+    sgx = node_dir / f"{stem}.manifest.sgx"
+    sig = node_dir / f"{stem}.sig"
     _run(
         [
             "gramine-manifest",

@@ -163,5 +163,5 @@ def test_incomplete_trust_dir_is_a_clear_error(tmp_path):
     (d / "root_ca.key").unlink()
     with pytest.raises(AttestationError, match="both exist"):
         trust_init(d)
-    with pytest.raises(AttestationError, match="missing root_ca.key"):
+    with pytest.raises(AttestationError, match=r"missing root_ca\.key"):
         SimDeployment.load(d)

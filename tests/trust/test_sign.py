@@ -204,3 +204,26 @@ def test_fake_tool_json_shape_matches_gramine(build, fake_tools, key):
         check=True,
     ).stdout
     assert set(json.loads(out)) >= {"mr_signer", "mr_enclave", "isv_prod_id", "isv_svn", "debug_enclave"}
+
+
+def test_sign_a_really_compiled_pipeline(tmp_path, fake_tools, key, deployment):
+    """The compiler's own build dir (template names, pipeline.json file keys) signs end to end."""
+    from fldsl.api import compile_pipeline
+
+    root = Path(__file__).resolve().parents[2]
+    result = compile_pipeline(root / "pipelines" / "vertical_wide_deep.flp", tmp_path / "out", {})
+    build = Path(result.build_dir)
+    signed = sign_build(build, key, entrypoint=sys.executable, arch_libdir="/lib/x86_64-linux-gnu")
+    node_ids = sorted(p.name for p in (build / "nodes").iterdir())
+    assert [s.node_id for s in signed] == node_ids and len(node_ids) >= 2
+    texts = {(build / "nodes" / n / "pins.json").read_text() for n in node_ids}
+    assert len(texts) == 1
+    pins = Pins.model_validate_json(texts.pop())
+    assert all(
+        i.measurement_kind == "sgx" and i.mr_signer == mr_signer_of(deployment.signing_key).hex()
+        for i in pins.nodes.values()
+    )
+    pipeline = load_model(PipelineFile, build / "pipeline.json")
+    assert {s.id: [s.measurement] for s in pipeline.nodes} == {n: i.mr_enclave for n, i in pins.nodes.items()}
+    for s in pipeline.nodes:
+        assert s.files["pins.json"] == hashlib.sha256(dump_json(pins).encode()).hexdigest()
