@@ -31,7 +31,7 @@ from fldsl.artifacts import (
     dump_json,
     node_dir,
 )
-from fldsl.measurement import sim_mr_enclave
+from fldsl.measurement import code_digest, sim_mr_enclave
 
 F32 = "float32"
 I64 = "int64"
@@ -85,12 +85,28 @@ def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str =
         short = plan.node.split(".", 1)[1]
         (d / f"{short}.manifest.template").write_text(template)
         (d / f"{short}.manifest.toml").write_text(toml)
-        pins_nodes[plan.node] = Identity(mr_enclave=[sim_mr_enclave(toml.encode())], isv_prod_id=1,
-                                         isv_svn_min=1)
+        # The uncached code digest: the files may have changed since this process started (the node
+        # processes measure the code as it is when they start).
+        pins_nodes[plan.node] = Identity(mr_enclave=[sim_mr_enclave(toml.encode(), code_digest.__wrapped__())],
+                                         isv_prod_id=1, isv_svn_min=1)
     pins = Pins(pipeline=pipeline, nodes=pins_nodes)
     for plan in plans:
         (node_dir(build, plan.node) / "pins.json").write_text(dump_json(pins))
     return build
+
+
+def recompile_policy(build: Path, node: str, edit: Any) -> None:
+    """Change one node's policy consistently, as a compile would: new manifest, new pins everywhere."""
+    d = node_dir(build, node)
+    policy = Policy.model_validate_json((d / "policy.json").read_bytes())
+    edit(policy)
+    (d / "policy.json").write_text(dump_json(policy))
+    rehash_manifest(build, node)
+    toml = next(d.glob("*.manifest.toml")).read_bytes()
+    pins = Pins.model_validate_json((d / "pins.json").read_bytes())
+    pins.nodes[node].mr_enclave = [sim_mr_enclave(toml, code_digest.__wrapped__())]
+    for nd in (build / "nodes").iterdir():
+        (nd / "pins.json").write_text(dump_json(pins))
 
 
 def rehash_manifest(build: Path, node: str) -> None:
