@@ -58,12 +58,16 @@ class FlowBuilder:
         self.aggregation: AggregationSpec | None = None
         self.sharding: ShardingSpec | None = None
         self.pending: list[_Pending] = []
+        self.deferred: list[tuple[ast.Span, str]] = []
 
     # --- common ----------------------------------------------------------------------------------------
     def build(self) -> list[Flow]:
         getattr(self, self.c.scenario)()
         self.c.fail_if_errors()
         flows = self.apply_rules()
+        # Structural errors about flows come after the information-flow errors on the same flows.
+        for span, msg in self.deferred:
+            self.c.error(span, msg)
         return sorted(flows, key=lambda f: f.id)
 
     def add(
@@ -205,10 +209,12 @@ class FlowBuilder:
                 raw=t.raw,
             )
             if dst_party != label_party:
-                c.error(
-                    span,
-                    f"in a vertical pipeline tensors go to the label owner `{label_party}`; "
-                    f"`{ref}` would go from `{src_party}` to `{dst_party}`",
+                self.deferred.append(
+                    (
+                        span,
+                        f"in a vertical pipeline tensors go to the label owner `{label_party}`; "
+                        f"`{ref}` would go from `{src_party}` to `{dst_party}`",
+                    )
                 )
             elif t.trainable:
                 grads.append((t, src_party, dst_party))
