@@ -61,12 +61,14 @@ class Control(_message.Message):
         COMMIT: _ClassVar[Control.Kind]
         ABORT: _ClassVar[Control.Kind]
         CLOSE: _ClassVar[Control.Kind]
+        CLOSE_ACK: _ClassVar[Control.Kind]
     UNKNOWN: Control.Kind
     READY: Control.Kind
     START: Control.Kind
     COMMIT: Control.Kind
     ABORT: Control.Kind
     CLOSE: Control.Kind
+    CLOSE_ACK: Control.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     kind: Control.Kind

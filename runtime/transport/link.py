@@ -173,6 +173,7 @@ class PeerLink:
         self._generation = 0
         self._down_since: float | None = time.monotonic()
         self._peer_closed = False
+        self._close_acked = False
         self._failure: Exception | None = None
         self._closed = False
         self._mailbox: dict[tuple[str, int], deque[tuple[str, Any]]] = {}
@@ -401,15 +402,33 @@ class PeerLink:
                 self._failure = exc
             self._cv.notify_all()
 
-    def close(self) -> None:
+    def begin_close(self) -> None:
+        """Send CLOSE after everything queued; later calls on this link raise."""
         with self._cv:
             self._closed = True
             stream = self._stream
             self._cv.notify_all()
         if stream is not None:
-            # Queued frames still leave, then CLOSE tells the peer this was deliberate, then the stream ends.
             self._send_urgent(stream, codec.control_frame(pb.Control.CLOSE, 0))
+
+    def finish_close(self, deadline: float) -> bool:
+        """Wait (until ``deadline``, monotonic) for the peer's CLOSE_ACK, then end our side of the stream.
+
+        The ACK means the peer has read every frame we sent before CLOSE, so nothing in flight is lost
+        when the process exits right after. Returns False if the peer did not acknowledge in time.
+        """
+        with self._cv:
+            while not self._close_acked and self._stream is not None and time.monotonic() < deadline:
+                self._cv.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            acked = self._close_acked
+            stream = self._stream
+        if stream is not None:
             stream.outbox.close()
+        return acked
+
+    def close(self, timeout: float = 5.0) -> bool:
+        self.begin_close()
+        return self.finish_close(time.monotonic() + timeout)
 
     def reset_down_clock(self) -> None:
         """Start counting the connect timeout now (called when the transport starts)."""
@@ -437,11 +456,11 @@ class PeerLink:
     # ------------------------------------------------------------------------------------------------
 
     def on_frame(self, stream: Stream, data: bytes) -> None:
-        if self._failure is not None:
-            return  # fail closed: nothing more is accepted on a refused link
         try:
             header, payload = codec.decode_frame(data)
             which = header.WhichOneof("kind")
+            if self._failure is not None and which != "control":
+                return  # fail closed: no data is accepted on a refused link (housekeeping still works)
             if which == "control":
                 self._on_control(stream, header.control)
             elif which == "error":
@@ -479,6 +498,12 @@ class PeerLink:
         if c.kind == pb.Control.CLOSE:
             with self._cv:
                 self._peer_closed = True
+                self._cv.notify_all()
+            self._send_urgent(stream, codec.control_frame(pb.Control.CLOSE_ACK, 0))
+            return
+        if c.kind == pb.Control.CLOSE_ACK:
+            with self._cv:
+                self._close_acked = True
                 self._cv.notify_all()
             return
         name = _CONTROL_NAMES.get(c.kind)

@@ -140,14 +140,18 @@ class Transport:
         return self._stats.snapshot()
 
     def close(self, flush_timeout: float = 5.0) -> None:
-        """Flush what was sent, tell peers we leave on purpose, stop dialling and serving."""
+        """Tell peers we leave on purpose (after everything sent so far), wait (bounded by
+        ``flush_timeout``) until each has acknowledged reading it all, then stop dialling and serving."""
         if self._closing.is_set():
             return
-        for link in self._links.values():
-            link.flush(flush_timeout)
         self._closing.set()
         for link in self._links.values():
-            link.close()
+            link.begin_close()
+        deadline = time.monotonic() + flush_timeout
+        for link in self._links.values():
+            if not link.finish_close(deadline):
+                log.info("%s: %s did not acknowledge the close; frames in flight may be lost",
+                         self.node_id, link.peer_id)
         for link in self._links.values():
             link.wait_stream_done(1.0)
         if self._server is not None:

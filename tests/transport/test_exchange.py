@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
+from fldsl.runtime.transport import TransportError
 
 from .conftest import A, B, Pair
 
@@ -69,3 +71,15 @@ def test_recv_waits_for_a_later_send(pair: Pair) -> None:
     la.send("act", 3, np.ones((2, 16), np.float32))
     t.join(10)
     assert out and out[0].shape == (2, 16)
+
+
+def test_close_delivers_everything_sent_before_it(pair: Pair) -> None:
+    la, lb = pair.a.link(B, timeout=15), pair.b.link(A, timeout=15)
+    big = np.random.default_rng(2).standard_normal((2 * 1024 * 1024, 4), dtype=np.float32)  # 32 MiB
+    la.send("act", 0, big[:, :1].repeat(16, axis=1)[:100_000])
+    la.send_arrays("weights", 0, [big])
+    pair.a.close()  # returns once B acknowledged having read both messages
+    assert lb.recv("act", 0, timeout=1).shape == (100_000, 16)
+    np.testing.assert_array_equal(lb.recv_arrays("weights", 0, timeout=1)[0], big)
+    with pytest.raises(TransportError, match=r"media\.trainer closed the link before sending flow 'act'"):
+        lb.recv("act", 1, timeout=5)
