@@ -116,10 +116,10 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
     n = len(rows)
     if n == 0:
         raise DataError("no data rows after the header", name, 1)
-    grid = np.array(rows, dtype=str).reshape(n, ncol)
+    columns = list(zip(*rows, strict=True))  # one tuple of cells per column: cheap to parse column-wise
 
     if id_column:
-        ids = np.char.strip(grid[:, col[id_column]])
+        ids = np.array([v.strip() for v in columns[col[id_column]]])
         seen: dict[str, int] = {}
         for i, v in enumerate(ids.tolist()):
             if not v:
@@ -131,19 +131,21 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
         ids = np.arange(n, dtype=np.int64)
 
     fields: dict[str, np.ndarray] = {}
-    idx = [col[c] for c in feature_columns]
-    fields["features"] = _numbers(grid[:, idx], list(feature_columns), name, line_no).astype(np.float32)
     if label_column:
-        raw = grid[:, col[label_column]]
-        for i in np.flatnonzero(np.char.str_len(np.char.strip(raw)) == 0)[:1]:
-            raise DataError(f"missing label in column `{label_column}`", name, line_no[int(i)])
-        y = _numbers(raw[:, None], [label_column], name, line_no)[:, 0]
+        raw = columns[col[label_column]]
+        for i, v in enumerate(raw):
+            if not v.strip():
+                raise DataError(f"missing label in column `{label_column}`", name, line_no[i])
+    wanted_cols = list(feature_columns) + ([label_column] if label_column else [])
+    values = _numbers([columns[col[c]] for c in wanted_cols], wanted_cols, name, line_no)
+    fields["features"] = values[:, : len(feature_columns)].astype(np.float32)
+    if label_column:
+        y = values[:, -1]
         if label_dtype in ("int32", "int64", "bool"):
             bad = np.flatnonzero(y != np.round(y))
             if bad.size:
                 i = int(bad[0])
-                cell = str(raw[i])
-                raise DataError(f"label `{label_column}` must be a whole number (a class), got {cell!r}",
+                raise DataError(f"label `{label_column}` must be a whole number (a class), got {raw[i]!r}",
                                 name, line_no[i])
             fields["label"] = y.astype(np.int64 if label_dtype != "int32" else np.int32)
         else:
@@ -151,31 +153,33 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
     return Table(ids=ids, fields=fields)
 
 
-def _numbers(block: np.ndarray, columns: list[str], name: str, line_no: list[int]) -> np.ndarray:
-    """Parse a [rows, cols] block of strings as float64; the first bad cell is reported by file:line."""
-    if block.shape[1] == 0:
-        return np.zeros(block.shape, dtype=np.float64)
-    try:
-        values = block.astype(np.float64)
-    except ValueError:
-        values = None
-    if values is not None:
-        bad = np.argwhere(~np.isfinite(values))
-        if bad.size == 0:
-            return values
-        i, j = (int(x) for x in bad[0])
-        cell = str(block[i, j])
-        raise DataError(f"column `{columns[j]}`: {cell!r} is not a finite number", name, line_no[i])
-    # Slow path only on error: find the first cell float() rejects, in file order.
-    for i in range(block.shape[0]):
-        for j in range(block.shape[1]):
-            cell = str(block[i, j])
-            try:
-                float(cell)
-            except ValueError:
-                what = "empty value" if not cell.strip() else f"{cell!r} is not a number"
-                raise DataError(f"column `{columns[j]}`: {what}", name, line_no[i]) from None
-    raise DataError("unparseable numbers", name)  # pragma: no cover - astype and float() agree
+def _numbers(cells: list[tuple[str, ...]], names: list[str], file: str, line_no: list[int]) -> np.ndarray:
+    """Parse columns of cells as a float64 [rows, cols] matrix. The first bad cell in file order (row, then
+    column) is reported as file:line. ``float`` per cell is several times faster than numpy's str->float."""
+    n = len(line_no)
+    out = np.empty((n, len(cells)), dtype=np.float64)
+    first_bad: tuple[int, int, str] | None = None
+    for j, column in enumerate(cells):
+        try:
+            out[:, j] = np.fromiter(map(float, column), dtype=np.float64, count=n)
+        except ValueError:
+            for i, cell in enumerate(column):
+                try:
+                    float(cell)
+                except ValueError:
+                    what = "empty value" if not cell.strip() else f"{cell!r} is not a number"
+                    if first_bad is None or i < first_bad[0]:
+                        first_bad = (i, j, what)
+                    break
+            continue
+        bad = np.flatnonzero(~np.isfinite(out[:, j]))
+        if bad.size and (first_bad is None or int(bad[0]) < first_bad[0]):
+            i = int(bad[0])
+            first_bad = (i, j, f"{column[i]!r} is not a finite number")
+    if first_bad is not None:
+        i, j, what = first_bad
+        raise DataError(f"column `{names[j]}`: {what}", file, line_no[i])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,12 +85,13 @@ def test_30k_rows_load_well_under_a_second(tmp_path: Path) -> None:
     lines += [f"{i},{i % 2}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(x)]
     p = tmp_path / "big.csv"
     p.write_text("\n".join(lines) + "\n")
-    t0 = time.perf_counter()
+    # CPU time, not wall time: the 2-core box is shared, and contention is not the reader's cost.
+    t0 = time.process_time()
     t = read_csv(p, id_column="id", label_column="y", feature_columns=[f"x{j}" for j in range(k)])
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert len(t) == n and t.fields["features"].shape == (n, k)
     np.testing.assert_allclose(t.fields["features"], x, atol=1e-5)
-    assert elapsed < 1.5, elapsed  # ~0.35 s measured; generous for a busy 2-core box
+    assert elapsed < 1.0, elapsed  # ~0.3 s measured
 
 
 def test_load_dataset_returns_the_declared_fields(tmp_path: Path) -> None:
