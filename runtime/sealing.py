@@ -402,7 +402,9 @@ def unseal_file(
         dst = Path(dst)
         tmp = dst.with_name(dst.name + ".tmp")
         try:
-            with open(tmp, "wb") as fout:
+            # Plaintext of a model or checkpoint: readable by its owner only.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as fout:
                 _unseal_stream(h, source, fout, key=key)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -101,6 +101,7 @@ def test_inspect_sealed_and_model_decrypt(tmp_path, deployment):
     )
     assert res.exit_code == EXIT_OK, res.output
     assert out.read_bytes() == data
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
     res = run(
         "model",
