@@ -182,6 +182,12 @@ class _Source:
             got += r
         return self.buf[:got]
 
+    def remaining(self) -> int:
+        if self.data is not None:
+            return len(self.data) - self.pos
+        assert self.f is not None
+        return os.fstat(self.f.fileno()).st_size - self.f.tell()
+
     def at_end(self) -> bool:
         if self.data is not None:
             return self.pos >= len(self.data)
@@ -324,8 +330,18 @@ def _check_header(
 
 
 def _unseal_stream(h: SealedHeader, src: _Source, out: BinaryIO | None, *, key: bytes) -> bytearray | None:
-    aead = AESGCM(derive_key(key, h.node_id))
     n = h.chunks
+    # Check the (not yet authenticated) length against the real size before allocating anything for it.
+    expected, remaining = h.total_length + n * TAG, src.remaining()
+    if remaining < expected:
+        raise SealError(
+            "truncated",
+            f"sealed file truncated: {remaining} bytes of chunks where the header announces {expected} "
+            "(a chunk is missing, or the header was modified)",
+        )
+    if remaining > expected:
+        raise SealError("tampered", "unexpected data after the last chunk of the sealed file")
+    aead = AESGCM(derive_key(key, h.node_id))
     buf: bytearray | None = None
     if out is None:
         buf = bytearray(h.total_length)

@@ -138,3 +138,18 @@ def test_mutated_evidence_resigned_by_the_certificate_key_is_never_accepted(mate
             verifier.verify(mutated, "a.n")
         except PeerRefused:
             pass
+
+
+@FUZZ
+@given(m=mutations, size=st.sampled_from([0, 100, 3000]))
+def test_mutated_sealed_blob_is_never_opened(m, size):
+    from fldsl.runtime import sealing
+
+    blob = bytes(
+        sealing.seal_bytes(b"\x5a" * size, key=b"k" * 32, node_id="a.n", name="m", version=2, chunk_size=1024)
+    )
+    mutated = _mutate(blob, *m)
+    if mutated == blob:
+        return
+    with pytest.raises(sealing.SealError):
+        sealing.unseal_bytes(mutated, key=b"k" * 32, node_id="a.n", name="m", min_version=2)

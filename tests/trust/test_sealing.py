@@ -31,7 +31,7 @@ def test_roundtrip_sizes(size):
     data = os.urandom(size)
     blob = seal(data)
     assert sealing.unseal_bytes(blob, key=KEY, node_id="a.n", name="model") == data
-    assert data not in blob or size == 0
+    assert size < 16 or data not in blob  # short inputs can appear in ciphertext by chance
 
 
 def test_file_roundtrip_streams_and_header_is_inspectable(tmp_path):
