@@ -243,7 +243,7 @@ class PeerLink:
             return self._controls.get(key, 0) > 0
 
         with self._cv:
-            self._wait(ready, f"{kind} of iteration {iteration}", timeout, mailbox_hit=ready)
+            self._wait(ready, f"{kind} of iteration {iteration}", timeout)
             self._controls[key] -= 1
 
     def wait_connected(self, timeout: float | None = None) -> None:
@@ -307,7 +307,7 @@ class PeerLink:
             return bool(self._mailbox.get(key))
 
         with self._cv:
-            self._wait(hit, f"flow {flow!r} step {step}", timeout, mailbox_hit=hit)
+            self._wait(hit, f"flow {flow!r} step {step}", timeout)
             q = self._mailbox[key]
             got_kind, value = q.popleft()
             if not q:
@@ -318,8 +318,7 @@ class PeerLink:
                 f"but {_KIND_WORDS[kind]} was expected")
         return value
 
-    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None,
-              mailbox_hit: Callable[[], bool]) -> None:
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float | None) -> None:
         """Wait (holding ``_cv``) until ``ready()``; fail on link failure, peer close or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not ready():
