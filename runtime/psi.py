@@ -140,6 +140,14 @@ def _worker_main() -> None:
 
 
 def default_workers(n: int) -> int:
+    """Worker processes for a set of ``n`` ids: ``$FLDSL_PSI_WORKERS`` if set (1 = never spawn, e.g. in an
+    enclave whose manifest does not allow child processes), else up to 4 for large sets."""
+    env = os.environ.get("FLDSL_PSI_WORKERS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise PsiError(f"FLDSL_PSI_WORKERS must be an integer, got {env!r}") from None
     return 1 if n < PARALLEL_THRESHOLD else max(1, min(os.cpu_count() or 1, 4))
 
 
