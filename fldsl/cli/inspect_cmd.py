@@ -63,6 +63,10 @@ def _emit(doc: dict[str, Any], as_json: bool, title: str) -> None:
             if isinstance(v, dict):
                 click.echo(f"{indent}{k}:")
                 show(v, indent + "  ")
+            elif isinstance(v, list):
+                click.echo(f"{indent}{k + ':':<20} {'none' if not v else ''}".rstrip())
+                for item in v:
+                    click.echo(f"{indent}  - {item}")
             else:
                 click.echo(f"{indent}{k + ':':<20} {v}")
 
@@ -73,11 +77,52 @@ def _verdict_doc(verdict: Any) -> dict[str, Any]:
     return {"ok": verdict.ok, "status": verdict.status, "label": verdict.label, "detail": verdict.message}
 
 
+def _peer_check(file: Path, node_dir: Path, expect: str | None, trust_dir: Path) -> dict[str, Any]:
+    """Run exactly the check the node in NODE_DIR would run on this certificate (its pins and policy)."""
+    from fldsl.artifacts import ArtifactError, Pins, Policy, load_model
+    from fldsl.runtime.attestation.sim import FILES
+    from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
+
+    try:
+        pins = load_model(Pins, node_dir / "pins.json")
+        policy = load_model(Policy, node_dir / "policy.json")
+    except ArtifactError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    root = trust_dir / FILES["root_cert"]
+    verifier = PeerVerifier(
+        pins,
+        policy.attestation,
+        sim_root_pem=root.read_bytes() if root.is_file() else None,
+        own_pins_digest=pins.digest(),
+    )
+    try:
+        verdict = verifier.verify(file.read_bytes(), expect)
+    except PeerRefused as e:
+        return {
+            "as_node": policy.node,
+            "accepted": False,
+            "field": e.field,
+            "expected": e.expected,
+            "actual": e.actual,
+            "message": str(e),
+        }
+    return {"as_node": policy.node, "accepted": True, "summary": verdict.summary}
+
+
 @command.command(name="cert")
 @click.argument("file", type=click.Path(path_type=Path))
 @_json
 @_trust_dir
-def cert(file: Path, as_json: bool, trust_dir: Path) -> None:
+@click.option(
+    "--node-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A node's build folder (build/<pipeline>/nodes/<id>): also verify the certificate exactly as that "
+    "node would, against its pins.json and policy.json.",
+)
+@click.option("--expect", default=None, help="With --node-dir: the node id the peer must be.")
+def cert(file: Path, as_json: bool, trust_dir: Path, node_dir: Path | None, expect: str | None) -> None:
     """An RA-TLS certificate (PEM or DER): evidence, key binding, quote genuineness."""
     from fldsl.runtime.attestation.ratls import CertificateError, parse_certificate
 
@@ -99,8 +144,12 @@ def cert(file: Path, as_json: bool, trust_dir: Path) -> None:
     if ev.quote.debug:
         problems.append("DEBUG enclave: its memory is readable by the host; production policies refuse it")
     doc["problems"] = problems
+    failed = not ev.self_signature_ok or not ev.pubkey_hash_ok or not verdict.ok
+    if node_dir is not None:
+        doc["peer_check"] = _peer_check(file, node_dir, expect, trust_dir)
+        failed = failed or not doc["peer_check"]["accepted"]
     _emit(doc, as_json, f"RA-TLS certificate {file}")
-    sys.exit(EXIT_TRUST if (not ev.self_signature_ok or not ev.pubkey_hash_ok or not verdict.ok) else EXIT_OK)
+    sys.exit(EXIT_TRUST if failed else EXIT_OK)
 
 
 @command.command(name="quote")

@@ -166,3 +166,36 @@ def test_incomplete_trust_dir_is_a_clear_error(tmp_path):
         trust_init(d)
     with pytest.raises(AttestationError, match=r"missing root_ca\.key"):
         SimDeployment.load(d)
+
+
+def test_inspect_cert_as_a_node_would_names_the_refused_field(tmp_path, deployment, pins):
+    from fldsl.artifacts import Policy, dump_json
+
+    from .conftest import SIM
+
+    node_dir = tmp_path / "nodes" / "shop.trainer"
+    node_dir.mkdir(parents=True)
+    (node_dir / "pins.json").write_text(dump_json(pins))
+    policy = Policy(
+        pipeline="demo",
+        node="shop.trainer",
+        attestation=SIM,
+        accept_peers=["media.trainer"],
+        flows=[],
+        max_message_bytes=1 << 20,
+    )
+    (node_dir / "policy.json").write_text(dump_json(policy))
+    good = deployment.backend(mr_enclave=MR_A, isv_prod_id=7, isv_svn=2, debug=False)
+    bad = deployment.backend(mr_enclave=b"\3" * 32, isv_prod_id=7, isv_svn=2, debug=False)
+    for name, backend in (("good.pem", good), ("bad.pem", bad)):
+        ident = ratls.make_identity(backend, node_id="media.trainer", pins_digest=pins.digest())
+        (tmp_path / name).write_bytes(ident.cert_pem)
+    args = ["--trust-dir", str(deployment.dir), "--node-dir", str(node_dir), "--expect", "media.trainer"]
+    res = run("inspect", "cert", str(tmp_path / "good.pem"), *args)
+    assert res.exit_code == EXIT_OK, res.output
+    assert "accepted:" in res.output and "SIMULATED quote" in res.output
+    res = run("inspect", "cert", str(tmp_path / "bad.pem"), "--json", *args)
+    assert res.exit_code == EXIT_TRUST
+    check = json.loads(res.output)["peer_check"]
+    assert (check["accepted"], check["field"], check["actual"]) == (False, "mr_enclave", "03" * 32)
+    assert "recompile and redeploy" in check["message"]
