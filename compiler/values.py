@@ -135,9 +135,7 @@ def evaluate(
             return BAD
         if not found:
             # A bare identifier is accepted where a name or a keyword-like string is expected.
-            if ptype == "name" and len(expr.parts) == 1:
-                return expr.text
-            if ptype == "str" and choices and len(expr.parts) == 1:
+            if (ptype == "name" or (ptype == "str" and choices)) and len(expr.parts) == 1:
                 value = expr.text
             else:
                 if len(expr.parts) == 1 and ptype in ("int", "float", "str"):
