@@ -83,7 +83,14 @@ def uniform(seed: int, output: str, var: str, shape: tuple[int, ...], scale: flo
 def _variable(value: np.ndarray, name: str) -> tf.Variable:
     # init_scope: variables are created eagerly even if a segment is (unusually) built under tf.function.
     with tf.init_scope():
-        return tf.Variable(value, name=name.replace("/", "__"), trainable=True)
+        var = tf.Variable(value, name=name, trainable=True)
+    # TF prefixes names with any enclosing name_scope; keep the scope-free name for weight_names.
+    var._fldsl_name = name
+    return var
+
+
+def variable_name(var: tf.Variable) -> str:
+    return getattr(var, "_fldsl_name", var.name.rsplit(":", 1)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

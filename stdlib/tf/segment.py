@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from fldsl.stdlib.tf.ops import OPS, OpError
+from fldsl.stdlib.tf.ops import OPS, OpError, variable_name
 
 from fldsl.artifacts import OpCall, TensorSpec
 
@@ -63,7 +63,7 @@ class Segment(tf.Module):
             self._impls.append(impl)
             for v in impl.variables:
                 variables.append(v)
-                names.append(v.name.split(":")[0].replace("__", "/"))
+                names.append(variable_name(v))
         self._vars = variables
         # Plain tuples: tf.Module would wrap lists in trackable ListWrappers.
         self._names = tuple(names)

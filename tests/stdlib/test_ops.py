@@ -146,3 +146,10 @@ def test_missing_input_at_call_time_is_named() -> None:
     seg = build_segment(ALL_OPS[:2], SPECS, seed=0)
     with pytest.raises(SegmentError, match=r"segment input `d\.features` was not given"):
         seg({"d.sparse": np.zeros((2, 26), np.int64)})
+
+
+def test_weight_names_ignore_enclosing_name_scopes_and_keep_slashes() -> None:
+    call = op("act1/embed", "embed", ["d.sparse"], 26 * 2, buckets=5, dim=2)
+    with tf.name_scope("node"):
+        seg = build_segment([call], SPECS, seed=0)
+    assert seg.weight_names == ["act1/embed/table"]
