@@ -11,8 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from fldsl.measurement import code_digest  # noqa: E402
-from fldsl.runtime.launcher import RunResult, run_pipeline  # noqa: E402
+from fldsl.runtime.launcher import RunResult, run_pipeline
+
+from fldsl.measurement import code_digest
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,8 @@ def test_vertical_two_processes_learn_and_export_sealed_models(tmp_path: Path, t
 
 @pytest.mark.parametrize("mode", ["sync", "fedavg"])
 def test_horizontal_server_and_workers(tmp_path: Path, trust_dir: Path, mode: str) -> None:
-    res = launch(lambda: buildkit.horizontal_build(tmp_path, mode=mode, rows=300), tmp_path / "run", trust_dir)
+    res = launch(lambda: buildkit.horizontal_build(tmp_path, mode=mode, rows=300), tmp_path / "run",
+                 trust_dir)
     assert res.exit_code == 0, describe(res)
     doc = res.to_json()
     assert set(doc["nodes"]) == {"bank1.worker", "bank2.worker", "hub.ps"}
@@ -82,10 +83,10 @@ class _StopAtCheckpoint:
         self.launcher = None
         self.sent = False
 
-    def begin(self, launcher) -> None:  # noqa: ANN001
+    def begin(self, launcher) -> None:
         self.launcher = launcher
 
-    def update(self, st) -> None:  # noqa: ANN001
+    def update(self, st) -> None:
         if not self.sent and st.phase == "train" and st.step >= self.step:
             self.sent = True
             self.launcher.stop_all(signal.SIGINT)
@@ -109,7 +110,7 @@ def test_vertical_interrupted_run_resumes_to_the_same_model(tmp_path: Path, trus
     assert resumed.exit_code == 0, describe(resumed)
     events = _events(part.run_dir)
     if part.exit_code != 0:
-        assert any(e["event"] == "plan" and e.get("resumed_from") for e in events), "resumed from a checkpoint"
+        assert any(e["event"] == "plan" and e.get("resumed_from") for e in events), "did not resume"
     for node in ("media.trainer", "shop.trainer"):
         name = f"{node}/model"
         a = _unseal_model(trust_dir, Path(full.to_json()["nodes"][node]["exports"][name]), node, name)
@@ -118,7 +119,7 @@ def test_vertical_interrupted_run_resumes_to_the_same_model(tmp_path: Path, trus
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def run_again(run_dir: Path, trust_dir: Path, root: Path):  # noqa: ANN201
+def run_again(run_dir: Path, trust_dir: Path, root: Path):
     """Start the same build again in the same run dir (what `fldsl run --run-dir` after a crash does)."""
     from fldsl.runtime.launcher import run_pipeline
 

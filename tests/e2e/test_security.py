@@ -1,0 +1,82 @@
+"""Trust failures end to end: each is refused by the peers, named, and the run exits 3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import buildkit
+import pytest
+from conftest import describe, launch
+
+from fldsl.artifacts import node_dir
+
+pytestmark = pytest.mark.e2e
+
+
+def _errors(res) -> str:
+    return "\n".join(f"{n}: {st.error}" for n, st in res.nodes.items() if st.error)
+
+
+def test_plan_changed_after_compile_is_refused_by_the_peer(tmp_path: Path, trust_dir: Path) -> None:
+    def make() -> Path:
+        build = buildkit.vertical_build(tmp_path, rows=200, epochs=1)
+        # The host edits the passive's plan (a bigger learning rate) and re-renders its manifest so the node
+        # itself starts; the pins are unchanged, so the new measurement no longer matches.
+        plan = node_dir(build, "media.trainer") / "plan.json"
+        doc = json.loads(plan.read_text())
+        doc["train"]["optimizer"]["params"]["learning_rate"] = 0.5
+        plan.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+        buildkit.rehash_manifest(build, "media.trainer")
+        return build
+
+    res = launch(make, tmp_path / "run", trust_dir)
+    assert res.exit_code == 3, describe(res)
+    errors = _errors(res)
+    assert "mr_enclave" in errors and "media.trainer" in errors, errors
+    assert res.nodes["media.trainer"].exit_code == 3
+
+
+def test_plan_changed_without_rehash_refuses_to_start(tmp_path: Path, trust_dir: Path) -> None:
+    def make() -> Path:
+        build = buildkit.vertical_build(tmp_path, rows=200, epochs=1)
+        plan = node_dir(build, "shop.trainer") / "plan.json"
+        plan.write_text(plan.read_text().replace('"epochs": 1', '"epochs": 9'))
+        return build
+
+    res = launch(make, tmp_path / "run", trust_dir)
+    assert res.exit_code == 3, describe(res)
+    assert "plan.json was modified after compile" in (res.nodes["shop.trainer"].error or "")
+
+
+def test_sim_quote_from_another_deployment_root_is_refused(tmp_path: Path, trust_dir: Path) -> None:
+    from fldsl.runtime.attestation.sim import trust_init
+
+    other = tmp_path / "other-trust"
+    trust_init(other)
+    res = launch(lambda: buildkit.vertical_build(tmp_path, rows=200, epochs=1), tmp_path / "run", trust_dir,
+                 node_args={"media.trainer": ["--trust-dir", str(other)]})
+    assert res.exit_code == 3, describe(res)
+    errors = _errors(res)
+    assert "quote" in errors, errors
+
+
+def test_tensor_outside_the_receivers_policy_is_refused(tmp_path: Path, trust_dir: Path) -> None:
+    def make() -> Path:
+        build = buildkit.vertical_build(tmp_path, rows=200, epochs=1)
+
+        def narrow(policy) -> None:
+            # The receiver's policy allows act1 only as float64: the float32 activations the sender's policy
+            # allows are not in it.
+            for f in policy.flows:
+                if f.tensor == "act1":
+                    f.spec = buildkit.spec([None, 16], "float64")
+                    f.max_bytes *= 2
+
+        buildkit.recompile_policy(build, "shop.trainer", narrow)
+        return build
+
+    res = launch(make, tmp_path / "run", trust_dir)
+    assert res.exit_code == 3, describe(res)
+    errors = _errors(res)
+    assert "act1" in errors and "float64" in errors, errors
