@@ -319,7 +319,7 @@ def policy_for(p: Program, n: IRNode) -> Policy:
         pipeline=p.pipeline,
         node=n.id,
         attestation=AttestationRequirement(mode=p.trust.attestation, allow_debug=p.trust.debug),
-        accept_peers=sorted({f.src for f in flows} | {f.dst for f in flows} - {n.id}),
+        accept_peers=sorted(({f.src for f in flows} | {f.dst for f in flows}) - {n.id}),
         flows=flows,
         max_message_bytes=MAX_MESSAGE_BYTES,
         at_rest=p.trust.at_rest,
