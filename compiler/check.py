@@ -159,8 +159,7 @@ class Checker:
             from fldsl.compiler.flows import FlowBuilder
 
             builder = FlowBuilder(self, train)
-            flows = builder.build()
-            self.fail_if_errors()
+            flows = builder.build()  # information-flow errors are collected, not raised
             program = Program(
                 pipeline=self.m.name.value,
                 source_name=Path(self.file).name,
@@ -193,7 +192,12 @@ class Checker:
         except _Fatal:
             raise FldslError(self.diags, {self.file: self.source}) from None
         if any(d.severity == "error" for d in self.diags):
-            raise FldslError(self.diags, {self.file: self.source})
+            # Only flow errors are left: the partial program (refused flows removed) and the refused flows
+            # let `fldsl graph` draw the pipeline with the violations in red.
+            err = FldslError(self.diags, {self.file: self.source})
+            err.program = program
+            err.violations = list(builder.violations)
+            raise err
         program._warnings = [d for d in self.diags if d.severity == "warning"]
         return program
 

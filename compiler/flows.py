@@ -59,6 +59,7 @@ class FlowBuilder:
         self.sharding: ShardingSpec | None = None
         self.pending: list[_Pending] = []
         self.deferred: list[tuple[ast.Span, str]] = []
+        self.violations: list[dict[str, str]] = []  # refused flows, for drawing them in red
 
     # --- common ----------------------------------------------------------------------------------------
     def build(self) -> list[Flow]:
@@ -558,6 +559,7 @@ class FlowBuilder:
                     )
                 else:
                     msg = f"information flow: `{f.tensor}` would carry `{p.path[0]}` to `{dst_party}`: {path}"
+                self.violations.append({"src": f.src, "dst": f.dst, "tensor": f.tensor, "message": msg})
                 c.error(
                     p.span,
                     msg,

@@ -43,7 +43,14 @@ class FldslError(Exception):
     def __init__(self, diagnostics: Iterable[Diagnostic], sources: Mapping[str, str] | None = None):
         self.diagnostics = list(diagnostics)
         self.sources = dict(sources or {})
+        # Set by the checker when only flow checks failed: the checked program without the refused flows
+        # (fldsl.compiler.ir.Program) and the refused flows as dicts {src, dst, tensor, message}.
+        self.program: object | None = None
+        self.violations: list[dict[str, str]] = []
         super().__init__(render(self.diagnostics, self.sources, color=False))
+
+    def render(self, *, color: bool = False) -> str:
+        return render(self.diagnostics, self.sources, color=color)
 
     @property
     def errors(self) -> list[Diagnostic]:

@@ -141,3 +141,24 @@ def test_node_level_rule_only_allows_that_node(tmp_path: Path) -> None:
     with pytest.raises(FldslError) as ei:
         check(f)
     assert len(ei.value.errors) == 3  # bank1, bank3, bank4 have no rule
+
+
+def test_error_carries_partial_program_and_violations() -> None:
+    from fldsl.api import task_graph
+
+    with pytest.raises(FldslError) as ei:
+        check_source(mutate("  allow shop -> media: grad(act1)\n", ""), "demo.flp")
+    e = ei.value
+    assert e.violations == [
+        {
+            "src": "shop.trainer",
+            "dst": "media.trainer",
+            "tensor": "grad(act1)",
+            "message": e.errors[0].message,
+        }
+    ]
+    assert e.program is not None
+    assert "shop.trainer->media.trainer:grad(act1)" not in {f.id for f in e.program.flows}
+    g = task_graph(e.program)
+    assert g.has_edge("media.trainer/send:act1", "shop.trainer/recv:act1")
+    assert "demo.flp:25:3: error: information flow" in e.render()
