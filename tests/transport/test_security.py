@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -96,7 +100,7 @@ def test_hello_refuses_strangers_and_misdirected_dialers(pair: Pair) -> None:
 
 def test_copied_certificate_without_its_key_cannot_open_the_tls_stream(pair: Pair) -> None:
     la = pair.a.link(B, timeout=15)
-    victim_cert = pair.trust.identity(A).cert_pem  # a genuine, attested certificate of A...
+    victim_cert = pair.a._identity.cert_pem  # the live, genuine certificate of A...
     # ...which the attacker presents at Hello (certificates are public, so Hello accepts it)...
     reply = _hello(pair.addresses[B].bootstrap_target(), victim_cert, A, B)
     assert reply.ok
@@ -123,6 +127,20 @@ def test_every_call_rechecks_the_client_certificate(pair: Pair, trust: Trust) ->
     err = _exchange_with(target, ident_b.cert_pem, ident_b.key_pem, ident_b.cert_pem)
     assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "not verified at Hello" in err.details()
+
+
+def test_mitm_process_with_copied_certificate_cannot_call_rpcs(pair: Pair, tmp_path: Path) -> None:
+    """A third process holding its own key presents A's copied, genuine certificate."""
+    pair.a.link(B, timeout=15)
+    copied = tmp_path / "a.pem"
+    copied.write_bytes(pair.a._identity.cert_pem)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("mitm_proc.py")), pair.addresses[B].bootstrap_target(),
+         pair.addresses[B].secure_target(), str(copied), A, B],
+        capture_output=True, text=True, timeout=60)
+    assert "HELLO ok" in out.stdout, out.stderr[-2000:]  # certificates are public: Hello cannot tell
+    assert "EXCHANGE UNAVAILABLE" in out.stdout, out.stdout + out.stderr[-2000:]  # the TLS handshake fails
+    assert pair.b.link(A).generation == 1  # the genuine link was not disturbed
 
 
 class _FakeBootstrap(pb_grpc.BootstrapServicer):
