@@ -82,11 +82,15 @@ def _policy(node: str) -> Policy:
                   accept_peers=[B if node == A else A], flows=flows, max_message_bytes=4 * 1024 * 1024)
 
 
+SEND_BUFFER = [None]  # --send-buffer-mib (None = the Transport default)
+
+
 def _transport(trust_dir: Path, node: str, addresses: Addresses) -> Transport:
     ident, verifier = _identity_and_verifier(trust_dir, node)
     other = B if node == A else A
     return Transport(node_id=node, policy=_policy(node), peers=[PeerRef(id=other, party="x", dial=node == A)],
-                     identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=60)
+                     identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=60,
+                     **({} if SEND_BUFFER[0] is None else {"send_buffer_bytes": SEND_BUFFER[0]}))
 
 
 def _free_port() -> int:
@@ -207,12 +211,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mib-per-rep", type=int, default=128)
     ap.add_argument("--tensor-mib", type=int, default=4)
+    ap.add_argument("--send-buffer-mib", type=int, help="Transport send buffer (default: Transport's)")
     ap.add_argument("--role", choices=["attested", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--trust", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--addresses", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     messages = max(1, args.mib_per_rep // args.tensor_mib)
+    if args.send_buffer_mib is not None:
+        SEND_BUFFER[0] = args.send_buffer_mib * 1024 * 1024
     if args.role == "attested":
         serve_attested(args.trust, args.addresses, messages, args.reps)
         return

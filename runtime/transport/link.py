@@ -180,6 +180,9 @@ class PeerLink:
         self._controls: dict[tuple[str, int], int] = {}
         self._callbacks: list[Callable[[int], None]] = []
         self.peer_summary: str = ""  # the verifier's one-line summary of the peer, set at attestation
+        # Acceptor side: why the last Hello claiming to be this peer was refused (for the timeout message;
+        # a refusal does not fail the link, or anyone could cut us off with one bad Hello).
+        self.last_refusal: str = ""
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -255,8 +258,9 @@ class PeerLink:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PeerUnreachable(
-                        f"no attested connection with {self.peer_id} within {timeout:.0f} s "
-                        f"({'dialling it' if self.dial else 'waiting for it to dial'})")
+                        f"no attested connection with {self.peer_id} within {timeout:g} s "
+                        f"({'dialling it' if self.dial else 'waiting for it to dial'})"
+                        + self._refusal_note())
                 self._cv.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
 
     # ------------------------------------------------------------------------------------------------
@@ -336,6 +340,10 @@ class PeerLink:
         # A refusal is fatal even for messages that already arrived: the peer misbehaved.
         self._raise_if_failed(pending_ok=False)
 
+    def _refusal_note(self) -> str:
+        return f"; the last Hello claiming to be {self.peer_id} was refused: {self.last_refusal}" \
+            if self.last_refusal else ""
+
     def _raise_if_failed(self, pending_ok: bool) -> None:
         if self._failure is not None:
             raise self._failure
@@ -346,9 +354,10 @@ class PeerLink:
         if self._down_since is not None:
             down = time.monotonic() - self._down_since
             if down > self._connect_timeout:
+                what = "lost the link to" if self._generation else "no attested connection with"
                 self._failure = PeerUnreachable(
-                    f"lost the link to {self.peer_id} and it did not come back within "
-                    f"{self._connect_timeout:.0f} s")
+                    f"{what} {self.peer_id}; it did not come (back) within {self._connect_timeout:g} s"
+                    + self._refusal_note())
                 self._cv.notify_all()
                 raise self._failure
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import fldsl_pb2 as pb
 from . import fldsl_pb2_grpc as pb_grpc
+from .errors import TransportError
 from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
 
 log = logging.getLogger("fldsl.transport.server")
@@ -99,17 +100,19 @@ def _pem_line_end(pem: bytes) -> bytes:
 
 
 HelloPolicy = Callable[[str, str], str | None]  # (claimed node, expect_node) -> refusal reason or None
+RefusalNote = Callable[[str, str], None]  # (claimed node, reason): remembered for the operator
 StreamHandler = Callable[[str, Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
 
 
 class _Bootstrap(pb_grpc.BootstrapServicer):
     def __init__(self, me: str, identity: LocalIdentityLike, verifier: PeerVerifierLike,
-                 registry: CertRegistry, admissible: HelloPolicy) -> None:
+                 registry: CertRegistry, admissible: HelloPolicy, note_refusal: RefusalNote) -> None:
         self.me = me
         self.identity = identity
         self.verifier = verifier
         self.registry = registry
         self.admissible = admissible
+        self.note_refusal = note_refusal
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         claimed = request.node_id
@@ -123,13 +126,15 @@ class _Bootstrap(pb_grpc.BootstrapServicer):
         except Exception as e:  # fail closed: any verifier error refuses the peer
             field = refusal_field(e)
             log.warning("%s refused %s: %s", self.me, claimed, e)
+            self.note_refusal(claimed, str(e))
             return pb.HelloReply(ok=False, reason=f"refused by {self.me}: {e}", field=field or "",
                                  node_id=self.me)
         node = getattr(verdict, "node_id", claimed)
         if node != claimed:
-            return pb.HelloReply(ok=False, reason=(
-                f"refused by {self.me}: the certificate is attested as {node}, not {claimed}"),
-                field="node", node_id=self.me)
+            why = f"the certificate is attested as {node}, not {claimed}"
+            self.note_refusal(claimed, why)
+            return pb.HelloReply(
+                ok=False, reason=f"refused by {self.me}: {why}", field="node", node_id=self.me)
         self.registry.add(claimed, request.cert_pem)
         log.info("%s accepted %s: %s", self.me, claimed, getattr(verdict, "summary", "attested"))
         return pb.HelloReply(ok=True, cert_pem=self.identity.cert_pem, node_id=self.me)
@@ -140,8 +145,8 @@ class NodeServer:
 
     def __init__(
         self, *, node_id: str, identity: LocalIdentityLike, verifier: PeerVerifierLike, host: str, port: int,
-        bootstrap_port: int, admissible: HelloPolicy, on_stream: StreamHandler, max_message_bytes: int,
-        stream_workers: int,
+        bootstrap_port: int, admissible: HelloPolicy, note_refusal: RefusalNote, on_stream: StreamHandler,
+        max_message_bytes: int, stream_workers: int,
     ) -> None:
         self.node_id = node_id
         self.registry = CertRegistry(identity)
@@ -161,7 +166,7 @@ class NodeServer:
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"hello-{node_id}"),
             options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_BootstrapServicer_to_server(
-            _Bootstrap(node_id, identity, verifier, self.registry, admissible), self._boot)
+            _Bootstrap(node_id, identity, verifier, self.registry, admissible, note_refusal), self._boot)
         self._secure = grpc.server(
             futures.ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix=f"peer-{node_id}"),
             options=options)
@@ -183,9 +188,9 @@ class NodeServer:
             else:
                 bound = server.add_secure_port(target, creds)
         except RuntimeError as e:
-            raise OSError(f"cannot listen on {target}: {e}") from None
+            raise TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
         if bound == 0:
-            raise OSError(f"cannot listen on {target} (port in use?)")
+            raise TransportError(f"cannot listen on {target} (port in use?)")
         return bound
 
     def start(self) -> None:

@@ -55,7 +55,7 @@ class Transport:
     def __init__(
         self, *, node_id: str, policy: Policy, peers: list[PeerRef], identity: LocalIdentityLike,
         verifier: PeerVerifierLike, addresses: Addresses, listen_host: str = "127.0.0.1",
-        connect_timeout_s: float = 120.0, send_buffer_bytes: int = 64 * 1024 * 1024,
+        connect_timeout_s: float = 120.0, send_buffer_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
@@ -99,6 +99,7 @@ class Transport:
         self._server = NodeServer(
             node_id=self.node_id, identity=self._identity, verifier=self._verifier, host=self._listen_host,
             port=me.port, bootstrap_port=me.bootstrap_port, admissible=self._admissible,
+            note_refusal=self._note_refusal,
             on_stream=self._on_stream, max_message_bytes=self._max_message,
             stream_workers=4 + 3 * len(self._links))
         self._server.start()
@@ -187,6 +188,11 @@ class Transport:
         if expect_node and expect_node != self.node_id:
             return f"this is {self.node_id}, not {expect_node} (addresses.json points to the wrong node?)"
         return None
+
+    def _note_refusal(self, claimed: str, reason: str) -> None:
+        link = self._links.get(claimed)
+        if link is not None:
+            link.last_refusal = reason
 
     def _on_stream(
         self, node: str, request_iterator: Iterator[bytes], context: grpc.ServicerContext,

@@ -58,8 +58,10 @@ def test_wrongly_attested_dialer_refused_at_hello_with_field(trust: Trust) -> No
         assert msg.startswith(f"refused by {B}:") and "mr_enclave" in msg
         assert trust.mr[A].hex() in msg and "66" * 32 in msg
         assert is_trust_failure(err.value)
-        with pytest.raises(PeerUnreachable):  # the acceptor never got a stream from it
+        with pytest.raises(PeerUnreachable) as unreachable:  # the acceptor never got a stream from it...
             b.link(A, timeout=0.5)
+        assert "was refused: " in str(unreachable.value)  # ...and says why
+        assert "mr_enclave" in str(unreachable.value)
     finally:
         a.close()
         b.close()
