@@ -64,28 +64,24 @@ def compile_pipeline(
     params: Mapping[str, str] | None = None,
     target: str | None = None,
 ) -> CompileResult:
-    """Check and emit ``build/<pipeline>/`` (or ``out_dir``).
-
-    ``target`` (kubernetes/compose deployment files) is not built yet: giving one is an input error."""
+    """Check and emit ``build/<pipeline>/`` (or ``out_dir``); ``target`` ("kubernetes" or "compose") also
+    writes ``deploy/`` (see :mod:`fldsl.compiler.deploy`)."""
     from fldsl.compiler.emit import emit
 
     path = Path(path)
     source = _read_source(path)
     program = check_source(source, str(path), params, path.resolve().parent)
-    if target is not None:
-        raise FldslError(
-            [
-                Diagnostic(
-                    "error",
-                    f"--target {target}: deployment files are not available in this "
-                    "build (compile without --target and use `fldsl run`)",
-                    str(path),
-                )
-            ]
-        )
     out = Path(out_dir) if out_dir is not None else Path("build") / program.pipeline
     try:
-        return emit(program, source, out, str(path))
+        result = emit(program, source, out, str(path))
+        if target is not None:
+            from fldsl.compiler.deploy import DeployError, write_deploy
+
+            try:
+                result.files = sorted([*result.files, *write_deploy(program, result.build_dir, target)])
+            except DeployError as e:
+                raise FldslError([Diagnostic("error", f"--target {target}: {e}", str(path))]) from None
+        return result
     except EmitError as e:
         raise FldslError([Diagnostic("error", str(e), str(path))]) from None
     except OSError as e:

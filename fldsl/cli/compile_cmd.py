@@ -35,7 +35,7 @@ from fldsl.diagnostics import FldslError
     "--target",
     type=click.Choice(["kubernetes", "compose"]),
     default=None,
-    help="Also write deployment files (not available in this build).",
+    help="Also write deployment files under deploy/ (one container per node).",
 )
 def command(
     file: str, out_dir: str | None, sets: tuple[str, ...], sign_key: str | None, target: str | None
@@ -68,5 +68,8 @@ def command(
     click.echo(f"  pipeline.json  ({len(result.files)} files)")
     for n in nodes:
         click.echo(f"  nodes/{n}/  plan.json policy.json pins.json manifest (.template, .toml)")
+    deploy = [f for f in result.files if f.startswith("deploy/")]
+    if deploy:
+        click.echo(f"  deploy ({target}): {', '.join(deploy)}")
     if sign_key is not None:
         click.echo(f"  signed with {sign_key}: pins hold the real MRENCLAVE/MRSIGNER")

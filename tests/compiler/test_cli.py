@@ -72,12 +72,17 @@ def test_compile_prints_digest_and_files(tmp_path: Path) -> None:
     assert (out / "nodes/bank3.worker/plan.json").is_file()
 
 
-def test_compile_target_not_available(tmp_path: Path) -> None:
+def test_compile_target(tmp_path: Path) -> None:
     r = CliRunner().invoke(
         main,
         ["compile", str(PIPELINES / "vertical_wide_deep.flp"), "-o", str(tmp_path), "--target", "compose"],
     )
-    assert r.exit_code == 2 and "deployment files are not available" in r.output
+    assert r.exit_code == 0, r.output
+    assert "deploy (compose): deploy/addresses.json, deploy/compose/docker-compose.yml" in r.output
+    r = CliRunner().invoke(
+        main, ["compile", str(PIPELINES / "vertical_wide_deep.flp"), "-o", str(tmp_path), "--target", "nomad"]
+    )
+    assert r.exit_code == 2 and "Invalid value for '--target'" in r.output
 
 
 def test_compile_sign_with_bad_key_is_an_input_error(tmp_path: Path) -> None:

@@ -1,0 +1,269 @@
+"""``fldsl compile --target compose|kubernetes``: deployment files beside the build (DESIGN §7).
+
+Written under ``build/<pipeline>/deploy/`` after the node artifacts; they are not part of any node's
+measurement nor of the pipeline digest (where a node runs is not a security property: peers are
+identified by attestation). Every node gets one container from one image (default ``fldsl:latest``, which
+must contain the fldsl package and, for ``attestation dcap``, Gramine) with:
+
+- its node folder at ``/fldsl/node`` (read-only) and, for the sim runtime, at ``/fldsl/build/nodes/<id>``,
+- ``addresses.json`` at ``/fldsl/run/addresses.json`` (service name, port 7443, bootstrap port 7444),
+- a volume for ``/fldsl/sealed`` (checkpoints and the exported model, sealed),
+- the folders of its CSV files mounted read-only at the same absolute paths the plan names.
+
+``attestation sim`` runs ``python3 -m fldsl.runtime.node`` with the simulated trust folder mounted at
+``/fldsl/trust`` (create it with ``fldsl trust init``); ``attestation dcap`` runs ``gramine-sgx <node>``
+with the SGX devices (compose) or ``sgx.intel.com/epc`` resources (Kubernetes, Intel SGX device plugin),
+which needs the manifest rendered and signed on the deployment host (``gramine-manifest``,
+``gramine-sgx-sign``, or ``fldsl compile --sign``).
+
+YAML is written by hand (deterministic, no extra dependency); every string is a JSON string, which is a
+valid YAML double-quoted scalar.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fldsl.compiler import lower
+from fldsl.compiler.ir import Program
+
+from fldsl.artifacts import dump_json
+
+PORT = 7443
+BOOTSTRAP_PORT = 7444
+IMAGE = "fldsl:latest"
+
+
+class DeployError(Exception):
+    """Deployment files cannot be generated (message is user-facing)."""
+
+
+def service_name(node_id: str) -> str:
+    """A DNS-1123 label for a node id: ``bank1.worker`` -> ``bank1-worker``."""
+    name = re.sub(r"[^a-z0-9-]", "-", node_id.lower()).strip("-")
+    return name[:63].rstrip("-") or "node"
+
+
+def _services(program: Program) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for n in program.nodes:
+        s = service_name(n.id)
+        if s in names.values():
+            other = next(k for k, v in names.items() if v == s)
+            raise DeployError(f"nodes `{other}` and `{n.id}` map to the same service name `{s}`; rename one")
+        names[n.id] = s
+    return names
+
+
+def _data_dirs(program: Program, node_id: str) -> list[str]:
+    node = program.node(node_id)
+    dirs = {
+        str(Path(d.spec.path).parent)
+        for d in program.datasets
+        if d.party == node.party and d.spec.name in node.data and d.spec.path
+    }
+    return sorted(dirs)
+
+
+def _command(program: Program, node_id: str) -> list[str]:
+    if program.trust.attestation == "dcap":
+        return ["gramine-sgx", node_id.split(".", 1)[1]]
+    return [
+        "python3",
+        "-m",
+        "fldsl.runtime.node",
+        "--build",
+        "/fldsl/build",
+        "--node",
+        node_id,
+        "--addresses",
+        "/fldsl/run/addresses.json",
+        "--run-dir",
+        "/fldsl/sealed",
+        "--trust-dir",
+        "/fldsl/trust",
+        "--attestation",
+        "sim",
+    ]
+
+
+def _y(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False)
+
+
+def compose_file(program: Program, services: dict[str, str]) -> str:
+    lines = [f"# fldsl {program.pipeline}: one service per node (docker compose up).", "services:"]
+    for n in program.nodes:
+        s = services[n.id]
+        lines += [
+            f"  {s}:",
+            f"    image: {_y(IMAGE)}",
+            f"    hostname: {_y(s)}",
+            f"    working_dir: {_y('/fldsl/node')}",
+            f"    command: {_y(_command(program, n.id))}",
+            "    environment:",
+            f"      FLDSL_NODE: {_y(n.id)}",
+            "    volumes:",
+            f"      - {_y(f'../../nodes/{n.id}:/fldsl/node:ro')}",
+            f"      - {_y(f'../../nodes/{n.id}:/fldsl/build/nodes/{n.id}:ro')}",
+            f"      - {_y('../addresses.json:/fldsl/run/addresses.json:ro')}",
+            f"      - {_y(f'sealed-{s}:/fldsl/sealed')}",
+        ]
+        if program.trust.attestation == "sim":
+            lines.append(f"      - {_y('${FLDSL_TRUST_DIR:-../../../../.fldsl/trust}:/fldsl/trust:ro')}")
+        lines += [f"      - {_y(f'{d}:{d}:ro')}" for d in _data_dirs(program, n.id)]
+        if program.trust.attestation == "dcap":
+            lines += [
+                "    devices:",
+                f"      - {_y('/dev/sgx_enclave')}",
+                f"      - {_y('/dev/sgx_provision')}",
+            ]
+        peers = [p.id for p in lower.peers_of(program, n) if p.dial]
+        if peers:
+            lines.append("    depends_on:")
+            lines += [f"      - {_y(services[p])}" for p in peers]
+        lines.append(f"    expose: [{PORT}, {BOOTSTRAP_PORT}]")
+    lines.append("volumes:")
+    lines += [f"  sealed-{services[n.id]}: {{}}" for n in program.nodes]
+    return "\n".join(lines) + "\n"
+
+
+def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) -> str:
+    s = services[node_id]
+    dcap = program.trust.attestation == "dcap"
+    labels = {"app.kubernetes.io/part-of": program.pipeline, "fldsl/node": node_id}
+    vol_mounts = [
+        {"name": "node", "mountPath": "/fldsl/node", "readOnly": True},
+        {"name": "node", "mountPath": f"/fldsl/build/nodes/{node_id}", "readOnly": True},
+        {"name": "addresses", "mountPath": "/fldsl/run", "readOnly": True},
+        {"name": "sealed", "mountPath": "/fldsl/sealed"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "node", "configMap": {"name": f"{s}-node"}},
+        {"name": "addresses", "configMap": {"name": f"{program.pipeline.replace('_', '-')}-addresses"}},
+        {"name": "sealed", "persistentVolumeClaim": {"claimName": f"{s}-sealed"}},
+    ]
+    if not dcap:
+        vol_mounts.append({"name": "trust", "mountPath": "/fldsl/trust", "readOnly": True})
+        volumes.append(
+            {"name": "trust", "secret": {"secretName": f"{program.pipeline.replace('_', '-')}-trust"}}
+        )
+    for i, d in enumerate(_data_dirs(program, node_id)):
+        vol_mounts.append({"name": f"data{i}", "mountPath": d, "readOnly": True})
+        volumes.append({"name": f"data{i}", "hostPath": {"path": d, "type": "Directory"}})
+    resources = {"limits": {"sgx.intel.com/epc": program.trust.enclave_size}} if dcap else {}
+    container = {
+        "name": "node",
+        "image": IMAGE,
+        "workingDir": "/fldsl/node",
+        "command": _command(program, node_id),
+        "ports": [
+            {"containerPort": PORT, "name": "secure"},
+            {"containerPort": BOOTSTRAP_PORT, "name": "bootstrap"},
+        ],
+        "volumeMounts": vol_mounts,
+        "resources": resources,
+    }
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": s, "labels": labels},
+            "spec": {
+                "selector": {"fldsl/service": s},
+                "ports": [{"name": "secure", "port": PORT}, {"name": "bootstrap", "port": BOOTSTRAP_PORT}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": f"{s}-sealed", "labels": labels},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": s, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"fldsl/service": s}},
+                "template": {
+                    "metadata": {"labels": {"fldsl/service": s, **labels}},
+                    "spec": {"containers": [container], "volumes": volumes},
+                },
+            },
+        },
+    ]
+    header = (
+        f"# fldsl {program.pipeline}, node {node_id}. Create the ConfigMap `{s}-node` from\n"
+        f"# nodes/{node_id}/ (kubectl create configmap {s}-node --from-file=../../nodes/{node_id}/).\n"
+    )
+    return header + "---\n".join(_yaml(d) for d in docs)
+
+
+def _yaml(v: Any, indent: int = 0) -> str:
+    """Block-style YAML for dicts/lists of scalars (scalars as JSON)."""
+    pad = "  " * indent
+    if isinstance(v, dict):
+        if not v:
+            return "{}\n"
+        out = []
+        for k, x in v.items():
+            if isinstance(x, dict | list) and x:
+                out.append(f"{pad}{_key(k)}:\n{_yaml(x, indent + 1)}")
+            else:
+                out.append(f"{pad}{_key(k)}: {_scalar(x)}\n")
+        return "".join(out)
+    if isinstance(v, list):
+        out = []
+        for x in v:
+            if isinstance(x, dict) and x:
+                body = _yaml(x, indent + 1)
+                first, _, rest = body.partition("\n")
+                out.append(f"{pad}- {first.strip()}\n{rest}")
+            else:
+                out.append(f"{pad}- {_scalar(x)}\n")
+        return "".join(out)
+    return f"{pad}{_scalar(v)}\n"
+
+
+def _key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_./-]+", k) else json.dumps(k)
+
+
+def _scalar(x: Any) -> str:
+    if isinstance(x, dict):
+        return "{}"
+    if isinstance(x, list):
+        return json.dumps(x)
+    return json.dumps(x, ensure_ascii=False)
+
+
+def write_deploy(program: Program, build_dir: Path, target: str) -> list[str]:
+    """Write ``deploy/addresses.json`` and the target's files; returns their paths relative to build_dir."""
+    services = _services(program)
+    out = build_dir / "deploy"
+    written: list[str] = []
+
+    def write(rel: str, text: str) -> None:
+        p = out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+        written.append(f"deploy/{rel}")
+
+    addresses = {
+        nid: {"host": s, "port": PORT, "bootstrap_port": BOOTSTRAP_PORT}
+        for nid, s in sorted(services.items())
+    }
+    write("addresses.json", dump_json(addresses))
+    if target == "compose":
+        write("compose/docker-compose.yml", compose_file(program, services))
+    elif target == "kubernetes":
+        for n in program.nodes:
+            write(f"kubernetes/{services[n.id]}.yaml", kubernetes_file(program, n.id, services))
+    else:
+        raise DeployError(f"unknown target `{target}` (use kubernetes or compose)")
+    return sorted(written)
