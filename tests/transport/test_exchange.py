@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import TransportError
+from fldsl.runtime.transport import RecvTimeout, TransportError
 
 from .conftest import A, B, Pair
 
@@ -83,3 +83,13 @@ def test_close_delivers_everything_sent_before_it(pair: Pair) -> None:
     np.testing.assert_array_equal(lb.recv_arrays("weights", 0, timeout=1)[0], big)
     with pytest.raises(TransportError, match=r"media\.trainer closed the link before sending flow 'act'"):
         lb.recv("act", 1, timeout=5)
+
+
+def test_recv_timeout_names_flow_step_and_peer(pair: Pair) -> None:
+    lb = pair.b.link(A, timeout=15)
+    with pytest.raises(RecvTimeout, match=r"flow 'act' step 42 from media\.trainer within 0\.2 s"):
+        lb.recv("act", 42, timeout=0.2)
+    la = pair.a.link(B, timeout=15)
+    la.send_blob("psi", 42, b"x")
+    with pytest.raises(TransportError, match="'psi' step 42 as opaque bytes, but a tensor was expected"):
+        lb.recv("psi", 42, timeout=5)

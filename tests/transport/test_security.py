@@ -182,3 +182,21 @@ def test_impostor_acceptor_with_copied_certificate_is_never_connected(trust: Tru
         a.close()
         boot.stop(0)
         secure.stop(0)
+
+
+def test_ports_serve_only_their_own_rpc(pair: Pair) -> None:
+    """The insecure bootstrap port offers Hello only; the mutual-TLS port does not offer Hello."""
+    pair.a.link(B, timeout=15)
+    with grpc.insecure_channel(pair.addresses[B].bootstrap_target()) as ch:
+        call = ch.stream_stream(EXCHANGE_METHOD)(iter([]), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    ident_a = pair.a._identity
+    creds = grpc.ssl_channel_credentials(root_certificates=pair.b._identity.cert_pem,
+                                         private_key=ident_a.key_pem, certificate_chain=ident_a.cert_pem)
+    with grpc.secure_channel(pair.addresses[B].secure_target(), creds,
+                             options=[("grpc.ssl_target_name_override", B)]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.BootstrapStub(ch).Hello(pb.HelloRequest(node_id=A), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
