@@ -31,7 +31,8 @@ def launch(make_build: Callable[[], Path], run_dir: Path, trust_dir: Path, *, ex
     between building and starting the nodes (other work in the same checkout), build and run again."""
     result = None
     for i in range(attempts):
-        before = code_digest.__wrapped__()
+        code_digest.cache_clear()  # the compiler pins with the cached digest: make it current
+        before = code_digest()
         build = make_build()
         rd = run_dir if i == 0 else run_dir.with_name(f"{run_dir.name}-retry{i}")
         result = run_pipeline(build, run_dir=rd, trust_dir=trust_dir, **kw)
