@@ -149,6 +149,10 @@ class Stream:
     assemblies: dict[tuple[str, str, int], _Assembly] = field(default_factory=dict)
 
 
+# Chunked messages being reassembled at once on one stream (each up to its flow's max_bytes): bounds the
+# memory a peer can make us reserve with first chunks it never completes.
+_MAX_OPEN_ASSEMBLIES = 16
+
 _CONTROL_NAMES = {pb.Control.START: "start", pb.Control.COMMIT: "commit", pb.Control.ABORT: "abort"}
 _CONTROL_KINDS = {v: k for k, v in _CONTROL_NAMES.items()}
 
@@ -536,6 +540,8 @@ class PeerLink:
                                      f"header says {h.total_bytes}")
                 self._deliver(kind, h.flow, h.step, meta, payload)
                 return
+            if len(stream.assemblies) >= _MAX_OPEN_ASSEMBLIES:
+                raise FrameError(f"more than {_MAX_OPEN_ASSEMBLIES} chunked messages in progress at once")
             asm = _Assembly(
                 kind, h.flow, h.step, h.chunks, h.total_bytes, bytearray(h.total_bytes), meta=meta)
             stream.assemblies[key] = asm
