@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import save_addresses
+from fldsl.runtime.transport import PeerUnreachable, save_addresses
 
 from .conftest import A, B, Trust, make_addresses, make_transport
 
@@ -99,3 +100,32 @@ def test_dialer_restart_acceptor_accepts_new_incarnation(trust: Trust) -> None:
             a2.close()
     finally:
         b.close()
+
+
+def test_start_order_does_not_matter_dialer_first(trust: Trust) -> None:
+    addresses = make_addresses()
+    a = make_transport(A, trust.identity(A), trust.verifier(), addresses)
+    b = make_transport(B, trust.identity(B), trust.verifier(), addresses)
+    a.start()  # dials a port nobody listens on yet: retried with backoff
+    try:
+        time.sleep(1.5)
+        b.start()
+        a.link(B, timeout=15).send("act", 0, np.ones((1, 16), np.float32))
+        assert b.link(A, timeout=15).recv("act", 0, timeout=10).shape == (1, 16)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unreachable_peer_fails_after_connect_timeout_with_address(trust: Trust) -> None:
+    addresses = make_addresses()
+    a = make_transport(A, trust.identity(A), trust.verifier(), addresses, connect_timeout_s=1.5)
+    a.start()
+    try:
+        with pytest.raises(PeerUnreachable) as err:
+            a.link(B, timeout=15)
+        msg = str(err.value)
+        assert "could not connect to shop.trainer" in msg and addresses[B].bootstrap_target() in msg
+        assert "UNAVAILABLE" in msg  # the last error says what went wrong
+    finally:
+        a.close()
