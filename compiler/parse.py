@@ -8,6 +8,7 @@ tokens in words (a keyword as `` `party` ``, ``NAME`` as "a party name" dependin
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -17,7 +18,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
-from fldsl.diagnostics import Diagnostic, FldslError
+from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean
 
 
 @lru_cache(maxsize=1)
@@ -285,6 +286,23 @@ _NAME_AFTER = {
 _VALUE_TERMINALS = {"NAME", "NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "NONE"}
 
 
+_KEYWORD_RE = re.compile(r"^([a-z_]+)\\b$")
+
+
+@lru_cache(maxsize=1)
+def _literals() -> dict[str, str]:
+    """Terminal name -> the text it matches, for punctuation and keywords (`/party\\b/` -> `party`)."""
+    out: dict[str, str] = {}
+    for t in _parser().terminals:
+        if isinstance(t.pattern, PatternStr):
+            out[t.name] = t.pattern.value
+        else:
+            m = _KEYWORD_RE.match(t.pattern.value)
+            if m:
+                out[t.name] = m.group(1)
+    return out
+
+
 def _terminal_words(name: str, prev: str | None) -> str:
     if name == "$END":
         return "end of file"
@@ -294,10 +312,8 @@ def _terminal_words(name: str, prev: str | None) -> str:
         return "a number"
     if name == "STRING":
         return "a string"
-    for t in _parser().terminals:
-        if t.name == name and isinstance(t.pattern, PatternStr):
-            return f"`{t.pattern.value}`"
-    return name.lower()
+    literal = _literals().get(name)
+    return f"`{literal}`" if literal is not None else name.lower()
 
 
 def _expected_words(expected: set[str], prev: str | None) -> str:
@@ -351,6 +367,13 @@ def _accepts(e: UnexpectedInput, fallback: set[str]) -> set[str]:
     return got or set(fallback)
 
 
+def _keyword_hint(word: str, expected: set[str]) -> str | None:
+    """``did you mean `party`?`` for a misspelt keyword."""
+    keywords = [w for name, w in _literals().items() if name in expected and w.isidentifier()]
+    best = did_you_mean(word, keywords)
+    return f"did you mean `{best}`?" if best else None
+
+
 def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic:
     prev = _prev_token(e)
     if isinstance(e, UnexpectedToken):
@@ -372,6 +395,7 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
             tok.line,
             tok.column,
             tok.end_column if tok.end_line == tok.line else None,
+            _keyword_hint(str(tok), e.expected) if tok.type == "NAME" else None,
         )
     if isinstance(e, UnexpectedCharacters):
         ch = source[e.pos_in_stream] if 0 <= e.pos_in_stream < len(source) else ""

@@ -405,6 +405,23 @@ def test_syntax_edges(src: str, line: int, column: int, message: str) -> None:
     assert _first_error(src) == (line, column, message)
 
 
+def test_misspelt_keyword_gets_a_hint() -> None:
+    with pytest.raises(FldslError) as ei:
+        check_source("pipeline p\npartys a { node n }", "x.flp")
+    d = ei.value.errors[0]
+    assert (d.line, d.column, d.end_column) == (2, 1, 7)
+    assert d.message.startswith("unexpected `partys`; expected `model`, `param`, `partition`, `party`")
+    assert d.hint == "did you mean `party`?"
+
+
+def test_keywords_are_names_where_no_keyword_fits() -> None:
+    src = mutate("data conversions", "data train").replace("conversions.", "train.")
+    src = src.replace("shop.conversions", "shop.train")
+    program = check_source(src, "demo.flp")
+    assert program.loss.label == "train.label"
+    assert program.train.metrics == ["loss", "auc"]
+
+
 def test_several_semantic_errors_in_one_run() -> None:
     src = mutate("epochs: 1", "epoch: 1", mutate("attestation sim", "attestation sgx"))
     with pytest.raises(FldslError) as ei:
