@@ -60,7 +60,7 @@ def _hash_ids(raw: np.ndarray, column: int, buckets: int) -> np.ndarray:
 
 def _criteo_world(seed: int, buckets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = _rng("criteo-world", seed, buckets)
-    w = rng.normal(0.0, 0.5, CRITEO_DENSE)
+    w = rng.normal(0.0, 1.0, CRITEO_DENSE)
     vocab = np.unique(np.geomspace(20, 200_000, CRITEO_SPARSE).astype(np.int64), return_counts=False)
     vocab = np.resize(vocab, CRITEO_SPARSE)
     # Ten informative columns carry per-id effects; the others are noise a model must learn to ignore.

@@ -9,7 +9,7 @@ Public API (ARCHITECTURE.md, "Stdlib TensorFlow"):
 - ``loss_fn(LossSpec)``, ``scores(LossSpec, logits)``       (:mod:`.losses`)
 - ``make_optimizer(OptimizerSpec) -> Optimizer``             (:mod:`.optim`)
 - ``auc``, ``accuracy``, ``ScoreAccumulator``                (:mod:`.metrics`)
-- ``train_central(...) -> CentralResult``                   (:mod:`.central`)
+- ``train_central(...)``, ``train_central_plans(plans)`` -> ``CentralResult`` (:mod:`.central`)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _EXPORTS = {
     "ScoreAccumulator": "metrics",
     "train_central": "central",
     "CentralResult": "central",
+    "train_central_plans": "central",
     "epoch_batches": "batching",
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -21,7 +22,7 @@ from fldsl.stdlib.tf.metrics import ScoreAccumulator
 from fldsl.stdlib.tf.optim import make_optimizer
 from fldsl.stdlib.tf.segment import Segment, build_segment
 
-from fldsl.artifacts import LossSpec, OpCall, TensorSpec, TrainSpec
+from fldsl.artifacts import LossSpec, OpCall, Plan, TensorSpec, TrainSpec
 
 _NP_TO_DTYPE = {d: d for d in ("float32", "float64", "int32", "int64", "bool")}
 
@@ -139,3 +140,66 @@ def train_central(ops: Sequence[OpCall], loss: LossSpec, train: TrainSpec, data:
     return CentralResult(history=history, metrics=final, examples_per_s=seen / busy if busy > 0 else 0.0,
                          steps=steps, weights=segment.get_weights(),
                          segment=segment if keep_segment else None)
+
+
+def train_central_plans(plans: Sequence[Plan], base_dir: Path | str | None = None,
+                        keep_segment: bool = False) -> CentralResult:
+    """The central reference for a compiled pipeline: every node's data joined in one process.
+
+    Vertical: the data sets of all nodes are inner-joined on their ids (what PSI computes), the ops of
+    every party trained as one model, the holdout split made as the label owner makes it. Horizontal /
+    distributed: the rows of every node's training data set are concatenated (ids made unique per node) and
+    the plan's test data set, if any, is the evaluation set.
+    """
+    from fldsl.runtime.data import Table, load_dataset
+
+    owners = [p for p in plans if p.loss is not None]
+    if not owners:
+        raise ValueError("no plan has a loss: cannot train a central reference")
+    lead = owners[0]
+    loss, train = lead.loss, lead.train
+    assert loss is not None
+    label_ds, label_field = loss.label.split(".", 1)
+    tables: dict[tuple[str, str], Table] = {}
+    for plan in plans:
+        for spec in plan.data:
+            tables[(plan.node, spec.name)] = load_dataset(spec, base_dir)
+
+    if lead.role.startswith("vertical"):
+        label_table = tables[(lead.node, label_ds)]
+        keep = set(label_table.ids.tolist())
+        for t in tables.values():
+            keep &= set(t.ids.tolist())
+        ids = np.array([i for i in label_table.ids.tolist() if i in keep])
+        data: dict[str, np.ndarray] = {}
+        for (_, name), t in tables.items():
+            rows = t.select(ids)
+            data.update({f"{name}.{f}": v for f, v in rows.fields.items() if f"{name}.{f}" != loss.label})
+        labels = label_table.select(ids).fields[label_field]
+        ops: list[OpCall] = []
+        seen: set[str] = set()
+        # Passive parties first: their outputs are inputs of the label owner's ops.
+        for plan in sorted(plans, key=lambda p: p.loss is not None):
+            for call in plan.model:
+                if call.output not in seen:
+                    ops.append(call)
+                    seen.add(call.output)
+        return train_central(ops, loss, train, data, labels, ids=ids, keep_segment=keep_segment)
+
+    test_name = train.validation.test_data
+    train_parts = [(node, t) for (node, name), t in sorted(tables.items()) if name == label_ds]
+    if not train_parts:
+        raise ValueError(f"no node holds the training data set `{label_ds}`")
+    data = {f"{label_ds}.{f}": np.concatenate([t.fields[f] for _, t in train_parts])
+            for f in train_parts[0][1].fields if f != label_field}
+    labels = np.concatenate([t.fields[label_field] for _, t in train_parts])
+    ids = np.array([f"{node}:{i}" for node, t in train_parts for i in t.ids.tolist()])
+    eval_data = eval_labels = None
+    if test_name:
+        test = next((t for (_, name), t in sorted(tables.items()) if name == test_name), None)
+        if test is None:
+            raise ValueError(f"the test data set `{test_name}` is not in any plan")
+        eval_data = {f"{label_ds}.{f}": v for f, v in test.fields.items() if f != label_field}
+        eval_labels = test.fields[label_field]
+    return train_central(lead.model, loss, train, data, labels, ids=ids, eval_data=eval_data,
+                         eval_labels=eval_labels, keep_segment=keep_segment)
