@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import PeerUnreachable, save_addresses
+from fldsl.runtime.transport import PeerUnreachable, TransportError, save_addresses
 
 from .conftest import A, B, Trust, make_addresses, make_transport
 
@@ -129,3 +129,10 @@ def test_unreachable_peer_fails_after_connect_timeout_with_address(trust: Trust)
         assert "UNAVAILABLE" in msg  # the last error says what went wrong
     finally:
         a.close()
+
+
+def test_port_already_in_use_is_a_clear_error(pair) -> None:
+    # SO_REUSEPORT is off: a second process on the same port fails loudly instead of sharing it.
+    twin = make_transport(B, pair.trust.identity(B), pair.trust.verifier(), pair.addresses)
+    with pytest.raises(TransportError, match=r"cannot listen on 127\.0\.0\.1:\d+"):
+        twin.start()
