@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from fldsl.compiler import ast
-from fldsl.compiler.ir import IRDataset, IRNode, IRParty, IRTrust, Program
+from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
 from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe, evaluate
 from fldsl.stdlib import signatures as sig
 
 from fldsl.artifacts import (
-    AggregationSpec,
-    AlignmentSpec,
     DataSpec,
     LossSpec,
     OpCall,
     OptimizerSpec,
-    ShardingSpec,
     TensorSpec,
     TrainSpec,
     ValidationSpec,
@@ -1159,4 +1156,4 @@ def _no_params(params: dict[str, Any]) -> str | None:
     return "this pipeline declares no parameters"
 
 
-__all__ = ["AggregationSpec", "AlignmentSpec", "Checker", "IRNode", "ShardingSpec", "Tensor"]
+__all__ = ["Checker", "Rule", "Tensor"]
