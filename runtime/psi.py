@@ -243,10 +243,15 @@ def _blind_own(items: list[str], secret: bytes, workers: int) -> tuple[list[str]
 
 
 def _intersect(own_ids: list[str], own_double: bytes, peer_double: bytes) -> list[str]:
+    # Distinct ids give distinct doubly blinded values (blinding is a bijection on the group); repeats mean
+    # a peer that tries, e.g., to make all our ids look common by echoing one matching value.
     peer = set(_split(peer_double))
     if len(peer) * POINT != len(peer_double):
-        raise PsiError("the peer's doubly blinded values contain duplicates (protocol violation)")
-    hits = [(v, own_ids[k]) for k, v in enumerate(_split(own_double)) if v in peer]
+        raise PsiError("the doubly blinded values contain duplicates (protocol violation)")
+    mine = _split(own_double)
+    if len(set(mine)) != len(mine):
+        raise PsiError("the peer returned duplicate doubly blinded values for our ids (protocol violation)")
+    hits = [(v, own_ids[k]) for k, v in enumerate(mine) if v in peer]
     hits.sort()
     return [i for _, i in hits]
 

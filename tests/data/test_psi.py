@@ -135,3 +135,24 @@ def test_protocol_violations_fail_closed(replies: list[bytes], message: str) -> 
 def test_low_order_point_from_peer_is_refused() -> None:
     with pytest.raises(PsiError, match="low-order"):
         psi._blind_chunk(os.urandom(32), bytes(32))  # u = 0 is a low-order point
+
+
+def test_a_peer_echoing_one_value_cannot_make_all_our_ids_common() -> None:
+    import struct
+
+    secret_f = os.urandom(32)
+    sent: list[bytes] = []
+    replies: queue.Queue[bytes] = queue.Queue()
+
+    def send(m: bytes) -> None:
+        sent.append(m)
+        if m[5] == 2:  # the leader's BLINDED batch: answer as a cheating follower
+            own = blind(secret_f, hash_to_u("b"))
+            replies.put(psi.MAGIC + bytes([psi.VERSION, 2]) + struct.pack(">I", 0) + own)
+        if m[5] == 3:  # after the leader's DOUBLE: echo its one matching value for both leader ids
+            echo = m[10:42]
+            replies.put(psi.MAGIC + bytes([psi.VERSION, 3]) + struct.pack(">I", 0) + echo * 2)
+
+    replies.put(_hello(1, 1))
+    with pytest.raises(PsiError, match="duplicate doubly blinded values"):
+        psi_leader(["a", "b"], send, lambda: replies.get(timeout=10))
