@@ -263,3 +263,13 @@ def stratified_split(ids: Sequence[object] | np.ndarray, labels: np.ndarray | No
         test_mask[members[: round(fraction * members.size)]] = True
     order = np.argsort(keys, kind="stable")
     return ids[order[~test_mask[order]]], ids[order[test_mask[order]]]
+
+
+def __getattr__(name: str) -> object:
+    # The generators live in datagen (which imports this module); re-export them lazily under the names
+    # ARCHITECTURE.md gives (``fldsl.runtime.data.criteo`` / ``.wide_n_deep``).
+    if name in ("criteo", "wide_n_deep"):
+        from fldsl.runtime import datagen
+
+        return getattr(datagen, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
