@@ -154,11 +154,11 @@ class Trust:
                             own_pins_digest=self.pins.digest())
 
 
-def make_trust(directory: Path) -> Trust:
+def make_trust(directory: Path, nodes: tuple[str, ...] = (A, B)) -> Trust:
     from fldsl.runtime.attestation.sim import trust_init
 
     trust_init(directory)
-    mr = {n: hashlib.sha256(f"code of {n}".encode()).digest() for n in (A, B)}
+    mr = {n: hashlib.sha256(f"code of {n}".encode()).digest() for n in nodes}
     pins = Pins(pipeline="t", nodes={
         n: Identity(mr_enclave=[m.hex()], isv_prod_id=1, isv_svn_min=1) for n, m in mr.items()})
     return Trust(directory, pins, mr)
