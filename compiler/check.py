@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1034,9 +1035,16 @@ class Checker:
                         self.unknown(call.func.span, "enclave kind", call.func.value, ["sgx"])
                         continue
                     args = self._bind(call, sig.ENCLAVE_PARAMS, "`sgx(...)`", env)
-                    if args is not None:
+                    if args is not None and self._enclave_ok(call, args):
                         for k, v in args.items():
                             setattr(trust, k, v)
+                        if args["debug"]:
+                            self.warning(
+                                _arg_span(call, "debug") or call.span,
+                                "enclaves are built in debug mode (`debug: true`): the host can read "
+                                "enclave memory, so this pipeline is not confidential",
+                                "use `debug: false` for production",
+                            )
                 case ast.AttestationStmt(mode=mode):
                     if mode.value not in ("dcap", "sim"):
                         self.unknown(mode.span, "attestation mode", mode.value, ["dcap", "sim"])
@@ -1047,12 +1055,36 @@ class Checker:
                         self.unknown(mode.span, "at_rest mode", mode.value, ["encrypted", "plain"])
                     else:
                         trust.at_rest = mode.value  # type: ignore[assignment]
+                        if mode.value == "plain":
+                            self.warning(
+                                mode.span,
+                                "checkpoints and exported models are written unencrypted (`at_rest plain`)",
+                            )
                 case ast.AllowStmt():
                     rules = self._rules(item)
                     if rules:
                         self.rules += rules
                         trust.rules.append(item.text)
         return trust
+
+    def _enclave_ok(self, call: ast.Call, args: dict[str, Any]) -> bool:
+        """Enclave settings Gramine accepts (checked here so the error points at the source)."""
+        ok = True
+        size = args["enclave_size"]
+        m = re.fullmatch(r"([1-9][0-9]*)([KMG]?)", size)
+        n = int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)] if m else 0
+        if n <= 0 or n & (n - 1):
+            self.error(
+                _arg_span(call, "enclave_size") or call.span,
+                f'`enclave_size` must be a power of two such as "8G" or "512M", got "{size}"',
+            )
+            ok = False
+        for key, lo, hi in (("max_threads", 1, 4096), ("isv_prod_id", 0, 65535), ("isv_svn", 0, 65535)):
+            if not lo <= args[key] <= hi:
+                span = _arg_span(call, key) or call.span
+                self.error(span, f"`{key}` must be in {lo}..{hi}, got {args[key]}")
+                ok = False
+        return ok
 
     def _endpoint(self, ref: ast.Ref) -> tuple[str, str | None] | None:
         if len(ref.parts) > 2:

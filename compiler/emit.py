@@ -50,20 +50,19 @@ def _manifest_names(node_id: str) -> tuple[str, str]:
     return f"{node}.manifest.template", f"{node}.manifest.toml"
 
 
-def _prepare(out: Path) -> None:
-    """Start from an empty directory; only a previous build (it has pipeline.json) is ever cleared."""
+def _check_target(out: Path) -> None:
+    """Only an empty directory or a previous build (it has pipeline.json) is ever replaced."""
     if out.exists():
         if not out.is_dir():
             raise EmitError(f"{out}: exists and is not a directory")
-        entries = list(out.iterdir())
-        if entries and not (out / "pipeline.json").is_file():
+        if any(out.iterdir()) and not (out / "pipeline.json").is_file():
             raise EmitError(f"{out}: not empty and not a previous fldsl build; refusing to overwrite it")
-        for e in entries:
-            if e.is_dir() and not e.is_symlink():
-                shutil.rmtree(e)
-            else:
-                e.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def _stdlib_digest(module: str) -> str:
@@ -74,10 +73,28 @@ def _stdlib_digest(module: str) -> str:
 
 
 def emit(program: Program, source: str, out: Path, file: str = "<input>") -> CompileResult:
+    """Write the build into a temporary sibling folder and move it into place only when complete, so a
+    failed compile never leaves a half-written build (nor destroys the previous one)."""
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.fldsl-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        result = _emit(program, source, tmp, file)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.build_dir = out
+    return result
+
+
+def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
     from fldsl.compiler.manifest import ManifestInputs, TrustedFile, node_file_uri, render_node_manifest
     from fldsl.compiler.manifest_check import LintContext, validate_manifest
 
-    _prepare(out)
     written: dict[str, bytes] = {}
 
     def write(rel: str, text: str) -> str:

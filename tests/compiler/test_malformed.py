@@ -346,6 +346,22 @@ CASES = [
         "`embed`: embed input `x` must hold integer ids, got float32[batch, 16]",
     ),
     (
+        "enclave-size",
+        'enclave_size: "8G"',
+        'enclave_size: "12G"',
+        37,
+        15,
+        '`enclave_size` must be a power of two such as "8G" or "512M", got "12G"',
+    ),
+    (
+        "enclave-threads",
+        "max_threads: 64",
+        "max_threads: 0",
+        37,
+        35,
+        "`max_threads` must be in 1..4096, got 0",
+    ),
+    (
         "brace-in-string-index",
         'side: "leader"',
         'side: "leader{i}"',

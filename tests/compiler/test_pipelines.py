@@ -162,3 +162,23 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path: Path) -> None:
     with pytest.raises(FldslError, match="refusing to overwrite"):
         compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_failed_emit_keeps_previous_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fldsl.compiler import manifest_check
+
+    from fldsl.diagnostics import FldslError
+
+    out = tmp_path / "b"
+    first = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", out)
+    before = _tree(out)
+
+    def lint_fails(toml_text: str, lint: object = None) -> list[manifest_check.Finding]:
+        return [manifest_check.Finding(code="insecure-key", key="loader.x", message="bad", severity="error")]
+
+    monkeypatch.setattr(manifest_check, "validate_manifest", lint_fails)
+    with pytest.raises(FldslError) as ei:
+        compile_pipeline(PIPELINES / "vertical_wide_deep.flp", out, {"rows": "100"})
+    assert "manifest of node `media.trainer`: loader.x: bad [insecure-key]" in ei.value.errors[0].message
+    assert _tree(out) == before and first.build_dir == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left behind
