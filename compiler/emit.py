@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +78,8 @@ def emit(program: Program, source: str, out: Path, file: str = "<input>") -> Com
     failed compile never leaves a half-written build (nor destroys the previous one)."""
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.fldsl-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    # A unique name: two compiles of the same pipeline at once (parallel test runs) must not collide.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".fldsl-tmp", dir=out.parent))
     try:
         result = _emit(program, source, tmp, file)
         _replace(tmp, out)
