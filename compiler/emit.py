@@ -80,6 +80,7 @@ def emit(program: Program, source: str, out: Path, file: str = "<input>") -> Com
     out.parent.mkdir(parents=True, exist_ok=True)
     # A unique name: two compiles of the same pipeline at once (parallel test runs) must not collide.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".fldsl-tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a build folder is meant to be shipped to node hosts
     try:
         result = _emit(program, source, tmp, file)
         _replace(tmp, out)
