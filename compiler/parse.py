@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from fldsl.compiler import ast
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
@@ -212,9 +212,7 @@ class _ToAst(Transformer[Token, ast.Module]):
         return ast.TensorPat(_name(c[0]), inner, _span_meta(meta))
 
     def type_spec(self, meta: Any, c: list[Token]) -> ast.TypeSpecExpr:
-        dims: list[ast.Name | ast.Literal_] = [
-            _number(t) if t.type == "NUMBER" else _name(t) for t in c[1:]
-        ]
+        dims: list[ast.Name | ast.Literal_] = [_number(t) if t.type == "NUMBER" else _name(t) for t in c[1:]]
         return ast.TypeSpecExpr(_name(c[0]), dims, _span_meta(meta))
 
     def ref_list(self, meta: Any, c: list[ast.Ref]) -> list[ast.Ref]:
@@ -222,9 +220,7 @@ class _ToAst(Transformer[Token, ast.Module]):
 
     def allow_stmt(self, meta: Any, c: list[Any]) -> ast.AllowStmt:
         srcs, _arrow, dsts, tensor, as_type = c
-        text = (
-            f"allow {', '.join(r.text for r in srcs)} -> {', '.join(r.text for r in dsts)}: {tensor.text}"
-        )
+        text = f"allow {', '.join(r.text for r in srcs)} -> {', '.join(r.text for r in dsts)}: {tensor.text}"
         return ast.AllowStmt(srcs, dsts, tensor, as_type, _span_meta(meta), text)
 
     def trust_block(self, meta: Any, c: list[Any]) -> ast.TrustBlock:
@@ -414,12 +410,36 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
     return Diagnostic("error", f"syntax error: {e}", file, line, col)
 
 
+MAX_DEPTH = 200  # far beyond any real pipeline; keeps the recursive passes well inside Python's stack
+
+
+def _too_deep(tree: Tree[Token]) -> ast.Span | None:
+    """The position of the first node deeper than MAX_DEPTH (checked iteratively), or None."""
+    stack: list[tuple[Tree[Token], int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return _span_meta(node.meta)
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return None
+
+
 def parse(source: str, file: str = "<input>") -> ast.Module:
     """Parse a whole ``.flp`` source; raises :class:`FldslError` with one syntax diagnostic."""
     try:
         tree = _parser().parse(source)
     except UnexpectedInput as e:
         raise FldslError([_syntax_diagnostic(e, source, file)], {file: source}) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        d = Diagnostic(
+            "error",
+            f"expression nested too deeply (more than {MAX_DEPTH} levels)",
+            file,
+            deep.line,
+            deep.column,
+        )
+        raise FldslError([d], {file: source})
     try:
         return _ToAst().transform(tree)
     except VisitError as e:
@@ -428,4 +448,3 @@ def parse(source: str, file: str = "<input>") -> ast.Module:
             d = Diagnostic("error", str(e.orig_exc), file, sp.line, sp.column, sp.single_line_end)
             raise FldslError([d], {file: source}) from None
         raise
-

@@ -95,3 +95,16 @@ def mutated(draw: st.DrawFn) -> str:
 @given(mutated())
 def test_mutated_pipelines(src: str) -> None:
     _check(src)
+
+
+def test_deep_nesting_is_a_diagnostic_not_a_crash() -> None:
+    import pytest
+
+    for src in (
+        "pipeline p\nmodel { x = " + "f(" * 3000 + ")" * 3000 + " }",
+        "pipeline p\ntrain { epochs: 1" + "+1" * 5000 + " }",
+        "pipeline p\ntrain { epochs: " + "[" * 3000 + "]" * 3000 + " }",
+    ):
+        with pytest.raises(FldslError) as ei:
+            check_source(src, "deep.flp")
+        assert ei.value.errors[0].message == "expression nested too deeply (more than 200 levels)"
