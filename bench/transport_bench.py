@@ -12,6 +12,9 @@ and use the same kind of certificates (sim RA-TLS, P-256):
 - ``attested``: ``Transport``/``PeerLink`` between two sim-attested nodes: ``link.send`` per tensor,
   ``link.recv`` per step on the receiver (policy-checked), one small reply when all arrived.
 
+Then, per rep, a lock-step phase (the split-learning pattern): 200 x 16 KiB tensors, each answered before
+the next is sent; prints the mean round trip of both configurations.
+
 Prints MB/s (10^6 bytes/s) per rep, the medians and the attested/plain ratio (paired median).
 """
 
@@ -41,6 +44,10 @@ from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pin
 A, B = "media.trainer", "shop.trainer"
 ROWS_PER_MIB = 1024 * 1024 // (16 * 4)
 PLAIN_METHOD = "/bench.Plain/Upload"
+# Lock-step phase (the split-learning pattern): small tensors, each answered before the next is sent.
+LOCKSTEP_MESSAGES = 200
+LOCKSTEP_ROWS = 256  # 256 x 16 float32 = 16 KiB
+LOCKSTEP_BASE = 1_000_000
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -114,8 +121,10 @@ def serve_attested(trust_dir: Path, addresses_file: Path, messages: int, reps: i
             x = link.recv("act", rep * messages + i, timeout=300)
             assert x.shape[1] == 16
         link.send("done", rep, np.array([messages], np.int64))
-    link.flush(10)
-    time.sleep(0.5)
+        for i in range(LOCKSTEP_MESSAGES):  # lock-step phase: answer every message
+            step = LOCKSTEP_BASE + rep * LOCKSTEP_MESSAGES + i
+            link.recv("act", step, timeout=300)
+            link.send("done", step, np.array([i], np.int64))
     t.close()
 
 
@@ -188,6 +197,42 @@ def run_plain(trust_dir: Path, port: int, tensor: np.ndarray, messages: int) -> 
     assert acks == messages
 
 
+def plain_lockstep_ms(trust_dir: Path, port: int) -> float:
+    """Mean round trip (ms) of a 16 KiB message and its 8-byte ack on one plain mTLS bidi stream."""
+    import queue
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(trust_dir / "plain_server_cert.pem").read_bytes(),
+        private_key=(trust_dir / "plain_client_key.pem").read_bytes(),
+        certificate_chain=(trust_dir / "plain_client_cert.pem").read_bytes())
+    small = np.ones((LOCKSTEP_ROWS, 16), np.float32)
+    opts = [("grpc.ssl_target_name_override", B)]
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        q: queue.Queue[bytes | None] = queue.Queue()
+        responses = ch.stream_stream(PLAIN_METHOD)(iter(q.get, None))
+        t0 = time.perf_counter()
+        for _ in range(LOCKSTEP_MESSAGES):
+            q.put(small.tobytes())
+            next(responses)
+        dt = time.perf_counter() - t0
+        q.put(None)
+        for _ in responses:
+            pass
+    return dt / LOCKSTEP_MESSAGES * 1e3
+
+
+def attested_lockstep_ms(t: Transport, rep: int) -> float:
+    link = t.link(B)
+    small = np.ones((LOCKSTEP_ROWS, 16), np.float32)
+    t0 = time.perf_counter()
+    for i in range(LOCKSTEP_MESSAGES):
+        step = LOCKSTEP_BASE + rep * LOCKSTEP_MESSAGES + i
+        link.send("act", step, small)
+        link.recv("done", step, timeout=60)
+    return (time.perf_counter() - t0) / LOCKSTEP_MESSAGES * 1e3
+
+
 def run_attested(t: Transport, tensor: np.ndarray, messages: int, rep: int) -> None:
     link = t.link(B)
     for i in range(messages):
@@ -243,6 +288,8 @@ def main() -> None:
         t = _transport(trust_dir, A, addresses)
         t.start()
         pm, am = Meter(plain_proc.pid), Meter(att_proc.pid)
+        plain_rtt: list[float] = []
+        att_rtt: list[float] = []
         nbytes = messages * tensor.nbytes
         try:
             t.link(B)
@@ -251,6 +298,8 @@ def main() -> None:
                 am.run(nbytes, lambda rep=rep: run_attested(t, tensor, messages, rep))
                 print(f"rep {rep}: plain gRPC+mTLS {pm.mbps[-1]:7.1f} MB/s   "
                       f"attested link {am.mbps[-1]:7.1f} MB/s", flush=True)
+                plain_rtt.append(plain_lockstep_ms(trust_dir, plain_port))
+                att_rtt.append(attested_lockstep_ms(t, rep))
         finally:
             t.close()
             assert plain_proc.stdin is not None
@@ -270,6 +319,8 @@ def main() -> None:
     print("CPU seconds per GB moved (median; lower is better; robust to a busy machine):")
     print(f"  plain:    sender {med(pm.send_cpu):.2f}  receiver {med(pm.recv_cpu):.2f}")
     print(f"  attested: sender {med(am.send_cpu):.2f}  receiver {med(am.recv_cpu):.2f}")
+    print(f"lock-step round trip, {LOCKSTEP_ROWS}x16 float32 (16 KiB) + small reply, median of reps: "
+          f"plain {med(plain_rtt):.2f} ms, attested {med(att_rtt):.2f} ms")
 
 
 if __name__ == "__main__":
