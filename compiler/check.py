@@ -10,6 +10,7 @@ Errors are collected (as many as can be found in one pass) and raised together a
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import hashlib
 import re
@@ -463,7 +464,7 @@ class Checker:
         except (OSError, UnicodeDecodeError) as e:
             self.error(arg_span, f"cannot read data file {found}: {e}")
             return None
-        header = [c.strip() for c in header_line.strip().split(",")]
+        header = [c.strip() for c in next(csv.reader([header_line.strip()]), [])]
         if not header_line.strip():
             self.error(arg_span, f"{found}: empty file (a CSV needs a header line)")
             return None
