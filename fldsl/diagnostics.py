@@ -58,9 +58,18 @@ class FldslError(Exception):
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
-    """The closest candidate to a misspelt name, or None."""
-    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    """The closest candidate to a misspelt name (case differences count as close), or None."""
+    cands = sorted(set(candidates))
+    lowered: dict[str, str] = {}
+    for c in cands:
+        lowered.setdefault(c.lower(), c)
+    if name.lower() in lowered and lowered[name.lower()] != name:
+        return lowered[name.lower()]
+    matches = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    matches = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[matches[0]] if matches else None
 
 
 def suggest(kind: str, name: str, candidates: Iterable[str]) -> tuple[str, str | None]:
