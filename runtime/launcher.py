@@ -222,9 +222,9 @@ class Launcher:
 
     def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # Fresh ports on every start: a resumed run reuses the directory, not the (maybe taken) ports.
         addresses = self.run_dir / "addresses.json"
-        if not addresses.exists():
-            write_addresses(addresses, self.ids)
+        write_addresses(addresses, self.ids)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         for nid, st in self.nodes.items():
             st.log_path = self.run_dir / "logs" / f"{nid}.log"
@@ -317,6 +317,7 @@ def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Pa
     if run_dir is None:
         run_dir = new_run_dir(runs_root, pipeline)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()
     launcher = Launcher(build_dir, run_dir=run_dir, trust_dir=trust_dir, display=display, node_args=node_args)
     t0 = time.monotonic()
     if display is not None:
