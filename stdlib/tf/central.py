@@ -31,8 +31,10 @@ _NP_TO_DTYPE = {d: d for d in ("float32", "float64", "int32", "int64", "bool")}
 class CentralResult:
     history: list[dict[str, float]]  # one entry per epoch: epoch, train_loss, then evaluation metrics
     metrics: dict[str, float]  # evaluation metrics after the last epoch (holdout / eval set; else train)
-    examples_per_s: float  # training examples per second (forward + backward + update), evaluation excluded
+    examples_per_s: float  # training examples per second (forward + backward + update), evaluation and the
+    # first step (tf.function tracing) excluded
     steps: int = 0
+    first_step_s: float = 0.0  # the first step alone: tracing + one step
     weights: list[np.ndarray] = field(default_factory=list)
     segment: Segment | None = None
 
@@ -120,6 +122,7 @@ def train_central(ops: Sequence[OpCall], loss: LossSpec, train: TrainSpec, data:
     seen = 0
     busy = 0.0
     steps = 0
+    first_step = 0.0
     for epoch in range(train.epochs):
         batches = epoch_batches(len(y_train), train.batch_size, train.seed, epoch)
         if train.steps_per_epoch is not None:
@@ -127,10 +130,14 @@ def train_central(ops: Sequence[OpCall], loss: LossSpec, train: TrainSpec, data:
         total, count = 0.0, 0
         t0 = time.perf_counter()
         for idx in batches:
-            value = step({k: v[idx] for k, v in x_train.items()}, y_train[idx])
-            total += float(value) * len(idx)
+            value = float(step({k: v[idx] for k, v in x_train.items()}, y_train[idx]))
+            total += value * len(idx)
             count += len(idx)
             steps += 1
+            if steps == 1:  # tracing dominates the first step: keep it out of the throughput
+                first_step = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                seen -= len(idx)
         busy += time.perf_counter() - t0
         seen += count
         entry = {"epoch": float(epoch + 1), "train_loss": total / max(count, 1)}
@@ -138,7 +145,7 @@ def train_central(ops: Sequence[OpCall], loss: LossSpec, train: TrainSpec, data:
         history.append(entry)
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss")} if history else {}
     return CentralResult(history=history, metrics=final, examples_per_s=seen / busy if busy > 0 else 0.0,
-                         steps=steps, weights=segment.get_weights(),
+                         steps=steps, first_step_s=first_step, weights=segment.get_weights(),
                          segment=segment if keep_segment else None)
 
 
