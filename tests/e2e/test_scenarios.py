@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 from pathlib import Path
 
 import buildkit
@@ -73,54 +72,3 @@ def test_distributed_chief_streams_shards(tmp_path: Path, trust_dir: Path) -> No
     for w in ("cloud.worker1", "cloud.worker2"):
         assert doc["nodes"]["owner.chief"]["bytes_sent"][f"owner.chief->{w}:shard"] > 200 * 13 * 4
         assert doc["nodes"][w]["steps"] == doc["nodes"]["cloud.ps"]["steps"] > 0
-
-
-class _StopAtCheckpoint:
-    """A launcher display that presses Ctrl-C (SIGINT to every node) after a checkpoint at >= step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.launcher = None
-        self.sent = False
-
-    def begin(self, launcher) -> None:
-        self.launcher = launcher
-
-    def update(self, st) -> None:
-        if not self.sent and st.phase == "train" and st.step >= self.step:
-            self.sent = True
-            self.launcher.stop_all(signal.SIGINT)
-
-    def end(self) -> None:
-        pass
-
-
-def test_vertical_interrupted_run_resumes_to_the_same_model(tmp_path: Path, trust_dir: Path) -> None:
-    def make() -> Path:
-        return buildkit.vertical_build(tmp_path, rows=400, epochs=2, checkpoint_every=2)
-
-    full = launch(make, tmp_path / "full", trust_dir)
-    assert full.exit_code == 0, describe(full)
-    part = launch(make, tmp_path / "part", trust_dir, display=_StopAtCheckpoint(5))
-    assert part.exit_code == 1 or part.exit_code == 130 or part.exit_code == 0, describe(part)
-    ckpts = sorted((part.run_dir / "checkpoints" / "shop.trainer").glob("ckpt-*.sealed"))
-    if part.exit_code != 0:
-        assert ckpts, "an interrupted run keeps its last checkpoint"
-    resumed = run_again(part.run_dir, trust_dir, tmp_path)
-    assert resumed.exit_code == 0, describe(resumed)
-    events = _events(part.run_dir)
-    if part.exit_code != 0:
-        assert any(e["event"] == "plan" and e.get("resumed_from") for e in events), "did not resume"
-    for node in ("media.trainer", "shop.trainer"):
-        name = f"{node}/model"
-        a = _unseal_model(trust_dir, Path(full.to_json()["nodes"][node]["exports"][name]), node, name)
-        b = _unseal_model(trust_dir, Path(resumed.to_json()["nodes"][node]["exports"][name]), node, name)
-        for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-
-
-def run_again(run_dir: Path, trust_dir: Path, root: Path):
-    """Start the same build again in the same run dir (what `fldsl run --run-dir` after a crash does)."""
-    from fldsl.runtime.launcher import run_pipeline
-
-    return run_pipeline(root / "build" / "vertical_test", run_dir=run_dir, trust_dir=trust_dir)
