@@ -35,10 +35,13 @@ def test_horizontal_reference_trains_on_every_workers_rows(tmp_path: Path) -> No
     assert set(result.metrics) == {"loss", "auc"}
 
 
+# Floors: the central scikit-learn MLP reference of the data README (default_credit 0.758, 80/20 holdout)
+# rounded down, and breast's near-separability. The pipelines' own federated targets (0.75 / 0.77 / 0.98)
+# are the runtime's tests; these check that the stdlib trains real data as well as a standard MLP.
 @pytest.mark.shared_data
 @pytest.mark.parametrize(("name", "floor"), [("fate_credit_vertical", 0.75), ("fate_breast_vertical", 0.98),
                                               ("fate_breast_horizontal", 0.98),
-                                              ("fate_credit_horizontal", 0.77)])
+                                              ("fate_credit_horizontal", 0.75)])
 def test_fate_central_references_reach_the_quality_floors(tmp_path: Path, fate_data: Path, name: str,
                                                           floor: float) -> None:
     result = train_central_plans(_plans(name, tmp_path, {"data_dir": str(fate_data)}))
