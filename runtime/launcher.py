@@ -50,6 +50,8 @@ class NodeState:
     done: dict[str, Any] | None = None
     error: str | None = None
     exit_code: int | None = None
+    restarting: bool = False
+    restarts: int = 0
 
 
 @dataclass
@@ -206,10 +208,10 @@ class Launcher:
         if self.display is not None:
             self.display.update(st)
 
-    def _reader(self, st: NodeState) -> None:
-        assert st.proc is not None and st.proc.stdout is not None
+    def _reader(self, st: NodeState, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
         with open(st.log_path, "a", encoding="utf-8") as log:  # type: ignore[arg-type]
-            for line in st.proc.stdout:
+            for line in proc.stdout:
                 ev = parse_line(line)
                 if ev is None:
                     log.write(line)  # library output on stdout: keep it, but in the log
@@ -228,13 +230,33 @@ class Launcher:
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         for nid, st in self.nodes.items():
             st.log_path = self.run_dir / "logs" / f"{nid}.log"
-            cmd = node_command(self.build_dir, nid, addresses, self.run_dir, self.trust_dir,
-                               self.node_args.get(nid))
-            err = open(st.log_path, "a", encoding="utf-8")
-            st.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                       text=True, bufsize=1, env=node_env())
-            err.close()
-            threading.Thread(target=self._reader, args=(st,), daemon=True, name=f"read-{nid}").start()
+            self._spawn(st)
+
+    def _spawn(self, st: NodeState) -> None:
+        cmd = node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
+                           self.trust_dir, self.node_args.get(st.id))
+        err = open(st.log_path, "a", encoding="utf-8")  # type: ignore[arg-type]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                text=True, bufsize=1, env=node_env())
+        err.close()
+        st.proc = proc
+        threading.Thread(target=self._reader, args=(st, proc), daemon=True, name=f"read-{st.id}").start()
+
+    def restart_node(self, nid: str) -> None:
+        """Kill one node (SIGKILL: no clean shutdown) and start it again on the same address; the others
+        keep running, notice the peer's new attested connection and agree with it where to resume."""
+        st = self.nodes[nid]
+        with self._lock:
+            st.restarting = True
+        old = st.proc
+        if old is not None and old.poll() is None:
+            old.kill()
+            old.wait()
+        st.restarts += 1
+        st.phase = "restart"
+        self._spawn(st)
+        with self._lock:
+            st.restarting = False
 
     def stop_all(self, sig: int = signal.SIGINT) -> None:
         for st in self.nodes.values():
@@ -253,7 +275,8 @@ class Launcher:
             while True:
                 running = 0
                 for st in self.nodes.values():
-                    code = st.proc.poll() if st.proc else 0
+                    with self._lock:  # a node being restarted is running, whatever its old process says
+                        code = None if st.restarting else (st.proc.poll() if st.proc else 0)
                     if code is None:
                         running += 1
                     elif st.exit_code is None:

@@ -126,7 +126,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     from fldsl.runtime.attestation.verify import PeerVerifier
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
-    from fldsl.runtime.roles.common import RoleContext
+    from fldsl.runtime.roles.common import PeerRestarted, RoleContext
     from fldsl.runtime.transport import Transport, load_addresses
 
     from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
@@ -180,7 +180,22 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         ctx = RoleContext(plan=plan, policy=policy, links=links, progress=progress, store=store,
                           run_dir=args.run_dir, seal_key=backend.sealing_key(), stop=stop,
                           recv_timeout_s=args.recv_timeout)
-        result = role_main(plan)(ctx)
+        ctx.mark_links()
+        restarts = 0
+        while True:
+            try:
+                result = role_main(plan)(ctx)
+                break
+            except PeerRestarted as e:
+                # The peer process was restarted (it re-attested with a fresh key): run the role again;
+                # it agrees on a checkpoint with the peer, rolls back to it and drops stale messages.
+                restarts += 1
+                if restarts > 10:
+                    raise
+                log.warning("%s restarted: rejoining (resume agreement again)", e.peer)
+                progress.emit("phase", name="rejoin", detail=f"{e.peer} restarted")
+                ctx.rejoining = e.peer
+                ctx.mark_links()
         stats = transport.stats
         result["bytes_sent"] = {k: v.bytes_sent for k, v in sorted(stats.items()) if v.bytes_sent}
         result["bytes_received"] = {k: v.bytes_received for k, v in sorted(stats.items()) if v.bytes_received}

@@ -42,6 +42,15 @@ class RoleError(Exception):
     """A user-facing failure of the role (bad plan shape, peer protocol violation)."""
 
 
+class PeerRestarted(Exception):
+    """The link to ``peer`` came back with a new generation: the peer process restarted (fresh attestation)
+    and will ask to resume from a checkpoint. The node re-runs its role, which agrees on the step again."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"{peer} reconnected (restarted)")
+        self.peer = peer
+
+
 @dataclass
 class RoleContext:
     plan: Plan
@@ -54,6 +63,39 @@ class RoleContext:
     stop: threading.Event = field(default_factory=threading.Event)
     recv_timeout_s: float = 300.0
     exports: dict[str, str] = field(default_factory=dict)
+    # Link generations seen when the role (re)started, the peer whose restart is being handled, and the
+    # highest step this node has worked on (bounds the stale messages to drop after a restart).
+    generations: dict[str, int] = field(default_factory=dict)
+    rejoining: str | None = None
+    last_step: int = 0
+
+    def mark_links(self) -> None:
+        self.generations = {p: g for p, link in self.links.items()
+                            if (g := getattr(link, "generation", None)) is not None}
+
+    def check_peer(self, peer: str) -> None:
+        gen = getattr(self.links[peer], "generation", None)
+        if gen is not None and peer in self.generations and gen != self.generations[peer]:
+            raise PeerRestarted(peer)
+
+    def discard_stale(self, peer: str, start: int) -> None:
+        """Drop what a peer's previous process sent for steps >= ``start`` (it will send them again)."""
+        from fldsl.runtime.transport import TransportError
+
+        link = self.links[peer]
+        flows = [f for f in self.policy.flows if f.src == peer and f.dst == self.node
+                 and f.kind in ("activation", "gradient", "gradients", "weights", "metrics")]
+        dropped = 0
+        for f in flows:
+            for k in range(max(0, start), self.last_step + 3):
+                while True:
+                    try:
+                        link.recv_blob(f.id, k, 0)  # any kind: a mismatch still removes the message
+                        dropped += 1
+                    except (TimeoutError, TransportError):
+                        break
+        if dropped:
+            log.info("dropped %d stale message(s) of %s's previous process", dropped, peer)
 
     @property
     def node(self) -> str:
@@ -93,17 +135,21 @@ class RoleContext:
         self.links[peer].send_blob(self.control_flow(self.node, peer), step, data)
 
     def recv_json(self, peer: str, step: int) -> Any:
-        data = self.wait(lambda t: self.links[peer].recv_blob(self.control_flow(peer, self.node), step, t))
+        data = self.wait(lambda t: self.links[peer].recv_blob(self.control_flow(peer, self.node), step, t),
+                         peer)
         try:
             return json.loads(data)
         except ValueError as e:
             raise RoleError(f"malformed control message from {peer}: {e}") from e
 
-    def wait(self, fn: Callable[[float], Any]) -> Any:
-        """Call a blocking receive in short slices so Ctrl-C is honoured while waiting on a peer."""
+    def wait(self, fn: Callable[[float], Any], peer: str | None = None) -> Any:
+        """Call a blocking receive in short slices so Ctrl-C (and a restart of ``peer``) is noticed while
+        waiting on a peer."""
         deadline = time.monotonic() + self.recv_timeout_s
         while True:
             self.check_stop()
+            if peer is not None:
+                self.check_peer(peer)
             try:
                 return fn(0.5)
             except TimeoutError:
@@ -121,15 +167,25 @@ class RoleContext:
         """Exchange checkpoint steps; the coordinator picks the newest step all hold (None = fresh start)."""
         mine = self.store.steps() if self.store else []
         if self.node == coordinator:
+            if self.rejoining is not None and len(members) > 1:
+                # The other members are mid-step and would not answer: fail cleanly, the next run resumes.
+                raise RoleError(f"{self.rejoining} restarted while {len(members) - 1} other peer(s) were "
+                                "training; restart the whole run to resume from the last common checkpoint")
             available = [mine]
             for peer in members:
                 available.append(list(self.recv_json(peer, CTRL_RESUME)["steps"]))
             agreed = agree_resume_step(available)
+            if self.rejoining is not None:
+                # Before answering: the restarted peer sends its new messages only after the answer.
+                self.discard_stale(self.rejoining, agreed or 0)
             for peer in members:
                 self.send_json(peer, CTRL_RESUME_AGREED, {"step": agreed})
         else:
             self.send_json(coordinator, CTRL_RESUME, {"steps": mine})
             agreed = self.recv_json(coordinator, CTRL_RESUME_AGREED)["step"]
+            if self.rejoining is not None:
+                # The restarted coordinator sends step messages only after ours: nothing new is lost here.
+                self.discard_stale(self.rejoining, agreed or 0)
         if agreed is not None and agreed not in mine:
             raise RoleError(f"{self.node}: peers agreed to resume at step {agreed} but this node has no "
                             "checkpoint for it")
@@ -335,7 +391,7 @@ def blob_channel(ctx: RoleContext, peer: str, kind: str, base: int = PSI_BASE
         counters["out"] += 1
 
     def recv() -> bytes:
-        data = ctx.wait(lambda t: link.recv_blob(in_id, base + counters["in"], t))
+        data = ctx.wait(lambda t: link.recv_blob(in_id, base + counters["in"], t), peer)
         counters["in"] += 1
         return data
 
@@ -360,13 +416,13 @@ def send_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int, data: bytes
 
 def recv_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int) -> bytes:
     link = ctx.links[peer]
-    head = ctx.wait(lambda t: link.recv_blob(flow.id, base, t))
+    head = ctx.wait(lambda t: link.recv_blob(flow.id, base, t), peer)
     if len(head) != 8:
         raise RoleError(f"{peer}: malformed chunk header on flow {flow.id}")
     n = int.from_bytes(head, "little")
     if n > (1 << 20):
         raise RoleError(f"{peer}: implausible chunk count {n} on flow {flow.id}")
-    parts = [ctx.wait(lambda t, i=i: link.recv_blob(flow.id, base + 1 + i, t)) for i in range(n)]
+    parts = [ctx.wait(lambda t, i=i: link.recv_blob(flow.id, base + 1 + i, t), peer) for i in range(n)]
     return b"".join(parts)
 
 

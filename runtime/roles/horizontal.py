@@ -120,9 +120,10 @@ def server(ctx: RoleContext) -> dict[str, Any]:
     nvar = len(variables)
     for r in range(start, rounds):
         ctx.check_stop()
+        ctx.last_step = max(ctx.last_step, r)
         parts, counts = [], []
         for w in workers:
-            arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t))
+            arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
             if len(arrays) != nvar + 1:
                 raise RoleError(f"{w} sent {len(arrays)} arrays at round {r}, expected {nvar + 1}")
             parts.append(arrays[:nvar])
@@ -272,6 +273,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     losses: list[float] = []
     for r in range(start, rounds):
         ctx.check_stop()
+        ctx.last_step = max(ctx.last_step, r)
         meter.start()
         if sync:
             e, j = divmod(r, spe)
@@ -290,7 +292,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
                 local_cursor += 1
             link.send_arrays(send_flow, r, [*model.get_weights(), np.array([seen], np.int64)])
         meter.stop(0)
-        weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t))
+        weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
         meter.start()
         model.set_weights(weights)
         meter.stop(seen)

@@ -193,11 +193,12 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     last_emit = 0.0
     for s in range(start, total):
         ctx.check_stop()
+        ctx.last_step = max(ctx.last_step, s)
         e, j = divmod(s, spe)
         rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
         acts = {}
         for p, f in recv_flows:
-            acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t))
+            acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t), p)
         meter.start()
         value, grads = train_step(inputs_for(rows), acts, table.fields[label_field][rows])
         for (p, f), g in zip(recv_flows, grads, strict=True):
@@ -232,7 +233,7 @@ def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
     logits = []
     for k, idx in enumerate(batches(np.arange(len(hold_rows)), b)):
         key = EVAL_BASE + epoch * EVAL_STRIDE + k
-        acts = {f.tensor: ctx.wait(lambda t, p=p, f=f, key=key: ctx.links[p].recv(f.id, key, t))
+        acts = {f.tensor: ctx.wait(lambda t, p=p, f=f, key=key: ctx.links[p].recv(f.id, key, t), p)
                 for p, f in recv_flows}
         logits.append(predict(inputs_for(hold_rows[idx]), acts).numpy())
     return score_metrics(ctx.plan.loss.op, ctx.plan.train.metrics, np.concatenate(logits),
@@ -317,6 +318,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
     last_emit = 0.0
     for s in range(start, total):
         ctx.check_stop()
+        ctx.last_step = max(ctx.last_step, s)
         e, j = divmod(s, spe)
         rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
         inputs = field_inputs(plan, tables, rows)
@@ -325,7 +327,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
         for f, a in zip(send_flows, acts, strict=True):
             link.send(f.id, s, a.numpy())
         meter.stop(0)
-        grads = [ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t)) for g in grad_flows]
+        grads = [ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t), active) for g in grad_flows]
         meter.start()
         backward(inputs, grads)
         meter.stop(len(rows))

@@ -106,3 +106,45 @@ def test_passive_killed_mid_epoch_then_restarted(tmp_path: Path, trust_dir: Path
 def test_parameter_server_killed_then_restarted(tmp_path: Path, trust_dir: Path, references: dict) -> None:
     res = _interrupt_and_resume(tmp_path, trust_dir, _horizontal, _Fault(3, "hub.ps"), "horizontal_test")
     _same(_weights(trust_dir, res, "hub.ps"), references["horizontal"]["hub.ps"])
+
+
+class _Restart:
+    """A launcher display that kills ``node`` once it reaches ``step`` and starts it again at once, while the
+    other nodes keep running (they wait for the peer, notice its new attested connection and rejoin)."""
+
+    def __init__(self, step: int, node: str) -> None:
+        self.step, self.node = step, node
+        self.launcher = None
+        self.fired = False
+
+    def begin(self, launcher) -> None:
+        self.launcher = launcher
+
+    def update(self, st) -> None:
+        if not self.fired and st.id == self.node and st.phase == "train" and st.step >= self.step:
+            self.fired = True
+            import threading
+
+            threading.Thread(target=self.launcher.restart_node, args=(self.node,), daemon=True).start()
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("scenario", "node", "pipeline"), [
+    ("vertical", "media.trainer", "vertical_test"),
+    ("vertical", "shop.trainer", "vertical_test"),
+    ("horizontal", "hub.ps", "horizontal_test"),
+])
+def test_one_node_killed_and_restarted_alone(tmp_path: Path, trust_dir: Path, references: dict, scenario: str,
+                                             node: str, pipeline: str) -> None:
+    make = _vertical if scenario == "vertical" else _horizontal
+    fault = _Restart(3, node)
+    res = launch(lambda: make(tmp_path), tmp_path / "run", trust_dir, display=fault)
+    assert fault.fired
+    assert res.exit_code == 0, describe(res)
+    assert res.nodes[node].restarts == 1
+    text = (res.run_dir / "metrics.jsonl").read_text()
+    assert '"name": "rejoin"' in text  # the survivors noticed the restart and agreed again
+    for n, want in references[scenario].items():
+        _same(_weights(trust_dir, res, n), want)
