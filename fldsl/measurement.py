@@ -37,7 +37,10 @@ def _package_dirs() -> list[tuple[str, Path]]:
     import importlib
 
     out = []
-    for name in ("fldsl", "fldsl.compiler", "fldsl.runtime", "fldsl.stdlib", "fldsl.grammar", "fldsl.pipelines"):
+    packages = (
+        "fldsl", "fldsl.compiler", "fldsl.runtime", "fldsl.stdlib", "fldsl.grammar", "fldsl.pipelines",
+    )
+    for name in packages:
         try:
             mod = importlib.import_module(name)
         except ImportError:

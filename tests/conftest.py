@@ -29,7 +29,7 @@ def fate_dir() -> Path:
 def fate_data() -> Path:
     d = fate_dir()
     if not d.is_dir():
-        pytest.skip(f"FATE data not found at {d} (set FLDSL_SHARED_DATA or put ../shared beside the checkout)")
+        pytest.skip(f"FATE data not found at {d} (set FLDSL_SHARED_DATA or put ../shared beside it)")
     return d
 
 
