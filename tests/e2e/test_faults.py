@@ -55,11 +55,11 @@ class _Fault:
 
 
 def _vertical(root: Path) -> Path:
-    return buildkit.vertical_build(root, rows=300, epochs=2, checkpoint_every=2)
+    return buildkit.vertical_build(root, rows=400, epochs=2, batch=16, checkpoint_every=4)
 
 
 def _horizontal(root: Path) -> Path:
-    return buildkit.horizontal_build(root, mode="sync", rows=240, epochs=2, checkpoint_every=2)
+    return buildkit.horizontal_build(root, mode="sync", rows=400, epochs=2, batch=8, checkpoint_every=4)
 
 
 @pytest.fixture(scope="module")
