@@ -1,0 +1,384 @@
+"""``fldsl bench FILE.flp``: the pipeline's model trained three ways, side by side, in one invocation.
+
+* **native**: the same model trained centrally in one TensorFlow process on the joined data;
+* **plain**: fldsl's runtime (one process per node, real gRPC) with attestation and TLS OFF — a bench-only
+  mode (``fldsl.runtime.bench_node``), never reachable from a .flp or ``fldsl run``;
+* **attested**: the real thing (attestation, RA-TLS, pinned mutual TLS, sealed checkpoints).
+
+Same build (so same data, seed, batch size and model) for all three. The machine is noisy, so the modes
+run interleaved rep by rep (order reversed on odd reps) and every ratio is the median of per-rep ratios.
+
+Measured per mode: training examples/s (native: the central loop's busy time without the first, tracing,
+step and without evaluation; federated: examples the label owners trained between their first and last
+step event, over that wall time), time from process start to the end of the first training step, peak RSS
+of each process, and the payload bytes all nodes sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED
+
+MODES = ("native", "plain", "attested")
+DEFAULT_STEPS = 200
+NATIVE_TIMEOUT_S = 900.0
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    rep: int
+    ok: bool
+    examples_per_s: float = 0.0
+    first_step_s: float = 0.0  # process start -> end of the first training step (federated: slowest node)
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)  # process -> peak RSS
+    wire_bytes: int = 0  # payload bytes sent by all nodes (federated)
+    steps: int = 0
+    seconds: float = 0.0  # wall time of the whole mode (start-up to exit)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _steps_per_epoch(program: Any, flp: Path) -> int:
+    """Training steps of one epoch, computed from the data as the runtime will (numpy only, no TF)."""
+    from fldsl.runtime.data import load_dataset
+
+    train = program.train
+    sizes: list[int] = []
+    ids: set[str] | None = None
+    for ds in program.datasets:
+        table = load_dataset(ds.spec, flp.resolve().parent)
+        sizes.append(len(table.ids))
+        row_ids = {str(i) for i in table.ids.tolist()}
+        ids = row_ids if ids is None else ids & row_ids
+    if program.scenario == "vertical" and ids is not None:
+        rows = len(ids)
+    else:  # horizontal / distributed: every worker walks its own rows; the biggest sets the pace
+        rows = max(sizes, default=0)
+    rows = rows - round(rows * train.validation.fraction)
+    return max(1, math.ceil(rows / train.batch_size))
+
+
+def compile_for_bench(flp: Path, params: dict[str, str], out: Path, steps: int | None) -> Path:
+    """Compile ``flp``; with ``steps``, the epoch count is raised (never lowered) to cover that many steps.
+
+    Everything else (model, data, seed, batch size, trust) is the pipeline's own. The build is measured
+    as compiled, so nodes accept it like any other."""
+    from fldsl.api import _read_source, check_source
+    from fldsl.compiler.emit import emit
+
+    source = _read_source(flp)
+    program = check_source(source, str(flp), params, flp.resolve().parent)
+    if steps is not None:
+        try:
+            spe = _steps_per_epoch(program, flp)
+        except Exception:  # a data set the harness cannot size: keep the pipeline's epochs
+            spe = None
+        if spe is not None:
+            epochs = max(program.train.epochs, math.ceil(steps / spe))
+            train = program.train.model_copy(update={"epochs": epochs})
+            program = program.model_copy(update={"train": train})
+    return emit(program, source, out, str(flp)).build_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running one mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Harness:
+    """Owns the secret that lets ``fldsl.runtime.bench_node`` start (see its docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = secrets.token_hex(32)
+
+    def prepare(self, rep_dir: Path) -> None:
+        from fldsl.runtime.bench_node import TOKEN_NAME
+
+        rep_dir.mkdir(parents=True, exist_ok=True)
+        secret = rep_dir / "reports" / TOKEN_NAME
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(self.token)
+
+    def env(self) -> dict[str, str]:
+        from fldsl.runtime.bench_node import PARENT_ENV, T0_ENV, TOKEN_ENV
+        from fldsl.runtime.launcher import node_env
+
+        env = node_env()
+        env[TOKEN_ENV] = self.token
+        env[PARENT_ENV] = str(os.getpid())
+        env[T0_ENV] = repr(time.time())
+        return env
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def run_native(harness: Harness, build: Path, rep_dir: Path, rep: int) -> ModeResult:
+    harness.prepare(rep_dir)
+    report = rep_dir / "reports" / "native.json"
+    log = rep_dir / "native.log"
+    cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", "native", "--report", str(report),
+           "--build", str(build)]
+    t0 = time.monotonic()
+    with open(log, "w", encoding="utf-8") as out:
+        try:
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env=harness.env(), timeout=NATIVE_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+    doc = _read_report(report)
+    res = ModeResult(mode="native", rep=rep, ok=code == 0 and bool(doc), seconds=time.monotonic() - t0)
+    if not res.ok:
+        res.error = f"exit {code}; see {log}"
+        return res
+    res.examples_per_s = float(doc["examples_per_s"])
+    res.first_step_s = float(doc["first_step_s"])
+    res.steps = int(doc["steps"])
+    res.peak_rss_bytes = {"native": int(doc["peak_rss_bytes"])}
+    return res
+
+
+def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, trust_dir: Path) -> Any:
+    from fldsl.runtime import launcher as L
+
+    class BenchLauncher(L.Launcher):
+        """The ordinary launcher, starting ``bench_node`` and timing every progress event on arrival."""
+
+        def __init__(self) -> None:
+            super().__init__(build, run_dir=run_dir, trust_dir=trust_dir)
+            self.spawned_at: dict[str, float] = {}
+            self.steps: dict[str, list[tuple[float, int]]] = {}
+
+        def _on_event(self, st: Any, ev: dict[str, Any]) -> None:
+            if ev.get("event") == "step":
+                self.steps.setdefault(st.id, []).append((time.monotonic(), int(ev.get("step", 0))))
+            super()._on_event(st, ev)
+
+        def _spawn(self, st: Any) -> None:
+            node_args = L.node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
+                                       self.trust_dir)[3:]  # drop: python -m fldsl.runtime.node
+            cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", mode, "--report",
+                   str(self.run_dir / "reports" / f"{st.id}.json"), "--", *node_args]
+            err = open(st.log_path, "a", encoding="utf-8")  # handed to the child
+            self.spawned_at[st.id] = time.monotonic()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                    text=True, bufsize=1, env=harness.env())
+            err.close()
+            st.proc = proc
+            threading.Thread(target=self._reader, args=(st, proc), daemon=True, name=f"read-{st.id}").start()
+
+    return BenchLauncher()
+
+
+def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: int,
+                  trust_dir: Path) -> ModeResult:
+    from fldsl.artifacts import Plan, load_model, node_dir
+    from fldsl.runtime.launcher import tail
+
+    harness.prepare(rep_dir)
+    launcher = _bench_launcher(harness, mode, build, rep_dir, trust_dir)
+    t0 = time.monotonic()
+    launcher.start()
+    code, _ = launcher.wait()
+    res = ModeResult(mode=mode, rep=rep, ok=code == 0, seconds=time.monotonic() - t0)
+    for nid in launcher.ids:
+        doc = _read_report(rep_dir / "reports" / f"{nid}.json")
+        if "peak_rss_bytes" in doc:
+            res.peak_rss_bytes[nid] = int(doc["peak_rss_bytes"])
+    if not res.ok:
+        bad = launcher.first_failure
+        if bad is not None:
+            lines = " | ".join(tail(bad.log_path, 4))
+            res.error = f"{bad.id}: {bad.error} ({lines})"
+        else:
+            res.error = f"exit {code}"
+        return res
+    plans = {nid: load_model(Plan, node_dir(launcher.build_dir, nid) / "plan.json") for nid in launcher.ids}
+    # Label owners train the examples (vertical: the active party; horizontal: each worker).
+    owners = [nid for nid, p in plans.items() if p.loss is not None and launcher.steps.get(nid)
+              and not p.role.endswith(("server", "ps"))] or [n for n in launcher.ids if launcher.steps.get(n)]
+    begin = min(launcher.steps[n][0][0] for n in owners)
+    end = max(launcher.steps[n][-1][0] for n in owners)
+    examples = sum((launcher.steps[n][-1][1] - launcher.steps[n][0][1]) * plans[n].train.batch_size
+                   for n in owners)
+    res.examples_per_s = examples / (end - begin) if end > begin else 0.0
+    res.first_step_s = max(launcher.steps[n][0][0] - launcher.spawned_at[n] for n in owners)
+    res.steps = max(launcher.steps[n][-1][1] for n in owners)
+    for st in launcher.nodes.values():
+        res.wire_bytes += sum(int(v) for v in ((st.done or {}).get("bytes_sent") or {}).values())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarise(results: list[ModeResult], reps: int) -> dict[str, Any]:
+    """Medians per mode and paired ratios (median over reps of the per-rep ratio)."""
+    by: dict[tuple[str, int], ModeResult] = {(r.mode, r.rep): r for r in results}
+
+    def ratios(num: str, den: str, key: str) -> list[float]:
+        out = []
+        for rep in range(reps):
+            a, b = by.get((num, rep)), by.get((den, rep))
+            if a and b and a.ok and b.ok:
+                x, y = getattr(a, key), getattr(b, key)
+                if isinstance(x, dict):
+                    x, y = max(x.values(), default=0), max(y.values(), default=0)
+                if y:
+                    out.append(x / y)
+        return out
+
+    modes: dict[str, Any] = {}
+    for m in MODES:
+        rs = [r for r in results if r.mode == m and r.ok]
+        modes[m] = {
+            "ok_reps": len(rs),
+            "examples_per_s": _median([r.examples_per_s for r in rs]),
+            "first_step_s": _median([r.first_step_s for r in rs]),
+            "peak_rss_bytes": _median([max(r.peak_rss_bytes.values(), default=0) for r in rs]),
+            "wire_bytes": _median([r.wire_bytes for r in rs]),
+            "steps": _median([r.steps for r in rs]),
+            "vs_native": _median(ratios(m, "native", "examples_per_s")),
+            "rss_vs_native": _median(ratios(m, "native", "peak_rss_bytes")),
+            "per_rep_examples_per_s": [round(r.examples_per_s, 1) for r in rs],
+        }
+    modes["attested"]["vs_plain"] = _median(ratios("attested", "plain", "examples_per_s"))
+    return modes
+
+
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "-" if x is None else f"{format(x, spec)}{unit}"
+
+
+def print_table(console: Any, title: str, summary: dict[str, Any], failures: list[ModeResult]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    # Short headers: the table must fit an 80-column terminal.
+    for col in ("mode", "ex/s", "×native", "1st step", "peak RSS", "RSS×nat", "wire", "reps"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for m in MODES:
+        s = summary[m]
+        mib = None if s["peak_rss_bytes"] is None else s["peak_rss_bytes"] / 2**20
+        wire = None if m == "native" or s["wire_bytes"] is None else s["wire_bytes"] / 2**20
+        table.add_row(m, _fmt(s["examples_per_s"], ",.0f"), _fmt(s["vs_native"], ".2f", "x"),
+                      _fmt(s["first_step_s"], ".1f", " s"), _fmt(mib, ",.0f", " MiB"),
+                      _fmt(s["rss_vs_native"], ".2f", "x"), _fmt(wire, ",.1f", " MiB"), str(s["ok_reps"]))
+    console.print(table)
+    console.print(f"attested / plain (paired): {_fmt(summary['attested'].get('vs_plain'), '.2f', 'x')}   "
+                  "ratios are medians of per-rep ratios; modes interleaved rep by rep")
+    for f in failures:
+        console.print(f"[red]{f.mode} rep {f.rep} failed: {f.error}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _params(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+@click.command("bench")
+@click.argument("flp", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a pipeline parameter")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
+@click.option("--reps", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="repetitions; the three modes are interleaved within each")
+@click.option("--steps", type=click.IntRange(1), default=DEFAULT_STEPS, show_default=True,
+              help="train at least this many steps (more epochs of the same data when needed)")
+@click.option("--modes", default=",".join(MODES), show_default=True, help="subset of native,plain,attested")
+@click.option("--out", "out_root", type=click.Path(path_type=Path), default=Path("runs/bench"),
+              show_default=True, help="where builds, node logs and results.json go")
+@click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
+              help="simulated trust material (created on first use)")
+def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: int, modes: str,
+            out_root: Path, trust_dir: Path) -> None:
+    """Benchmark a pipeline: native (central TF) vs federated plain vs federated attested."""
+    from rich.console import Console
+
+    from fldsl.diagnostics import FldslError
+    from fldsl.runtime import launcher as L
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise click.UsageError(f"--modes: unknown {', '.join(unknown) or '(none)'}; "
+                               f"choose from {', '.join(MODES)}")
+    console = Console(stderr=as_json)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    root = (out_root / flp.stem / f"{stamp}-{os.getpid()}").resolve()
+    try:
+        build = compile_for_bench(flp, _params(sets), root / "build", steps)
+    except FldslError as e:
+        render = getattr(e, "render", None)
+        click.echo(render() if callable(render) else str(e), err=True)
+        sys.exit(EXIT_INPUT)
+    try:
+        L.ensure_trust(trust_dir)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_ENV)
+    harness = Harness(root)
+    results: list[ModeResult] = []
+    for rep in range(reps):
+        order = [m for m in MODES if m in chosen]
+        if rep % 2:
+            order.reverse()
+        for m in order:
+            if not as_json:
+                console.print(f"[dim]rep {rep + 1}/{reps}: {m}…[/dim]")
+            rep_dir = root / f"rep{rep}-{m}"
+            if m == "native":
+                results.append(run_native(harness, build, rep_dir, rep))
+            else:
+                results.append(run_federated(harness, m, build, rep_dir, rep, trust_dir.resolve()))
+    summary = summarise(results, reps)
+    doc = {"pipeline": flp.stem, "params": dict(sorted(_params(sets).items())), "reps": reps,
+           "steps_at_least": steps, "build": str(build), "summary": summary,
+           "results": [asdict(r) for r in results]}
+    (root / "results.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    failures = [r for r in results if not r.ok]
+    if as_json:
+        click.echo(json.dumps(doc, sort_keys=True, indent=2))
+    else:
+        print_table(console, f"fldsl bench {flp.name} — {reps} rep(s), results in {root}", summary, failures)
+    sys.exit(EXIT_RUN_FAILED if failures else EXIT_OK)

@@ -1,0 +1,238 @@
+"""The process ``fldsl bench`` starts for each of its three measurements; nothing else may start it.
+
+    python -m fldsl.runtime.bench_node --mode native|plain|attested --report FILE -- NODE ARGS...
+
+* ``attested``: exactly ``fldsl.runtime.node.main`` (the real node), plus a report of the process' peak RSS.
+* ``native``: the pipeline's model trained centrally in this one process (``stdlib.tf.central``).
+* ``plain``: the real node with attestation verification and TLS switched OFF, so the bench can show what
+  they cost. This is the only way to get an unauthenticated, unencrypted node, and it is reachable only
+  from the bench harness: the process refuses to start unless its parent is the harness process named in
+  ``FLDSL_BENCH_HARNESS_PID`` and ``FLDSL_BENCH_TOKEN`` equals the secret the harness wrote (0600) next to
+  the report. ``fldsl run``, the launcher and the manifests only ever start ``fldsl.runtime.node``, and no
+  .flp setting reaches this module. The mode is logged loudly ("INSECURE BENCH MODE").
+
+The report (JSON) holds ``peak_rss_bytes`` and, for native, the central result. Time to the first training
+step is measured by the harness from progress events (federated) or reported here (native).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TOKEN_ENV = "FLDSL_BENCH_TOKEN"
+PARENT_ENV = "FLDSL_BENCH_HARNESS_PID"
+T0_ENV = "FLDSL_BENCH_T0"  # wall-clock time (time.time()) at which the harness started this process
+TOKEN_NAME = ".bench-token"
+NODE_HEADER = "fldsl-bench-node"
+INSECURE_BANNER = "INSECURE BENCH MODE: attestation verification and TLS are OFF on this node"
+
+log = logging.getLogger("fldsl.bench")
+
+
+class BenchRefused(Exception):
+    """This process was not started by the bench harness."""
+
+
+def check_harness(report: Path) -> None:
+    """Fail closed unless the bench harness started us (parent pid + a secret it wrote next to the report)."""
+    token, parent = os.environ.get(TOKEN_ENV, ""), os.environ.get(PARENT_ENV, "")
+    if not token or not parent:
+        raise BenchRefused("fldsl.runtime.bench_node is started by `fldsl bench` only "
+                           "(use `fldsl run` or `python -m fldsl.runtime.node`)")
+    if not parent.isdigit() or int(parent) != os.getppid():
+        raise BenchRefused("fldsl.runtime.bench_node: the parent process is not the bench harness")
+    secret = report.parent / TOKEN_NAME
+    try:
+        st = secret.stat()
+        want = secret.read_text(encoding="ascii").strip()
+    except OSError as e:
+        raise BenchRefused(f"fldsl.runtime.bench_node: no harness secret ({e.strerror})") from None
+    if st.st_mode & 0o077 or st.st_uid != os.getuid() or not hmac.compare_digest(want, token):
+        raise BenchRefused("fldsl.runtime.bench_node: the harness secret does not match")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plain mode: the real node with the attestation verdict and TLS taken out
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _UnverifiedVerdict:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.simulated = True
+        self.summary = "NOT ATTESTED (insecure bench mode)"
+
+
+class _NoAttestationVerifier:
+    """Stands in for ``PeerVerifier``: accepts the claimed node id without looking at its evidence."""
+
+    def __init__(self, pins: Any, requirement: Any, *, sim_root_pem: Any = None, own_pins_digest: Any = b"",
+                 now: Any = None) -> None:
+        self.own_pins_digest = own_pins_digest
+
+    def verify(self, cert_pem: bytes, expect_node: str) -> _UnverifiedVerdict:
+        return _UnverifiedVerdict(expect_node)
+
+
+class _PlainChannel:
+    """A plaintext channel whose streams name the calling node in a header (TLS named it before)."""
+
+    def __init__(self, channel: Any, me: str) -> None:
+        self._channel = channel
+        self._me = me
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        call = self._channel.stream_stream(method, *args, **kwargs)
+        return lambda requests, **kw: call(requests, metadata=((NODE_HEADER, self._me),), **kw)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _PlainGrpc:
+    """The ``grpc`` module as the transport's dialer sees it in plain mode: secure channels are plaintext."""
+
+    def __init__(self, grpc_module: Any, me: str) -> None:
+        self._grpc = grpc_module
+        self._me = me
+
+    def secure_channel(self, target: str, _creds: Any, options: Any = None, **kw: Any) -> _PlainChannel:
+        options = [o for o in (options or []) if o[0] != "grpc.ssl_target_name_override"]
+        return _PlainChannel(self._grpc.insecure_channel(target, options=options, **kw), self._me)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grpc, name)
+
+
+def enable_plain_mode(me: str) -> None:
+    """Patch the transport of THIS process only (called after ``check_harness``)."""
+    import grpc
+    from fldsl.runtime.attestation import verify
+    from fldsl.runtime.transport import server as srv
+    from fldsl.runtime.transport import transport as tr
+
+    def add_port(server: grpc.Server, host: str, port: int, creds: Any) -> int:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(target)
+        except RuntimeError as e:
+            raise srv.TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
+        if bound == 0:
+            raise srv.TransportError(f"cannot listen on {target} (port in use?)")
+        return bound
+
+    def exchange(self: Any, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        # Without TLS the caller is whoever the header says, provided it said Hello first.
+        node = dict(context.invocation_metadata()).get(NODE_HEADER)
+        if node is None or node not in getattr(self.registry, "_by_node", {}):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{self.node_id}: no Hello from {node!r}")
+        return self._on_stream(node, request_iterator, context)
+
+    for owner, name in ((srv.NodeServer, "_add_port"), (srv.NodeServer, "_exchange"), (tr, "grpc"),
+                        (verify, "PeerVerifier")):
+        if not hasattr(owner, name):  # the transport changed shape: refuse rather than half-patch
+            raise BenchRefused(f"plain mode cannot patch {getattr(owner, '__name__', owner)}.{name}")
+    srv.NodeServer._add_port = staticmethod(add_port)  # type: ignore[method-assign]
+    srv.NodeServer._exchange = exchange  # type: ignore[method-assign]
+    tr.grpc = _PlainGrpc(grpc, me)  # type: ignore[assignment]
+    verify.PeerVerifier = _NoAttestationVerifier  # type: ignore[assignment,misc]
+    log.warning(INSECURE_BANNER)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# native mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_native(build: Path) -> dict[str, Any]:
+    """Train the build's model centrally; time to first step counted from the harness' spawn."""
+    from fldsl.stdlib.tf import central
+
+    from fldsl.artifacts import Plan, load_model
+
+    t0 = float(os.environ.get(T0_ENV) or time.time())
+    plans = [load_model(Plan, p) for p in sorted((build / "nodes").glob("*/plan.json"))]
+    first_call: list[float] = []
+    real_batches = central.epoch_batches
+
+    def batches(*args: Any, **kw: Any) -> Any:  # called right before the first step: data and model ready
+        if not first_call:
+            first_call.append(time.time())
+        return real_batches(*args, **kw)
+
+    central.epoch_batches = batches
+    try:
+        res = central.train_central_plans(plans, base_dir=build)
+    finally:
+        central.epoch_batches = real_batches
+    ready = first_call[0] if first_call else time.time()
+    return {"examples_per_s": res.examples_per_s, "steps": res.steps,
+            "first_step_s": (ready - t0) + res.first_step_s, "metrics": res.metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fldsl.runtime.bench_node",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--mode", required=True, choices=["native", "plain", "attested"])
+    p.add_argument("--report", required=True, type=Path)
+    p.add_argument("--build", type=Path, help="native: the build directory")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the node's arguments")
+    args = p.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        check_harness(args.report)
+    except BenchRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {"mode": args.mode}
+    if args.mode == "native":
+        if args.build is None:
+            print("error: --mode native needs --build", file=sys.stderr)
+            return 2
+        report.update(run_native(args.build))
+        code = 0
+    else:
+        from fldsl.runtime import node
+
+        if args.mode == "plain":
+            print(INSECURE_BANNER, file=sys.stderr, flush=True)
+            me = rest[rest.index("--node") + 1] if "--node" in rest else "?"
+            enable_plain_mode(me)
+        code = node.main(rest)
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    report["exit_code"] = code
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, sort_keys=True), encoding="utf-8")
+    return code
+
+
+def _exit(code: int) -> None:
+    # gRPC / TensorFlow threads can keep the interpreter alive (baseline_perf.md finding A): force it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(10.0, lambda: os._exit(code))
+    timer.daemon = True
+    timer.start()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())
