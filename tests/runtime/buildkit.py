@@ -87,8 +87,8 @@ def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str =
         (d / f"{short}.manifest.toml").write_text(toml)
         # The uncached code digest: the files may have changed since this process started (the node
         # processes measure the code as it is when they start).
-        pins_nodes[plan.node] = Identity(mr_enclave=[sim_mr_enclave(toml.encode(), code_digest.__wrapped__())],
-                                         isv_prod_id=1, isv_svn_min=1)
+        measured = sim_mr_enclave(toml.encode(), code_digest.__wrapped__())
+        pins_nodes[plan.node] = Identity(mr_enclave=[measured], isv_prod_id=1, isv_svn_min=1)
     pins = Pins(pipeline=pipeline, nodes=pins_nodes)
     for plan in plans:
         (node_dir(build, plan.node) / "pins.json").write_text(dump_json(pins))
@@ -127,54 +127,64 @@ def rehash_manifest(build: Path, node: str) -> None:
 
 def vertical_build(root: Path, *, rows: int = 600, features: int = 8, epochs: int = 2, batch: int = 64,
                    lr: float = 0.01, checkpoint_every: int | None = None, method: str = "psi_ecdh",
-                   seed: int = 3, validation: float = 0.2) -> Path:
-    active, passive = "shop.trainer", "media.trainer"
+                   seed: int = 3, validation: float = 0.2, passives: int = 1) -> Path:
+    """shop (active, labels) + ``media`` (passive) or ``media1``..``mediaN`` (N passives, same generator)."""
+    active = "shop.trainer"
+    names = ["media"] if passives == 1 else [f"media{i}" for i in range(1, passives + 1)]
     emb_dim = 4
     train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
                       optimizer=OptimizerSpec(name="adam", params={"learning_rate": lr}),
                       checkpoint_every_steps=checkpoint_every, metrics=["loss", "auc"],
                       validation=ValidationSpec(fraction=validation, seed=seed))
     gen = {"rows": rows, "seed": 7, "features": features}
-    media_data = DataSpec(name="impressions", reader="wide_n_deep", params={**gen, "side": "follower"},
-                          id_column="example_id", fields={"sparse": spec([None, features], I64)})
+    act = spec([None, 16])
+    plans: list[Plan] = []
+    flows: list[Flow] = []
+    acts: list[str] = []
+    for k, party in enumerate(names):
+        node = f"{party}.trainer"
+        ds = "impressions" if passives == 1 else f"impressions{k + 1}"
+        a = "act1" if passives == 1 else f"act_{party}"
+        acts.append(a)
+        data = DataSpec(name=ds, reader="wide_n_deep", params={**gen, "side": "follower"},
+                        id_column="example_id", fields={"sparse": spec([None, features], I64)})
+        ops = [
+            OpCall(output=f"{party}_emb", op="embed", inputs=[f"{ds}.sparse"],
+                   params={"buckets": 101, "dim": emb_dim}, spec=spec([None, features * emb_dim]),
+                   party=party),
+            OpCall(output=a, op="mlp", inputs=[f"{party}_emb"], params={"units": [16], "activation": "relu"},
+                   spec=act, party=party),
+        ]
+        align = AlignmentSpec(method=method, key="example_id", parties=[active, node])
+        plans.append(Plan(pipeline="vertical_test", node=node, party=party, role="vertical.passive",
+                          peers=[PeerRef(id=active, party="shop", dial=True)], data=[data], alignment=align,
+                          model=ops, train=train, tasks=[], export=f"{node}/model"))
+        flows += [
+            flow(node, active, a, "activation", act, batch * 16 * 4 + 256),
+            flow(active, node, f"grad({a})", "gradient", act, batch * 16 * 4 + 256),
+            flow(node, active, "psi", "psi"), flow(active, node, "psi", "psi"),
+            *control_pair(active, node),
+        ]
     shop_data = DataSpec(name="conversions", reader="wide_n_deep", params={**gen, "side": "leader"},
                          id_column="example_id", fields={"sparse": spec([None, features], I64),
                                                          "label": spec([None], I64)})
-    align = AlignmentSpec(method=method, key="example_id", parties=[active, passive])
-    act = spec([None, 16])
-    media_ops = [
-        OpCall(output="m_emb", op="embed", inputs=["impressions.sparse"],
-               params={"buckets": 101, "dim": emb_dim},
-               spec=spec([None, features * emb_dim]), party="media"),
-        OpCall(output="act1", op="mlp", inputs=["m_emb"], params={"units": [16], "activation": "relu"},
-               spec=act, party="media"),
-    ]
     shop_ops = [
         OpCall(output="s_emb", op="embed", inputs=["conversions.sparse"],
-               params={"buckets": 101, "dim": emb_dim},
-               spec=spec([None, features * emb_dim]), party="shop"),
+               params={"buckets": 101, "dim": emb_dim}, spec=spec([None, features * emb_dim]), party="shop"),
         OpCall(output="s_bottom", op="mlp", inputs=["s_emb"], params={"units": [16], "activation": "relu"},
                spec=spec([None, 16]), party="shop"),
-        OpCall(output="joined", op="concat", inputs=["s_bottom", "act1"], params={}, spec=spec([None, 32]),
-               party="shop"),
+        OpCall(output="joined", op="concat", inputs=["s_bottom", *acts], params={},
+               spec=spec([None, 16 * (1 + len(acts))]), party="shop"),
         OpCall(output="logits", op="dense", inputs=["joined"],
                params={"units": [16, 2], "activation": "relu"}, spec=spec([None, 2]), party="shop"),
     ]
     loss = LossSpec(op="softmax_cross_entropy", logits="logits", label="conversions.label", party="shop")
-    plans = [
-        Plan(pipeline="vertical_test", node=passive, party="media", role="vertical.passive",
-             peers=[PeerRef(id=active, party="shop", dial=True)], data=[media_data], alignment=align,
-             model=media_ops, train=train, tasks=[], export=f"{passive}/model"),
-        Plan(pipeline="vertical_test", node=active, party="shop", role="vertical.active",
-             peers=[PeerRef(id=passive, party="media", dial=False)], data=[shop_data], alignment=align,
-             model=shop_ops, loss=loss, train=train, tasks=[], export=f"{active}/model"),
-    ]
-    flows = [
-        flow(passive, active, "act1", "activation", act, batch * 16 * 4 + 256),
-        flow(active, passive, "grad(act1)", "gradient", act, batch * 16 * 4 + 256),
-        flow(passive, active, "psi", "psi"), flow(active, passive, "psi", "psi"),
-        *control_pair(active, passive),
-    ]
+    align = AlignmentSpec(method=method, key="example_id", parties=[active, *(f"{n}.trainer" for n in names)])
+    plans.append(Plan(pipeline="vertical_test", node=active, party="shop", role="vertical.active",
+                      peers=[PeerRef(id=f"{n}.trainer", party=n, dial=False) for n in names],
+                      data=[shop_data],
+                      alignment=align, model=shop_ops, loss=loss, train=train, tasks=[],
+                      export=f"{active}/model"))
     return write_build(root, plans, flows)
 
 

@@ -111,3 +111,17 @@ def test_distributed_chief_shards_round_robin(tmp_path: Path) -> None:
     assert res["cloud.worker1"]["steps"] == res["cloud.ps"]["steps"]
     sent = res["owner.chief"]["_links"]["cloud.worker1"].sent
     assert sent["owner.chief->cloud.worker1:shard"] > 100 * 13 * 4  # the shard went over the data flow
+
+
+def test_vertical_with_two_passive_parties(tmp_path: Path) -> None:
+    build = buildkit.vertical_build(tmp_path, rows=300, epochs=1, passives=2)
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    _ok(res)
+    steps = {n: r["steps"] for n, r in res.items()}
+    assert steps["shop.trainer"] == steps["media1.trainer"] == steps["media2.trainer"] > 0
+    for p in ("media1", "media2"):
+        link = res[f"{p}.trainer"]["_links"]["shop.trainer"]
+        assert link.sent[f"{p}.trainer->shop.trainer:act_{p}"] > 0
+        back = res["shop.trainer"]["_links"][f"{p}.trainer"].sent
+        assert back[f"shop.trainer->{p}.trainer:grad(act_{p})"] > 0
+    assert "auc" in res["shop.trainer"]["metrics"]
