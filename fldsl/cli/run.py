@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK
 
 
 def _params(items: tuple[str, ...]) -> dict[str, str]:
@@ -93,8 +93,8 @@ def print_summary(console: Any, result: Any) -> None:
     from rich.table import Table
 
     doc = result.to_json()
-    table = Table(title=f"{doc['pipeline']} — {'ok' if result.exit_code == 0 else 'FAILED'} "
-                        f"in {doc['seconds']:.1f} s", show_lines=False)
+    state = "ok" if result.exit_code == 0 else "INTERRUPTED" if result.interrupted else "FAILED"
+    table = Table(title=f"{doc['pipeline']} — {state} in {doc['seconds']:.1f} s", show_lines=False)
     for col in ("node", "role", "status", "steps", "metrics", "examples/s", "sent", "model"):
         table.add_column(col)
     for nid, n in doc["nodes"].items():
@@ -121,6 +121,9 @@ def print_summary(console: Any, result: Any) -> None:
             ft.add_row(f, _fmt_bytes(b))
         console.print(ft)
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, logs/, models/ sealed, checkpoints/)")
+    if result.interrupted:
+        console.print("interrupted: every node stopped at a step boundary; run again with "
+                      f"`--run-dir {result.run_dir}` to resume from the last common checkpoint")
     failed = getattr(result, "first_failure", None)
     if failed is not None:
         from fldsl.runtime.launcher import tail
@@ -158,6 +161,9 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     except L.LaunchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_INPUT)
+    except KeyboardInterrupt:  # Ctrl-C outside the launcher's wait loop (during start-up)
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ENV)

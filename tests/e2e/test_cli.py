@@ -90,3 +90,32 @@ def test_one_node_in_the_foreground(tmp_path: Path) -> None:
     last = [ln for ln in out.stdout.splitlines() if ln.startswith("@fldsl ")][-1]
     assert json.loads(last[len("@fldsl "):])["event"] == "done"
     assert '"event": "done"' in shop_out
+
+
+def test_ctrl_c_stops_every_node_and_exits_130(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    code_digest.cache_clear()
+    build = buildkit.vertical_build(tmp_path, rows=400, epochs=3, batch=8, checkpoint_every=5)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*FLDSL, "run", str(build), "--run-dir", str(run_dir), "--trust-dir",
+                             str(tmp_path / "trust")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, COLUMNS="160"))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and '"event": "checkpoint"' in metrics.read_text():
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the whole process group
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 3 and "mr_enclave" in out:
+        pytest.skip("the checkout's code changed between building and starting (sim measurement)")
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in out + err
+    assert "interrupted" in out
+    # Every node stopped at a step boundary and kept its last checkpoint.
+    for node in ("media.trainer", "shop.trainer"):
+        assert list((run_dir / "checkpoints" / node).glob("ckpt-*.sealed"))
