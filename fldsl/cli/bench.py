@@ -50,6 +50,9 @@ class ModeResult:
     wire_bytes: int = 0  # payload bytes sent by all nodes (federated)
     steps: int = 0
     seconds: float = 0.0  # wall time of the whole mode (start-up to exit)
+    # federated: seconds from spawn to each progress event (first occurrence) of the slowest-starting label
+    # owner: where start-up time goes (imports, attestation, connection, PSI, tracing)
+    timeline: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -175,10 +178,15 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
             super().__init__(build, run_dir=run_dir, trust_dir=trust_dir)
             self.spawned_at: dict[str, float] = {}
             self.steps: dict[str, list[tuple[float, int]]] = {}
+            self.events: dict[str, dict[str, float]] = {}
 
         def _on_event(self, st: Any, ev: dict[str, Any]) -> None:
-            if ev.get("event") == "step":
-                self.steps.setdefault(st.id, []).append((time.monotonic(), int(ev.get("step", 0))))
+            now = time.monotonic()
+            kind = str(ev.get("event"))
+            if kind == "step":
+                self.steps.setdefault(st.id, []).append((now, int(ev.get("step", 0))))
+            name = f"{kind}:{ev['name']}" if kind == "phase" else kind
+            self.events.setdefault(st.id, {}).setdefault(name, now - self.spawned_at.get(st.id, now))
             super()._on_event(st, ev)
 
         def _spawn(self, st: Any) -> None:
@@ -229,7 +237,10 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
     examples = sum((launcher.steps[n][-1][1] - launcher.steps[n][0][1]) * plans[n].train.batch_size
                    for n in owners)
     res.examples_per_s = examples / (end - begin) if end > begin else 0.0
-    res.first_step_s = max(launcher.steps[n][0][0] - launcher.spawned_at[n] for n in owners)
+    slowest = max(owners, key=lambda n: launcher.steps[n][0][0] - launcher.spawned_at[n])
+    res.first_step_s = launcher.steps[slowest][0][0] - launcher.spawned_at[slowest]
+    res.timeline = {k: round(v, 3) for k, v in sorted(launcher.events.get(slowest, {}).items(),
+                                                        key=lambda kv: kv[1])}
     res.steps = max(launcher.steps[n][-1][1] for n in owners)
     for st in launcher.nodes.values():
         res.wire_bytes += sum(int(v) for v in ((st.done or {}).get("bytes_sent") or {}).values())
@@ -274,6 +285,8 @@ def summarise(results: list[ModeResult], reps: int) -> dict[str, Any]:
             "vs_native": _median(ratios(m, "native", "examples_per_s")),
             "rss_vs_native": _median(ratios(m, "native", "peak_rss_bytes")),
             "per_rep_examples_per_s": [round(r.examples_per_s, 1) for r in rs],
+            "timeline": {k: statistics.median(r.timeline[k] for r in rs if k in r.timeline)
+                         for k in sorted({k for r in rs for k in r.timeline})},
         }
     modes["attested"]["vs_plain"] = _median(ratios("attested", "plain", "examples_per_s"))
     return modes
@@ -294,12 +307,20 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
         s = summary[m]
         mib = None if s["peak_rss_bytes"] is None else s["peak_rss_bytes"] / 2**20
         wire = None if m == "native" or s["wire_bytes"] is None else s["wire_bytes"] / 2**20
+        wire_spec = ",.0f" if wire is not None and wire >= 10 else ".1f"
         table.add_row(m, _fmt(s["examples_per_s"], ",.0f"), _fmt(s["vs_native"], ".2f", "x"),
                       _fmt(s["first_step_s"], ".1f", " s"), _fmt(mib, ",.0f", " MiB"),
-                      _fmt(s["rss_vs_native"], ".2f", "x"), _fmt(wire, ",.1f", " MiB"), str(s["ok_reps"]))
+                      _fmt(s["rss_vs_native"], ".2f", "x"), _fmt(wire, wire_spec, " MiB"), str(s["ok_reps"]))
     console.print(table)
     console.print(f"attested / plain (paired): {_fmt(summary['attested'].get('vs_plain'), '.2f', 'x')}   "
                   "ratios are medians of per-rep ratios; modes interleaved rep by rep")
+    for m in ("plain", "attested"):
+        tl = summary[m].get("timeline") or {}
+        if tl:
+            shown = [(k.removeprefix("phase:"), v) for k, v in sorted(tl.items(), key=lambda kv: kv[1])
+                     if k in ("started", "connected", "aligned", "step") or k.startswith("phase:")]
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in shown)
+            console.print(f"{m} start-up (s after spawn): {steps}", highlight=False)
     for f in failures:
         console.print(f"[red]{f.mode} rep {f.rep} failed: {f.error}", highlight=False)
 
