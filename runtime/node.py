@@ -121,6 +121,13 @@ def _backend(args: argparse.Namespace, manifest: bytes, identity: Any) -> tuple[
     return backend, SimDeployment.load(args.trust_dir).root_cert_pem
 
 
+def _preload_tensorflow() -> None:
+    try:
+        import tensorflow  # noqa: F401
+    except Exception:  # the role's own import reports any problem properly
+        log.debug("background TensorFlow import failed", exc_info=True)
+
+
 def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> dict[str, Any]:
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
@@ -140,6 +147,9 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     if plan.node != args.node or policy.node != args.node:
         raise NodeError(f"{ndir}: plan/policy are for {plan.node}/{policy.node}, not {args.node}", EXIT_TRUST)
     progress.emit("started", role=plan.role, pipeline=plan.pipeline, pid=os.getpid())
+    if plan.role != "distributed.chief":  # the chief only reads and streams data
+        # Importing TensorFlow takes seconds: overlap it with attestation and waiting for the peers.
+        threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
 
     progress.emit("phase", name="attest")
     manifest = check_artifacts(ndir)
@@ -243,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     from fldsl.runtime.progress import Progress
 
-    progress = Progress(args.node)
+    progress = Progress(args.node, log=logging.getLogger("fldsl.progress"))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

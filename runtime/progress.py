@@ -7,6 +7,7 @@ can never be mistaken for progress); humans read the launcher's display and the 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from typing import Any, TextIO
@@ -26,20 +27,29 @@ PREFIX = "@fldsl "
 _lock = threading.Lock()
 
 
-class Progress:
-    """Writes progress events to a stream (the node's stdout by default)."""
+# Events also written to the node's log (with timestamps), so a human can see where the time went.
+_LOGGED = {"phase", "connected", "aligned", "plan", "epoch", "checkpoint", "export", "done"}
 
-    def __init__(self, node: str, stream: TextIO | None = None) -> None:
+
+class Progress:
+    """Writes progress events to a stream (the node's stdout by default) and, optionally, the milestones
+    to a logger."""
+
+    def __init__(self, node: str, stream: TextIO | None = None, log: logging.Logger | None = None) -> None:
         self.node = node
         self._stream = stream
+        self._log = log
 
     def emit(self, event: str, **fields: Any) -> None:
         rec = {"event": event, "node": self.node, **fields}
-        line = PREFIX + json.dumps(rec, sort_keys=True, default=_jsonable) + "\n"
+        body = json.dumps(rec, sort_keys=True, default=_jsonable)
         stream = self._stream or sys.stdout
         with _lock:
-            stream.write(line)
+            stream.write(PREFIX + body + "\n")
             stream.flush()
+        if self._log is not None and event in _LOGGED:
+            detail = {k: v for k, v in fields.items() if k not in ("bytes_sent", "bytes_received", "history")}
+            self._log.info("%s %s", event, json.dumps(detail, sort_keys=True, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
