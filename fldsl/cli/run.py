@@ -121,6 +121,11 @@ def print_summary(console: Any, result: Any) -> None:
             ft.add_row(f, _fmt_bytes(b))
         console.print(ft)
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, logs/, models/ sealed, checkpoints/)")
+    exports = [(nid, name, p) for nid, n in doc["nodes"].items() for name, p in (n["exports"] or {}).items()]
+    if exports and result.exit_code == 0:
+        nid, name, p = exports[0]
+        console.print(f"models are sealed; the owner decrypts one with: fldsl model decrypt {p} -o model.npz "
+                      f"--node {nid} --name {name}", highlight=False)
     if result.interrupted:
         console.print("interrupted: every node stopped at a step boundary; run again with "
                       f"`--run-dir {result.run_dir}` to resume from the last common checkpoint")
