@@ -108,6 +108,39 @@ def compile_for_bench(flp: Path, params: dict[str, str], out: Path, steps: int |
 # ---------------------------------------------------------------------------------------------------------
 
 
+CODE_CHANGE_RETRIES = 2
+
+
+class Builder:
+    """The bench's build, recompiled whenever the installed code changed since it was compiled.
+
+    The simulated measurement covers the code (``fldsl.measurement.code_digest``): a node whose code differs
+    from what was compiled is refused by its peers, which is right for a deployment but would fail a bench
+    run in a checkout where code is being edited. Recompiling changes nothing the bench compares (same
+    source, data, seed and batch size)."""
+
+    def __init__(self, flp: Path, params: dict[str, str], out: Path, steps: int | None) -> None:
+        self.flp, self.params, self.out, self.steps = flp, params, out, steps
+        self.digest: str | None = None
+        self.build: Path | None = None
+
+    def _now(self) -> str:
+        from fldsl.measurement import code_digest
+
+        code_digest.cache_clear()
+        return code_digest()
+
+    def changed(self) -> bool:
+        return self.digest is not None and self._now() != self.digest
+
+    def current(self) -> Path:
+        now = self._now()
+        if self.build is None or now != self.digest:
+            self.build = compile_for_bench(self.flp, self.params, self.out, self.steps)
+            self.digest = now
+        return self.build
+
+
 class Harness:
     """Owns the secret that lets ``fldsl.runtime.bench_node`` start (see its docstring)."""
 
@@ -367,8 +400,9 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
     console = Console(stderr=as_json)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     root = (out_root / flp.stem / f"{stamp}-{os.getpid()}").resolve()
+    builder = Builder(flp, _params(sets), root / "build", steps)
     try:
-        build = compile_for_bench(flp, _params(sets), root / "build", steps)
+        build = builder.current()
     except FldslError as e:
         render = getattr(e, "render", None)
         click.echo(render() if callable(render) else str(e), err=True)
@@ -390,8 +424,14 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
             rep_dir = root / f"rep{rep}-{m}"
             if m == "native":
                 results.append(run_native(harness, build, rep_dir, rep))
-            else:
-                results.append(run_federated(harness, m, build, rep_dir, rep, trust_dir.resolve()))
+                continue
+            for attempt in range(CODE_CHANGE_RETRIES + 1):
+                build = builder.current()
+                res = run_federated(harness, m, build, rep_dir.with_name(
+                    rep_dir.name + (f"-retry{attempt}" if attempt else "")), rep, trust_dir.resolve())
+                if res.ok or not builder.changed():
+                    break
+            results.append(res)
     summary = summarise(results, reps)
     doc = {"pipeline": flp.stem, "params": dict(sorted(_params(sets).items())), "reps": reps,
            "steps_at_least": steps, "build": str(build), "summary": summary,
