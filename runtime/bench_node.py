@@ -187,12 +187,27 @@ def run_native(build: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def write_profile(profiler: Any, report: Path) -> None:
+    import io
+    import pstats
+
+    report.parent.mkdir(parents=True, exist_ok=True)
+    profiler.dump_stats(str(report) + ".prof")
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    Path(str(report) + ".prof.txt").write_text(text.getvalue(), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fldsl.runtime.bench_node",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=["native", "plain", "attested"])
     p.add_argument("--report", required=True, type=Path)
     p.add_argument("--build", type=Path, help="native: the build directory")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile the main thread; REPORT.prof and REPORT.prof.txt (top functions)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the node's arguments")
     args = p.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -203,10 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report: dict[str, Any] = {"mode": args.mode}
+    if args.mode == "native" and args.build is None:
+        print("error: --mode native needs --build", file=sys.stderr)
+        return 2
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     if args.mode == "native":
-        if args.build is None:
-            print("error: --mode native needs --build", file=sys.stderr)
-            return 2
         report.update(run_native(args.build))
         code = 0
     else:
@@ -217,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             me = rest[rest.index("--node") + 1] if "--node" in rest else "?"
             enable_plain_mode(me)
         code = node.main(rest)
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, args.report)
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["exit_code"] = code
     args.report.parent.mkdir(parents=True, exist_ok=True)

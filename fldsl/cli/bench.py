@@ -147,6 +147,7 @@ class Harness:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.token = secrets.token_hex(32)
+        self.profile = False  # cProfile every process (reports/*.prof.txt)
 
     def prepare(self, rep_dir: Path) -> None:
         from fldsl.runtime.bench_node import TOKEN_NAME
@@ -181,7 +182,7 @@ def run_native(harness: Harness, build: Path, rep_dir: Path, rep: int) -> ModeRe
     report = rep_dir / "reports" / "native.json"
     log = rep_dir / "native.log"
     cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", "native", "--report", str(report),
-           "--build", str(build)]
+           "--build", str(build), *(["--profile"] if harness.profile else [])]
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         try:
@@ -226,7 +227,8 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
             node_args = L.node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
                                        self.trust_dir)[3:]  # drop: python -m fldsl.runtime.node
             cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", mode, "--report",
-                   str(self.run_dir / "reports" / f"{st.id}.json"), "--", *node_args]
+                   str(self.run_dir / "reports" / f"{st.id}.json"),
+                   *(["--profile"] if harness.profile else []), "--", *node_args]
             err = open(st.log_path, "a", encoding="utf-8")  # handed to the child
             self.spawned_at[st.id] = time.monotonic()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -384,8 +386,10 @@ def _params(items: tuple[str, ...]) -> dict[str, str]:
               show_default=True, help="where builds, node logs and results.json go")
 @click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
               help="simulated trust material (created on first use)")
+@click.option("--profile", is_flag=True,
+              help="cProfile each process' main thread (<out>/.../reports/*.prof.txt); slows every mode")
 def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: int, modes: str,
-            out_root: Path, trust_dir: Path) -> None:
+            out_root: Path, trust_dir: Path, profile: bool) -> None:
     """Benchmark a pipeline: native (central TF) vs federated plain vs federated attested."""
     from rich.console import Console
 
@@ -413,6 +417,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ENV)
     harness = Harness(root)
+    harness.profile = profile
     results: list[ModeResult] = []
     for rep in range(reps):
         order = [m for m in MODES if m in chosen]
