@@ -133,7 +133,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     from fldsl.runtime.attestation.verify import PeerVerifier
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
-    from fldsl.runtime.roles.common import PeerRestarted, RoleContext
+    from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
     from fldsl.runtime.transport import Transport, load_addresses
 
     from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
@@ -202,8 +202,9 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
                 restarts += 1
                 if restarts > 10:
                     raise
-                log.warning("%s restarted: rejoining (resume agreement again)", e.peer)
-                progress.emit("phase", name="rejoin", detail=f"{e.peer} restarted")
+                why = "asks to agree again" if isinstance(e, RollbackRequested) else "restarted"
+                log.warning("%s %s: rejoining (resume agreement again)", e.peer, why)
+                progress.emit("phase", name="rejoin", detail=f"{e.peer} {why}")
                 ctx.rejoining = e.peer
                 ctx.mark_links()
         stats = transport.stats

@@ -29,6 +29,7 @@ CTRL_ALIGN = CTRL_BASE + 3  # vertical: active -> passive: train / holdout posit
 CTRL_INFO = CTRL_BASE + 4  # horizontal: worker -> server: number of rows
 CTRL_SCHEDULE = CTRL_BASE + 5  # horizontal: server -> worker: steps per epoch
 CTRL_DONE = CTRL_BASE + 6  # end of training
+CTRL_ROLLBACK = CTRL_BASE + 1000  # + n: coordinator -> member: "a peer restarted, agree on a step again"
 EVAL_BASE = 1 << 52  # + epoch * EVAL_STRIDE + batch index
 EVAL_STRIDE = 1 << 24
 DATA_BASE = 1 << 54  # distributed: chief -> worker shard chunks
@@ -51,6 +52,10 @@ class PeerRestarted(Exception):
         self.peer = peer
 
 
+class RollbackRequested(PeerRestarted):
+    """The coordinator asks this node to agree on a resume step again (another member restarted)."""
+
+
 @dataclass
 class RoleContext:
     plan: Plan
@@ -68,6 +73,8 @@ class RoleContext:
     generations: dict[str, int] = field(default_factory=dict)
     rejoining: str | None = None
     last_step: int = 0
+    rollbacks_seen: int = 0  # rollback requests received (numbers the next expected one)
+    rollbacks_sent: dict[str, int] = field(default_factory=dict)
 
     def mark_links(self) -> None:
         self.generations = {p: g for p, link in self.links.items()
@@ -77,6 +84,19 @@ class RoleContext:
         gen = getattr(self.links[peer], "generation", None)
         if gen is not None and peer in self.generations and gen != self.generations[peer]:
             raise PeerRestarted(peer)
+
+    def check_rollback(self, peer: str) -> None:
+        from fldsl.runtime.transport import TransportError
+
+        if not any(f.src == peer and f.dst == self.node and f.kind == "control" for f in self.policy.flows):
+            return
+        try:
+            key = CTRL_ROLLBACK + self.rollbacks_seen
+            self.links[peer].recv_blob(self.control_flow(peer, self.node), key, 0)
+        except (TimeoutError, TransportError):
+            return
+        self.rollbacks_seen += 1
+        raise RollbackRequested(peer)
 
     def discard_stale(self, peer: str, start: int) -> None:
         """Drop what a peer's previous process sent for steps >= ``start`` (it will send them again)."""
@@ -150,6 +170,7 @@ class RoleContext:
             self.check_stop()
             if peer is not None:
                 self.check_peer(peer)
+                self.check_rollback(peer)
             try:
                 return fn(0.5)
             except TimeoutError:
@@ -167,17 +188,24 @@ class RoleContext:
         """Exchange checkpoint steps; the coordinator picks the newest step all hold (None = fresh start)."""
         mine = self.store.steps() if self.store else []
         if self.node == coordinator:
-            if self.rejoining is not None and len(members) > 1:
-                # The other members are mid-step and would not answer: fail cleanly, the next run resumes.
-                raise RoleError(f"{self.rejoining} restarted while {len(members) - 1} other peer(s) were "
-                                "training; restart the whole run to resume from the last common checkpoint")
+            if self.rejoining is not None:
+                # The other members are mid-step: ask them to agree on a step again too. A restarted
+                # member is a fresh process: its rollback numbering starts again.
+                self.rollbacks_sent[self.rejoining] = 0
+                for peer in members:
+                    if peer != self.rejoining:
+                        n = self.rollbacks_sent.get(peer, 0)
+                        self.send_json(peer, CTRL_ROLLBACK + n, {"restarted": self.rejoining})
+                        self.rollbacks_sent[peer] = n + 1
             available = [mine]
             for peer in members:
                 available.append(list(self.recv_json(peer, CTRL_RESUME)["steps"]))
             agreed = agree_resume_step(available)
             if self.rejoining is not None:
-                # Before answering: the restarted peer sends its new messages only after the answer.
-                self.discard_stale(self.rejoining, agreed or 0)
+                # Before answering: every member sends new step messages only after the answer, so what is
+                # in the mailboxes now for steps >= agreed is stale.
+                for peer in members:
+                    self.discard_stale(peer, agreed or 0)
             for peer in members:
                 self.send_json(peer, CTRL_RESUME_AGREED, {"step": agreed})
         else:
