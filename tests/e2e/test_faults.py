@@ -42,7 +42,7 @@ class _Fault:
 
     def update(self, st) -> None:
         if self.fired or st.phase != "train" or st.step < self.step or not st.total or \
-                st.step >= st.total - 20:
+                st.step >= st.total // 2:
             return
         if self.node is None:
             self.fired = True
@@ -60,7 +60,7 @@ def _vertical(root: Path) -> Path:
 
 
 def _horizontal(root: Path) -> Path:
-    return buildkit.horizontal_build(root, mode="sync", rows=800, epochs=2, batch=8, checkpoint_every=10)
+    return buildkit.horizontal_build(root, mode="sync", rows=1600, epochs=2, batch=8, checkpoint_every=10)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ class _Restart:
     def update(self, st) -> None:
         # Only well before the end: a fault after the last step would test nothing.
         if not self.fired and st.id == self.node and st.phase == "train" and st.step >= self.step and \
-                st.total and st.step < st.total - 20:
+                st.total and st.step < st.total // 2:
             self.fired = True
             import threading
 
