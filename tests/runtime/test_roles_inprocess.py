@@ -78,9 +78,9 @@ def test_vertical_resume_after_interruption_matches_uninterrupted(tmp_path: Path
                                                                      abs=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["sync", "fedavg"])
-def test_horizontal_workers_end_with_the_server_weights(tmp_path: Path, mode: str) -> None:
-    build = buildkit.horizontal_build(tmp_path, mode=mode, epochs=2, rows=300)
+@pytest.mark.parametrize(("mode", "every"), [("sync", None), ("fedavg", None), ("fedavg", 3)])
+def test_horizontal_workers_end_with_the_server_weights(tmp_path: Path, mode: str, every: int | None) -> None:
+    build = buildkit.horizontal_build(tmp_path, mode=mode, epochs=2, rows=300, every_steps=every)
     res = memlink.run_in_threads(build, tmp_path / "run")
     _ok(res)
     server_w = _model_weights(tmp_path / "run", "hub.ps", "hub.ps/model")
@@ -88,6 +88,9 @@ def test_horizontal_workers_end_with_the_server_weights(tmp_path: Path, mode: st
     assert "auc" in res["bank1.worker"]["metrics"]
     # Every worker received the server's final weights: the last weights message equals the export.
     assert server_w and all(np.isfinite(w).all() for w in server_w)
+    # 150 rows per worker, 120 for training, batch 32: 4 steps per epoch.
+    want = {"sync": 8, "fedavg": 2 if every is None else 3}[mode]  # fedavg every 3: ceil(8 / 3) rounds
+    assert res["hub.ps"]["steps"] == want
 
 
 def test_horizontal_resume_matches_uninterrupted(tmp_path: Path) -> None:
