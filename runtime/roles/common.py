@@ -75,6 +75,7 @@ class RoleContext:
     last_step: int = 0
     rollbacks_seen: int = 0  # rollback requests received (numbers the next expected one)
     rollbacks_sent: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # kept across role re-runs (e.g. a received shard)
 
     def mark_links(self) -> None:
         self.generations = {p: g for p, link in self.links.items()
