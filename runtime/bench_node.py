@@ -187,6 +187,21 @@ def run_native(build: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def enable_xla() -> None:
+    """Experiment switch: default ``jit_compile=True`` for every ``tf.function`` created afterwards (the
+    roles and the central loop decorate their step functions when they run, i.e. after this)."""
+    import tensorflow as tf
+
+    plain_function = tf.function
+
+    def xla_function(func: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("jit_compile", True)
+        return plain_function(func, **kwargs) if func is not None else plain_function(**kwargs)
+
+    tf.function = xla_function
+    log.warning("bench experiment: XLA on for every tf.function")
+
+
 def write_profile(profiler: Any, report: Path) -> None:
     import io
     import pstats
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", type=Path, help="native: the build directory")
     p.add_argument("--profile", action="store_true",
                    help="cProfile the main thread; REPORT.prof and REPORT.prof.txt (top functions)")
+    p.add_argument("--xla", action="store_true",
+                   help="experiment: every tf.function of this process compiled with XLA (jit_compile=True)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the node's arguments")
     args = p.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -221,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "native" and args.build is None:
         print("error: --mode native needs --build", file=sys.stderr)
         return 2
+    if args.xla:
+        enable_xla()
     profiler = None
     if args.profile:
         import cProfile

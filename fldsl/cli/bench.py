@@ -148,6 +148,10 @@ class Harness:
         self.root = root
         self.token = secrets.token_hex(32)
         self.profile = False  # cProfile every process (reports/*.prof.txt)
+        self.xla = False  # experiment: jit_compile=True for every tf.function, in every mode alike
+
+    def flags(self) -> list[str]:
+        return [*(["--profile"] if self.profile else []), *(["--xla"] if self.xla else [])]
 
     def prepare(self, rep_dir: Path) -> None:
         from fldsl.runtime.bench_node import TOKEN_NAME
@@ -182,7 +186,7 @@ def run_native(harness: Harness, build: Path, rep_dir: Path, rep: int) -> ModeRe
     report = rep_dir / "reports" / "native.json"
     log = rep_dir / "native.log"
     cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", "native", "--report", str(report),
-           "--build", str(build), *(["--profile"] if harness.profile else [])]
+           "--build", str(build), *harness.flags()]
     t0 = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         try:
@@ -228,7 +232,7 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
                                        self.trust_dir)[3:]  # drop: python -m fldsl.runtime.node
             cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", mode, "--report",
                    str(self.run_dir / "reports" / f"{st.id}.json"),
-                   *(["--profile"] if harness.profile else []), "--", *node_args]
+                   *harness.flags(), "--", *node_args]
             err = open(st.log_path, "a", encoding="utf-8")  # handed to the child
             self.spawned_at[st.id] = time.monotonic()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -388,8 +392,10 @@ def _params(items: tuple[str, ...]) -> dict[str, str]:
               help="simulated trust material (created on first use)")
 @click.option("--profile", is_flag=True,
               help="cProfile each process' main thread (<out>/.../reports/*.prof.txt); slows every mode")
+@click.option("--xla", is_flag=True,
+              help="experiment: compile every tf.function with XLA in all three modes alike")
 def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: int, modes: str,
-            out_root: Path, trust_dir: Path, profile: bool) -> None:
+            out_root: Path, trust_dir: Path, profile: bool, xla: bool) -> None:
     """Benchmark a pipeline: native (central TF) vs federated plain vs federated attested."""
     from rich.console import Console
 
@@ -418,6 +424,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
         sys.exit(EXIT_ENV)
     harness = Harness(root)
     harness.profile = profile
+    harness.xla = xla
     results: list[ModeResult] = []
     for rep in range(reps):
         order = [m for m in MODES if m in chosen]
@@ -438,7 +445,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
                     break
             results.append(res)
     summary = summarise(results, reps)
-    doc = {"pipeline": flp.stem, "params": dict(sorted(_params(sets).items())), "reps": reps,
+    doc = {"pipeline": flp.stem, "params": dict(sorted(_params(sets).items())), "reps": reps, "xla": xla,
            "steps_at_least": steps, "build": str(build), "summary": summary,
            "results": [asdict(r) for r in results]}
     (root / "results.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
