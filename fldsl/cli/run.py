@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
         if only is not None:
             sys.exit(_run_one(build, only, run_dir, trust_dir, addresses))
         console = Console(stderr=as_json)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            # Logs and CI capture output: Rich's 80-column default would wrap the summary table unreadably.
+            console.width = 140
         display = None if as_json else RichDisplay(console)
         result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display)
     except L.LaunchError as e:
