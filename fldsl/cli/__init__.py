@@ -22,6 +22,18 @@ EXIT_TRUST = 3
 EXIT_ENV = 4
 EXIT_INTERRUPTED = 130
 
+
+def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    """``--set NAME=VALUE`` items -> dict; a malformed item is a usage error (exit 2)."""
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set expects NAME=VALUE, got `{item}`")
+        out[key.strip()] = value
+    return out
+
+
 # name -> module under fldsl.cli that defines a click command or group called `command`.
 _COMMANDS = {
     "check": "check",

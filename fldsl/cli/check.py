@@ -6,19 +6,8 @@ import sys
 
 import click
 
-from fldsl.cli import EXIT_INPUT
+from fldsl.cli import EXIT_INPUT, parse_sets
 from fldsl.diagnostics import FldslError, render
-
-
-def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
-    """``("k=v", ...)`` -> dict; a malformed item is a usage error (exit 2)."""
-    out: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set expects NAME=VALUE, got `{item}`")
-        out[key.strip()] = value
-    return out
 
 
 def print_diagnostics(e: FldslError) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT
-from fldsl.cli.check import parse_sets, print_diagnostics, print_warnings
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, parse_sets
+from fldsl.cli.check import print_diagnostics, print_warnings
 from fldsl.diagnostics import FldslError
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, parse_sets
 
 _SUFFIX_FORMAT = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".mmd": "mermaid", ".mermaid": "mermaid",
                   ".html": "html", ".htm": "html"}
@@ -26,16 +26,6 @@ _SUFFIX_FORMAT = {".dot": "dot", ".gv": "dot", ".svg": "svg", ".mmd": "mermaid",
 
 class _InputError(Exception):
     """Bad FILE / options: printed as one line, exit 2."""
-
-
-def _params(items: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value
-    return out
 
 
 def _violations(raw: Iterable[Any]) -> list[Any]:
@@ -112,7 +102,7 @@ def command(file: Path, fmt: str | None, output: Path | None, sets: tuple[str, .
     from fldsl.artifacts import ArtifactError
     from fldsl.compiler.draw import DrawError, GraphvizMissing, render
 
-    params = _params(sets)
+    params = parse_sets(sets)
     if fmt is None:
         fmt = _SUFFIX_FORMAT.get(output.suffix.lower(), "dot") if output else "dot"
     failure: Exception | None = None

@@ -10,17 +10,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK
-
-
-def _params(items: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value
-    return out
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, parse_sets
 
 
 def _build_dir(target: Path, params: dict[str, str]) -> Path:
@@ -156,7 +146,7 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
 
     from fldsl.runtime import launcher as L
 
-    build = _build_dir(target, _params(sets))
+    build = _build_dir(target, parse_sets(sets))
     try:
         L.ensure_trust(trust_dir)
         if only is not None:
