@@ -244,6 +244,27 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
     return BenchLauncher()
 
 
+def examples_per_step_event(plan: Any) -> int:
+    """Training examples behind one unit of a node's ``step`` counter: a batch, except for FedAvg workers,
+    which count rounds (``every_steps`` local batches, or one local epoch)."""
+    b = plan.train.batch_size
+    agg = plan.aggregation
+    if not plan.role.startswith("horizontal") or agg is None or agg.mode == "sync":
+        return b
+    if agg.every_steps and not agg.every_epoch:
+        return b * agg.every_steps
+    from fldsl.runtime.data import load_dataset
+
+    label_ds = plan.loss.label.split(".", 1)[0] if plan.loss is not None else None
+    spec = next((d for d in plan.data if d.name == label_ds), plan.data[0] if plan.data else None)
+    if spec is None:
+        return b
+    rows = len(load_dataset(spec).ids)
+    if not plan.train.validation.test_data:
+        rows -= round(rows * plan.train.validation.fraction)
+    return b * max(1, math.ceil(rows / b))  # a final partial batch counts as full
+
+
 def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: int,
                   trust_dir: Path) -> ModeResult:
     from fldsl.artifacts import Plan, load_model, node_dir
@@ -273,7 +294,7 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
               and not p.role.endswith(("server", "ps"))] or [n for n in launcher.ids if launcher.steps.get(n)]
     begin = min(launcher.steps[n][0][0] for n in owners)
     end = max(launcher.steps[n][-1][0] for n in owners)
-    examples = sum((launcher.steps[n][-1][1] - launcher.steps[n][0][1]) * plans[n].train.batch_size
+    examples = sum((launcher.steps[n][-1][1] - launcher.steps[n][0][1]) * examples_per_step_event(plans[n])
                    for n in owners)
     res.examples_per_s = examples / (end - begin) if end > begin else 0.0
     slowest = max(owners, key=lambda n: launcher.steps[n][0][0] - launcher.spawned_at[n])
