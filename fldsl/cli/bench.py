@@ -17,6 +17,7 @@ of each process, and the payload bytes all nodes sent.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -53,6 +54,10 @@ class ModeResult:
     # federated: seconds from spawn to each progress event (first occurrence) of the slowest-starting label
     # owner: where start-up time goes (imports, attestation, connection, PSI, tracing)
     timeline: dict[str, float] = field(default_factory=dict)
+    # FedAvg: median round wall time minus the slowest worker's own busy time per round (local steps,
+    # get/set weights, enqueueing its upload): what aggregation and transfer add to every round
+    round_s: float | None = None
+    round_overhead_s: float | None = None
     error: str | None = None
 
 
@@ -302,6 +307,18 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
     res.timeline = {k: round(v, 3) for k, v in sorted(launcher.events.get(slowest, {}).items(),
                                                         key=lambda kv: kv[1])}
     res.steps = max(launcher.steps[n][-1][1] for n in owners)
+    fedavg = [n for n in owners if plans[n].aggregation is not None and plans[n].aggregation.mode == "fedavg"]
+    if fedavg:
+        walls, busy = [], []
+        for n in fedavg:
+            ev = launcher.steps[n]
+            walls += [(t1 - t0) / (r1 - r0) for (t0, r0), (t1, r1) in itertools.pairwise(ev) if r1 > r0]
+            rate = float((launcher.nodes[n].done or {}).get("examples_per_s") or 0)
+            if rate > 0:
+                busy.append(examples_per_step_event(plans[n]) / rate)
+        if walls and busy:
+            res.round_s = statistics.median(walls)
+            res.round_overhead_s = res.round_s - max(busy)
     for st in launcher.nodes.values():
         res.wire_bytes += sum(int(v) for v in ((st.done or {}).get("bytes_sent") or {}).values())
     return res
@@ -345,6 +362,8 @@ def summarise(results: list[ModeResult], reps: int) -> dict[str, Any]:
             "vs_native": _median(ratios(m, "native", "examples_per_s")),
             "rss_vs_native": _median(ratios(m, "native", "peak_rss_bytes")),
             "per_rep_examples_per_s": [round(r.examples_per_s, 1) for r in rs],
+            "round_s": _median([r.round_s for r in rs if r.round_s is not None]),
+            "round_overhead_s": _median([r.round_overhead_s for r in rs if r.round_overhead_s is not None]),
             "timeline": {k: statistics.median(r.timeline[k] for r in rs if k in r.timeline)
                          for k in sorted({k for r in rs for k in r.timeline})},
         }
@@ -375,6 +394,10 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
     console.print(f"attested / plain (paired): {_fmt(summary['attested'].get('vs_plain'), '.2f', 'x')}   "
                   "ratios are medians of per-rep ratios; modes interleaved rep by rep")
     for m in ("plain", "attested"):
+        if summary[m].get("round_overhead_s") is not None:
+            console.print(f"{m} FedAvg round: {summary[m]['round_s']:.2f} s, of which "
+                          f"{summary[m]['round_overhead_s']:.2f} s aggregation + transfer (median)",
+                          highlight=False)
         tl = summary[m].get("timeline") or {}
         if tl:
             shown = [(k.removeprefix("phase:"), v) for k, v in sorted(tl.items(), key=lambda kv: kv[1])
