@@ -53,6 +53,13 @@ def test_horizontal_dlrm_sync_ps_4_workers() -> None:
     assert s["attested"]["vs_native"] >= 0.7, f"attested/native {s['attested']['vs_native']:.2f} < 0.7"
 
 
+def test_horizontal_fedavg_wd_23m_round_overhead() -> None:
+    s = fldsl_bench(HERE / "pipelines" / "horizontal_fedavg_wd.flp", "horizontal_fedavg_wd")
+    overhead = s["attested"]["round_overhead_s"]
+    assert overhead is not None and overhead <= 1.0, f"FedAvg per-round overhead {overhead} s > 1.0 s"
+    assert s["attested"]["rss_vs_native"] <= 1.3, f"peak node memory {s['attested']['rss_vs_native']:.2f}x"
+
+
 def _micro(*args: str) -> list[dict]:
     res = subprocess.run([sys.executable, str(HERE / "micro_bench.py"), *args], capture_output=True,
                          text=True, timeout=3600)
