@@ -297,6 +297,10 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
     # Label owners train the examples (vertical: the active party; horizontal: each worker).
     owners = [nid for nid, p in plans.items() if p.loss is not None and launcher.steps.get(nid)
               and not p.role.endswith(("server", "ps"))] or [n for n in launcher.ids if launcher.steps.get(n)]
+    if not owners:
+        res.ok = False
+        res.error = "the run ended without any training step event (nothing to time)"
+        return res
     begin = min(launcher.steps[n][0][0] for n in owners)
     end = max(launcher.steps[n][-1][0] for n in owners)
     examples = sum((launcher.steps[n][-1][1] - launcher.steps[n][0][1]) * examples_per_step_event(plans[n])

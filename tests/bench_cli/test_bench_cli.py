@@ -90,3 +90,27 @@ def test_fldsl_run_never_starts_the_bench_node(tmp_path: Path) -> None:
 
     cmd = node_command(tmp_path, "a.b", tmp_path / "addresses.json", tmp_path, tmp_path)
     assert cmd[1:3] == ["-m", "fldsl.runtime.node"]
+
+
+def test_ratios_are_paired_per_rep_and_failed_reps_left_out() -> None:
+    from fldsl.cli.bench import ModeResult, summarise
+
+    def r(mode: str, rep: int, exs: float, rss: dict[str, int], ok: bool = True) -> ModeResult:
+        return ModeResult(mode=mode, rep=rep, ok=ok, examples_per_s=exs, first_step_s=1.0, peak_rss_bytes=rss)
+
+    results = [
+        # rep 0: a slow machine for everybody; rep 1: fast; rep 2: attested failed
+        r("native", 0, 100.0, {"native": 10}), r("plain", 0, 80.0, {"a": 11}),
+        r("attested", 0, 60.0, {"a": 12}),
+        r("native", 1, 300.0, {"native": 10}), r("plain", 1, 240.0, {"a": 11}),
+        r("attested", 1, 180.0, {"a": 9, "b": 13}),
+        r("native", 2, 200.0, {"native": 10}), r("plain", 2, 150.0, {"a": 11}),
+        r("attested", 2, 0.0, {}, ok=False),
+    ]
+    s = summarise(results, 3)
+    # Unpaired medians would give 180/200 = 0.9; the per-rep ratios are 0.6 and 0.6.
+    assert s["attested"]["vs_native"] == pytest.approx(0.6)
+    assert s["attested"]["vs_plain"] == pytest.approx(0.75)
+    assert s["plain"]["vs_native"] == pytest.approx(0.8)
+    assert s["attested"]["ok_reps"] == 2
+    assert s["attested"]["rss_vs_native"] == pytest.approx(1.25)  # the largest process per rep: 12, 13
