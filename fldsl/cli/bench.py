@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED, parse_sets
 
 MODES = ("native", "plain", "attested")
 DEFAULT_STEPS = 200
@@ -415,16 +415,6 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _params(items: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value
-    return out
-
-
 @click.command("bench")
 @click.argument("flp", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a pipeline parameter")
@@ -458,7 +448,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
     console = Console(stderr=as_json)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     root = (out_root / flp.stem / f"{stamp}-{os.getpid()}").resolve()
-    builder = Builder(flp, _params(sets), root / "build", steps)
+    builder = Builder(flp, parse_sets(sets), root / "build", steps)
     try:
         build = builder.current()
     except FldslError as e:
@@ -493,7 +483,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
                     break
             results.append(res)
     summary = summarise(results, reps)
-    doc = {"pipeline": flp.stem, "params": dict(sorted(_params(sets).items())), "reps": reps, "xla": xla,
+    doc = {"pipeline": flp.stem, "params": dict(sorted(parse_sets(sets).items())), "reps": reps, "xla": xla,
            "steps_at_least": steps, "build": str(build), "summary": summary,
            "results": [asdict(r) for r in results]}
     (root / "results.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
