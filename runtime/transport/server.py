@@ -36,10 +36,12 @@ EXCHANGE_METHOD = "/fldsl.transport.v1.Peer/Exchange"
 
 def cert_fingerprint(pem_or_der: bytes) -> str:
     """SHA-256 of the certificate's DER encoding (PEM formatting differences do not matter)."""
-    data = pem_or_der.strip()
-    if data.startswith(b"-----BEGIN"):
-        data = x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
-    return hashlib.sha256(data).hexdigest()
+    # Strip only to recognise PEM: DER is binary and may legitimately end in a byte that looks like space.
+    if pem_or_der.lstrip().startswith(b"-----BEGIN"):
+        der = x509.load_pem_x509_certificate(pem_or_der.strip()).public_bytes(Encoding.DER)
+    else:
+        der = pem_or_der
+    return hashlib.sha256(der).hexdigest()
 
 
 class CertRegistry:

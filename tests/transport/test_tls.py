@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from fldsl.runtime.transport.server import CertRegistry, cert_fingerprint
 
 from .conftest import A, B, FakeVerifier, make_addresses, make_test_identity, make_transport
@@ -44,3 +48,13 @@ def test_registry_pins_exactly_one_certificate_per_peer() -> None:
     assert reg.node_of(own.cert_pem) is None  # our own certificate is a root but never a peer
     assert reg.node_of(b"garbage") is None
     assert cert_fingerprint(first.cert_pem) == cert_fingerprint(first.cert_der)
+
+
+def test_fingerprint_of_der_keeps_trailing_bytes_that_look_like_whitespace() -> None:
+    """DER is binary: a signature ending in 0x0a or 0x20 must not be stripped (it was, for ~2% of certs)."""
+    pem = make_test_identity(A).cert_pem
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    for tail in (b"\n", b" ", b"\t"):
+        padded = der + tail  # stands in for a DER whose last signature byte is whitespace-valued
+        assert cert_fingerprint(padded) == hashlib.sha256(padded).hexdigest()
+    assert cert_fingerprint(pem) == hashlib.sha256(der).hexdigest()
