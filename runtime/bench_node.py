@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -267,15 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _exit(code: int) -> None:
-    # gRPC / TensorFlow threads can keep the interpreter alive (baseline_perf.md finding A): force it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    timer = threading.Timer(10.0, lambda: os._exit(code))
-    timer.daemon = True
-    timer.start()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
+    from fldsl.runtime.node import _exit
+
     _exit(main())
