@@ -2,11 +2,14 @@
 
     /work/venv/bin/python bench/micro_bench.py psi [--n 100000] [--overlap 0.9] [--reps 3]
     /work/venv/bin/python bench/micro_bench.py seal [--mib 200] [--reps 3]
+    /work/venv/bin/python bench/micro_bench.py csv [--rows 30000] [--cols 23] [--reps 3]
 
 ``psi``: leader and follower run in two threads of this process over in-memory queues (no network), each
 with ``n`` ids of which ``overlap * n`` are common; prints seconds per run and the intersection size.
 Target: 1M x 1M <= 30 s. ``seal``: ``seal_bytes`` / ``unseal_bytes`` of ``mib`` MiB of random bytes; prints
-GB/s (10^9 bytes/s). Target: >= 1 GB/s at 200 MB. One JSON line per rep on stdout, a summary on stderr.
+GB/s (10^9 bytes/s). Target: >= 1 GB/s at 200 MB. ``csv``: ``read_csv`` of a generated FATE-shaped file
+(CPU seconds, so contention on a shared box does not count). One JSON line per rep on stdout, a summary on
+stderr.
 """
 
 from __future__ import annotations
@@ -74,6 +77,32 @@ def bench_seal(mib: int, reps: int) -> list[dict[str, float]]:
     return out
 
 
+def bench_csv(rows: int, cols: int, reps: int) -> list[dict]:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from fldsl.runtime.data import read_csv
+
+    x = np.random.default_rng(0).standard_normal((rows, cols))
+    lines = ["id,y," + ",".join(f"x{j}" for j in range(cols))]
+    lines += [f"{i},{i % 2}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(x)]
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "bench.csv"
+        path.write_text("\n".join(lines) + "\n")
+        for rep in range(reps):
+            t0 = time.process_time()
+            read_csv(path, id_column="id", label_column="y", feature_columns=[f"x{j}" for j in range(cols)])
+            rec = {"bench": "csv", "rows": rows, "cols": cols, "rep": rep,
+                   "cpu_s": round(time.process_time() - t0, 3)}
+            print(json.dumps(rec), flush=True)
+            out.append(rec)
+    median = statistics.median(r["cpu_s"] for r in out)
+    print(f"csv {rows} x {cols}: median {median:.3f} CPU s", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -84,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     ss = sub.add_parser("seal")
     ss.add_argument("--mib", type=int, default=200)
     ss.add_argument("--reps", type=int, default=3)
+    cs = sub.add_parser("csv")
+    cs.add_argument("--rows", type=int, default=30_000)
+    cs.add_argument("--cols", type=int, default=23)
+    cs.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     if args.what == "psi":
         bench_psi(args.n, args.overlap, args.reps)
+    elif args.what == "csv":
+        bench_csv(args.rows, args.cols, args.reps)
     else:
         bench_seal(args.mib, args.reps)
     return 0

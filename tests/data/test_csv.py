@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,8 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
         _read(p)
 
 
-def test_30k_rows_load_well_under_a_second(tmp_path: Path) -> None:
+def test_30k_rows_load_exactly(tmp_path: Path) -> None:
+    """Values survive the fast path (the load time itself is measured in bench/micro_bench.py csv)."""
     rng = np.random.default_rng(0)
     n, k = 30_000, 23
     x = rng.standard_normal((n, k))
@@ -85,13 +85,10 @@ def test_30k_rows_load_well_under_a_second(tmp_path: Path) -> None:
     lines += [f"{i},{i % 2}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(x)]
     p = tmp_path / "big.csv"
     p.write_text("\n".join(lines) + "\n")
-    # CPU time, not wall time: the 2-core box is shared, and contention is not the reader's cost.
-    t0 = time.process_time()
     t = read_csv(p, id_column="id", label_column="y", feature_columns=[f"x{j}" for j in range(k)])
-    elapsed = time.process_time() - t0
     assert len(t) == n and t.fields["features"].shape == (n, k)
     np.testing.assert_allclose(t.fields["features"], x, atol=1e-5)
-    assert elapsed < 1.0, elapsed  # ~0.3 s measured
+    assert list(t.ids[:3]) == ["0", "1", "2"] and t.ids[-1] == str(n - 1)  # ids are strings, in file order
 
 
 def test_load_dataset_returns_the_declared_fields(tmp_path: Path) -> None:
