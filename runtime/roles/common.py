@@ -367,13 +367,11 @@ def is_checkpoint_step(plan: Plan, step_done: int, steps_per_epoch: int) -> bool
     return (every is not None and every > 0 and step_done % every == 0) or step_done % steps_per_epoch == 0
 
 
-def weights_arrays(prefix: str, weights: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}{i:04d}": w for i, w in enumerate(weights)}
-
-
-def arrays_list(arrays: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
-    keys = sorted(k for k in arrays if k.startswith(prefix))
-    return [arrays[k] for k in keys]
+def announce_training(ctx: RoleContext, total: int, steps_per_epoch: int, resumed_from: int | None) -> None:
+    """The launcher's progress bar sizes itself from this event; resumed_from marks a restart."""
+    ctx.progress.emit("plan", total_steps=total, steps_per_epoch=steps_per_epoch,
+                      epochs=ctx.plan.train.epochs, resumed_from=resumed_from)
+    ctx.progress.emit("phase", name="train")
 
 
 def save_checkpoint(ctx: RoleContext, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from fldsl.runtime.roles.common import (
     Meter,
     RoleContext,
     RoleError,
-    arrays_list,
+    announce_training,
     batches,
     configure_tf,
     cyclic_batch,
@@ -37,9 +37,8 @@ from fldsl.runtime.roles.common import (
     load_tables,
     save_checkpoint,
     score_metrics,
-    weights_arrays,
 )
-from fldsl.runtime.roles.optstate import get_opt_state, set_opt_state
+from fldsl.runtime.roles.optstate import restore_training, training_arrays
 
 from fldsl.artifacts import Plan, TensorSpec
 
@@ -108,13 +107,9 @@ def server(ctx: RoleContext) -> dict[str, Any]:
     start = 0
     if resume is not None:
         ckpt = ctx.store.load(resume)
-        model.set_weights(arrays_list(ckpt.arrays, "w"))
-        if opt is not None:
-            set_opt_state(opt, variables, ckpt.arrays)
+        restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
-    ctx.progress.emit("plan", total_steps=rounds, steps_per_epoch=rounds_per_epoch, epochs=plan.train.epochs,
-                      resumed_from=start if resume is not None else None)
-    ctx.progress.emit("phase", name="train")
+    announce_training(ctx, rounds, rounds_per_epoch, start if resume is not None else None)
     meter = Meter()
     last_emit = 0.0
     nvar = len(variables)
@@ -148,10 +143,7 @@ def server(ctx: RoleContext) -> dict[str, Any]:
             ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
             last_emit = now
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
-            arrays = weights_arrays("w", weights)
-            if opt is not None:
-                arrays.update(get_opt_state(opt, variables))
-            save_checkpoint(ctx, r + 1, arrays, {})
+            save_checkpoint(ctx, r + 1, training_arrays(weights, opt, variables), {})
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
 
@@ -256,15 +248,11 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     history: list[dict[str, Any]] = []
     if resume is not None:
         ckpt = ctx.store.load(resume)
-        model.set_weights(arrays_list(ckpt.arrays, "w"))
-        if opt is not None:
-            set_opt_state(opt, variables, ckpt.arrays)
+        restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
         local_cursor = int(ckpt.meta.get("local_cursor", 0))
         history = list(ckpt.meta.get("history", []))
-    ctx.progress.emit("plan", total_steps=rounds, steps_per_epoch=rpe, epochs=plan.train.epochs,
-                      resumed_from=start if resume is not None else None)
-    ctx.progress.emit("phase", name="train")
+    announce_training(ctx, rounds, rpe, start if resume is not None else None)
     b = plan.train.batch_size
     n = len(train_rows)
     local_spe = max(1, math.ceil(n / b))
@@ -313,10 +301,8 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             history.append({"epoch": epoch, **metrics})
             ctx.progress.emit("epoch", epoch=epoch, metrics=metrics)
         if is_checkpoint_step(plan, r + 1, rpe):
-            arrays = weights_arrays("w", model.get_weights())
-            if opt is not None:
-                arrays.update(get_opt_state(opt, variables))
-            save_checkpoint(ctx, r + 1, arrays, {"local_cursor": local_cursor, "history": history})
+            save_checkpoint(ctx, r + 1, training_arrays(model.get_weights(), opt, variables),
+                            {"local_cursor": local_cursor, "history": history})
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}

@@ -33,7 +33,7 @@ from fldsl.runtime.roles.common import (
     Meter,
     RoleContext,
     RoleError,
-    arrays_list,
+    announce_training,
     batches,
     blob_channel,
     build_model,
@@ -50,9 +50,8 @@ from fldsl.runtime.roles.common import (
     score_metrics,
     send_chunked,
     unpack_arrays,
-    weights_arrays,
 )
-from fldsl.runtime.roles.optstate import get_opt_state, set_opt_state
+from fldsl.runtime.roles.optstate import restore_training, training_arrays
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -180,14 +179,11 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     epoch_losses: list[tuple[float, int]] = []  # (batch loss, batch size) of the current epoch
     history: list[dict[str, Any]] = []
     if ckpt is not None:
-        model.set_weights(arrays_list(ckpt.arrays, "w"))
-        set_opt_state(opt, variables, ckpt.arrays)
+        restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
         epoch_losses = [(float(x), int(n)) for x, n in ckpt.meta.get("epoch_losses", [])]
         history = list(ckpt.meta.get("history", []))
-    ctx.progress.emit("plan", total_steps=total, steps_per_epoch=spe, epochs=plan.train.epochs,
-                      resumed_from=start if ckpt is not None else None)
-    ctx.progress.emit("phase", name="train")
+    announce_training(ctx, total, spe, start if ckpt is not None else None)
 
     meter = Meter()
     last_emit = 0.0
@@ -217,7 +213,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
             ctx.progress.emit("epoch", epoch=e + 1, metrics=metrics)
             epoch_losses = []
         if is_checkpoint_step(plan, s + 1, spe):
-            arrays = {**weights_arrays("w", model.get_weights()), **get_opt_state(opt, variables),
+            arrays = {**training_arrays(model.get_weights(), opt, variables),
                       "train_rows": train_rows, "hold_rows": hold_rows}
             save_checkpoint(ctx, s + 1, arrays, {"epoch_losses": epoch_losses, "history": history})
 
@@ -307,12 +303,9 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
     total = spe * plan.train.epochs
     start = 0
     if ckpt is not None:
-        model.set_weights(arrays_list(ckpt.arrays, "w"))
-        set_opt_state(opt, variables, ckpt.arrays)
+        restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
-    ctx.progress.emit("plan", total_steps=total, steps_per_epoch=spe, epochs=plan.train.epochs,
-                      resumed_from=start if ckpt is not None else None)
-    ctx.progress.emit("phase", name="train")
+    announce_training(ctx, total, spe, start if ckpt is not None else None)
     link = ctx.links[active]
     meter = Meter()
     last_emit = 0.0
@@ -341,7 +334,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
                 for f, a in zip(send_flows, acts, strict=True):
                     link.send(f.id, EVAL_BASE + e * EVAL_STRIDE + k, a.numpy())
         if is_checkpoint_step(plan, s + 1, spe):
-            arrays = {**weights_arrays("w", model.get_weights()), **get_opt_state(opt, variables),
+            arrays = {**training_arrays(model.get_weights(), opt, variables),
                       "train_rows": train_rows, "hold_rows": hold_rows}
             save_checkpoint(ctx, s + 1, arrays, {})
 
