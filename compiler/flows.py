@@ -368,34 +368,14 @@ class FlowBuilder:
             weighting="mean" if part.reduce is not None and part.reduce.value == "mean" else "examples",
         )
         self._ps_flows(workers, server, "gradients" if not fedavg else "weights", part.span)
-        all_ops = [op.output for op in c.ops]
-        specs = self.input_specs(all_ops)
-        specs[c.label_t.name] = c.label_t.spec
+        worker_data: dict[str, list[str]] = {}
         for w in workers:
             pname = w.split(".")[0]
             data = [d for d in used_ds if d in c.parties[pname].datasets]
             if pname in test_holders and test not in data:
                 data.append(test)  # type: ignore[arg-type]
-            self.nodes.append(
-                IRNode(
-                    id=w,
-                    party=pname,
-                    role="horizontal.worker",
-                    data=sorted(data),
-                    ops=all_ops,
-                    input_specs=specs,
-                    has_loss=True,
-                )
-            )
-        self.nodes.append(
-            IRNode(
-                id=server,
-                party=server.split(".")[0],
-                role="horizontal.server",
-                ops=all_ops,
-                input_specs=specs,
-            )
-        )
+            worker_data[w] = sorted(data)
+        self._whole_model_nodes("horizontal", workers, server, worker_data)
 
     def _same_schema(
         self, parties: list[str], names: list[str], span: ast.Span, like: str | None = None
@@ -496,29 +476,26 @@ class FlowBuilder:
         self.sharding = ShardingSpec(chief=chief, workers=workers, strategy=part.strategy.value)  # type: ignore[arg-type]
         self.aggregation = AggregationSpec(server=server, workers=workers, mode="sync")
         self._ps_flows(workers, server, "gradients", part.span)
+        self.nodes.append(IRNode(id=chief, party=chief_party, role="distributed.chief", data=used_ds))
+        self._whole_model_nodes("distributed", workers, server, {})
+
+    def _whole_model_nodes(
+        self, scenario: str, workers: list[str], server: str, worker_data: dict[str, list[str]]
+    ) -> None:
+        """Parameter-server scenarios: every worker runs the whole model and the loss; the server holds the
+        same variables (it applies the aggregated update)."""
+        c = self.c
         all_ops = [op.output for op in c.ops]
         specs = self.input_specs(all_ops)
         specs[c.label_t.name] = c.label_t.spec
-        self.nodes.append(IRNode(id=chief, party=chief_party, role="distributed.chief", data=used_ds))
         for w in workers:
             self.nodes.append(
-                IRNode(
-                    id=w,
-                    party=w.split(".")[0],
-                    role="distributed.worker",
-                    ops=all_ops,
-                    input_specs=specs,
-                    has_loss=True,
-                )
+                IRNode(id=w, party=w.split(".")[0], role=f"{scenario}.worker", data=worker_data.get(w, []),
+                       ops=all_ops, input_specs=specs, has_loss=True)
             )
         self.nodes.append(
-            IRNode(
-                id=server,
-                party=server.split(".")[0],
-                role="distributed.server",
-                ops=all_ops,
-                input_specs=specs,
-            )
+            IRNode(id=server, party=server.split(".")[0], role=f"{scenario}.server", ops=all_ops,
+                   input_specs=specs)
         )
 
     # --- allow rules -----------------------------------------------------------------------------------
