@@ -277,6 +277,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return epoch_permutation(n, seed, epoch)
 
 
+def epoch_batch(n: int, seed: int, epoch: int, j: int, batch_size: int) -> np.ndarray:
+    """Batch j of one epoch's shared row order (a view; the order itself is computed once per epoch)."""
+    return epoch_order(n, seed, epoch)[j * batch_size:(j + 1) * batch_size]
+
+
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -26,9 +26,9 @@ from fldsl.runtime.roles.common import (
     RoleContext,
     RoleError,
     announce_training,
-    batches,
     configure_tf,
     cyclic_batch,
+    epoch_batch,
     epoch_order,
     export_model,
     input_specs,
@@ -274,7 +274,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             seen = 0
             for _ in range(local_steps):
                 e, j = divmod(local_cursor, local_spe)
-                rows = train_rows[batches(epoch_order(n, plan.train.seed, e), b)[j]]
+                rows = train_rows[epoch_batch(n, plan.train.seed, e, j, b)]
                 losses.append(float(local_step(inputs_for(table, rows), labels_all[rows])))
                 seen += len(rows)
                 local_cursor += 1

@@ -38,7 +38,7 @@ from fldsl.runtime.roles.common import (
     blob_channel,
     build_model,
     configure_tf,
-    epoch_order,
+    epoch_batch,
     export_model,
     field_inputs,
     is_checkpoint_step,
@@ -191,7 +191,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, s)
         e, j = divmod(s, spe)
-        rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
+        rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, e, j, b)]
         acts = {}
         for p, f in recv_flows:
             acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t), p)
@@ -313,7 +313,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, s)
         e, j = divmod(s, spe)
-        rows = train_rows[batches(epoch_order(len(train_rows), plan.train.seed, e), b)[j]]
+        rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, e, j, b)]
         inputs = field_inputs(plan, tables, rows)
         meter.start()
         acts = forward(inputs)

@@ -9,14 +9,20 @@ batches.
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 import numpy as np
 
 
+@lru_cache(maxsize=8)
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch. Cached (training loops ask for it every step) and read-only, so no caller
+    can change the order another caller sees."""
     digest = hashlib.sha256(f"fldsl-batches/1/{seed}/{epoch}".encode()).digest()
     rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
-    return rng.permutation(n)
+    order = rng.permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
