@@ -193,6 +193,10 @@ class Launcher:
                     st.loss = float(ev["loss"])
                 if ev.get("examples_per_s"):
                     st.examples_per_s = float(ev["examples_per_s"])
+            elif kind == "checkpoint":
+                # Unthrottled, unlike step events (one per 0.25 s): a checkpoint at step k means k steps are
+                # done, so fast runs still show (and fault tests still see) every checkpointed step.
+                st.step = max(st.step or 0, int(ev.get("step", 0)))
             elif kind == "epoch":
                 st.metrics = dict(ev.get("metrics") or {})
                 st.history.append({"epoch": ev.get("epoch"), **st.metrics})
