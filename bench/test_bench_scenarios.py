@@ -41,6 +41,13 @@ def test_vertical_wd_criteo_batch_1024() -> None:
     assert s["attested"]["vs_native"] >= 0.85, f"attested/native {s['attested']['vs_native']:.2f} < 0.85"
 
 
+def test_vertical_wd_criteo_batch_1024_pipelined() -> None:
+    # The opt-in one-step-stale protocol (`train { pipeline: 1 }`); native is the same exact central training.
+    s = fldsl_bench(HERE / "pipelines" / "vertical_wd_criteo.flp", "vertical_wd_criteo_pipelined",
+                    "pipeline=1")
+    assert s["attested"]["vs_native"] >= 0.85, f"attested/native {s['attested']['vs_native']:.2f} < 0.85"
+
+
 def test_vertical_wide_deep_readme_pipeline() -> None:
     s = fldsl_bench(REPO / "pipelines" / "vertical_wide_deep.flp", "vertical_wide_deep")
     assert s["attested"]["first_step_s"] <= 8.0, f"start-up {s['attested']['first_step_s']:.1f} s > 8 s"

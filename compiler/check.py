@@ -16,7 +16,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fldsl.compiler import ast
 from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
@@ -916,7 +916,8 @@ class Checker:
             raise _Fatal
         for extra in self.m.trains[1:]:
             self.error(extra.span, "only one `train` block is allowed")
-        keys = ("epochs", "batch_size", "optimizer", "seed", "checkpoint", "metrics", "validation", "test")
+        keys = ("epochs", "batch_size", "optimizer", "seed", "checkpoint", "metrics", "validation", "test",
+                "pipeline")
         got: dict[str, ast.TrainItem] = {}
         for item in self.m.trains[0].items:
             k = item.key.value
@@ -1002,6 +1003,7 @@ class Checker:
                 )
             else:
                 validation.test_data = tv.text
+        pipeline = self.check_pipeline(got.get("pipeline"), num, ckpt)
         # A missing/bad value was reported; a placeholder lets the trust block still be checked.
         return TrainSpec(
             epochs=vals["epochs"] or 1,
@@ -1011,7 +1013,29 @@ class Checker:
             checkpoint_every_steps=ckpt,
             metrics=metrics,  # type: ignore[arg-type]
             validation=validation,
+            pipeline=pipeline,
         )
+
+    def check_pipeline(self, item: ast.TrainItem | None, num: Any, ckpt: int | None) -> Literal[0, 1]:
+        """``pipeline: 0 | 1``: how far a vertical passive party may run ahead of its gradients."""
+        if item is None:
+            return 0
+        if self.scenario != "vertical":
+            # Horizontal/distributed workers have no activations to send ahead: the setting would be
+            # silently meaningless there, like `test:` outside horizontal pipelines.
+            self.error(item.key.span, "`pipeline:` is for vertical pipelines (passive parties sending "
+                       "activations ahead)", "remove it")
+            return 0
+        v = num("pipeline", "int")
+        if v is None:
+            return 0
+        if v not in (0, 1):
+            self.error(item.value.span, f"`pipeline` is 0 (lock-step) or 1 (one step ahead), got {v}")
+            return 0
+        if v == 1 and ckpt == 1:
+            self.warning(item.value.span, "`pipeline: 1` has no effect with `checkpoint: every 1 steps`: "
+                         "the pipeline drains at every checkpoint", "checkpoint less often")
+        return 1 if v == 1 else 0
 
     # --- trust -----------------------------------------------------------------------------------------
     def check_trust(self, env: Env) -> IRTrust:

@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 PLAN_FORMAT = "fldsl.plan/1"
 POLICY_FORMAT = "fldsl.policy/1"
@@ -136,6 +136,19 @@ class TrainSpec(_Model):
     metrics: list[Literal["loss", "auc", "accuracy"]] = Field(default_factory=lambda: ["loss"])
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     steps_per_epoch: int | None = None  # computed by the runtime when None
+    # Vertical only: how many steps a passive party may run ahead of the gradients it has applied. 0 = exact
+    # lock-step (the same math as central training); 1 = it sends step i+1's activations before applying
+    # step i's gradient (one step of staleness, see docs/language.md "Training").
+    pipeline: Literal[0, 1] = 0
+
+    @model_serializer(mode="wrap")
+    def _omit_default_pipeline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when set, so plans (and their measurements) of pipelines that do not use it keep
+        # the bytes they had before the setting existed.
+        data = handler(self)
+        if self.pipeline == 0:
+            data.pop("pipeline", None)
+        return data
 
 
 class AlignmentSpec(_Model):

@@ -13,9 +13,18 @@ Protocol (every message keyed by (flow, step) in the peers' mailboxes, so lock-s
    -> ``grad(act)`` (s) -> passive backward (``tape.gradient(act, vars, output_gradients=grad)``)
    + apply. Sequential: the passive's forward of s+1 uses the weights updated by s, exactly as the
    same model trained centrally;
+   With ``train.pipeline == 1`` (opt-in) a passive sends ``act`` (s+1) *before* it waits for
+   ``grad(act)`` (s), then applies step s: the active party trains step s+1 while the passive applies step
+   s and computes s+2, so the parties compute at the same time instead of in turn. The math changes by one
+   step of staleness: act(s+1) comes from weights that have not yet seen step s's gradient, and the
+   passive's backward of step s re-evaluates its Jacobian at the weights after step s-1 (not those that
+   produced act(s)). The active side is unchanged: it consumes act(s) in step order;
 4. at every epoch end the passives forward the holdout rows and the active computes the metrics;
 5. both sides checkpoint at the same steps, so a batch is in both checkpoints or in neither; after a crash
-   the agreed step rolls every node back to the same iteration.
+   the agreed step rolls every node back to the same iteration. A pipelined passive drains before a
+   checkpoint step (it does not send act(s+1) until step s is applied when a checkpoint follows step s),
+   so a run resumed from a checkpoint computes exactly what the uninterrupted run computed, and epoch-end
+   evaluation (always a checkpoint step) sees every step of the epoch applied.
 """
 
 from __future__ import annotations
@@ -290,8 +299,9 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
 
     @tf.function(reduce_retracing=True)
     def backward(inputs, out_grads):
-        # Recompute the forward under a tape with the same weights (no randomness in the ops), so the
-        # gradient equals the one of the forward whose activations were sent.
+        # Recompute the forward under a tape (no randomness in the ops). Lock-step: the weights are those
+        # of the forward whose activations were sent, so the gradient is exact. Pipelined: they already
+        # include the previous step's update (the documented one-step staleness).
         with tf.GradientTape() as tape:
             out = model(inputs, training=True)
             targets = [out[n] for n in names]
@@ -307,23 +317,39 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
         start = ckpt.step
     announce_training(ctx, total, spe, start if ckpt is not None else None)
     link = ctx.links[active]
+    ahead = plan.train.pipeline
     meter = Meter()
     last_emit = 0.0
+    # (rows, inputs) of the steps whose activations were sent and whose gradient is not applied yet (at
+    # most two when pipelined: the step being applied and the one sent ahead of it).
+    in_flight: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
+
+    def send_step(step: int) -> None:
+        ep, j = divmod(step, spe)
+        rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, ep, j, b)]
+        inputs = field_inputs(plan, tables, rows)
+        for f, a in zip(send_flows, forward(inputs), strict=True):
+            link.send(f.id, step, a.numpy())
+        in_flight[step] = (len(rows), inputs)
+        ctx.last_step = max(ctx.last_step, step)
+
     for s in range(start, total):
         ctx.check_stop()
-        ctx.last_step = max(ctx.last_step, s)
-        e, j = divmod(s, spe)
-        rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, e, j, b)]
-        inputs = field_inputs(plan, tables, rows)
+        e = s // spe
         meter.start()
-        acts = forward(inputs)
-        for f, a in zip(send_flows, acts, strict=True):
-            link.send(f.id, s, a.numpy())
+        if s not in in_flight:
+            send_step(s)
+        # Pipelined: step s+1 goes out with the weights as they are (step s not applied yet), so the active
+        # party trains it while this node waits for and applies step s. Never past a checkpoint: the drain
+        # keeps each batch in both parties' checkpoints or in neither, and resume exact.
+        if ahead and s + 1 < total and not is_checkpoint_step(plan, s + 1, spe):
+            send_step(s + 1)
         meter.stop(0)
         grads = [ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t), active) for g in grad_flows]
         meter.start()
+        n, inputs = in_flight.pop(s)
         backward(inputs, grads)
-        meter.stop(len(rows))
+        meter.stop(n)
         now = time.monotonic()
         if now - last_emit > 0.25 or s + 1 == total:
             ctx.progress.emit("step", step=s + 1, total=total, examples_per_s=meter.rate)

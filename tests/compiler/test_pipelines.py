@@ -75,6 +75,56 @@ def test_compile_twice_is_byte_identical(tmp_path: Path) -> None:
     assert _tree(c.build_dir) == _tree(b.build_dir)
 
 
+def _with_train_setting(tmp_path: Path, name: str, after: str, setting: str) -> Path:
+    src = (PIPELINES / f"{name}.flp").read_text()
+    assert src.count(after) == 1
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    # Same file name and the setting on the same line: source positions in the artifacts stay the same.
+    flp = tmp_path / f"{name}.flp"
+    flp.write_text(src.replace(after, f"{after}  {setting}"))
+    return flp
+
+
+def test_train_pipeline_setting_reaches_every_plan(tmp_path: Path) -> None:
+    plain = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "plain")
+    for d in sorted((plain.build_dir / "nodes").iterdir()):
+        # Unset, the key is not written at all: plans compiled before the setting existed keep their bytes.
+        assert "pipeline" not in json.loads((d / "plan.json").read_text())["train"]
+    zero = compile_pipeline(_with_train_setting(tmp_path / "z", "vertical_wide_deep", "validation: 0.2",
+                                                "pipeline: 0"), tmp_path / "zero")
+    assert _tree(zero.build_dir / "nodes") == _tree(plain.build_dir / "nodes")
+    one = compile_pipeline(_with_train_setting(tmp_path / "o", "vertical_wide_deep", "validation: 0.2",
+                                               "pipeline: 1"), tmp_path / "one")
+    for d in sorted((one.build_dir / "nodes").iterdir()):
+        assert json.loads((d / "plan.json").read_text())["train"]["pipeline"] == 1
+        assert load_model(Plan, d / "plan.json").train.pipeline == 1
+    # A different protocol is a different measured plan.
+    assert (one.build_dir / "nodes/media.trainer/plan.json").read_bytes() != \
+        (plain.build_dir / "nodes/media.trainer/plan.json").read_bytes()
+
+
+def test_train_pipeline_is_for_vertical_pipelines_only(tmp_path: Path) -> None:
+    from fldsl.diagnostics import FldslError
+
+    flp = _with_train_setting(tmp_path, "horizontal_dlrm", "validation: 0.1", "pipeline: 1")
+    with pytest.raises(FldslError) as ei:
+        check(flp)
+    [err] = ei.value.errors
+    line = next(k for k, text in enumerate(flp.read_text().splitlines(), 1) if "pipeline: 1" in text)
+    assert (err.line, err.column) == (line, len("  validation: 0.1  ") + 1)
+    assert err.message.startswith("`pipeline:` is for vertical pipelines")
+
+
+def test_train_pipeline_with_checkpoint_every_step_warns(tmp_path: Path) -> None:
+    flp = _with_train_setting(tmp_path, "vertical_wide_deep", "validation: 0.2", "pipeline: 1")
+    flp.write_text(flp.read_text().replace("checkpoint: every 100 steps", "checkpoint: every 1 steps"))
+    program = check(flp)
+    assert [w.message for w in program.warnings] == [
+        "`pipeline: 1` has no effect with `checkpoint: every 1 steps`: "
+        "the pipeline drains at every checkpoint"
+    ]
+
+
 def test_artifacts_are_consistent(tmp_path: Path) -> None:
     r = compile_pipeline(PIPELINES / "vertical_wide_deep.flp", tmp_path / "b")
     pins = load_model(Pins, r.build_dir / "nodes/media.trainer/pins.json")

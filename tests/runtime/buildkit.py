@@ -127,15 +127,16 @@ def rehash_manifest(build: Path, node: str) -> None:
 
 def vertical_build(root: Path, *, rows: int = 600, features: int = 8, epochs: int = 2, batch: int = 64,
                    lr: float = 0.01, checkpoint_every: int | None = None, method: str = "psi_ecdh",
-                   seed: int = 3, validation: float = 0.2, passives: int = 1) -> Path:
-    """shop (active, labels) + ``media`` (passive) or ``media1``..``mediaN`` (N passives, same generator)."""
+                   seed: int = 3, validation: float = 0.2, passives: int = 1, pipeline: int = 0) -> Path:
+    """shop (active, labels) + ``media`` (passive) or ``media1``..``mediaN`` (N passives, same generator);
+    ``pipeline`` = ``train.pipeline`` (1: the passives run one step ahead)."""
     active = "shop.trainer"
     names = ["media"] if passives == 1 else [f"media{i}" for i in range(1, passives + 1)]
     emb_dim = 4
     train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
                       optimizer=OptimizerSpec(name="adam", params={"learning_rate": lr}),
                       checkpoint_every_steps=checkpoint_every, metrics=["loss", "auc"],
-                      validation=ValidationSpec(fraction=validation, seed=seed))
+                      validation=ValidationSpec(fraction=validation, seed=seed), pipeline=pipeline)
     gen = {"rows": rows, "seed": 7, "features": features}
     act = spec([None, 16])
     plans: list[Plan] = []

@@ -26,8 +26,12 @@ class _Box:
 
 
 class MemLink:
-    def __init__(self, me: str, peer: str, boxes: dict[tuple[str, str], _Box], policy: Policy) -> None:
+    def __init__(self, me: str, peer: str, boxes: dict[tuple[str, str], _Box], policy: Policy,
+                 trace: list[tuple[str, str, str, int]] | None = None) -> None:
         self.me, self.peer = me, peer
+        # Shared by every link of a run when given: (node, "send" | "recv", flow, step) in the order the
+        # messages were put or taken (list.append is atomic), so tests can check a protocol's schedule.
+        self.trace = trace
         self._in = boxes.setdefault((peer, me), _Box())
         self._out = boxes.setdefault((me, peer), _Box())
         self._flows = {f.id: f for f in policy.flows}
@@ -40,6 +44,8 @@ class MemLink:
         assert nbytes <= f.max_bytes, f"{flow}: {nbytes} > {f.max_bytes}"
         self.sent[flow] = self.sent.get(flow, 0) + nbytes
         with self._out.cv:
+            if self.trace is not None:
+                self.trace.append((self.me, "send", flow, step))
             self._out.items[(flow, step, kind)] = value
             self._out.cv.notify_all()
 
@@ -48,6 +54,8 @@ class MemLink:
         with self._in.cv:
             if not self._in.cv.wait_for(lambda: key in self._in.items, timeout):
                 raise TimeoutError(f"{flow}@{step}")
+            if self.trace is not None:
+                self.trace.append((self.me, "recv", flow, step))
             return self._in.items.pop(key)
 
     def send(self, flow_id: str, step: int, array: np.ndarray) -> None:
@@ -72,8 +80,10 @@ class MemLink:
 
 
 def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | None = None,
-                   timeout: float = 240.0) -> dict[str, Any]:
-    """Run every node of ``build`` as a thread; returns {node: result or exception}.
+                   timeout: float = 240.0, trace: list[tuple[str, str, str, int]] | None = None
+                   ) -> dict[str, Any]:
+    """Run every node of ``build`` as a thread; returns {node: result or exception}. ``trace``: a list
+    every link appends its sends and receives to (see ``MemLink``).
 
     ``stop_after`` = {node: step}: that node's stop flag is set once it emitted a checkpoint at >= step (the
     others then fail with a receive timeout or stop too: only checkpoints matter for resume tests)."""
@@ -103,7 +113,7 @@ def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | N
 
     def target(i: str) -> None:
         plan, policy = plans[i], policies[i]
-        links = {p.id: MemLink(i, p.id, boxes, policy) for p in plan.peers}
+        links = {p.id: MemLink(i, p.id, boxes, policy, trace) for p in plan.peers}
         ctx = RoleContext(plan=plan, policy=policy, links=links, progress=Progress(i, _Watch(i)),
                           store=CheckpointStore(run_dir / "checkpoints" / i, node_id=i, key=KEY),
                           run_dir=run_dir, seal_key=KEY, stop=stops[i], recv_timeout_s=60)
