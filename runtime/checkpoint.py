@@ -36,11 +36,21 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(ckpt: Checkpoint) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **ckpt.arrays)
+def encode(ckpt: Checkpoint) -> memoryview:
+    """The payload as one buffer: header first, then the archive written straight after it.
+
+    Writing the archive into the buffer that already holds the header (and handing out a view of it) keeps
+    one copy of the arrays' bytes alive besides the arrays themselves; ``getvalue()`` plus concatenation made
+    two more, i.e. ~300 MB of transient memory for a 94 MB model at every checkpoint.
+    """
     header = json.dumps({"step": ckpt.step, "meta": ckpt.meta}, sort_keys=True).encode()
-    return _MAGIC + struct.pack("<I", len(header)) + header + buf.getvalue()
+    buf = io.BytesIO()
+    buf.write(_MAGIC + struct.pack("<I", len(header)) + header)
+    # zipfile then records offsets from the start of the buffer; readers (decode's np.load on the slice
+    # after the header) correct for the prepended bytes, as for any zip with a prefix, and payloads of the
+    # earlier layout (archive written on its own) decode unchanged.
+    np.savez(buf, **ckpt.arrays)
+    return buf.getbuffer()
 
 
 def decode(data: bytes) -> Checkpoint:

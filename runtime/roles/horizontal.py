@@ -9,17 +9,33 @@ Set-up: resume agreement (the server coordinates), then each worker tells the se
 specs of its model inputs (the server has no data; it builds the same model from the same seed, so all start
 from identical weights), and the server answers with the schedule (steps per epoch, total steps / rounds).
 Workers with fewer rows than the largest one wrap around within an epoch so every step has all workers.
+
+Aggregation is float32, folded upload by upload into one accumulator that is reused every round (a running
+weighted mean, see :class:`_Average`), so the server holds one average plus the uploads that have arrived, not
+float64 temporaries of all of them.
+
+Checkpoints: the weights at a round boundary are the server's (every worker has just received them), so
+only the server checkpoints them, in a background thread after it has sent the round's weights (it is idle
+while the workers train; the next round's aggregation waits for the write). A worker's checkpoint holds what
+only it has: its optimiser state (FedAvg with a stateful optimiser such as Adam: the local slots carry over
+between rounds; SGD has none), its local batch cursor and its metrics history. On resume the server sends
+every worker the agreed step's weights. Both sides checkpoint at the same steps, and a worker writes step s
+only after the server has sent step s's weights, i.e. after the server finished writing step s - 1: nobody is
+more than one checkpoint ahead of another, which the store's two kept checkpoints cover.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from fldsl.runtime.roles.common import (
+    CTRL_BASE,
     CTRL_INFO,
     CTRL_SCHEDULE,
     Meter,
@@ -38,9 +54,14 @@ from fldsl.runtime.roles.common import (
     save_checkpoint,
     score_metrics,
 )
-from fldsl.runtime.roles.optstate import restore_training, training_arrays
+from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
 
 from fldsl.artifacts import Plan, TensorSpec
+
+# Step key (+ the agreed step) of the weights the server sends each worker after a resume. Far above
+# CTRL_ROLLBACK + n (common.py's key map) and below EVAL_BASE; keyed by step so that a copy left unread by an
+# interrupted agreement can never be taken for another step's weights.
+RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -61,7 +82,142 @@ def _agg(plan: Plan):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _Average:
+    """Weighted mean of the workers' uploads, folded in one upload at a time (a running mean).
+
+    After uploads ``0..k`` the accumulator holds ``sum(w_i u_i) / sum(w_i)``: the first upload is copied
+    in, each later one is folded as ``acc += (w_k / W_k) * (u_k - acc)`` with ``W_k = w_0 + ... + w_k``. The
+    math is float32 (the dtype of the weights), block by block through a small scratch buffer, so no float64
+    or full-size temporaries exist; the accumulator arrays are reused round after round. Compared with the
+    earlier float64 ``sum(c * u)`` the result differs by a few float32 ulps. The fold order is the fixed
+    order of the workers (not arrival order), so the result is deterministic.
+    """
+
+    BLOCK = 1 << 18  # elements per block: the scratch (1 MiB in float32) stays in cache
+
+    def __init__(self) -> None:
+        self.acc: list[np.ndarray] = []
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._total = 0.0
+        self._k = 0
+
+    def reset(self) -> None:
+        self._total, self._k = 0.0, 0
+
+    def fold(self, arrays: Sequence[np.ndarray], weight: float) -> None:
+        weight = max(float(weight), 0.0)
+        self._total += weight
+        k, self._k = self._k, self._k + 1
+        if k == 0:
+            if len(self.acc) != len(arrays) or any(a.shape != u.shape or a.dtype != _acc_dtype(u.dtype)
+                                                   for a, u in zip(self.acc, arrays, strict=True)):
+                self.acc = [np.empty(u.shape, _acc_dtype(u.dtype)) for u in arrays]
+            for a, u in zip(self.acc, arrays, strict=True):
+                np.copyto(a, u, casting="same_kind")
+            return
+        # All weights so far zero (e.g. equal weighting passes 1 each, but examples weighting with empty
+        # workers): a plain mean of what has arrived, as the earlier code did when every count was zero.
+        c = weight / self._total if self._total > 0 else 1.0 / (k + 1)
+        if c == 0.0:
+            return
+        for a, u in zip(self.acc, arrays, strict=True):
+            self._fold_one(a, u, c)
+
+    def _fold_one(self, acc: np.ndarray, up: np.ndarray, c: float) -> None:
+        if acc.size == 0:
+            return
+        flat_a = acc.reshape(-1)
+        flat_u = np.asarray(up).reshape(-1)
+        scratch = self._scratch.get(acc.dtype)
+        if scratch is None:
+            scratch = self._scratch[acc.dtype] = np.empty(self.BLOCK, acc.dtype)
+        cc = acc.dtype.type(c)
+        for i in range(0, flat_a.size, self.BLOCK):
+            a = flat_a[i:i + self.BLOCK]
+            t = scratch[:a.size]
+            np.subtract(flat_u[i:i + self.BLOCK], a, out=t, casting="same_kind")
+            t *= cc
+            a += t
+
+
+def _acc_dtype(dtype: np.dtype) -> np.dtype:
+    """Floating uploads are averaged in their own precision; anything else in float64."""
+    return np.dtype(dtype) if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+class _Writer:
+    """Runs checkpoint writes in one background thread, one at a time; a failure surfaces at the next
+    ``wait``. Callers wait before touching the arrays a pending write reads and before leaving the role
+    (a re-run role lists the store's checkpoints: a write must not land after that)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+
+        def body() -> None:
+            try:
+                fn()
+            except BaseException as e:  # handed to the role's thread at the next wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=body, name=self._name)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def _send_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> None:
+    """Send to every worker at once (each link has its own stream and TLS session; one after the other, the
+    last worker would wait for every earlier transfer). Returns once every send is done; raises the first
+    failure after all have finished, so no send is left running behind an error."""
+    if len(jobs) < 2:
+        for job in jobs:
+            job()
+        return
+    futures = [pool.submit(job) for job in jobs[1:]]
+    first: BaseException | None = None
+    try:
+        jobs[0]()
+    except BaseException as e:
+        first = e
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as e:
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def server(ctx: RoleContext) -> dict[str, Any]:
+    writer = _Writer(f"{ctx.node}-checkpoint")
+    pool = ThreadPoolExecutor(max_workers=max(1, len(_agg(ctx.plan).workers) - 1),
+                              thread_name_prefix=f"{ctx.node}-send")
+    try:
+        result = _server(ctx, writer, pool)
+    except BaseException:
+        try:
+            writer.wait()  # a re-run role must not see a checkpoint land after it listed the store
+        except Exception:  # the exception already in flight is the one to report
+            pass
+        raise
+    finally:
+        pool.shutdown(wait=False)
+    writer.wait()
+    return result
+
+
+def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict[str, Any]:
     import tensorflow as tf
     from fldsl.stdlib.tf import build_segment, make_optimizer
 
@@ -94,8 +250,12 @@ def server(ctx: RoleContext) -> dict[str, Any]:
                                          "rounds_per_epoch": rounds_per_epoch})
 
     model = build_segment(plan.model, specs, seed=plan.train.seed)
+    names = model.weight_names
     variables = list(model.trainable_variables)
-    opt = make_optimizer(plan.train.optimizer) if agg.mode == "sync" else None
+    shapes = [tuple(v.shape) for v in variables]
+    nvar = len(variables)
+    sync = agg.mode == "sync"
+    opt = make_optimizer(plan.train.optimizer) if sync else None
     grad_in = {w: ctx.flow(w, plan.node, ("gradients", "weights")).id for w in workers}
     weights_out = {w: ctx.flow(plan.node, w, ("weights",)).id for w in workers}
 
@@ -104,47 +264,73 @@ def server(ctx: RoleContext) -> dict[str, Any]:
         def apply(grads):
             opt.apply(grads, variables)
 
+    # FedAvg: the global weights are the average itself (numpy); the TensorFlow model only supplied the
+    # initial values, names and shapes, and is dropped so that its 1x copy of the weights is not kept.
+    # Sync: the model and the optimiser stay (the server applies the averaged gradients).
     start = 0
+    weights: list[np.ndarray] | None = None
     if resume is not None:
         ckpt = ctx.store.load(resume)
         restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
+        weights = model.get_weights()
+        del ckpt
+        # Worker checkpoints hold no weights: every worker continues from these.
+        key, sent = RESUME_WEIGHTS + resume, weights
+        _send_all(pool, [lambda w=w: ctx.links[w].send_arrays(weights_out[w], key, sent) for w in workers])
+    if not sync:
+        if weights is None:
+            weights = model.get_weights()
+        model, variables = None, []
+    avg = _Average()
+    if not sync and weights is not None:
+        avg.acc = weights  # the accumulator is the current global model
     announce_training(ctx, rounds, rounds_per_epoch, start if resume is not None else None)
     meter = Meter()
     last_emit = 0.0
-    nvar = len(variables)
     for r in range(start, rounds):
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, r)
-        parts, counts = [], []
-        for w in workers:
+        avg.reset()
+        total = 0
+        for k, w in enumerate(workers):
             arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
             if len(arrays) != nvar + 1:
                 raise RoleError(f"{w} sent {len(arrays)} arrays at round {r}, expected {nvar + 1}")
-            parts.append(arrays[:nvar])
-            counts.append(float(np.asarray(arrays[nvar]).reshape(-1)[0]))
-        meter.start()
-        if agg.weighting == "examples" and sum(counts) > 0:
-            coef = np.asarray(counts) / sum(counts)
-        else:
-            coef = np.full(len(parts), 1.0 / len(parts))
-        mean = [sum(c * p[i] for c, p in zip(coef, parts, strict=True)).astype(parts[0][i].dtype)
-                for i in range(nvar)]
+            for i, (a, shape) in enumerate(zip(arrays, shapes, strict=False)):
+                if tuple(a.shape) != shape:
+                    raise RoleError(f"{w} sent array {i} ({names[i]}) of shape {tuple(a.shape)} at round "
+                                    f"{r}; the model's is {shape}")
+            count = int(np.asarray(arrays[nvar]).reshape(-1)[0])
+            total += count
+            if k == 0:
+                meter.start()
+                writer.wait()  # the last round's checkpoint may still be reading the accumulator
+            avg.fold(arrays[:nvar], count if agg.weighting == "examples" else 1.0)
+            del arrays  # the upload's buffer is freed here, before the next worker's is taken
         if opt is not None:
-            apply([tf.convert_to_tensor(g) for g in mean])
+            apply([tf.convert_to_tensor(g) for g in avg.acc])
+            weights = model.get_weights()
         else:
-            model.set_weights(mean)
-        weights = model.get_weights()
-        for w in workers:
-            ctx.links[w].send_arrays(weights_out[w], r, weights)
-        meter.stop(int(sum(counts)))
+            weights = avg.acc
+        _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
+                         for w in workers])
+        meter.stop(total)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
             ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
             last_emit = now
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
-            save_checkpoint(ctx, r + 1, training_arrays(weights, opt, variables), {})
-    export_model(ctx, model.get_weights(), model.weight_names)
+            # The optimiser state is copied now (the next step changes it); the weights are not written to
+            # until the next round's aggregation, which waits for this write first.
+            arrays_now = training_arrays(weights, opt, variables)
+            writer.submit(lambda r=r, a=arrays_now: save_checkpoint(ctx, r + 1, a, {}))
+            del arrays_now
+    writer.wait()
+    if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
+        assert model is not None
+        weights = model.get_weights()
+    export_model(ctx, weights, names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
 
 
@@ -248,10 +434,17 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     history: list[dict[str, Any]] = []
     if resume is not None:
         ckpt = ctx.store.load(resume)
-        restore_training(model, opt, variables, ckpt.arrays)
+        if opt is not None:
+            set_opt_state(opt, variables, ckpt.arrays)
         start = ckpt.step
         local_cursor = int(ckpt.meta.get("local_cursor", 0))
         history = list(ckpt.meta.get("history", []))
+        # The weights come from the server (module docstring: worker checkpoints hold none).
+        key = RESUME_WEIGHTS + resume
+        received = ctx.wait(lambda t: link.recv_arrays(recv_flow, key, t), srv)
+        model.set_weights(received)
+        del received
+        _drop_copies(link, recv_flow, key)
     announce_training(ctx, rounds, rpe, start if resume is not None else None)
     b = plan.train.batch_size
     n = len(train_rows)
@@ -283,6 +476,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
         meter.start()
         model.set_weights(weights)
+        del weights  # the received buffer; kept, it would stay alive through the next local round
         meter.stop(seen)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
@@ -301,11 +495,23 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             history.append({"epoch": epoch, **metrics})
             ctx.progress.emit("epoch", epoch=epoch, metrics=metrics)
         if is_checkpoint_step(plan, r + 1, rpe):
-            save_checkpoint(ctx, r + 1, training_arrays(model.get_weights(), opt, variables),
-                            {"local_cursor": local_cursor, "history": history})
+            state = get_opt_state(opt, variables) if opt is not None else {}
+            save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
+
+
+def _drop_copies(link: Any, flow: str, key: int) -> None:
+    """Remove further resume-weights messages under ``key`` (an agreement interrupted by a rollback can leave
+    one unread; it holds the same step's weights and would keep a full copy of the model alive)."""
+    from fldsl.runtime.transport import TransportError
+
+    while True:
+        try:
+            link.recv_arrays(flow, key, 0)
+        except (TimeoutError, TransportError):
+            return
 
 
 def _eval(plan: Plan, predict, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:

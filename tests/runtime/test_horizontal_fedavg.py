@@ -1,0 +1,135 @@
+"""FedAvg / sync parameter server: the server's float32 streaming average, resume with weight-free worker
+checkpoints (the server sends the agreed step's weights), optimiser state carried by worker checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import buildkit
+import memlink
+from fldsl.runtime.checkpoint import CheckpointStore
+from fldsl.runtime.roles.common import Interrupted
+from fldsl.runtime.roles.horizontal import _Average
+
+
+def _uploads(rng: np.random.Generator, n: int) -> list[list[np.ndarray]]:
+    shapes = [(300, 7), (5,), (70001,), ()]  # 70001: more than one block would be with a small BLOCK
+    out = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(n)]
+    for up in out:
+        for a in up:
+            a.setflags(write=False)  # as received: read-only views of transport buffers
+    return out
+
+
+def _reference(ups: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    coef = np.asarray(weights, np.float64) / sum(weights)
+    return [sum(c * u[i].astype(np.float64) for c, u in zip(coef, ups, strict=True))
+            for i in range(len(ups[0]))]
+
+
+@pytest.mark.parametrize("block", [_Average.BLOCK, 1000])
+def test_average_is_the_weighted_mean_in_float32(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Average, "BLOCK", block)
+    rng = np.random.default_rng(0)
+    avg = _Average()
+    for rnd in range(2):  # the accumulator is reused: the second round must not see the first
+        ups = _uploads(rng, 3)
+        counts = [7200.0, 800.0, 3.0] if rnd == 0 else [1.0, 1.0, 1.0]
+        avg.reset()
+        kept = [a for a in avg.acc]
+        for u, c in zip(ups, counts, strict=True):
+            avg.fold(u, c)
+        if rnd == 1:
+            assert all(a is b for a, b in zip(avg.acc, kept, strict=True)), "accumulator reallocated"
+        for got, want in zip(avg.acc, _reference(ups, counts), strict=True):
+            assert got.dtype == np.float32
+            # float32 running mean vs float64 weighted sum: a few float32 ulps of the values (|x| ~ 1),
+            # not bit-equal (the earlier server averaged in float64).
+            np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * 4)
+
+
+def test_average_zero_weights_fall_back_to_the_plain_mean() -> None:
+    rng = np.random.default_rng(1)
+    ups = _uploads(rng, 3)
+    avg = _Average()
+    for u in ups:
+        avg.fold(u, 0.0)
+    for got, want in zip(avg.acc, _reference(ups, [1.0, 1.0, 1.0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # An empty first worker contributes nothing once another has examples.
+    avg.reset()
+    for u, c in zip(ups, [0.0, 3.0, 1.0], strict=True):
+        avg.fold(u, c)
+    for got, want in zip(avg.acc, _reference(ups[1:], [3.0, 1.0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def _weights(run_dir: Path) -> list[np.ndarray]:
+    from fldsl.runtime import sealing
+
+    name = "hub.ps/model"
+    data = sealing.unseal_file(run_dir / "models" / "hub.ps_model.sealed", key=memlink.KEY, node_id="hub.ps",
+                               name=name)
+    with np.load(io.BytesIO(data)) as npz:
+        return [npz[k] for k in sorted(npz.files)]
+
+
+def _set_optimizer(build: Path, name: str) -> None:
+    for plan_file in (build / "nodes").glob("*/plan.json"):
+        doc = json.loads(plan_file.read_text())
+        doc["train"]["optimizer"] = {"name": name, "params": {"learning_rate": 0.01}}
+        plan_file.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fedavg_resume_matches_uninterrupted(tmp_path: Path, optimizer: str) -> None:
+    # 2 x 200 rows, 160 for training, batch 32: 5 local steps an epoch, a round every 2 -> 5 rounds;
+    # checkpoints every round. Adam: the workers' local slots must survive the restart (worker checkpoints).
+    build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2,
+                                      checkpoint_every=1)
+    _set_optimizer(build, optimizer)
+    full = memlink.run_in_threads(build, tmp_path / "full")
+    assert all(not isinstance(r, BaseException) for r in full.values()), full
+    part = memlink.run_in_threads(build, tmp_path / "part", stop_after={"hub.ps": 2})
+    assert any(isinstance(r, Interrupted) for r in part.values()), part
+    # Worker checkpoints hold the optimiser state and the cursor, never the (server's) weights.
+    for w in ("bank1.worker", "bank2.worker"):
+        store = CheckpointStore(tmp_path / "part" / "checkpoints" / w, node_id=w, key=memlink.KEY)
+        assert store.steps()
+        arrays = store.load(store.latest()).arrays
+        assert not [k for k in arrays if k.startswith("w")]
+        # SGD: its step counter only; Adam: the counter and two slots per variable.
+        assert (len(arrays) > 1) == (optimizer == "adam"), sorted(arrays)
+    resumed = memlink.run_in_threads(build, tmp_path / "part")
+    assert all(not isinstance(r, BaseException) for r in resumed.values()), resumed
+    assert resumed["hub.ps"]["steps"] == 5
+    for x, y in zip(_weights(tmp_path / "full"), _weights(tmp_path / "part"), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert resumed["bank1.worker"]["metrics"]["auc"] == pytest.approx(full["bank1.worker"]["metrics"]["auc"],
+                                                                     abs=1e-6)
+
+
+def test_fedavg_resume_after_the_server_lost_its_newest_checkpoint(tmp_path: Path) -> None:
+    """The workers hold a newer step than the server: all roll back to the newest step the server still has
+    (the workers' weight-free checkpoints there are completed by the weights the server sends)."""
+    build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2,
+                                      checkpoint_every=1)
+    full = memlink.run_in_threads(build, tmp_path / "full")
+    assert all(not isinstance(r, BaseException) for r in full.values()), full
+    part = memlink.run_in_threads(build, tmp_path / "part", stop_after={"hub.ps": 3})
+    assert any(isinstance(r, Interrupted) for r in part.values())
+    hub = CheckpointStore(tmp_path / "part" / "checkpoints" / "hub.ps", node_id="hub.ps", key=memlink.KEY)
+    steps = hub.steps()
+    assert len(steps) == 2, steps
+    hub.path(steps[-1]).unlink()
+    resumed = memlink.run_in_threads(build, tmp_path / "part")
+    assert all(not isinstance(r, BaseException) for r in resumed.values()), resumed
+    for x, y in zip(_weights(tmp_path / "full"), _weights(tmp_path / "part"), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
