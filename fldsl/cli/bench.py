@@ -1,9 +1,12 @@
-"""``fldsl bench FILE.flp``: the pipeline's model trained three ways, side by side, in one invocation.
+"""``fldsl bench FILE.flp``: the pipeline's model trained three (four) ways, side by side, in one invocation.
 
 * **native**: the same model trained centrally in one TensorFlow process on the joined data;
 * **plain**: fldsl's runtime (one process per node, real gRPC) with attestation and TLS OFF — a bench-only
   mode (``fldsl.runtime.bench_node``), never reachable from a .flp or ``fldsl run``;
-* **attested**: the real thing (attestation, RA-TLS, pinned mutual TLS, sealed checkpoints).
+* **attested**: the real thing (attestation, RA-TLS, pinned mutual TLS, sealed checkpoints);
+* **flower** (horizontal FedAvg pipelines, when ``flwr`` is installed: the ``bench`` extra): the same workers'
+  training driven by a Flower FedAvg server and clients (``fldsl.runtime.bench_flower``), so fldsl's
+  per-round overhead is compared with Flower's measured in the same run.
 
 Same build (so same data, seed, batch size and model) for all three. The machine is noisy, so the modes
 run interleaved rep by rep (order reversed on odd reps) and every ratio is the median of per-rep ratios.
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +39,8 @@ import click
 
 from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED, parse_sets
 
-MODES = ("native", "plain", "attested")
+MODES = ("native", "plain", "attested", "flower")
+FEDERATED = ("plain", "attested")
 DEFAULT_STEPS = 200
 NATIVE_TIMEOUT_S = 900.0
 
@@ -58,6 +63,9 @@ class ModeResult:
     # get/set weights, enqueueing its upload): what aggregation and transfer add to every round
     round_s: float | None = None
     round_overhead_s: float | None = None
+    # final evaluation metrics per label owner (loss, auc, ...): the modes train the same model, so these
+    # should agree across federated modes
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -221,6 +229,7 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
             super().__init__(build, run_dir=run_dir, trust_dir=trust_dir)
             self.spawned_at: dict[str, float] = {}
             self.steps: dict[str, list[tuple[float, int]]] = {}
+            self.rates: dict[str, list[float]] = {}  # examples_per_s of each step event (its meter so far)
             self.events: dict[str, dict[str, float]] = {}
 
         def _on_event(self, st: Any, ev: dict[str, Any]) -> None:
@@ -228,6 +237,7 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
             kind = str(ev.get("event"))
             if kind == "step":
                 self.steps.setdefault(st.id, []).append((now, int(ev.get("step", 0))))
+                self.rates.setdefault(st.id, []).append(float(ev.get("examples_per_s") or 0.0))
             name = f"{kind}:{ev['name']}" if kind == "phase" else kind
             self.events.setdefault(st.id, {}).setdefault(name, now - self.spawned_at.get(st.id, now))
             super()._on_event(st, ev)
@@ -268,6 +278,42 @@ def examples_per_step_event(plan: Any) -> int:
     if not plan.train.validation.test_data:
         rows -= round(rows * plan.train.validation.fraction)
     return b * max(1, math.ceil(rows / b))  # a final partial batch counts as full
+
+
+def round_overhead(walls: list[float], busy: list[float]) -> tuple[float | None, float | None]:
+    """(median round wall time, per-round overhead) from round wall times and each worker's mean busy time
+    per round: overhead = median round - the slowest worker's busy time, i.e. what upload, aggregation,
+    download (and anything else outside local training) add to a round. One definition for fldsl's modes
+    and Flower's, so the comparison is of the same metric."""
+    if not walls or not busy:
+        return None, None
+    round_s = statistics.median(walls)
+    return round_s, round_s - max(busy)
+
+
+def fedavg_rounds(plan: Any, steps: list[tuple[float, int]], rates: list[float]
+                  ) -> tuple[list[float], list[float]]:
+    """(wall seconds, busy seconds) per round of one FedAvg worker, from its step events.
+
+    A worker emits (at most every 0.25 s) its round count and its meter's rate so far (examples over busy
+    seconds: local steps, get/set weights, enqueueing the upload). The busy time up to an event is the
+    examples trained so far over that rate, so both lists cover the same rounds: from the first event on,
+    which leaves the first round's tf.function tracing out of both."""
+    from fldsl.runtime.bench_flower import examples_after, local_steps_per_round, train_rows
+
+    n = train_rows(plan)
+    per_round = local_steps_per_round(plan, n)
+
+    def busy_until(rounds: int, rate: float) -> float:
+        return examples_after(rounds * per_round, n, plan.train.batch_size) / rate
+
+    walls: list[float] = []
+    busy: list[float] = []
+    for ((t0, r0), q0), ((t1, r1), q1) in itertools.pairwise(zip(steps, rates, strict=True)):
+        if r1 > r0 and q0 > 0 and q1 > 0:
+            walls.append((t1 - t0) / (r1 - r0))
+            busy.append((busy_until(r1, q1) - busy_until(r0, q0)) / (r1 - r0))
+    return walls, busy
 
 
 def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: int,
@@ -313,18 +359,178 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
     res.steps = max(launcher.steps[n][-1][1] for n in owners)
     fedavg = [n for n in owners if plans[n].aggregation is not None and plans[n].aggregation.mode == "fedavg"]
     if fedavg:
-        walls, busy = [], []
+        walls: list[float] = []
+        busy: list[float] = []
         for n in fedavg:
-            ev = launcher.steps[n]
-            walls += [(t1 - t0) / (r1 - r0) for (t0, r0), (t1, r1) in itertools.pairwise(ev) if r1 > r0]
-            rate = float((launcher.nodes[n].done or {}).get("examples_per_s") or 0)
-            if rate > 0:
-                busy.append(examples_per_step_event(plans[n]) / rate)
-        if walls and busy:
-            res.round_s = statistics.median(walls)
-            res.round_overhead_s = res.round_s - max(busy)
+            w, b = fedavg_rounds(plans[n], launcher.steps[n], launcher.rates.get(n, []))
+            walls += w
+            if b:
+                busy.append(statistics.mean(b))
+        res.round_s, res.round_overhead_s = round_overhead(walls, busy)
+    for n in owners:
+        final = (launcher.nodes[n].done or {}).get("metrics")
+        if isinstance(final, dict):
+            res.metrics[n] = final
     for st in launcher.nodes.values():
         res.wire_bytes += sum(int(v) for v in ((st.done or {}).get("bytes_sent") or {}).values())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flower mode: the same FedAvg training under Flower
+# ---------------------------------------------------------------------------------------------------------
+
+
+FLOWER_TIMEOUT_S = 900.0
+FLOWER_HINT = "install the bench extra: pip install 'fldsl[bench]'"
+
+
+def flower_unavailable(python: str = sys.executable, env: dict[str, str] | None = None) -> str | None:
+    """None when the interpreter the bench starts can import flwr, else why not (one line).
+
+    Checked in a child process of that interpreter, as the Flower processes will be: a flwr that is
+    present but cannot import (e.g. a protobuf it refuses) must skip the mode, not fail every rep."""
+    try:
+        res = subprocess.run([python, "-c", "import flwr, sys; sys.stdout.write(flwr.__version__)"],
+                             capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot check for flwr ({e})"
+    if res.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
+    why = lines[-1] if lines else f"exit {res.returncode}"
+    if "No module named 'flwr'" in why:
+        return f"flwr is not installed for {python}; {FLOWER_HINT}"
+    return f"flwr does not import ({why}); {FLOWER_HINT}"
+
+
+def flower_skip_reason(build: Path) -> str | None:
+    """Why the flower mode cannot run for this build (None: it can)."""
+    from fldsl.runtime.bench_flower import NotFedAvg, fedavg_workers
+
+    try:
+        fedavg_workers(build)
+    except NotFedAvg as e:
+        return f"{e}; Flower is compared on FedAvg only"
+    return flower_unavailable(env=_flower_env())
+
+
+def _flower_env() -> dict[str, str]:
+    from fldsl.runtime.launcher import node_env
+
+    env = node_env()  # the thread settings of fldsl's nodes
+    env["FLWR_TELEMETRY_ENABLED"] = "0"  # no network here; and it would not be part of either measurement
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def flower_result(res: ModeResult, server: dict[str, Any], spawned_at: float) -> None:
+    """Fill ``res`` from the Flower server's report (per-round timestamps and client busy times)."""
+    rounds = server.get("rounds") or []
+    ends = [float(r["end"]) for r in rounds]
+    walls = [b - a for a, b in itertools.pairwise(ends)]  # as fldsl: between consecutive round ends
+    per_client: dict[str, list[float]] = {}
+    for r in rounds[1:]:  # the rounds the walls cover (as for fldsl: the first, with tracing, is left out)
+        for node, c in (r.get("clients") or {}).items():
+            per_client.setdefault(node, []).append(float(c["busy_s"]))
+    busy = [statistics.mean(v) for v in per_client.values()]
+    res.round_s, res.round_overhead_s = round_overhead(walls, busy)
+    examples = sum(int(c["examples"]) for r in rounds[1:] for c in (r.get("clients") or {}).values())
+    res.examples_per_s = examples / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else 0.0
+    res.first_step_s = ends[0] - spawned_at if ends else 0.0
+    res.steps = len(rounds)
+    res.metrics = {str(k): v for k, v in (server.get("final") or {}).items()}
+
+
+def run_flower(harness: Harness, build: Path, rep_dir: Path, rep: int) -> ModeResult:
+    """Flower server + one client per worker on loopback, each client training its worker's plan."""
+    from fldsl.runtime.bench_flower import fedavg_workers, schedule
+    from fldsl.runtime.launcher import tail
+
+    workers = fedavg_workers(build)
+    rounds, rpe = schedule(workers)
+    reports, logs = rep_dir / "reports", rep_dir / "logs"
+    reports.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{_free_port()}"
+    base = [sys.executable, "-m", "fldsl.runtime.bench_flower"]
+    cmds = {"flower.server": [*base, "server", "--build", str(build), "--address", address,
+                              "--report", str(reports / "flower.server.json"), "--clients", str(len(workers)),
+                              "--rounds", str(rounds), "--rounds-per-epoch", str(rpe)]}
+    for w in workers:
+        cmds[w.node] = [*base, "client", "--build", str(build), "--address", address, "--node", w.node,
+                        "--report", str(reports / f"{w.node}.json"), *(["--xla"] if harness.xla else [])]
+    env = _flower_env()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    t0 = time.monotonic()
+    spawned_at = time.time()
+    res = ModeResult(mode="flower", rep=rep, ok=False)
+    failed: str | None = None
+    deaf = False  # the server never listened
+    try:
+        for name, cmd in cmds.items():
+            with open(logs / f"{name}.log", "w", encoding="utf-8") as out:
+                procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, env=env)
+            # clients retry with back-off: start them once the server listens, so start-up is not padded
+            if name == "flower.server" and not _wait_listening(int(address.rsplit(":", 1)[1]),
+                                                               procs[name], 120.0):
+                failed, deaf = name, True
+                break
+        deadline = time.monotonic() + FLOWER_TIMEOUT_S
+        while failed is None:
+            codes = {n: p.poll() for n, p in procs.items()}
+            failed = next((n for n, c in codes.items() if c not in (None, 0)), None)
+            if failed is None and all(c == 0 for c in codes.values()):
+                break
+            if time.monotonic() > deadline:
+                failed = "timeout"
+            time.sleep(0.2)
+    finally:
+        _stop(procs)
+    res.seconds = time.monotonic() - t0
+    docs = {n: _read_report(reports / f"{n}.json") for n in cmds}
+    res.peak_rss_bytes = {n: int(d["peak_rss_bytes"]) for n, d in docs.items() if "peak_rss_bytes" in d}
+    if failed is not None:
+        if failed == "timeout":
+            res.error = f"Flower did not finish within {FLOWER_TIMEOUT_S:.0f} s; see {logs}"
+        else:
+            why = docs.get(failed, {}).get("error") or " | ".join(tail(logs / f"{failed}.log", 3))
+            what = "never listened" if deaf else f"exited {procs[failed].returncode}"
+            res.error = f"{failed} {what}: {why}"
+        return res
+    flower_result(res, docs["flower.server"], spawned_at)
+    res.ok = res.round_overhead_s is not None
+    if not res.ok:
+        res.error = f"the Flower server reported {res.steps} round(s): too few to time"
     return res
 
 
@@ -349,7 +555,7 @@ def summarise(results: list[ModeResult], reps: int) -> dict[str, Any]:
                 x, y = getattr(a, key), getattr(b, key)
                 if isinstance(x, dict):
                     x, y = max(x.values(), default=0), max(y.values(), default=0)
-                if y:
+                if x is not None and y is not None and y > 0:  # an overhead <= 0 s (noise): no ratio
                     out.append(x / y)
         return out
 
@@ -372,6 +578,9 @@ def summarise(results: list[ModeResult], reps: int) -> dict[str, Any]:
                          for k in sorted({k for r in rs for k in r.timeline})},
         }
     modes["attested"]["vs_plain"] = _median(ratios("attested", "plain", "examples_per_s"))
+    # Flower's per-round overhead over fldsl's, paired per rep (> 1: Flower adds more per round)
+    modes["flower"]["overhead_vs_attested"] = _median(ratios("flower", "attested", "round_overhead_s"))
+    modes["flower"]["overhead_vs_plain"] = _median(ratios("flower", "plain", "round_overhead_s"))
     return modes
 
 
@@ -379,17 +588,21 @@ def _fmt(x: float | None, spec: str, unit: str = "") -> str:
     return "-" if x is None else f"{format(x, spec)}{unit}"
 
 
-def print_table(console: Any, title: str, summary: dict[str, Any], failures: list[ModeResult]) -> None:
+def print_table(console: Any, title: str, summary: dict[str, Any], failures: list[ModeResult],
+                modes: list[str] | None = None) -> None:
+    """The table of the modes that ran (all by default) and the lines that go with it."""
     from rich.table import Table
 
+    shown = [m for m in MODES if modes is None or m in modes]
     table = Table(title=title)
     # Short headers: the table must fit an 80-column terminal.
     for col in ("mode", "ex/s", "×native", "1st step", "peak RSS", "RSS×nat", "wire", "reps"):
         table.add_column(col, justify="left" if col == "mode" else "right")
-    for m in MODES:
+    for m in shown:
         s = summary[m]
         mib = None if s["peak_rss_bytes"] is None else s["peak_rss_bytes"] / 2**20
-        wire = None if m == "native" or s["wire_bytes"] is None else s["wire_bytes"] / 2**20
+        # Flower's payload bytes are not counted (its processes report none)
+        wire = None if m not in FEDERATED or s["wire_bytes"] is None else s["wire_bytes"] / 2**20
         wire_spec = ",.0f" if wire is not None and wire >= 10 else ".1f"
         table.add_row(m, _fmt(s["examples_per_s"], ",.0f"), _fmt(s["vs_native"], ".2f", "x"),
                       _fmt(s["first_step_s"], ".1f", " s"), _fmt(mib, ",.0f", " MiB"),
@@ -397,11 +610,16 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
     console.print(table)
     console.print(f"attested / plain (paired): {_fmt(summary['attested'].get('vs_plain'), '.2f', 'x')}   "
                   "ratios are medians of per-rep ratios; modes interleaved rep by rep")
-    for m in ("plain", "attested"):
+    for m in ("plain", "attested", "flower"):
         if summary[m].get("round_overhead_s") is not None:
             console.print(f"{m} FedAvg round: {summary[m]['round_s']:.2f} s, of which "
                           f"{summary[m]['round_overhead_s']:.2f} s aggregation + transfer (median)",
                           highlight=False)
+        if m == "flower" and summary[m].get("ok_reps"):
+            fl = summary[m]
+            console.print(f"flower / fldsl round overhead (paired): "
+                          f"{_fmt(fl.get('overhead_vs_attested'), '.2f', 'x')} attested, "
+                          f"{_fmt(fl.get('overhead_vs_plain'), '.2f', 'x')} plain", highlight=False)
         tl = summary[m].get("timeline") or {}
         if tl:
             shown = [(k.removeprefix("phase:"), v) for k, v in sorted(tl.items(), key=lambda kv: kv[1])
@@ -420,10 +638,11 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a pipeline parameter")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of the table")
 @click.option("--reps", type=click.IntRange(1, 50), default=3, show_default=True,
-              help="repetitions; the three modes are interleaved within each")
+              help="repetitions; the modes are interleaved within each")
 @click.option("--steps", type=click.IntRange(1), default=DEFAULT_STEPS, show_default=True,
               help="train at least this many steps (more epochs of the same data when needed)")
-@click.option("--modes", default=",".join(MODES), show_default=True, help="subset of native,plain,attested")
+@click.option("--modes", default=",".join(MODES), show_default=True,
+              help="subset of native,plain,attested,flower (flower: FedAvg pipelines, needs flwr)")
 @click.option("--out", "out_root", type=click.Path(path_type=Path), default=Path("runs/bench"),
               show_default=True, help="where builds, node logs and results.json go")
 @click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
@@ -434,7 +653,7 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
               help="experiment: compile every tf.function with XLA in all three modes alike")
 def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: int, modes: str,
             out_root: Path, trust_dir: Path, profile: bool, xla: bool) -> None:
-    """Benchmark a pipeline: native (central TF) vs federated plain vs federated attested."""
+    """Benchmark a pipeline: native (central TF) vs federated plain vs federated attested (vs Flower)."""
     from rich.console import Console
 
     from fldsl.diagnostics import FldslError
@@ -460,6 +679,13 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ENV)
+    skipped: dict[str, str] = {}
+    if "flower" in chosen:
+        reason = flower_skip_reason(build)
+        if reason is not None:
+            chosen.remove("flower")
+            skipped["flower"] = reason
+            console.print(f"flower: skipped — {reason}", highlight=False, markup=False)
     harness = Harness(root)
     harness.profile = profile
     harness.xla = xla
@@ -475,6 +701,9 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
             if m == "native":
                 results.append(run_native(harness, build, rep_dir, rep))
                 continue
+            if m == "flower":  # no attestation, so no code-digest retries
+                results.append(run_flower(harness, builder.current(), rep_dir, rep))
+                continue
             for attempt in range(CODE_CHANGE_RETRIES + 1):
                 build = builder.current()
                 res = run_federated(harness, m, build, rep_dir.with_name(
@@ -484,12 +713,13 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
             results.append(res)
     summary = summarise(results, reps)
     doc = {"pipeline": flp.stem, "params": dict(sorted(parse_sets(sets).items())), "reps": reps, "xla": xla,
-           "steps_at_least": steps, "build": str(build), "summary": summary,
+           "steps_at_least": steps, "build": str(build), "summary": summary, "skipped": skipped,
            "results": [asdict(r) for r in results]}
     (root / "results.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     failures = [r for r in results if not r.ok]
     if as_json:
         click.echo(json.dumps(doc, sort_keys=True, indent=2))
     else:
-        print_table(console, f"fldsl bench {flp.name} — {reps} rep(s), results in {root}", summary, failures)
+        print_table(console, f"fldsl bench {flp.name} — {reps} rep(s), results in {root}", summary, failures,
+                    chosen)
     sys.exit(EXIT_RUN_FAILED if failures else EXIT_OK)
