@@ -14,6 +14,7 @@ import csv
 import fnmatch
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1016,8 +1017,10 @@ class Checker:
             pipeline=pipeline,
         )
 
-    def check_pipeline(self, item: ast.TrainItem | None, num: Any, ckpt: int | None) -> Literal[0, 1]:
-        """``pipeline: 0 | 1``: how far a vertical passive party may run ahead of its gradients."""
+    def check_pipeline(self, item: ast.TrainItem | None, num: Callable[[str, str], Any],
+                       ckpt: int | None) -> Literal[0, 1]:
+        """``pipeline: 0 | 1``: how far a vertical passive party may run ahead of its gradients (``num``
+        evaluates a train setting as a number, reporting a bad one)."""
         if item is None:
             return 0
         if self.scenario != "vertical":
