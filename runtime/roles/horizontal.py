@@ -14,6 +14,13 @@ Aggregation is float32, folded upload by upload into one accumulator that is reu
 weighted mean, see :class:`_Average`), so the server holds one average plus the uploads that have arrived, not
 float64 temporaries of all of them.
 
+Sync: embedding tables' gradients (``IndexedSlices`` from the lookups' gathers) travel sparse, as the rows a
+batch touched (summed per row) and their indices, whenever that is smaller than the dense table; the
+message is ``[*parts, layout, count]`` with ``layout[i]`` = 1 where variable i is sent as (indices, rows).
+The server folds them into its dense average and applies them row-wise only where the optimiser's row-wise
+update is exactly its dense update (plain SGD, Adagrad: :meth:`Optimizer.sparse_is_exact`); Adam and
+momentum SGD get the dense average, as before, so the math does not change with the encoding.
+
 Checkpoints: the weights at a round boundary are the server's (every worker has just received them), so
 only the server checkpoints them, in a background thread after it has sent the round's weights (it is idle
 while the workers train; the next round's aggregation waits for the write). A worker's checkpoint holds what
@@ -31,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fldsl.runtime.roles.common import (
@@ -82,6 +89,17 @@ def _agg(plan: Plan):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class SparseRows(NamedTuple):
+    """A sparse gradient of a ``shape`` variable: ``rows[j]`` is row ``indices[j]``, every other row zero."""
+
+    indices: np.ndarray
+    rows: np.ndarray
+    shape: tuple[int, ...]
+
+
+Part = np.ndarray | SparseRows
+
+
 class _Average:
     """Weighted mean of the workers' uploads, folded in one upload at a time (a running mean).
 
@@ -91,6 +109,10 @@ class _Average:
     or full-size temporaries exist; the accumulator arrays are reused round after round. Compared with the
     earlier float64 ``sum(c * u)`` the result differs by a few float32 ulps. The fold order is the fixed
     order of the workers (not arrival order), so the result is deterministic.
+
+    A :class:`SparseRows` part is the dense array that is zero outside its rows: the same fold is
+    ``acc *= 1 - c`` then ``acc[indices] += c * rows``. ``touched(i)`` is the union of the indices folded into
+    variable i this round, or None once any upload sent it dense.
     """
 
     BLOCK = 1 << 18  # elements per block: the scratch (1 MiB in float32) stays in cache
@@ -98,30 +120,53 @@ class _Average:
     def __init__(self) -> None:
         self.acc: list[np.ndarray] = []
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._rows: list[list[np.ndarray] | None] = []
         self._total = 0.0
         self._k = 0
 
     def reset(self) -> None:
         self._total, self._k = 0.0, 0
 
-    def fold(self, arrays: Sequence[np.ndarray], weight: float) -> None:
+    def touched(self, i: int) -> np.ndarray | None:
+        rows = self._rows[i] if i < len(self._rows) else None
+        return None if rows is None else np.unique(np.concatenate(rows))
+
+    def fold(self, parts: Sequence[Part], weight: float) -> None:
         weight = max(float(weight), 0.0)
         self._total += weight
         k, self._k = self._k, self._k + 1
         if k == 0:
-            if len(self.acc) != len(arrays) or any(a.shape != u.shape or a.dtype != _acc_dtype(u.dtype)
-                                                   for a, u in zip(self.acc, arrays, strict=True)):
-                self.acc = [np.empty(u.shape, _acc_dtype(u.dtype)) for u in arrays]
-            for a, u in zip(self.acc, arrays, strict=True):
-                np.copyto(a, u, casting="same_kind")
+            shapes = [tuple(p.shape) for p in parts]
+            dtypes = [_acc_dtype(p.rows.dtype if isinstance(p, SparseRows) else p.dtype) for p in parts]
+            if len(self.acc) != len(parts) or any(a.shape != sh or a.dtype != dt for a, sh, dt
+                                                  in zip(self.acc, shapes, dtypes, strict=True)):
+                self.acc = [np.empty(sh, dt) for sh, dt in zip(shapes, dtypes, strict=True)]
+            self._rows = [[p.indices] if isinstance(p, SparseRows) else None for p in parts]
+            for a, p in zip(self.acc, parts, strict=True):
+                if isinstance(p, SparseRows):
+                    a.fill(0)
+                    np.add.at(a, p.indices, p.rows)
+                else:
+                    np.copyto(a, p, casting="same_kind")
             return
+        for i, p in enumerate(parts):
+            rows = self._rows[i]
+            if rows is not None:
+                if isinstance(p, SparseRows):
+                    rows.append(p.indices)
+                else:
+                    self._rows[i] = None
         # All weights so far zero (e.g. equal weighting passes 1 each, but examples weighting with empty
         # workers): a plain mean of what has arrived, as the earlier code did when every count was zero.
         c = weight / self._total if self._total > 0 else 1.0 / (k + 1)
         if c == 0.0:
             return
-        for a, u in zip(self.acc, arrays, strict=True):
-            self._fold_one(a, u, c)
+        for a, p in zip(self.acc, parts, strict=True):
+            if isinstance(p, SparseRows):
+                a *= a.dtype.type(1.0 - c)
+                np.add.at(a, p.indices, np.multiply(p.rows, a.dtype.type(c), dtype=a.dtype))
+            else:
+                self._fold_one(a, p, c)
 
     def _fold_one(self, acc: np.ndarray, up: np.ndarray, c: float) -> None:
         if acc.size == 0:
@@ -199,6 +244,66 @@ def _send_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> None:
         raise first
 
 
+def _parse_upload(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], names: list[str], who: str, r: int,
+                  sync: bool) -> tuple[list[Part], int]:
+    """A worker's upload -> (one part per variable, example count); checks it against the model's shapes.
+
+    FedAvg: ``[*weights, count]``. Sync: ``[*parts, layout, count]`` (module docstring)."""
+    nvar = len(shapes)
+
+    def bad(why: str) -> RoleError:
+        return RoleError(f"{who} sent a malformed upload at round {r}: {why}")
+
+    if len(arrays) < nvar + 1:
+        raise bad(f"{len(arrays)} arrays for {nvar} variables")
+    count = int(np.asarray(arrays[-1]).reshape(-1)[0]) if np.asarray(arrays[-1]).size else 0
+    if not sync:
+        layout = np.zeros(nvar, np.int8)
+        body = arrays[:-1]
+    else:
+        layout = np.asarray(arrays[-2])
+        body = arrays[:-2]
+        if layout.shape != (nvar,) or not np.isin(layout, (0, 1)).all():
+            raise bad(f"layout {layout.tolist()!r} does not describe {nvar} variables")
+    if len(body) != nvar + int(layout.sum()):
+        raise bad(f"{len(body)} arrays for {nvar} variables ({int(layout.sum())} sparse)")
+    parts: list[Part] = []
+    j = 0
+    for i, shape in enumerate(shapes):
+        if layout[i]:
+            idx, rows = np.asarray(body[j]), body[j + 1]
+            j += 2
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or \
+                    tuple(rows.shape) != (len(idx), *shape[1:]) or not shape:
+                raise bad(f"sparse {names[i]}: indices {idx.dtype}{list(idx.shape)} and rows "
+                          f"{list(rows.shape)} do not fit {list(shape)}")
+            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
+                raise bad(f"sparse {names[i]}: row index out of range 0..{shape[0] - 1}")
+            parts.append(SparseRows(idx, rows, shape))
+        else:
+            a = body[j]
+            j += 1
+            if tuple(a.shape) != shape:
+                raise bad(f"array {i} ({names[i]}) has shape {tuple(a.shape)}, the model's is {shape}")
+            parts.append(a)
+    return parts, count
+
+
+def _server_grads(tf: Any, avg: _Average, sparse_ok: bool) -> list[Any]:
+    """The averaged gradients as the optimiser takes them: row-wise (IndexedSlices of the rows any worker
+    touched) where every upload of that variable was sparse and the optimiser's row-wise update is exact,
+    else dense."""
+    out = []
+    for i, a in enumerate(avg.acc):
+        rows = avg.touched(i) if sparse_ok else None
+        if rows is not None:
+            out.append(tf.IndexedSlices(tf.convert_to_tensor(a[rows]), tf.convert_to_tensor(rows),
+                                        tf.constant(a.shape, tf.int64)))
+        else:
+            out.append(tf.convert_to_tensor(a))
+    return out
+
+
 def server(ctx: RoleContext) -> dict[str, Any]:
     writer = _Writer(f"{ctx.node}-checkpoint")
     pool = ThreadPoolExecutor(max_workers=max(1, len(_agg(ctx.plan).workers) - 1),
@@ -253,7 +358,6 @@ def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict
     names = model.weight_names
     variables = list(model.trainable_variables)
     shapes = [tuple(v.shape) for v in variables]
-    nvar = len(variables)
     sync = agg.mode == "sync"
     opt = make_optimizer(plan.train.optimizer) if sync else None
     grad_in = {w: ctx.flow(w, plan.node, ("gradients", "weights")).id for w in workers}
@@ -295,21 +399,16 @@ def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict
         total = 0
         for k, w in enumerate(workers):
             arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
-            if len(arrays) != nvar + 1:
-                raise RoleError(f"{w} sent {len(arrays)} arrays at round {r}, expected {nvar + 1}")
-            for i, (a, shape) in enumerate(zip(arrays, shapes, strict=False)):
-                if tuple(a.shape) != shape:
-                    raise RoleError(f"{w} sent array {i} ({names[i]}) of shape {tuple(a.shape)} at round "
-                                    f"{r}; the model's is {shape}")
-            count = int(np.asarray(arrays[nvar]).reshape(-1)[0])
+            parts, count = _parse_upload(arrays, shapes, names, w, r, sync)
+            del arrays
             total += count
             if k == 0:
                 meter.start()
                 writer.wait()  # the last round's checkpoint may still be reading the accumulator
-            avg.fold(arrays[:nvar], count if agg.weighting == "examples" else 1.0)
-            del arrays  # the upload's buffer is freed here, before the next worker's is taken
+            avg.fold(parts, count if agg.weighting == "examples" else 1.0)
+            del parts  # the upload's buffer is freed here, before the next worker's is taken
         if opt is not None:
-            apply([tf.convert_to_tensor(g) for g in avg.acc])
+            apply(_server_grads(tf, avg, opt.sparse_is_exact()))
             weights = model.get_weights()
         else:
             weights = avg.acc
@@ -354,6 +453,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     the input specs of the plan's data sets."""
     import tensorflow as tf
     from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
+    from fldsl.stdlib.tf.optim import unique_rows
 
     plan = ctx.plan
     agg = _agg(plan)
@@ -406,7 +506,9 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             out = model(inputs, training=True)
             value = loss(out[plan.loss.logits], labels)
         grads = tape.gradient(value, variables)
-        return value, [tf.convert_to_tensor(g) for g in grads]
+        # Embedding tables: (indices, rows summed per index); everything else dense.
+        return value, [unique_rows(g) if isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g)
+                       for g in grads]
 
     if opt is not None:
         @tf.function(reduce_retracing=True)
@@ -460,7 +562,9 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             e, j = divmod(r, spe)
             rows = train_rows[cyclic_batch(epoch_order(n, plan.train.seed, e), j, b)]
             value, grads = grad_step(inputs_for(table, rows), labels_all[rows])
-            link.send_arrays(send_flow, r, [g.numpy() for g in grads] + [np.array([len(rows)], np.int64)])
+            upload = [*_encode_grads(grads, variables), np.array([len(rows)], np.int64)]
+            link.send_arrays(send_flow, r, upload)
+            del upload
             seen = len(rows)
             losses.append(float(value))
         else:
@@ -500,6 +604,29 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
+
+
+def _encode_grads(grads: list[Any], variables: list[Any]) -> list[np.ndarray]:
+    """``[*parts, layout]`` of a sync upload: a variable's (indices, rows) where that is smaller than its
+    dense gradient (then the message also stays within the flow's size limit, which is sized for dense),
+    else the dense gradient."""
+    out: list[np.ndarray] = []
+    layout = np.zeros(len(variables), np.int8)
+    for i, (g, v) in enumerate(zip(grads, variables, strict=True)):
+        if isinstance(g, tuple):
+            idx, rows = g[0].numpy(), g[1].numpy()
+            dense_bytes = int(np.prod(v.shape)) * rows.dtype.itemsize
+            if idx.nbytes + rows.nbytes + 32 < dense_bytes:  # 32: the second array's alignment padding
+                out += [idx, rows]
+                layout[i] = 1
+                continue
+            dense = np.zeros(tuple(v.shape), rows.dtype)
+            dense[idx] = rows  # unique indices: plain assignment is the sum
+            out.append(dense)
+        else:
+            out.append(g.numpy())
+    out.append(layout)
+    return out
 
 
 def _drop_copies(link: Any, flow: str, key: int) -> None:

@@ -32,7 +32,7 @@ class OptimizerError(ValueError):
     """Bad optimiser parameters, or a state that does not fit (user-facing message)."""
 
 
-def _unique_rows(g: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:
+def unique_rows(g: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:
     """Sum the rows of an IndexedSlices that hit the same index (a batch often repeats ids)."""
     idx, pos = tf.unique(tf.cast(g.indices, tf.int64))
     values = tf.math.unsorted_segment_sum(g.values, pos, tf.shape(idx)[0])
@@ -88,6 +88,13 @@ class Optimizer:
                 }
                 self._order.append(v)
 
+    def sparse_is_exact(self) -> bool:
+        """Whether the row-wise update of an ``IndexedSlices`` gradient equals the dense update of the same
+        gradient with zeros elsewhere (rows without a gradient then do not change at all). True for plain SGD
+        and Adagrad; False where untouched rows still move (momentum, Adam's moment decay): there the sparse
+        update is the lazy variant, a different algorithm."""
+        return False
+
     def slot(self, var: tf.Variable, name: str) -> tf.Variable:
         return self._slots[var.ref()][name]
 
@@ -104,7 +111,7 @@ class Optimizer:
             if g is None:
                 continue
             if isinstance(g, tf.IndexedSlices):
-                idx, values = _unique_rows(g)
+                idx, values = unique_rows(g)
                 self._sparse(v, idx, tf.cast(values, v.dtype), step)
             else:
                 self._dense(v, tf.cast(tf.convert_to_tensor(g), v.dtype), step)
@@ -151,6 +158,9 @@ class SGD(Optimizer):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.slot_names = ("momentum",) if self.hyper["momentum"] > 0 else ()
+
+    def sparse_is_exact(self) -> bool:
+        return not self.hyper["momentum"]
 
     def _dense(self, var: tf.Variable, g: tf.Tensor, step: tf.Tensor) -> None:
         lr = float(self.hyper["learning_rate"])
@@ -210,6 +220,9 @@ class Adagrad(Optimizer):
     defaults: ClassVar[dict[str, float | bool]] = {
         "learning_rate": 0.01, "initial_accumulator_value": 0.1, "epsilon": 1e-7,
     }
+
+    def sparse_is_exact(self) -> bool:
+        return True  # a zero gradient row adds nothing to its accumulator and moves nothing
 
     def _initial_slot(self, slot: str, var: tf.Variable) -> np.ndarray:
         return np.full(var.shape, self.hyper["initial_accumulator_value"], dtype=var.dtype.as_numpy_dtype)
