@@ -26,7 +26,7 @@ def reason(blob: bytes, **kw) -> str:
     return info.value.reason
 
 
-@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 7])
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 7, 40 * CHUNK + 3])
 def test_roundtrip_sizes(size):
     data = os.urandom(size)
     blob = seal(data)
@@ -75,6 +75,18 @@ def test_flip_in_ciphertext_is_reported_as_tampering():
     blob = bytearray(seal(os.urandom(3 * CHUNK)))
     blob[-CHUNK] ^= 0x80
     assert reason(bytes(blob)) == "tampered"
+
+
+def test_large_buffers_open_in_parallel_and_name_the_first_bad_chunk():
+    # 40 chunks take the multi-threaded in-memory path; the file path reads the same blob sequentially.
+    data = os.urandom(40 * CHUNK)
+    blob = bytearray(seal(data))
+    header = len(blob) - 40 * (CHUNK + sealing.TAG)
+    for chunk in (33, 6):  # a late and an early chunk, in different threads' ranges
+        blob[header + chunk * (CHUNK + sealing.TAG) + 5] ^= 0x01
+    with pytest.raises(SealError, match="chunk 7 of 40") as info:
+        sealing.unseal_bytes(bytes(blob), key=KEY, node_id="a.n", name="model")
+    assert info.value.reason == "tampered"
 
 
 def test_truncation_and_missing_last_chunk_are_detected():
