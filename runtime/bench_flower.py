@@ -20,8 +20,9 @@ process plus one client process per worker, the same process layout as fldsl's r
 deployment adds a SuperLink, a ServerApp process and per-run ClientApp processes on top.
 
 Busy time of a client per round (what ``fldsl bench`` subtracts from the round time) is measured as the
-fldsl worker's meter measures it: setting the received weights, the local steps and reading the weights
-back; epoch-end evaluation is outside it in both. Reports are JSON: the server's holds per-round
+fldsl worker's meter measures it: the local training steps only. Setting the received weights and reading
+them back are part of the overhead in both (the issue's "transfer + aggregate + apply"), as is epoch-end
+evaluation. Reports are JSON: the server's holds per-round
 timestamps (``time.time()``) and every client's busy seconds and examples per round, plus the final
 evaluation each client made of the last global model; every report holds its process' peak RSS.
 """
@@ -197,9 +198,7 @@ class WorkerTrainer:
         the global model when the previous round closed an epoch)."""
         from fldsl.runtime.roles.common import epoch_batch
 
-        t0 = time.perf_counter()
         self.model.set_weights(weights)
-        busy = time.perf_counter() - t0
         metrics: dict[str, float] = {}
         if round_index > 0 and round_index % rounds_per_epoch == 0:
             # fldsl's worker evaluates the global model of an epoch's last round right after receiving it
@@ -214,9 +213,8 @@ class WorkerTrainer:
             self.losses.append(float(self._local_step(self._inputs(self.table, rows), self.labels[rows])))
             seen += len(rows)
             self.local_cursor += 1
-        out = self.model.get_weights()
-        busy += time.perf_counter() - t0
-        return out, seen, busy, metrics
+        busy = time.perf_counter() - t0
+        return self.model.get_weights(), seen, busy, metrics
 
     def evaluate(self) -> dict[str, float]:
         """The worker's epoch-end metrics: mean training loss since the last call, holdout / test scores."""

@@ -59,8 +59,8 @@ class ModeResult:
     # federated: seconds from spawn to each progress event (first occurrence) of the slowest-starting label
     # owner: where start-up time goes (imports, attestation, connection, PSI, tracing)
     timeline: dict[str, float] = field(default_factory=dict)
-    # FedAvg: median round wall time minus the slowest worker's own busy time per round (local steps,
-    # get/set weights, enqueueing its upload): what aggregation and transfer add to every round
+    # FedAvg: median round wall time minus the slowest worker's own busy time per round (its local training
+    # steps): what transfer, aggregation and applying the weights add to every round
     round_s: float | None = None
     round_overhead_s: float | None = None
     # final evaluation metrics per label owner (loss, auc, ...): the modes train the same model, so these
@@ -296,7 +296,7 @@ def fedavg_rounds(plan: Any, steps: list[tuple[float, int]], rates: list[float]
     """(wall seconds, busy seconds) per round of one FedAvg worker, from its step events.
 
     A worker emits (at most every 0.25 s) its round count and its meter's rate so far (examples over busy
-    seconds: local steps, get/set weights, enqueueing the upload). The busy time up to an event is the
+    seconds: the local training steps). The busy time up to an event is the
     examples trained so far over that rate, so both lists cover the same rounds: from the first event on,
     which leaves the first round's tf.function tracing out of both."""
     from fldsl.runtime.bench_flower import examples_after, local_steps_per_round, train_rows

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,9 @@ class RoleContext:
     rollbacks_seen: int = 0  # rollback requests received (numbers the next expected one)
     rollbacks_sent: dict[str, int] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)  # kept across role re-runs (e.g. a received shard)
+    # The message keys a role uses for step k, where that is not just k (FedAvg sends a round's weights as
+    # several messages): discard_stale must find all of them. Set by the role; kept across re-runs.
+    step_keys: Callable[[int], Iterable[int]] | None = None
 
     def mark_links(self) -> None:
         self.generations = {p: g for p, link in self.links.items()
@@ -107,11 +110,13 @@ class RoleContext:
         flows = [f for f in self.policy.flows if f.src == peer and f.dst == self.node
                  and f.kind in ("activation", "gradient", "gradients", "weights", "metrics")]
         dropped = 0
+        keys = [key for k in range(max(0, start), self.last_step + 3)
+                for key in (self.step_keys(k) if self.step_keys else (k,))]
         for f in flows:
-            for k in range(max(0, start), self.last_step + 3):
+            for key in keys:
                 while True:
                     try:
-                        link.recv_blob(f.id, k, 0)  # any kind: a mismatch still removes the message
+                        link.recv_blob(f.id, key, 0)  # any kind: a mismatch still removes the message
                         dropped += 1
                     except (TimeoutError, TransportError):
                         break

@@ -14,6 +14,13 @@ Aggregation is float32, folded upload by upload into one accumulator that is reu
 weighted mean, see :class:`_Average`), so the server holds one average plus the uploads that have arrived, not
 float64 temporaries of all of them.
 
+FedAvg moves a round's weights in pieces (:func:`piece_layout`: small variables grouped, large ones cut into
+row ranges, each piece at most ``PIECE_BYTES``), one message each: the server folds piece p of every worker
+and sends the averaged piece back while later pieces are still arriving, so upload, averaging and download
+overlap, and the server holds the average plus the pieces in flight rather than every worker's whole upload.
+Each piece message is ``[*segments, count]`` (the server's: the round's total count); the math is the
+running mean above, element by element.
+
 Sync: embedding tables' gradients (``IndexedSlices`` from the lookups' gathers) travel sparse, as the rows a
 batch touched (summed per row) and their indices, whenever that is smaller than the dense table; the
 message is ``[*parts, layout, count]`` with ``layout[i]`` = 1 where variable i is sent as (indices, rows).
@@ -69,6 +76,68 @@ from fldsl.artifacts import Plan, TensorSpec
 # CTRL_ROLLBACK + n (common.py's key map) and below EVAL_BASE; keyed by step so that a copy left unread by an
 # interrupted agreement can never be taken for another step's weights.
 RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
+
+# FedAvg pieces: at most PIECE_BYTES each (a few transport chunks: small enough to overlap the directions,
+# large enough that per-message costs stay negligible). Piece p of round r travels under
+# PIECE_BASE + r * PIECE_STRIDE + p: below CTRL_BASE and apart from the plain step keys of other flows.
+PIECE_BYTES = 8 << 20
+PIECE_BASE = 1 << 48
+PIECE_STRIDE = 1 << 16
+
+
+class Seg(NamedTuple):
+    """Rows ``rows[0]:rows[1]`` (axis 0) of variable ``var``, or the whole variable when ``rows`` is None."""
+
+    var: int
+    rows: tuple[int, int] | None
+
+
+def piece_layout(shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int],
+                 limit: int | None = None) -> list[list[Seg]]:
+    """The pieces a FedAvg round's weights travel in, in order; both sides derive it from the model's
+    shapes, so it needs no negotiation. Always at least one piece (it carries the example count)."""
+    limit = PIECE_BYTES if limit is None else limit
+    pieces: list[list[Seg]] = []
+    cur: list[Seg] = []
+    cur_bytes = 0
+    for i, (shape, size) in enumerate(zip(shapes, itemsizes, strict=True)):
+        nbytes = math.prod(shape) * size
+        if nbytes <= limit or not shape or shape[0] < 2:
+            if cur and cur_bytes + nbytes > limit:
+                pieces.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(Seg(i, None))
+            cur_bytes += nbytes
+            continue
+        if cur:
+            pieces.append(cur)
+            cur, cur_bytes = [], 0
+        per = max(1, limit // (nbytes // shape[0]))
+        pieces += [[Seg(i, (lo, min(lo + per, shape[0])))] for lo in range(0, shape[0], per)]
+    if cur or not pieces:
+        pieces.append(cur)
+    if len(pieces) > PIECE_STRIDE:
+        raise RoleError(f"the model needs {len(pieces)} pieces of {limit} bytes; at most {PIECE_STRIDE}")
+    return pieces
+
+
+def piece_key(r: int, p: int) -> int:
+    return PIECE_BASE + r * PIECE_STRIDE + p
+
+
+def _seg_shape(shapes: Sequence[tuple[int, ...]], s: Seg) -> tuple[int, ...]:
+    shape = shapes[s.var]
+    return shape if s.rows is None else (s.rows[1] - s.rows[0], *shape[1:])
+
+
+def _seg_view(arrays: Sequence[np.ndarray], s: Seg) -> np.ndarray:
+    a = arrays[s.var]
+    return a if s.rows is None else a[s.rows[0]:s.rows[1]]
+
+
+def _piece_keys(n: int) -> Callable[[int], list[int]]:
+    """ctx.step_keys for FedAvg: round k's piece keys (stale ones are dropped after a peer restarts)."""
+    return lambda k: [k, *(piece_key(k, p) for p in range(n))]
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -244,27 +313,22 @@ def _send_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> None:
         raise first
 
 
-def _parse_upload(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], names: list[str], who: str, r: int,
-                  sync: bool) -> tuple[list[Part], int]:
-    """A worker's upload -> (one part per variable, example count); checks it against the model's shapes.
-
-    FedAvg: ``[*weights, count]``. Sync: ``[*parts, layout, count]`` (module docstring)."""
+def _parse_upload(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], names: list[str], who: str,
+                  r: int) -> tuple[list[Part], int]:
+    """A sync worker's upload ``[*parts, layout, count]`` (module docstring) -> (one part per variable,
+    example count); checks it against the model's shapes."""
     nvar = len(shapes)
 
     def bad(why: str) -> RoleError:
         return RoleError(f"{who} sent a malformed upload at round {r}: {why}")
 
-    if len(arrays) < nvar + 1:
+    if len(arrays) < nvar + 2:
         raise bad(f"{len(arrays)} arrays for {nvar} variables")
     count = int(np.asarray(arrays[-1]).reshape(-1)[0]) if np.asarray(arrays[-1]).size else 0
-    if not sync:
-        layout = np.zeros(nvar, np.int8)
-        body = arrays[:-1]
-    else:
-        layout = np.asarray(arrays[-2])
-        body = arrays[:-2]
-        if layout.shape != (nvar,) or not np.isin(layout, (0, 1)).all():
-            raise bad(f"layout {layout.tolist()!r} does not describe {nvar} variables")
+    layout = np.asarray(arrays[-2])
+    body = arrays[:-2]
+    if layout.shape != (nvar,) or not np.isin(layout, (0, 1)).all():
+        raise bad(f"layout {layout.tolist()!r} does not describe {nvar} variables")
     if len(body) != nvar + int(layout.sum()):
         raise bad(f"{len(body)} arrays for {nvar} variables ({int(layout.sum())} sparse)")
     parts: list[Part] = []
@@ -287,6 +351,68 @@ def _parse_upload(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], names
                 raise bad(f"array {i} ({names[i]}) has shape {tuple(a.shape)}, the model's is {shape}")
             parts.append(a)
     return parts, count
+
+
+def _parse_piece(arrays: list[np.ndarray], piece: list[Seg], shapes: list[tuple[int, ...]], names: list[str],
+                 who: str, r: int, p: int) -> tuple[list[np.ndarray], int]:
+    """Piece ``p`` of a FedAvg message -> (its segments, the example count it carries), checked against the
+    layout (uploads at the server; the server's averaged pieces at a worker)."""
+    def bad(why: str) -> RoleError:
+        return RoleError(f"{who} sent a malformed piece {p} at round {r}: {why}")
+
+    if len(arrays) != len(piece) + 1:
+        raise bad(f"{len(arrays)} arrays for {len(piece)} segments and the example count")
+    cnt = np.asarray(arrays[-1])
+    if cnt.shape != (1,) or not np.issubdtype(cnt.dtype, np.integer):
+        raise bad(f"the example count is {cnt.dtype}{list(cnt.shape)}, not one integer")
+    for s, a in zip(piece, arrays, strict=False):
+        want = _seg_shape(shapes, s)
+        if tuple(a.shape) != want:
+            rows = "" if s.rows is None else f" rows {s.rows[0]}:{s.rows[1]}"
+            raise bad(f"{names[s.var]}{rows} has shape {tuple(a.shape)}, expected {want}")
+    return arrays[:-1], int(cnt[0])
+
+
+def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[np.ndarray],
+                  shapes: list[tuple[int, ...]], names: list[str], avg: _Average, by_examples: bool,
+                  links: tuple[dict[str, str], dict[str, str]], pool: ThreadPoolExecutor,
+                  first_arrival: Callable[[], None]) -> int:
+    """One FedAvg round at the server, piece by piece (module docstring): fold piece p of every worker into
+    ``acc`` (in the workers' fixed order: deterministic), send the averaged piece to every worker, go on
+    with piece p + 1. The running mean is :class:`_Average`'s, element by element. Returns the examples."""
+    grad_in, weights_out = links
+    workers = list(grad_in)
+    counts: list[int] = []
+    coefs: list[float] = []
+    total = 0.0
+    for p, piece in enumerate(layout):
+        key = piece_key(r, p)
+        for k, w in enumerate(workers):
+            arrays = ctx.wait(lambda t, w=w, key=key: ctx.links[w].recv_arrays(grad_in[w], key, t), w)
+            parts, count = _parse_piece(arrays, piece, shapes, names, w, r, p)
+            del arrays
+            if p == 0:
+                counts.append(count)
+                weight = max(float(count if by_examples else 1.0), 0.0)
+                total += weight
+                # All weights so far zero: a plain mean of what has arrived (as _Average.fold).
+                coefs.append(weight / total if total > 0 else 1.0 / (k + 1))
+                if k == 0:
+                    first_arrival()
+            elif count != counts[k]:
+                raise RoleError(f"{w} sent a malformed piece {p} at round {r}: example count {count}, "
+                                f"piece 0 said {counts[k]}")
+            for s, part in zip(piece, parts, strict=True):
+                view = _seg_view(acc, s)
+                if k == 0:
+                    np.copyto(view, part, casting="same_kind")
+                elif coefs[k] != 0.0:
+                    avg._fold_one(view, part, coefs[k])
+            del parts  # the upload piece's buffer
+        out = [*(_seg_view(acc, s) for s in piece), np.array([sum(counts)], np.int64)]
+        _send_all(pool, [lambda w=w, key=key, out=out: ctx.links[w].send_arrays(weights_out[w], key, out)
+                         for w in workers])
+    return sum(counts)
 
 
 def _server_grads(tf: Any, avg: _Average, sparse_ok: bool) -> list[Any]:
@@ -386,20 +512,37 @@ def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict
         if weights is None:
             weights = model.get_weights()
         model, variables = None, []
-    avg = _Average()
-    if not sync and weights is not None:
-        avg.acc = weights  # the accumulator is the current global model
+    avg = _Average()  # sync: the accumulator of the gradients; FedAvg: its fold (weights is the accumulator)
     announce_training(ctx, rounds, rounds_per_epoch, start if resume is not None else None)
     meter = Meter()
-    last_emit = 0.0
+    if not sync:
+        assert weights is not None
+        # Writes into the accumulator wait for the last round's checkpoint, which may still be reading it.
+        layout = piece_layout(shapes, [a.dtype.itemsize for a in weights])
+        ctx.step_keys = _piece_keys(len(layout))
+
+        def first_arrival() -> None:
+            meter.start()
+            writer.wait()
     for r in range(start, rounds):
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, r)
+        if not sync:
+            total = _fedavg_round(ctx, r, layout, weights, shapes, names, avg, agg.weighting == "examples",
+                                  (grad_in, weights_out), pool, first_arrival)
+            meter.stop(total)
+            _emit_round(ctx, r, rounds, meter)
+            if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
+                # The weights are not written to until the next round's first fold, which waits for this.
+                arrays_now = training_arrays(weights, None, [])
+                writer.submit(lambda r=r, a=arrays_now: save_checkpoint(ctx, r + 1, a, {}))
+                del arrays_now
+            continue
         avg.reset()
         total = 0
         for k, w in enumerate(workers):
             arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
-            parts, count = _parse_upload(arrays, shapes, names, w, r, sync)
+            parts, count = _parse_upload(arrays, shapes, names, w, r)
             del arrays
             total += count
             if k == 0:
@@ -407,18 +550,13 @@ def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict
                 writer.wait()  # the last round's checkpoint may still be reading the accumulator
             avg.fold(parts, count if agg.weighting == "examples" else 1.0)
             del parts  # the upload's buffer is freed here, before the next worker's is taken
-        if opt is not None:
-            apply(_server_grads(tf, avg, opt.sparse_is_exact()))
-            weights = model.get_weights()
-        else:
-            weights = avg.acc
+        assert opt is not None and model is not None
+        apply(_server_grads(tf, avg, opt.sparse_is_exact()))
+        weights = model.get_weights()
         _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
                          for w in workers])
         meter.stop(total)
-        now = time.monotonic()
-        if now - last_emit > 0.25 or r + 1 == rounds:
-            ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
-            last_emit = now
+        _emit_round(ctx, r, rounds, meter)
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
             # The optimiser state is copied now (the next step changes it); the weights are not written to
             # until the next round's aggregation, which waits for this write first.
@@ -431,6 +569,14 @@ def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict
         weights = model.get_weights()
     export_model(ctx, weights, names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
+
+
+def _emit_round(ctx: RoleContext, r: int, rounds: int, meter: Meter) -> None:
+    """Progress of the server: at most four step events a second, and always the last round's."""
+    now = time.monotonic()
+    if now - ctx.cache.get("last_emit", 0.0) > 0.25 or r + 1 == rounds:
+        ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
+        ctx.cache["last_emit"] = now
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -499,6 +645,11 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     recv_flow = ctx.flow(srv, plan.node, ("weights",)).id
     link = ctx.links[srv]
     own_refs = model.input_refs
+    names = model.weight_names
+    srv_shapes = [tuple(v.shape) for v in variables]
+    layout = piece_layout(srv_shapes, [v.dtype.size for v in variables])
+    if not sync:
+        ctx.step_keys = _piece_keys(len(layout))
 
     @tf.function(reduce_retracing=True)
     def grad_step(inputs, labels):
@@ -573,17 +724,21 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
                 losses.append(float(local_step(inputs_for(table, rows), labels_all[rows])))
                 seen += len(rows)
                 local_cursor += 1
-            upload = [*model.get_weights(), np.array([seen], np.int64)]
-        # The upload is transfer, not local work: outside the meter, so the bench's round overhead (round
-        # wall time minus busy time) counts it, as it counts the transfer for Flower's clients.
-        meter.stop(0)
-        link.send_arrays(send_flow, r, upload)
-        del upload
-        weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
-        meter.start()
-        model.set_weights(weights)
-        del weights  # the received buffer; kept, it would stay alive through the next local round
-        meter.stop(seen)
+        # The exchange is transfer, not local work: outside the meter, so the bench's round overhead (round
+        # wall time minus busy time) counts it, as it counts the transfer for Flower's clients. (FedAvg
+        # writes the averaged pieces into the variables as they arrive: that is inside the exchange too.)
+        if sync:
+            meter.stop(0)
+            link.send_arrays(send_flow, r, upload)
+            del upload
+            weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
+            meter.start()
+            model.set_weights(weights)
+            del weights  # the received buffer; kept, it would stay alive through the next step
+            meter.stop(seen)
+        else:
+            meter.stop(seen)
+            _exchange_pieces(ctx, r, layout, variables, seen, (send_flow, recv_flow), srv_shapes, names)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
             ctx.progress.emit("step", step=r + 1, total=rounds, loss=losses[-1] if losses else None,
@@ -606,6 +761,46 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
+
+
+def _exchange_pieces(ctx: RoleContext, r: int, layout: list[list[Seg]], variables: list[Any], seen: int,
+                     flows: tuple[str, str], shapes: list[tuple[int, ...]], names: list[str]) -> None:
+    """A FedAvg worker's side of round ``r`` (module docstring): send the weights piece by piece, then take
+    the server's averaged pieces as they come and write each into the variables in place.
+
+    A variable is read once (``numpy()``) and its pieces sent as views of that copy, so at most one
+    variable's copy is alive, not the whole model's; averaged row ranges go in with ``scatter_update``,
+    which writes the variable's buffer in place."""
+    import tensorflow as tf
+
+    send_flow, recv_flow = flows
+    srv = _agg(ctx.plan).server
+    link = ctx.links[srv]
+    count = np.array([seen], np.int64)
+    last_piece = {s.var: p for p, piece in enumerate(layout) for s in piece}
+    held: dict[int, np.ndarray] = {}
+    for p, piece in enumerate(layout):
+        out = []
+        for s in piece:
+            if s.var not in held:
+                held[s.var] = variables[s.var].numpy()
+            out.append(_seg_view(held, s))
+        link.send_arrays(send_flow, piece_key(r, p), [*out, count])
+        del out
+        for s in piece:
+            if last_piece[s.var] == p:
+                del held[s.var]
+    for p, piece in enumerate(layout):
+        key = piece_key(r, p)
+        arrays = ctx.wait(lambda t, key=key: link.recv_arrays(recv_flow, key, t), srv)
+        parts, _ = _parse_piece(arrays, piece, shapes, names, srv, r, p)
+        for s, a in zip(piece, parts, strict=True):
+            v = variables[s.var]
+            if s.rows is None:
+                v.assign(a)
+            else:
+                v.scatter_update(tf.IndexedSlices(a, tf.range(s.rows[0], s.rows[1], dtype=tf.int64)))
+        del arrays, parts  # the received buffer
 
 
 def _encode_grads(grads: list[Any], variables: list[Any]) -> list[np.ndarray]:

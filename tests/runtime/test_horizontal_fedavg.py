@@ -4,6 +4,7 @@ checkpoints (the server sends the agreed step's weights), optimiser state carrie
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
 from fldsl.runtime.checkpoint import CheckpointStore
+from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.common import Interrupted
 from fldsl.runtime.roles.horizontal import _Average
 
@@ -133,3 +135,45 @@ def test_fedavg_resume_after_the_server_lost_its_newest_checkpoint(tmp_path: Pat
     assert all(not isinstance(r, BaseException) for r in resumed.values()), resumed
     for x, y in zip(_weights(tmp_path / "full"), _weights(tmp_path / "part"), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_piece_layout_covers_every_row_once_within_the_limit() -> None:
+    shapes = [(1000, 16), (7,), (), (3, 5), (100_000,), (1, 4096)]
+    limit = 4096
+    layout = horizontal.piece_layout(shapes, [4] * len(shapes), limit)
+    seen: dict[int, list[tuple[int, int]]] = {}
+    for piece in layout:
+        size = 0
+        for seg in piece:
+            shape = shapes[seg.var]
+            lo, hi = seg.rows if seg.rows is not None else (0, shape[0] if shape else 1)
+            seen.setdefault(seg.var, []).append((lo, hi))
+            size += (hi - lo) * int(np.prod(shape[1:])) * 4
+        # Only a variable that cannot be cut (a scalar, or one row) may exceed the limit, alone.
+        alone = shapes[piece[0].var] if len(piece) == 1 else None
+        assert size <= limit or (alone is not None and (not alone or alone[0] < 2))
+    for i, shape in enumerate(shapes):
+        ranges = seen[i]
+        assert ranges[0][0] == 0 and ranges[-1][1] == (shape[0] if shape else 1)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), ranges
+    assert [s.var for p in layout for s in p] == sorted(s.var for p in layout for s in p)
+    assert horizontal.piece_layout([], []) == [[]]  # nothing to average: one piece carries the count
+
+
+def test_fedavg_in_small_pieces_equals_whole_messages(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting the weights into many row-range pieces (the server folds and returns each as it arrives)
+    gives bit-identical weights and metrics to moving each variable whole."""
+    build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2)
+    monkeypatch.setattr(horizontal, "PIECE_BYTES", 1 << 30)
+    whole = memlink.run_in_threads(build, tmp_path / "whole")
+    monkeypatch.setattr(horizontal, "PIECE_BYTES", 72)
+    cut = memlink.run_in_threads(build, tmp_path / "cut")
+    for res in (whole, cut):
+        assert all(not isinstance(r, BaseException) for r in res.values()), res
+    shapes = [tuple(a.shape) for a in _weights(tmp_path / "whole")]
+    layout = horizontal.piece_layout(shapes, [4] * len(shapes), 72)
+    assert len(layout) > len(shapes) + 4 and any(len(p) > 1 for p in layout)  # cut and grouped
+    for x, y in zip(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert cut["bank1.worker"]["history"] == whole["bank1.worker"]["history"]
