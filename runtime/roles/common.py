@@ -391,6 +391,56 @@ def save_checkpoint(ctx: RoleContext, step: int, arrays: dict[str, np.ndarray], 
     ctx.progress.emit("checkpoint", step=step, path=str(path))
 
 
+class CheckpointWriter:
+    """Runs checkpoint writes in one background thread, one at a time, off the training loop's critical
+    path (encoding, sealing and fsync of a large model take a good fraction of a second); a failure surfaces
+    at the next ``wait``. Callers hand it arrays no one writes to while it runs (copies, or arrays they
+    wait for before touching) and wait before leaving the role (a re-run role lists the store's checkpoints:
+    a write must not land after that). See :func:`with_checkpoint_writer`."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+
+        def body() -> None:
+            try:
+                fn()
+            except BaseException as e:  # handed to the role's thread at the next wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=body, name=self._name)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def with_checkpoint_writer(ctx: RoleContext, body: Callable[[CheckpointWriter], dict[str, Any]]
+                           ) -> dict[str, Any]:
+    """Run a role's ``body`` with a background checkpoint writer; return only once its last write has
+    landed (or failed: then raise that), also when ``body`` raises."""
+    writer = CheckpointWriter(f"{ctx.node}-checkpoint")
+    try:
+        result = body(writer)
+    except BaseException:
+        try:
+            writer.wait()
+        except Exception:  # the exception already in flight is the one to report
+            pass
+        raise
+    writer.wait()
+    return result
+
+
 def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) -> Path | None:
     """Seal the node's part of the trained model under the plan's export name."""
     if ctx.plan.export is None:

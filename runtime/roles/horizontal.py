@@ -41,7 +41,6 @@ more than one checkpoint ahead of another, which the store's two kept checkpoint
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +51,7 @@ from fldsl.runtime.roles.common import (
     CTRL_BASE,
     CTRL_INFO,
     CTRL_SCHEDULE,
+    CheckpointWriter,
     Meter,
     RoleContext,
     RoleError,
@@ -67,6 +67,7 @@ from fldsl.runtime.roles.common import (
     load_tables,
     save_checkpoint,
     score_metrics,
+    with_checkpoint_writer,
 )
 from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
 
@@ -259,37 +260,6 @@ def _acc_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(dtype) if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
-class _Writer:
-    """Runs checkpoint writes in one background thread, one at a time; a failure surfaces at the next
-    ``wait``. Callers wait before touching the arrays a pending write reads and before leaving the role
-    (a re-run role lists the store's checkpoints: a write must not land after that)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self.wait()
-
-        def body() -> None:
-            try:
-                fn()
-            except BaseException as e:  # handed to the role's thread at the next wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=body, name=self._name)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-
 def _send_all(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> None:
     """Send to every worker at once (each link has its own stream and TLS session; one after the other, the
     last worker would wait for every earlier transfer). Returns once every send is done; raises the first
@@ -431,24 +401,15 @@ def _server_grads(tf: Any, avg: _Average, sparse_ok: bool) -> list[Any]:
 
 
 def server(ctx: RoleContext) -> dict[str, Any]:
-    writer = _Writer(f"{ctx.node}-checkpoint")
     pool = ThreadPoolExecutor(max_workers=max(1, len(_agg(ctx.plan).workers) - 1),
                               thread_name_prefix=f"{ctx.node}-send")
     try:
-        result = _server(ctx, writer, pool)
-    except BaseException:
-        try:
-            writer.wait()  # a re-run role must not see a checkpoint land after it listed the store
-        except Exception:  # the exception already in flight is the one to report
-            pass
-        raise
+        return with_checkpoint_writer(ctx, lambda writer: _server(ctx, writer, pool))
     finally:
         pool.shutdown(wait=False)
-    writer.wait()
-    return result
 
 
-def _server(ctx: RoleContext, writer: _Writer, pool: ThreadPoolExecutor) -> dict[str, Any]:
+def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor) -> dict[str, Any]:
     import tensorflow as tf
     from fldsl.stdlib.tf import build_segment, make_optimizer
 

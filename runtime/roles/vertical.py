@@ -39,6 +39,7 @@ from fldsl.runtime.roles.common import (
     CTRL_ALIGN,
     EVAL_BASE,
     EVAL_STRIDE,
+    CheckpointWriter,
     Meter,
     RoleContext,
     RoleError,
@@ -59,15 +60,15 @@ from fldsl.runtime.roles.common import (
     score_metrics,
     send_chunked,
     unpack_arrays,
+    with_checkpoint_writer,
 )
 from fldsl.runtime.roles.optstate import restore_training, training_arrays
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
     configure_tf()
-    if ctx.plan.role == "vertical.active":
-        return _active(ctx)
-    return _passive(ctx)
+    role = _active if ctx.plan.role == "vertical.active" else _passive
+    return with_checkpoint_writer(ctx, lambda writer: role(ctx, writer))
 
 
 def _single_table(ctx: RoleContext, tables: dict[str, Any]) -> tuple[str, Any]:
@@ -97,7 +98,7 @@ def _align_peer(ctx: RoleContext, peer: str, ids: list[str], leader: bool) -> li
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _active(ctx: RoleContext) -> dict[str, Any]:
+def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
     import tensorflow as tf
     from fldsl.stdlib.tf import loss_fn, make_optimizer
 
@@ -222,9 +223,13 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
             ctx.progress.emit("epoch", epoch=e + 1, metrics=metrics)
             epoch_losses = []
         if is_checkpoint_step(plan, s + 1, spe):
+            # A snapshot (get_weights and the optimiser slots are copies; the lists are copied), written in
+            # the background while training goes on.
             arrays = {**training_arrays(model.get_weights(), opt, variables),
                       "train_rows": train_rows, "hold_rows": hold_rows}
-            save_checkpoint(ctx, s + 1, arrays, {"epoch_losses": epoch_losses, "history": history})
+            meta = {"epoch_losses": list(epoch_losses), "history": list(history)}
+            writer.submit(lambda s=s, a=arrays, m=meta: save_checkpoint(ctx, s + 1, a, m))
+            del arrays
 
     export_model(ctx, model.get_weights(), model.weight_names)
     final = history[-1] if history else {}
@@ -250,7 +255,7 @@ def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _passive(ctx: RoleContext) -> dict[str, Any]:
+def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
     import tensorflow as tf
     from fldsl.stdlib.tf import make_optimizer
 
@@ -362,7 +367,8 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
         if is_checkpoint_step(plan, s + 1, spe):
             arrays = {**training_arrays(model.get_weights(), opt, variables),
                       "train_rows": train_rows, "hold_rows": hold_rows}
-            save_checkpoint(ctx, s + 1, arrays, {})
+            writer.submit(lambda s=s, a=arrays: save_checkpoint(ctx, s + 1, a, {}))
+            del arrays
 
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": total}

@@ -85,38 +85,40 @@ def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | N
     """Run every node of ``build`` as a thread; returns {node: result or exception}. ``trace``: a list
     every link appends its sends and receives to (see ``MemLink``).
 
-    ``stop_after`` = {node: step}: that node's stop flag is set once it emitted a checkpoint at >= step (the
-    others then fail with a receive timeout or stop too: only checkpoints matter for resume tests)."""
+    ``stop_after`` = {node: step}: every node is asked to stop (``Interrupted`` at its next check) once that
+    node has begun step ``step`` (``ctx.last_step >= step``). Deterministic: checkpoints are written in the
+    background, so the event that one landed can come steps later; this reads the step counter instead, and a
+    role's pending checkpoint write lands before the role returns."""
     ids = sorted(p.name for p in (build / "nodes").iterdir())
     plans = {i: load_model(Plan, node_dir(build, i) / "plan.json") for i in ids}
     policies = {i: load_model(Policy, node_dir(build, i) / "policy.json") for i in ids}
     boxes: dict[tuple[str, str], _Box] = {}
     results: dict[str, Any] = {}
-    stops = {i: threading.Event() for i in ids}
     all_stop = threading.Event()
+    contexts: dict[str, RoleContext] = {}
 
-    class _Watch(io.StringIO):
-        def __init__(self, node: str) -> None:
-            super().__init__()
-            self.node = node
+    class _Stop(threading.Event):
+        """Set explicitly, or once the watched node of ``stop_after`` has begun its step."""
 
-        def write(self, s: str) -> int:
-            from fldsl.runtime.progress import parse_line
+        def is_set(self) -> bool:
+            if super().is_set():
+                return True
+            for node, step in (stop_after or {}).items():
+                ctx = contexts.get(node)
+                if ctx is not None and ctx.last_step >= step:
+                    all_stop.set()
+                    return True
+            return False
 
-            ev = parse_line(s)
-            if ev and stop_after and ev.get("event") == "checkpoint" and \
-                    ev.get("step", 0) >= stop_after.get(self.node, 1 << 60):
-                all_stop.set()
-                for e in stops.values():
-                    e.set()
-            return super().write(s)
+    stops = {i: _Stop() for i in ids}
 
     def target(i: str) -> None:
         plan, policy = plans[i], policies[i]
         links = {p.id: MemLink(i, p.id, boxes, policy, trace) for p in plan.peers}
-        ctx = RoleContext(plan=plan, policy=policy, links=links, progress=Progress(i, _Watch(i)),
+        ctx = RoleContext(plan=plan, policy=policy, links=links, progress=Progress(i, io.StringIO()),
                           store=CheckpointStore(run_dir / "checkpoints" / i, node_id=i, key=KEY),
                           run_dir=run_dir, seal_key=KEY, stop=stops[i], recv_timeout_s=60)
+        contexts[i] = ctx
         try:
             results[i] = role_main(plan)(ctx)
             results[i]["_links"] = links
