@@ -396,7 +396,13 @@ class CheckpointWriter:
     path (encoding, sealing and fsync of a large model take a good fraction of a second); a failure surfaces
     at the next ``wait``. Callers hand it arrays no one writes to while it runs (copies, or arrays they
     wait for before touching) and wait before leaving the role (a re-run role lists the store's checkpoints:
-    a write must not land after that). See :func:`with_checkpoint_writer`."""
+    a write must not land after that). See :func:`with_checkpoint_writer`.
+
+    The checkpoint gate: a store keeps two checkpoints, so resuming needs every node to have landed
+    checkpoint c before any node lands the next one, c'. A node reaches c' only with its peers' messages for
+    step c' - 1, so each node waits for its pending write before it sends a message of the step just before
+    a checkpoint step. The write still overlaps every step in between (all of them when checkpoints are an
+    epoch apart); with a checkpoint every step it is back on the critical path."""
 
     def __init__(self, name: str) -> None:
         self._name = name

@@ -207,6 +207,8 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
             acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t), p)
         meter.start()
         value, grads = train_step(inputs_for(rows), acts, table.fields[label_field][rows])
+        if is_checkpoint_step(plan, s + 1, spe):
+            writer.wait()  # the checkpoint gate: see CheckpointWriter
         for (p, f), g in zip(recv_flows, grads, strict=True):
             ctx.links[p].send(grad_flows[(p, f.tensor)].id, s, g.numpy())
         meter.stop(len(rows))
@@ -333,7 +335,10 @@ def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
         ep, j = divmod(step, spe)
         rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, ep, j, b)]
         inputs = field_inputs(plan, tables, rows)
-        for f, a in zip(send_flows, forward(inputs), strict=True):
+        acts = forward(inputs)
+        if is_checkpoint_step(plan, step + 1, spe):
+            writer.wait()  # the checkpoint gate: see CheckpointWriter
+        for f, a in zip(send_flows, acts, strict=True):
             link.send(f.id, step, a.numpy())
         in_flight[step] = (len(rows), inputs)
         ctx.last_step = max(ctx.last_step, step)

@@ -184,3 +184,48 @@ def test_vertical_pipelined_demo_reaches_the_lockstep_auc(tmp_path: Path) -> Non
     assert media_w
     assert any(not np.allclose(got, want, rtol=1e-4, atol=1e-5)
                for got, want in zip(media_w, central.weights[:len(media_w)], strict=True))
+
+
+@pytest.mark.parametrize(("kind", "slow"), [("vertical", "media.trainer"),
+                                           ("vertical-pipelined", "media.trainer"), ("fedavg", "hub.ps")])
+def test_background_checkpoints_keep_a_common_step(tmp_path: Path, kind: str, slow: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints are written in the background, and stores keep two: no node may land checkpoint c' before
+    every node has landed the checkpoint c before it, or a crash then could leave no common step to resume
+    from. One node's writes are made slow (0.3 s, many steps): the others must still wait for them."""
+    import threading
+    import time
+
+    from fldsl.runtime.checkpoint import CheckpointStore
+
+    landed: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    save = CheckpointStore.save
+
+    def slow_save(self: CheckpointStore, ckpt):  # type: ignore[no-untyped-def]
+        if self.node_id == slow:
+            time.sleep(0.3)
+        path = save(self, ckpt)
+        with lock:
+            landed.append((self.node_id, ckpt.step))
+        return path
+
+    monkeypatch.setattr(CheckpointStore, "save", slow_save)
+    if kind == "fedavg":
+        # 2 x 200 rows, 160 for training, batch 32: a round every 2 local steps, 5 rounds, a checkpoint each.
+        build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2,
+                                          checkpoint_every=1)
+    else:
+        # 300 rows, batch 64: 4 steps an epoch, 2 epochs; checkpoints after steps 2, 4, 6, 8.
+        build = buildkit.vertical_build(tmp_path, rows=300, epochs=2, checkpoint_every=2,
+                                        pipeline=int(kind.endswith("pipelined")))
+    _ok(memlink.run_in_threads(build, tmp_path / "run"))
+    nodes = {n for n, _ in landed}
+    steps = sorted({s for _, s in landed})
+    assert len(nodes) >= 2 and len(steps) >= 4, landed
+    for i, (node, step) in enumerate(landed):
+        k = steps.index(step)
+        if k:
+            before = {n for n, s in landed[:i] if s == steps[k - 1]}
+            assert before == nodes, (
+                f"{node} landed checkpoint {step} before all had landed {steps[k - 1]}: {landed}")
