@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -131,7 +131,7 @@ def _seg_shape(shapes: Sequence[tuple[int, ...]], s: Seg) -> tuple[int, ...]:
     return shape if s.rows is None else (s.rows[1] - s.rows[0], *shape[1:])
 
 
-def _seg_view(arrays: Sequence[np.ndarray], s: Seg) -> np.ndarray:
+def _seg_view(arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray], s: Seg) -> np.ndarray:
     a = arrays[s.var]
     return a if s.rows is None else a[s.rows[0]:s.rows[1]]
 
