@@ -201,10 +201,17 @@ class _Average:
         rows = self._rows[i] if i < len(self._rows) else None
         return None if rows is None else np.unique(np.concatenate(rows))
 
-    def fold(self, parts: Sequence[Part], weight: float) -> None:
+    def coef(self, weight: float) -> tuple[int, float]:
+        """Count in the next upload's weight: (its position k this round, its fold coefficient
+        ``w_k / W_k``). While every weight so far is zero (e.g. examples weighting with empty workers) the
+        coefficient is ``1 / (k + 1)``: a plain mean of what has arrived."""
         weight = max(float(weight), 0.0)
         self._total += weight
         k, self._k = self._k, self._k + 1
+        return k, (weight / self._total if self._total > 0 else 1.0 / (k + 1))
+
+    def fold(self, parts: Sequence[Part], weight: float) -> None:
+        k, c = self.coef(weight)
         if k == 0:
             shapes = [tuple(p.shape) for p in parts]
             dtypes = [_acc_dtype(p.rows.dtype if isinstance(p, SparseRows) else p.dtype) for p in parts]
@@ -226,9 +233,6 @@ class _Average:
                     rows.append(p.indices)
                 else:
                     self._rows[i] = None
-        # All weights so far zero (e.g. equal weighting passes 1 each, but examples weighting with empty
-        # workers): a plain mean of what has arrived, as the earlier code did when every count was zero.
-        c = weight / self._total if self._total > 0 else 1.0 / (k + 1)
         if c == 0.0:
             return
         for a, p in zip(self.acc, parts, strict=True):
@@ -354,7 +358,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
     workers = list(grad_in)
     counts: list[int] = []
     coefs: list[float] = []
-    total = 0.0
+    avg.reset()
     for p, piece in enumerate(layout):
         key = piece_key(r, p)
         for k, w in enumerate(workers):
@@ -363,10 +367,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
             del arrays
             if p == 0:
                 counts.append(count)
-                weight = max(float(count if by_examples else 1.0), 0.0)
-                total += weight
-                # All weights so far zero: a plain mean of what has arrived (as _Average.fold).
-                coefs.append(weight / total if total > 0 else 1.0 / (k + 1))
+                coefs.append(avg.coef(count if by_examples else 1.0)[1])
                 if k == 0:
                     first_arrival()
             elif count != counts[k]:
