@@ -477,6 +477,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     avg = _Average()  # sync: the accumulator of the gradients; FedAvg: its fold (weights is the accumulator)
     announce_training(ctx, rounds, rounds_per_epoch, start if resume is not None else None)
     meter = Meter()
+    last_emit = 0.0
     if not sync:
         assert weights is not None
         # Writes into the accumulator wait for the last round's checkpoint, which may still be reading it
@@ -494,36 +495,32 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         if not sync:
             total = _fedavg_round(ctx, r, layout, weights, shapes, names, avg, agg.weighting == "examples",
                                   (grad_in, weights_out), pool, first_arrival)
-            meter.stop(total)
-            _emit_round(ctx, r, rounds, meter)
-            if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
-                # The weights are not written to until the next round's first fold, which waits for this.
-                arrays_now = training_arrays(weights, None, [])
-                writer.submit(lambda r=r, a=arrays_now: save_checkpoint(ctx, r + 1, a, {}))
-                del arrays_now
-            continue
-        avg.reset()
-        total = 0
-        for k, w in enumerate(workers):
-            arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
-            parts, count = _parse_upload(arrays, shapes, names, w, r)
-            del arrays
-            total += count
-            if k == 0:
-                meter.start()
-                writer.wait()  # the last round's checkpoint may still be reading the accumulator
-            avg.fold(parts, count if agg.weighting == "examples" else 1.0)
-            del parts  # the upload's buffer is freed here, before the next worker's is taken
-        assert opt is not None and model is not None
-        apply(_server_grads(tf, avg, opt.sparse_is_exact()))
-        weights = model.get_weights()
-        _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
-                         for w in workers])
+        else:
+            avg.reset()
+            total = 0
+            for k, w in enumerate(workers):
+                arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
+                parts, count = _parse_upload(arrays, shapes, names, w, r)
+                del arrays
+                total += count
+                if k == 0:
+                    meter.start()
+                    writer.wait()  # the last round's checkpoint may still be reading the accumulator
+                avg.fold(parts, count if agg.weighting == "examples" else 1.0)
+                del parts  # the upload's buffer is freed here, before the next worker's is taken
+            assert opt is not None and model is not None
+            apply(_server_grads(tf, avg, opt.sparse_is_exact()))
+            weights = model.get_weights()
+            _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
+                             for w in workers])
         meter.stop(total)
-        _emit_round(ctx, r, rounds, meter)
+        now = time.monotonic()
+        if now - last_emit > 0.25 or r + 1 == rounds:
+            ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
+            last_emit = now
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
-            # The optimiser state is copied now (the next step changes it); the weights are not written to
-            # until the next round's aggregation, which waits for this write first.
+            # The optimiser state (sync) is copied now (the next step changes it); the weights are not written
+            # to until the next round's first fold, which waits for this write first.
             arrays_now = training_arrays(weights, opt, variables)
             writer.submit(lambda r=r, a=arrays_now: save_checkpoint(ctx, r + 1, a, {}))
             del arrays_now
@@ -533,14 +530,6 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         weights = model.get_weights()
     export_model(ctx, weights, names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
-
-
-def _emit_round(ctx: RoleContext, r: int, rounds: int, meter: Meter) -> None:
-    """Progress of the server: at most four step events a second, and always the last round's."""
-    now = time.monotonic()
-    if now - ctx.cache.get("last_emit", 0.0) > 0.25 or r + 1 == rounds:
-        ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
-        ctx.cache["last_emit"] = now
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -611,7 +600,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     own_refs = model.input_refs
     names = model.weight_names
     srv_shapes = [tuple(v.shape) for v in variables]
-    layout = piece_layout(srv_shapes, [v.dtype.size for v in variables])
+    layout = [] if sync else piece_layout(srv_shapes, [v.dtype.size for v in variables])
     if not sync:
         ctx.step_keys = _piece_keys(len(layout))
 
