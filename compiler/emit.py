@@ -92,8 +92,14 @@ def emit(program: Program, source: str, out: Path, file: str = "<input>") -> Com
 
 
 def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
-    from fldsl.compiler.manifest import ManifestInputs, TrustedFile, node_file_uri, render_node_manifest
-    from fldsl.compiler.manifest_check import LintContext, validate_manifest
+    from fldsl.compiler.manifest import (
+        ManifestInputs,
+        TrustedFile,
+        lint_context_for,
+        node_file_uri,
+        render_node_manifest,
+    )
+    from fldsl.compiler.manifest_check import validate_manifest
 
     written: dict[str, bytes] = {}
 
@@ -133,13 +139,7 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
         tmpl_name, toml_name = _manifest_names(n.id)
         write(f"{base}/{tmpl_name}", rendered.template)
         write(f"{base}/{toml_name}", rendered.toml)
-        lint = LintContext(
-            production=True,
-            debug_allowed=t.debug,
-            required_trusted=sorted(f.uri for f in inputs.node_files),
-            at_rest_encrypted=t.at_rest == "encrypted",
-        )
-        for finding in validate_manifest(rendered.toml, lint=lint):
+        for finding in validate_manifest(rendered.toml, lint=lint_context_for(inputs)):
             if finding.severity == "error":
                 diags.append(
                     Diagnostic(

@@ -1,14 +1,19 @@
-"""Per-node Gramine v1.9 manifest: the template we ship and the same manifest rendered for this machine.
+"""Per-node Gramine v1.9 manifest: the template we ship and the same manifest rendered for a machine.
 
-Two stages, so the template and the rendered TOML can never describe different enclaves:
+Two stages, so that every rendering of a node describes the same enclave:
 
 1. fldsl's own jinja pass (delimiters ``<< >>`` / ``<% %>``, template ``templates/node.manifest.template.j2``)
-   bakes one node's settings (argv, sizes, the sha256 of plan.json and policy.json) into a Gramine
-   ``.manifest.template``. What is left for Gramine is machine-specific: ``{{ entrypoint }}``,
-   ``{{ arch_libdir }}``, ``{{ gramine.runtimedir() }}`` and ``python.get_sys_path(entrypoint)``.
-2. That template is rendered again either by ``gramine-manifest`` on the deployment host, or here by
-   :func:`render_local`, which fills Gramine's jinja globals from *this* Python (reference/gramine.md §1.1).
-   The local TOML's bytes are the node's simulated measurement (``fldsl.measurement.sim_mr_enclave``).
+   bakes one node's settings (argv, sizes, the sha256 of plan.json and policy.json) into a template. This
+   is machine independent.
+2. :func:`render_stage2` fills what depends on the machine the node runs on: the interpreter, Gramine's
+   runtime folder and the computed list of files that interpreter needs (:mod:`fldsl.compiler.enclave_files`).
+   ``fldsl compile`` renders it for this machine (``<node>.manifest.toml``: its bytes are the node's
+   simulated measurement when it runs without an enclave); ``fldsl compile --sign`` renders it for the
+   entrypoint and gives the result to ``gramine-manifest`` (defaults, schema check, file hashes) and
+   ``gramine-sgx-sign`` (``compiler/sign.py``).
+
+Paths inside the enclave are fixed (``/fldsl/node``, ``/fldsl/run``, ...); on the host every URI is relative
+to the node's working folder, so a build can be moved and signed anywhere.
 
 The runtime reads the rendered TOML back with :func:`trusted_node_files` (pure ``tomllib``; importing this
 module does not import the parser or TensorFlow).
@@ -18,30 +23,24 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import subprocess
 import sys
 import sysconfig
 import tomllib
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from fldsl.compiler.enclave_files import EnclaveFiles
 from fldsl.compiler.manifest_check import LintContext
 from pydantic import BaseModel, ConfigDict, field_validator
 
-# Host folder the deployment puts this node's build folder in; the trusted uris of plan.json / policy.json
-# live under it and the runtime finds them by this prefix (keep it stable: it is part of the measurement).
-NODE_DIR_URI = "file:/fldsl/node/"
-# Paths inside the enclave (see the template's header comment).
-OUTPUT_PATHS = ("/sealed",)
-DATA_PATH = "/data"
-ADDRESSES_URI = "file:/fldsl/run/addresses.json"
-PINS_URI = NODE_DIR_URI + "pins.json"
+# The node's build folder, relative to its working folder on the host (the runner links it there); the
+# trusted uris of plan.json / policy.json live under it and the runtime finds them by this prefix (keep it
+# stable: it is part of the measurement).
+NODE_DIR_URI = "file:node/"
 
-# Where the Debian/Ubuntu Gramine package puts its glibc runtime. Gramine is not installed where fldsl
-# compiles, so the local rendering uses this fixed value (a machine-dependent lookup would make the
-# measurement depend on whether Gramine happens to be installed).
+# Where the Debian/Ubuntu Gramine package puts its glibc runtime. The local rendering uses this fixed value
+# (a lookup would make the compile output depend on whether Gramine happens to be installed); --sign asks
+# the installed Gramine.
 LOCAL_GRAMINE_PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 
 _TEMPLATE = "node.manifest.template.j2"
@@ -103,7 +102,9 @@ class ManifestInputs(BaseModel):
     node_files: list[TrustedFile]  # plan.json / policy.json (with sha256): measured
     intra_op_threads: int = 2
     inter_op_threads: int = 2
-    outputs_encrypted: bool = True  # at_rest encrypted
+    outputs_encrypted: bool = True  # at_rest encrypted (fldsl seals outputs itself; see the template)
+    # How long the node waits for its peers: starting Python + TensorFlow inside an enclave takes a minute.
+    connect_timeout_s: int = 900
 
     @field_validator("node_id")
     @classmethod
@@ -195,76 +196,15 @@ def render_template(inputs: ManifestInputs) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _LocalGramine:
-    """The ``gramine`` jinja global of gramine-manifest, for a Gramine installed in the default place."""
+class _Gramine:
+    """The ``gramine`` jinja global of gramine-manifest, for the Gramine installed in ``pkglibdir``."""
 
-    pkglibdir = LOCAL_GRAMINE_PKGLIBDIR
-    libos = f"{LOCAL_GRAMINE_PKGLIBDIR}/libsysdb.so"
+    def __init__(self, pkglibdir: str) -> None:
+        self.pkglibdir = pkglibdir
+        self.libos = f"{pkglibdir}/libsysdb.so"
 
     def runtimedir(self, libc: str = "glibc") -> str:
-        return f"{LOCAL_GRAMINE_PKGLIBDIR}/runtime/{libc}"
-
-
-@functools.lru_cache(maxsize=4)
-def _interpreter_sys_path(interpreter: str) -> tuple[str, ...]:
-    # Asked of a fresh isolated interpreter (as gramine-manifest does), not of this process: pytest and
-    # other hosts prepend their own entries to sys.path, which must not leak into the measurement.
-    try:
-        out = subprocess.run(
-            [interpreter, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout
-        entries = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        raise ManifestError(f"could not ask {interpreter} for its sys.path: {e}") from e
-    return tuple(str(p) for p in entries if isinstance(p, str) and p)
-
-
-def _fldsl_source_dirs() -> list[str]:
-    """fldsl's own folders (an editable install imports from them though they are not on sys.path)."""
-    from fldsl.measurement import _package_dirs
-
-    return sorted({str(path) for _name, path in _package_dirs()})
-
-
-def local_sys_path(interpreter: str) -> list[PurePosixPath]:
-    """``python.get_sys_path(interpreter)`` as gramine-manifest computes it, plus fldsl's source folders
-    when they lie outside every sys.path entry (editable installs), so the code the node runs is covered.
-    Only existing paths; order as the interpreter reports it, then the source folders sorted."""
-    seen: list[str] = []
-    for p in _interpreter_sys_path(interpreter):
-        if os.path.exists(p) and p not in seen:
-            seen.append(p)
-    for d in _fldsl_source_dirs():
-        if not any(d == s or d.startswith(s.rstrip("/") + "/") for s in seen):
-            seen.append(d)
-    return [_SysPathEntry(p) for p in seen]
-
-
-class _SysPathEntry(PurePosixPath):
-    """A path that answers ``is_dir()`` like gramine-manifest's ``pathlib.Path`` entries do."""
-
-    def is_dir(self) -> bool:
-        return os.path.isdir(str(self))
-
-
-class _LocalPython:
-    """The ``python`` jinja global of gramine-manifest, answered by the interpreter fldsl runs on."""
-
-    def __init__(self) -> None:
-        paths = sysconfig.get_paths()
-        self.stdlib = paths["stdlib"]
-        self.platstdlib = paths["platstdlib"]
-        self.purelib = paths["purelib"]
-        self.distlib = paths["purelib"]
-        self.ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
-        self.implementation = sys.implementation.name
-
-    def get_sys_path(self, interpreter: str) -> list[PurePosixPath]:
-        return local_sys_path(interpreter)
-
-    def get_paths(self, *args: Any, **kwargs: Any) -> dict[str, str]:
-        return sysconfig.get_paths(*args, **kwargs)
+        return f"{self.pkglibdir}/runtime/{libc}"
 
 
 def local_arch_libdir() -> str:
@@ -272,15 +212,28 @@ def local_arch_libdir() -> str:
     return f"/lib/{multiarch}"
 
 
-def render_local(template: str, entrypoint: str | None = None) -> str:
-    """Render a Gramine manifest template the way gramine-manifest would on this machine."""
+def render_stage2(
+    template: str,
+    enclave: EnclaveFiles,
+    *,
+    gramine_pkglibdir: str = LOCAL_GRAMINE_PKGLIBDIR,
+    arch_libdir: str | None = None,
+    qvl_library: str | None = None,
+) -> str:
+    """Stage 2: a node's template rendered for one machine (its interpreter's files, its Gramine). The one
+    renderer of node manifests: ``fldsl compile`` uses it for this machine, ``--sign`` for the entrypoint
+    and hands the result to gramine-manifest, so both describe the same enclave."""
     import jinja2
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    env.globals.update(gramine=_LocalGramine(), python=_LocalPython(), env={})
+    env.filters["toml"] = _toml_value
     try:
         text = env.from_string(template).render(
-            entrypoint=entrypoint or sys.executable, arch_libdir=local_arch_libdir()
+            entrypoint=enclave.entrypoint,
+            arch_libdir=arch_libdir or local_arch_libdir(),
+            gramine=_Gramine(gramine_pkglibdir),
+            enclave=enclave,
+            qvl_library=qvl_library,
         )
     except jinja2.TemplateError as e:
         raise ManifestError(f"manifest template does not render: {e}") from e
@@ -291,24 +244,21 @@ def render_local(template: str, entrypoint: str | None = None) -> str:
     return text
 
 
+def render_local(template: str, interpreter: str | None = None) -> str:
+    """The template rendered for this machine's interpreter (what the simulated measurement covers)."""
+    from fldsl.compiler.enclave_files import EnclaveFilesError, enclave_files
+
+    try:
+        files = enclave_files(interpreter or sys.executable)
+    except EnclaveFilesError as e:
+        raise ManifestError(str(e)) from e
+    return render_stage2(template, files)
+
+
 def render_node_manifest(inputs: ManifestInputs) -> RenderedManifest:
     """The node's Gramine template and the same manifest rendered for this machine (deterministic)."""
     template = render_template(inputs)
     return RenderedManifest(template=template, toml=render_local(template))
-
-
-def gramine_manifest_command(
-    template: str, output: str, entrypoint: str, arch_libdir: str = "/lib/x86_64-linux-gnu"
-) -> list[str]:
-    """The ``gramine-manifest`` call that renders a node's template on the deployment host: the template
-    needs exactly the ``entrypoint`` (the venv's python3, where fldsl is installed) and ``arch_libdir``
-    defines (no trailing slash)."""
-    if not entrypoint.startswith("/"):
-        raise ManifestError(f"the entrypoint must be an absolute path, got {entrypoint!r}")
-    if not arch_libdir.startswith("/") or arch_libdir.endswith("/"):
-        raise ManifestError(f"arch_libdir must be absolute without a trailing /, got {arch_libdir!r}")
-    defines = [f"-Dentrypoint={entrypoint}", f"-Darch_libdir={arch_libdir}"]
-    return ["gramine-manifest", *defines, template, output]
 
 
 def lint_context_for(inputs: ManifestInputs) -> LintContext:
@@ -318,6 +268,9 @@ def lint_context_for(inputs: ManifestInputs) -> LintContext:
         debug_allowed=inputs.debug,
         required_trusted=sorted(f.uri for f in inputs.node_files),
         at_rest_encrypted=inputs.outputs_encrypted,
+        # Outputs are sealed by the node (fldsl.runtime.sealing) before they reach run/, not by a Gramine
+        # encrypted mount: the mount's MRENCLAVE key does not exist under gramine-direct.
+        output_paths=[],
     )
 
 

@@ -1,12 +1,15 @@
 """``fldsl compile --sign KEY``: sign every node with Gramine and pin the real SGX identities.
 
-On the SGX deployment host (gramine.md §3), per node directory::
+On the deployment host (gramine.md §3), per node directory: fldsl renders the node's template for the
+entrypoint interpreter (``fldsl.compiler.manifest.render_stage2``: that interpreter's computed file list and
+the installed Gramine's runtime), then, in a scratch folder where ``node/`` is the node directory::
 
-    gramine-manifest -Dentrypoint=… -Darch_libdir=… X.manifest.template X.manifest
-    gramine-sgx-sign --key KEY --manifest X.manifest --output X.manifest.sgx --sigfile X.sig
-    gramine-sgx-sigstruct-view --output-format json X.sig
+    gramine-manifest X.rendered.toml node/X.manifest        (defaults, schema check, every file hashed)
+    gramine-sgx-sign --key KEY --manifest node/X.manifest --output node/X.manifest.sgx --sigfile node/X.sig
+    gramine-sgx-sigstruct-view --output-format json node/X.sig
 
-then the real MRENCLAVE / MRSIGNER / isv values replace the simulated ones in ``pins.json`` of EVERY node
+then the real MRENCLAVE / MRSIGNER / isv values (and the simulated measurement of the signed manifest, what
+the node reports under gramine-direct) replace the simulated ones in ``pins.json`` of EVERY node
 (they must stay identical: peers compare pin-table digests) and in ``pipeline.json``. MRSIGNER is also
 computed from the key itself (SHA-256 of the little-endian RSA-3072 modulus) and must agree with the tool's
 output, so a wrong key or a tampered tool output is caught. All nodes are signed before anything is
@@ -19,11 +22,15 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fldsl.compiler.enclave_files import EnclaveFiles, EnclaveFilesError, enclave_files
+from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
 from fldsl.runtime.attestation._crypto import mr_signer_of
 
 from fldsl.artifacts import (
@@ -35,6 +42,7 @@ from fldsl.artifacts import (
     load_model,
     sha256_hex,
 )
+from fldsl.measurement import sim_mr_enclave_gramine
 
 TOOLS = ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view")
 TOOL_TIMEOUT_S = 600
@@ -58,6 +66,7 @@ class SignedNode:
     isv_prod_id: int
     isv_svn: int
     debug: bool
+    sim_mr_enclave: str  # what this node reports under gramine-direct (simulated quotes)
 
 
 def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
@@ -123,17 +132,31 @@ def _parse_sigstruct_view(text: str, sig: Path) -> dict[str, object]:
 
 
 def _local_arch_libdir() -> str:
-    try:
-        from fldsl.compiler.manifest import local_arch_libdir
+    from fldsl.compiler.manifest import local_arch_libdir
 
-        return local_arch_libdir()
-    except ImportError:  # renderer not available: Debian/Ubuntu default
-        return "/lib/x86_64-linux-gnu"
+    return local_arch_libdir()
+
+
+def gramine_pkglibdir() -> str:
+    """The library folder of the Gramine on PATH, as gramine-manifest itself reports it."""
+    text = _run(["gramine-manifest", "--no-check", "-c", 'libos.entrypoint = "{{ gramine.pkglibdir }}"'],
+                Path.cwd())
+    try:
+        value = tomllib.loads(text)["libos"]["entrypoint"]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+        raise SignError(f"gramine-manifest did not report its library folder: {e}") from None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise SignError(f"gramine-manifest reported an odd library folder: {value!r}")
+    return value
 
 
 def sign_node(
-    node_dir: Path, key: Path, *, entrypoint: str, arch_libdir: str, expected_mr_signer: str
+    node_dir: Path, key: Path, *, files: EnclaveFiles, pkglibdir: str, arch_libdir: str,
+    expected_mr_signer: str,
 ) -> SignedNode:
+    """Render, hash, sign one node; leaves <stem>.manifest, <stem>.manifest.sgx and <stem>.sig in node_dir."""
+    from fldsl.compiler.manifest import ManifestError, render_stage2
+
     node_id = node_dir.name
     templates = sorted(node_dir.glob("*.manifest.template"))
     if len(templates) != 1:
@@ -143,40 +166,37 @@ def sign_node(
         )
     template = templates[0]
     stem = template.name.removesuffix(".manifest.template")  # e.g. "trainer" for node media.trainer
-    manifest = node_dir / f"{stem}.manifest"
-    sgx = node_dir / f"{stem}.manifest.sgx"
-    sig = node_dir / f"{stem}.sig"
-    _run(
-        [
-            "gramine-manifest",
-            f"-Dentrypoint={entrypoint}",
-            f"-Darch_libdir={arch_libdir}",
-            template.name,
-            manifest.name,
-        ],
-        node_dir,
-    )
-    _run(
-        [
-            "gramine-sgx-sign",
-            "--key",
-            str(Path(key).resolve()),
-            "--manifest",
-            manifest.name,
-            "--output",
-            sgx.name,
-            "--sigfile",
-            sig.name,
-        ],
-        node_dir,
-    )
-    view = _parse_sigstruct_view(
-        _run(["gramine-sgx-sigstruct-view", "--output-format", "json", sig.name], node_dir), sig
-    )
+    try:
+        rendered = render_stage2(template.read_text(), files, gramine_pkglibdir=pkglibdir,
+                                 arch_libdir=arch_libdir)
+    except ManifestError as e:
+        raise SignError(f"{node_id}: {e}") from None
+    # The manifest's host URIs are relative to the node's working folder (node/plan.json, ...): run the
+    # tools in a scratch folder laid out the same way.
+    with tempfile.TemporaryDirectory(prefix="fldsl-sign-") as scratch:
+        work = Path(scratch)
+        (work / "node").symlink_to(node_dir.resolve(), target_is_directory=True)
+        (work / PYCACHE_DIR).symlink_to((node_dir / ".." / ".." / PYCACHE_DIR).resolve(),
+                                        target_is_directory=True)
+        (work / f"{stem}.rendered.toml").write_text(rendered)
+        _run(["gramine-manifest", f"{stem}.rendered.toml", f"node/{stem}.manifest"], work)
+        _run(
+            [
+                "gramine-sgx-sign", "--key", str(Path(key).resolve()),
+                "--manifest", f"node/{stem}.manifest",
+                "--output", f"node/{stem}.manifest.sgx",
+                "--sigfile", f"node/{stem}.sig",
+            ],
+            work,
+        )
+        view = _parse_sigstruct_view(
+            _run(["gramine-sgx-sigstruct-view", "--output-format", "json", f"node/{stem}.sig"], work),
+            node_dir / f"{stem}.sig",
+        )
     if view["mr_signer"] != expected_mr_signer:
         raise SignError(
-            f"{sig}: MRSIGNER {view['mr_signer']} from gramine-sgx-sigstruct-view does not match "
-            f"{expected_mr_signer} computed from {key} — signed with another key?"
+            f"{node_dir / (stem + '.sig')}: MRSIGNER {view['mr_signer']} from gramine-sgx-sigstruct-view "
+            f"does not match {expected_mr_signer} computed from {key} — signed with another key?"
         )
     return SignedNode(
         node_id=node_id,
@@ -185,6 +205,7 @@ def sign_node(
         isv_prod_id=int(view["isv_prod_id"]),  # type: ignore[call-overload]
         isv_svn=int(view["isv_svn"]),  # type: ignore[call-overload]
         debug=bool(view["debug"]),
+        sim_mr_enclave=sim_mr_enclave_gramine((node_dir / f"{stem}.manifest").read_bytes()),
     )
 
 
@@ -219,11 +240,19 @@ def sign_build(
             raise SignError(f"{d / 'pins.json'} differs from {node_dirs[0] / 'pins.json'}; recompile first")
     entry = entrypoint or sys.executable
     libdir = arch_libdir or _local_arch_libdir()
+    try:
+        files = enclave_files(entry)
+        pycache = build_pycache(entry, files.trusted, build_dir / PYCACHE_DIR)
+    except (EnclaveFilesError, PycacheError) as e:
+        raise SignError(str(e)) from None
+    files = files.model_copy(update={"pycache": pycache})
+    pkglibdir = gramine_pkglibdir()
     signed: list[SignedNode] = []
     for d in node_dirs:
         if d.name not in pins.nodes:
             raise SignError(f"{d}: node {d.name!r} is not in pins.json")
-        s = sign_node(d, key, entrypoint=entry, arch_libdir=libdir, expected_mr_signer=mr_signer)
+        s = sign_node(d, key, files=files, pkglibdir=pkglibdir, arch_libdir=libdir,
+                      expected_mr_signer=mr_signer)
         compiled = pins.nodes[d.name]
         if s.isv_prod_id != compiled.isv_prod_id:
             raise SignError(
@@ -248,6 +277,7 @@ def sign_build(
             isv_svn_min=pins.nodes[s.node_id].isv_svn_min,
             debug=s.debug,
             measurement_kind="sgx",
+            sim_mr_enclave=s.sim_mr_enclave,
         )
     pins_text = dump_json(pins)
     by_id = {s.node_id: s for s in signed}

@@ -13,7 +13,10 @@ Layout of a build directory::
         policy.json                    Policy: what it may send/receive     (measured: a trusted file)
         pins.json                      Pins: identities of every node       (NOT measured, see below)
         <node>.manifest.template       Gramine v1.9 manifest template (jinja)
-        <node>.manifest.toml           the same rendered; lists plan/policy with their sha256
+        <node>.manifest.toml           the same rendered for this machine; lists plan/policy with their sha256
+      after `fldsl compile --sign KEY` (compiler/sign.py), also:
+        <node>.manifest                what gramine-manifest made of the rendering (every file hashed)
+        <node>.manifest.sgx, <node>.sig    gramine-sgx-sign's output: what gramine-sgx runs, the SIGSTRUCT
 
 Why pins are not measured: if node A's measured files pinned B's measurement and B's pinned A's, each
 measurement would depend on the other (a hash cycle). Instead every node of a deployment carries the same
@@ -228,6 +231,18 @@ class Plan(_Model):
     receives: list[str] = Field(default_factory=list)  # Flow ids this node receives
     tasks: list[Task]
     export: str | None = None  # logical name of the exported (sealed) model, e.g. "media.trainer/model"
+    # The model owner's public key (PEM; `fldsl compile --owner-key PARTY=PUB.pem`): the export is also
+    # written encrypted to it (fldsl.runtime.owner_export), since a sealed export opens only inside the
+    # enclave. Kept in the plan so it is measured: a host cannot swap in a key of its own.
+    export_recipient: str | None = Field(default=None, max_length=16384)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_recipient(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when set, so plans (and measurements) without an owner key keep their bytes.
+        data = handler(self)
+        if self.export_recipient is None:
+            data.pop("export_recipient", None)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,11 +278,22 @@ class Identity(_Model):
     """The identity a node's quote must show."""
 
     mr_enclave: list[str]  # hex; any one matches. Simulated unless measurement_kind == "sgx"
+    # A signed build ("sgx") run under gramine-direct reports a simulated quote: its mr_enclave is
+    # fldsl.measurement.sim_mr_enclave_gramine over the signed manifest, pinned here (None: unsigned build).
+    sim_mr_enclave: str | None = None
     mr_signer: str | None = None  # hex; None = not checked (mr_enclave is the stronger pin)
     isv_prod_id: int
     isv_svn_min: int
     debug: bool = False  # the node's enclave is built with sgx.debug = true
     measurement_kind: Literal["simulated", "sgx"] = "simulated"
+
+    @model_serializer(mode="wrap")
+    def _omit_unsigned_sim(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only for signed builds, so unsigned pin tables keep their bytes (and digests).
+        data = handler(self)
+        if self.sim_mr_enclave is None:
+            data.pop("sim_mr_enclave", None)
+        return data
 
 
 class Pins(_Model):

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SIM_DOMAIN = b"fldsl-sim-mrenclave/1\0"
+SIM_GRAMINE_DOMAIN = b"fldsl-sim-mrenclave/gramine/1\0"
 # Files of the installed package that make up "the code" of a node.
 CODE_SUFFIXES = (".py", ".lark", ".j2", ".flp", ".proto")
 
@@ -75,3 +76,13 @@ def sim_mr_enclave(manifest_toml: bytes, code: str | None = None) -> str:
     h.update(b"\0")
     h.update((code or code_digest()).encode())
     return h.hexdigest()
+
+
+def sim_mr_enclave_gramine(signed_manifest: bytes) -> str:
+    """The simulated MRENCLAVE (hex) of a signed node running under ``gramine-direct``.
+
+    The manifest gramine-manifest wrote lists every trusted file with its sha256 (interpreter, libraries,
+    fldsl's code, plan and policy), and gramine-direct refuses any file whose content differs, so a hash of
+    the manifest alone covers the code: no separate code digest. The real MRENCLAVE (what gramine-sgx
+    reports) is computed by gramine-sgx-sign from the same file and pinned beside it."""
+    return hashlib.sha256(SIM_GRAMINE_DOMAIN + signed_manifest).hexdigest()

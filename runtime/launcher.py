@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fldsl.runtime import enclave_runner
+from fldsl.runtime.enclave_runner import Enclave
 from fldsl.runtime.progress import parse_line
 
 from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
@@ -31,7 +33,12 @@ GRACE_S = 10.0
 
 
 class LaunchError(Exception):
-    """The run cannot start (bad build dir, no free port); user-facing."""
+    """The run cannot start (bad build dir, no free port); user-facing. ``exit_code``: 2 input, 4 a tool
+    is missing."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -52,6 +59,7 @@ class NodeState:
     exit_code: int | None = None
     restarting: bool = False
     restarts: int = 0
+    attestation: dict[str, Any] = field(default_factory=dict)  # backend, simulated, runner (from the node)
 
 
 @dataclass
@@ -62,11 +70,12 @@ class RunResult:
     nodes: dict[str, NodeState]
     seconds: float
     interrupted: bool = False
+    enclave: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pipeline": self.pipeline, "run_dir": str(self.run_dir),
                                "exit_code": self.exit_code, "seconds": round(self.seconds, 3),
-                               "interrupted": self.interrupted, "nodes": {}}
+                               "interrupted": self.interrupted, "enclave": self.enclave, "nodes": {}}
         for nid, st in sorted(self.nodes.items()):
             done = st.done or {}
             out["nodes"][nid] = {
@@ -75,6 +84,7 @@ class RunResult:
                 "examples_per_s": done.get("examples_per_s", st.examples_per_s),
                 "bytes_sent": done.get("bytes_sent", {}), "bytes_received": done.get("bytes_received", {}),
                 "exports": done.get("exports", {}), "log": str(st.log_path) if st.log_path else None,
+                "attestation": st.attestation,
             }
         return out
 
@@ -161,8 +171,9 @@ class Launcher:
     """Starts the nodes of a build dir and follows them until all end (or one fails)."""
 
     def __init__(self, build_dir: Path, *, run_dir: Path, trust_dir: Path, display: Any = None,
-                 node_args: dict[str, list[str]] | None = None) -> None:
+                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none") -> None:
         self.build_dir = build_dir.resolve()
+        self.enclave: Enclave = enclave
         self.run_dir = run_dir.resolve()
         self.trust_dir = trust_dir.resolve()
         self.ids = node_ids(self.build_dir)
@@ -182,6 +193,8 @@ class Launcher:
         with self._lock:
             if kind == "phase":
                 st.phase = str(ev.get("name"))
+            elif kind == "attested":
+                st.attestation = {k: ev[k] for k in ("backend", "simulated", "runner") if k in ev}
             elif kind == "plan":
                 st.total = ev.get("total_steps")
                 st.step = ev.get("resumed_from") or 0
@@ -201,6 +214,9 @@ class Launcher:
                 st.metrics = dict(ev.get("metrics") or {})
                 st.history.append({"epoch": ev.get("epoch"), **st.metrics})
             elif kind == "done":
+                if self.enclave != "none":  # the node names its files by their enclave paths
+                    ev["exports"] = {k: enclave_runner.host_path(v, self.run_dir)
+                                     for k, v in (ev.get("exports") or {}).items()}
                 st.done = ev
                 st.phase = "done"
             elif kind == "error":
@@ -237,11 +253,16 @@ class Launcher:
             self._spawn(st)
 
     def _spawn(self, st: NodeState) -> None:
-        cmd = node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
-                           self.trust_dir, self.node_args.get(st.id))
+        cwd: Path | None = None
+        if self.enclave == "none":
+            cmd = node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
+                               self.trust_dir, self.node_args.get(st.id))
+        else:  # the manifest fixes the node's command line: nothing to pass but the manifest
+            cmd, cwd = enclave_runner.prepare(self.build_dir, st.id, self.run_dir, self.trust_dir,
+                                              self.enclave)
         err = open(st.log_path, "a", encoding="utf-8")  # type: ignore[arg-type]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                text=True, bufsize=1, env=node_env())
+                                text=True, bufsize=1, env=node_env(), cwd=cwd)
         err.close()
         st.proc = proc
         threading.Thread(target=self._reader, args=(st, proc), daemon=True, name=f"read-{st.id}").start()
@@ -336,16 +357,21 @@ def tail(path: Path | None, n: int = 15) -> list[str]:
 
 def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Path | None = None,
                  trust_dir: Path = Path(".fldsl/trust"), display: Any = None,
-                 node_args: dict[str, list[str]] | None = None) -> RunResult:
+                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none") -> RunResult:
     """Run every node of a build dir on this machine; returns when all have ended."""
     ensure_trust(trust_dir)
     ids = node_ids(build_dir)
+    try:
+        enclave_runner.check_runnable(build_dir, ids, enclave)
+    except enclave_runner.EnclaveError as e:
+        raise LaunchError(str(e), e.exit_code) from None
     pipeline = pipeline_name(build_dir, ids)
     if run_dir is None:
         run_dir = new_run_dir(runs_root, pipeline)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
-    launcher = Launcher(build_dir, run_dir=run_dir, trust_dir=trust_dir, display=display, node_args=node_args)
+    launcher = Launcher(build_dir, run_dir=run_dir, trust_dir=trust_dir, display=display, node_args=node_args,
+                        enclave=enclave)
     t0 = time.monotonic()
     if display is not None:
         display.begin(launcher)
@@ -356,6 +382,6 @@ def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Pa
         if display is not None:
             display.end()
     result = RunResult(pipeline=pipeline, run_dir=run_dir, exit_code=code, nodes=launcher.nodes,
-                       seconds=time.monotonic() - t0, interrupted=interrupted)
+                       seconds=time.monotonic() - t0, interrupted=interrupted, enclave=enclave)
     result.first_failure = launcher.first_failure  # type: ignore[attr-defined]
     return result

@@ -80,6 +80,11 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+RUNNERS = {"none": "no enclave (plain processes)", "gramine-direct": "Gramine LibOS (gramine-direct, no SGX)",
+           "gramine-sgx": "SGX enclaves (gramine-sgx)"}
+SIM_CLAIM = "the compiled plan and code ran with this deployment's keys; not isolation from the host"
+
+
 def print_summary(console: Any, result: Any) -> None:
     from rich.table import Table
 
@@ -100,6 +105,11 @@ def print_summary(console: Any, result: Any) -> None:
                       f"{n['examples_per_s']:,.0f}" if n["examples_per_s"] else "-",
                       _fmt_bytes(sent) if sent else "-", models or "-")
     console.print(table)
+    backends = ", ".join(sorted({n["attestation"]["backend"] for n in doc["nodes"].values()
+                                 if n.get("attestation", {}).get("backend")})) or "?"
+    runner = RUNNERS.get(doc.get("enclave", "none"), doc.get("enclave"))
+    simulated = f" — SIMULATED: {SIM_CLAIM}" if "sim" in backends else ""
+    console.print(f"runner: {runner}; attestation: {backends}{simulated}", highlight=False)
     flows: dict[str, int] = {}
     for n in doc["nodes"].values():
         for f, b in (n["bytes_sent"] or {}).items():
@@ -139,8 +149,11 @@ def print_summary(console: Any, result: Any) -> None:
               help="simulated trust material (created on first use)")
 @click.option("--addresses", type=click.Path(path_type=Path),
               help="--node only: addresses.json (default <run-dir>/addresses.json)")
+@click.option("--enclave", type=click.Choice(["none", "gramine-direct", "gramine-sgx"]), default="none",
+              show_default=True,
+              help="start each node inside Gramine from the signed build (fldsl compile --sign KEY)")
 def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None, run_dir: Path | None,
-            trust_dir: Path, addresses: Path | None) -> None:
+            trust_dir: Path, addresses: Path | None, enclave: str) -> None:
     """Run a pipeline: every node as a local process over attested gRPC, with live progress."""
     from rich.console import Console
 
@@ -156,10 +169,11 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
             # Logs and CI capture output: Rich's 80-column default would wrap the summary table unreadably.
             console.width = 140
         display = None if as_json else RichDisplay(console)
-        result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display)
+        result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display,
+                                enclave=enclave)  # type: ignore[arg-type]
     except L.LaunchError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_INPUT)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the launcher's wait loop (during start-up)
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

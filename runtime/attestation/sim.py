@@ -48,7 +48,7 @@ from fldsl.runtime.attestation.quote import (
 )
 
 from fldsl.artifacts import Identity
-from fldsl.measurement import sim_mr_enclave
+from fldsl.measurement import sim_mr_enclave, sim_mr_enclave_gramine
 
 ROOT_CN = "fldsl SIMULATED SGX Root CA — not Intel"
 PCK_CN = "fldsl SIMULATED SGX PCK Certificate — not Intel"
@@ -228,12 +228,15 @@ class SimBackend:
     kind = "sim"
 
     def __init__(
-        self, deployment: SimDeployment, *, mr_enclave: bytes, isv_prod_id: int, isv_svn: int, debug: bool
+        self, deployment: SimDeployment, *, mr_enclave: bytes, isv_prod_id: int, isv_svn: int, debug: bool,
+        mr_signer: bytes | None = None,
     ) -> None:
         if len(mr_enclave) != 32:
             raise AttestationError("mr_enclave must be 32 bytes")
         self.deployment = deployment
         self.mr_enclave = mr_enclave
+        # The deployment's simulated signing key, unless the node was signed (gramine-direct: the SIGSTRUCT's)
+        self.mr_signer = mr_signer or deployment.mr_signer
         self.isv_prod_id = isv_prod_id
         self.isv_svn = isv_svn
         self.debug = debug
@@ -252,6 +255,26 @@ class SimBackend:
             debug=identity.debug,
         )
 
+    @classmethod
+    def for_signed_node(
+        cls, trust_dir: Path | str, *, signed_manifest: bytes, sigstruct: bytes
+    ) -> SimBackend:
+        """The backend of a signed node under gramine-direct, which has no /dev/attestation: it reports
+        what SGX hardware would take from the SIGSTRUCT (checked like EINIT checks it: signer, ISV values,
+        debug), except MRENCLAVE, which only the hardware can measure; in its place the simulated
+        measurement of the manifest Gramine runs (fldsl.measurement.sim_mr_enclave_gramine)."""
+        from fldsl.runtime.attestation.sigstruct import parse_sigstruct
+
+        sig = parse_sigstruct(sigstruct)
+        return cls(
+            SimDeployment.load(trust_dir),
+            mr_enclave=bytes.fromhex(sim_mr_enclave_gramine(signed_manifest)),
+            isv_prod_id=sig.isv_prod_id,
+            isv_svn=sig.isv_svn,
+            debug=sig.debug,
+            mr_signer=sig.mr_signer,
+        )
+
     def quote(self, report_data: bytes) -> bytes:
         if len(report_data) != 64:
             raise AttestationError(f"report_data must be exactly 64 bytes, got {len(report_data)}")
@@ -267,7 +290,7 @@ class SimBackend:
         flags = FLAG_INIT | FLAG_MODE64BIT | (FLAG_DEBUG if self.debug else 0)
         body = make_report_body(
             mr_enclave=self.mr_enclave,
-            mr_signer=dep.mr_signer,
+            mr_signer=self.mr_signer,
             isv_prod_id=self.isv_prod_id,
             isv_svn=self.isv_svn,
             report_data=report_data,

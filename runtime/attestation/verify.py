@@ -100,7 +100,12 @@ def check_identity(
         raise _refuse(
             who, "attributes", "INIT|MODE64BIT set, PROVISIONKEY|EINITTOKEN_KEY clear", f"{flags:#x}"
         )
-    pinned = [m.lower() for m in identity.mr_enclave]
+    if quote.is_simulated and identity.measurement_kind == "sgx":
+        # A signed build under gramine-direct: its simulated quote carries the simulated measurement of
+        # the signed manifest, pinned beside the real MRENCLAVE at sign time.
+        pinned = [(identity.sim_mr_enclave or "").lower()]
+    else:
+        pinned = [m.lower() for m in identity.mr_enclave]
     actual = quote.mr_enclave.hex()
     if actual not in pinned:
         expected = pinned[0] if len(pinned) == 1 else "one of " + ", ".join(pinned)
@@ -227,7 +232,9 @@ class PeerVerifier:
             actual = ev.pins_digest.hex() if ev.pins_digest is not None else "none"
             raise _refuse(node, "pins", self.own_pins_digest.hex(), actual)
         identity = self.pins.nodes[node]
-        if quote.is_simulated and identity.measurement_kind == "sgx":
+        if quote.is_simulated and identity.measurement_kind == "sgx" and identity.sim_mr_enclave is None:
+            # Signed, but without the simulated measurement of the signed manifest (what gramine-direct
+            # reports): only real quotes can match.
             raise _refuse(
                 node, "attestation_mode", "real SGX (pins hold real measurements)", "simulated quote"
             )
