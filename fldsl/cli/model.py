@@ -1,4 +1,4 @@
-"""``fldsl model decrypt``: the model owner opens an exported (sealed) model."""
+"""``fldsl model decrypt``: the model owner opens an exported model (sealed, or encrypted to their key)."""
 
 from __future__ import annotations
 
@@ -27,22 +27,59 @@ def command() -> None:
     show_default=True,
     help="The deployment's sealing key (sim: sealing.key from `fldsl trust init`).",
 )
-@click.option("--node", "node_id", required=True, help="Node id that sealed the model, e.g. media.trainer.")
-@click.option("--name", required=True, help="Logical name of the export, e.g. media.trainer/model.")
+@click.option(
+    "--owner-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The owner's private key: opens a model exported to `--owner-key` at compile time (*.owner).",
+)
+@click.option("--node", "node_id", default=None, help="Node id that exported the model, e.g. media.trainer.")
+@click.option("--name", default=None, help="Logical name of the export, e.g. media.trainer/model.")
 @click.option("--min-version", type=int, default=None, help="Refuse versions older than this (rollback).")
 def decrypt(
-    sealed: Path, output: Path, key_file: Path, node_id: str, name: str, min_version: int | None
+    sealed: Path,
+    output: Path,
+    key_file: Path,
+    owner_key: Path | None,
+    node_id: str | None,
+    name: str | None,
+    min_version: int | None,
 ) -> None:
-    """Authenticate and decrypt SEALED into OUTPUT (written only if every chunk authenticates)."""
+    """Authenticate and decrypt SEALED into OUTPUT (written only if every chunk authenticates).
+
+    A sealed file needs --node and --name; a file encrypted to the owner names them in its authenticated
+    header (given, they must match)."""
+    from fldsl.runtime.owner_export import is_owner_export
+
+    if not sealed.is_file():
+        click.echo(f"error: {sealed}: no such file", err=True)
+        sys.exit(EXIT_INPUT)
+    try:
+        owner_file = is_owner_export(sealed)
+    except OSError as e:
+        click.echo(f"error: {sealed}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+    if owner_file != (owner_key is not None):
+        why = ("is encrypted to an owner key: pass --owner-key PRIVATE.pem" if owner_file else
+               "is sealed, not encrypted to an owner key: drop --owner-key (it opens with --key-file)")
+        click.echo(f"error: {sealed} {why}", err=True)
+        sys.exit(EXIT_INPUT)
+    if owner_key is not None:
+        _decrypt_owner(sealed, output, owner_key, node_id, name)
+    else:
+        if node_id is None or name is None:
+            raise click.UsageError("a sealed model needs --node and --name")
+        _unseal(sealed, output, key_file, node_id, name, min_version)
+
+
+def _unseal(sealed: Path, output: Path, key_file: Path, node_id: str, name: str, min_version: int | None
+            ) -> None:
     from fldsl.runtime.sealing import SealError, unseal_file
 
     try:
         key = key_file.read_bytes()
     except OSError as e:
         click.echo(f"error: cannot read key file {key_file}: {e.strerror}", err=True)
-        sys.exit(EXIT_INPUT)
-    if not sealed.is_file():
-        click.echo(f"error: {sealed}: no such file", err=True)
         sys.exit(EXIT_INPUT)
     try:
         header = unseal_file(sealed, output, key=key, node_id=node_id, name=name, min_version=min_version)
@@ -54,3 +91,27 @@ def decrypt(
         sys.exit(EXIT_INPUT)
     total = getattr(header, "total_length", None)
     click.echo(f"decrypted {sealed} -> {output} ({total} bytes, version {getattr(header, 'version', '?')})")
+
+
+def _decrypt_owner(src: Path, output: Path, owner_key: Path, node_id: str | None, name: str | None) -> None:
+    from fldsl.runtime.owner_export import MAX_PEM, OwnerExportError, OwnerKeyError, decrypt_file
+
+    try:
+        with open(owner_key, "rb") as f:
+            pem = f.read(MAX_PEM + 1)
+    except OSError as e:
+        click.echo(f"error: cannot read owner key {owner_key}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+    try:
+        header = decrypt_file(src, output, private_pem=pem, node_id=node_id, name=name)
+    except OwnerKeyError as e:
+        click.echo(f"error: {owner_key}: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    except OwnerExportError as e:
+        click.echo(f"error: {src}: {e}", err=True)
+        sys.exit(EXIT_INPUT if e.reason == "format" else EXIT_TRUST)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    click.echo(f"decrypted {src} -> {output} ({header.length} bytes, exported by {header.node} as "
+               f"{header.name}, {header.alg})")

@@ -68,6 +68,7 @@ class RoleContext:
     stop: threading.Event = field(default_factory=threading.Event)
     recv_timeout_s: float = 300.0
     exports: dict[str, str] = field(default_factory=dict)
+    owner_exports: dict[str, str] = field(default_factory=dict)  # export name -> file encrypted to its owner
     # Link generations seen when the role (re)started, the peer whose restart is being handled, and the
     # highest step this node has worked on (bounds the stale messages to drop after a restart).
     generations: dict[str, int] = field(default_factory=dict)
@@ -448,7 +449,9 @@ def with_checkpoint_writer(ctx: RoleContext, body: Callable[[CheckpointWriter], 
 
 
 def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) -> Path | None:
-    """Seal the node's part of the trained model under the plan's export name."""
+    """Seal the node's part of the trained model under the plan's export name; when the plan names the
+    owner's public key (``export_recipient``), also write it encrypted to that key (``<name>.owner``): a
+    sealed file opens only inside the enclave (under SGX its key is bound to MRENCLAVE)."""
     if ctx.plan.export is None:
         return None
     from fldsl.runtime import sealing
@@ -458,10 +461,19 @@ def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) 
     safe = ctx.plan.export.replace("/", "_")
     dst = ctx.run_dir / "models" / f"{safe}.sealed"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    sealing.seal_file(buf.getvalue(), dst, key=ctx.seal_key, node_id=ctx.node, name=ctx.plan.export,
-                      version=1)
+    data = buf.getvalue()
+    sealing.seal_file(data, dst, key=ctx.seal_key, node_id=ctx.node, name=ctx.plan.export, version=1)
     ctx.exports[ctx.plan.export] = str(dst)
-    ctx.progress.emit("export", name=ctx.plan.export, path=str(dst))
+    owner: dict[str, str] = {}
+    if ctx.plan.export_recipient is not None:
+        from fldsl.runtime.owner_export import encrypt_file
+
+        owner_dst = dst.with_name(f"{safe}.owner")
+        encrypt_file(data, owner_dst, recipient_pem=ctx.plan.export_recipient, node_id=ctx.node,
+                     name=ctx.plan.export)
+        ctx.owner_exports[ctx.plan.export] = str(owner_dst)
+        owner["owner_path"] = str(owner_dst)
+    ctx.progress.emit("export", name=ctx.plan.export, path=str(dst), **owner)
     return dst
 
 
