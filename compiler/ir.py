@@ -90,10 +90,20 @@ class Program(_M):
     trust: IRTrust
     flows: list[Flow]
     _warnings: list[Any] = PrivateAttr(default_factory=list)  # fldsl.diagnostics.Diagnostic
+    # party -> the model owner's public key PEM (`fldsl compile --owner-key`); lowered into the plans of the
+    # party's exporting nodes. Private: it is a compile option, not part of the checked IR in pipeline.json.
+    _owner_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
     def warnings(self) -> list[Any]:
         return list(self._warnings)
+
+    @property
+    def owner_keys(self) -> dict[str, str]:
+        return dict(self._owner_keys)
+
+    def set_owner_keys(self, keys: dict[str, str]) -> None:
+        self._owner_keys = dict(keys)
 
     def node(self, node_id: str) -> IRNode:
         return next(n for n in self.nodes if n.id == node_id)

@@ -284,6 +284,15 @@ def peers_of(p: Program, n: IRNode) -> list[PeerRef]:
     return out
 
 
+def exporting_parties(p: Program) -> dict[str, list[str]]:
+    """party -> its nodes that export a model (the nodes an owner key applies to)."""
+    out: dict[str, list[str]] = {}
+    for n in p.nodes:
+        if any(t.kind == "export" for t in node_tasks(p, n)):
+            out.setdefault(n.party, []).append(n.id)
+    return out
+
+
 def plan_for(p: Program, n: IRNode) -> Plan:
     ops = [op.model_copy(update={"party": n.party}) for op in p.ops if op.output in n.ops]
     loss: LossSpec | None = p.loss.model_copy(update={"party": n.party}) if n.has_loss else None
@@ -310,6 +319,7 @@ def plan_for(p: Program, n: IRNode) -> Plan:
         receives=sorted(f.id for f in p.flows if f.dst == n.id),
         tasks=node_tasks(p, n),
         export=f"{n.id}/model" if exports else None,
+        export_recipient=p.owner_keys.get(n.party) if exports else None,
     )
 
 

@@ -63,14 +63,19 @@ def compile_pipeline(
     out_dir: str | Path | None = None,
     params: Mapping[str, str] | None = None,
     target: str | None = None,
+    owner_keys: Mapping[str, str] | None = None,
 ) -> CompileResult:
     """Check and emit ``build/<pipeline>/`` (or ``out_dir``); ``target`` ("kubernetes" or "compose") also
-    writes ``deploy/`` (see :mod:`fldsl.compiler.deploy`)."""
+    writes ``deploy/`` (see :mod:`fldsl.compiler.deploy`). ``owner_keys``: party -> the model owner's
+    public key PEM; the party's exporting nodes also write their model encrypted to it
+    (``Plan.export_recipient``)."""
     from fldsl.compiler.emit import emit
 
     path = Path(path)
     source = _read_source(path)
     program = check_source(source, str(path), params, path.resolve().parent)
+    if owner_keys:
+        program.set_owner_keys(_owner_keys(program, owner_keys, str(path)))
     out = Path(out_dir) if out_dir is not None else Path("build") / program.pipeline
     try:
         result = emit(program, source, out, str(path))
@@ -88,6 +93,35 @@ def compile_pipeline(
         raise FldslError(
             [Diagnostic("error", f"cannot write the build directory {out}: {e}", str(path))]
         ) from None
+
+
+def _owner_keys(program: Program, keys: Mapping[str, str], file: str) -> dict[str, str]:
+    """Check ``--owner-key`` parties (they must export a model) and keys; canonical PEM per party."""
+    from fldsl.compiler.lower import exporting_parties
+    from fldsl.diagnostics import did_you_mean
+    from fldsl.runtime.owner_export import OwnerKeyError, public_key_pem
+
+    exporting = exporting_parties(program)
+    parties = [p.name for p in program.parties]
+    diags: list[Diagnostic] = []
+    out: dict[str, str] = {}
+    for party, pem in sorted(keys.items()):
+        if party not in parties:
+            best = did_you_mean(party, parties)
+            msg = f"--owner-key: no party `{party}` in pipeline {program.pipeline}"
+            diags.append(Diagnostic("error", msg, file, hint=f"did you mean `{best}`?" if best else None))
+        elif party not in exporting:
+            diags.append(Diagnostic(
+                "error", f"--owner-key: party `{party}` exports no model", file,
+                hint="parties that export one: " + (", ".join(sorted(exporting)) or "none")))
+        else:
+            try:
+                out[party] = public_key_pem(pem, f"--owner-key {party}")
+            except OwnerKeyError as e:
+                diags.append(Diagnostic("error", str(e), file))
+    if diags:
+        raise FldslError(diags)
+    return out
 
 
 def task_graph(program: Program) -> nx.DiGraph:

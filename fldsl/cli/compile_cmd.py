@@ -32,19 +32,33 @@ from fldsl.diagnostics import FldslError
     help="Sign every node with this RSA-3072 key and pin the real MRENCLAVE/MRSIGNER.",
 )
 @click.option(
+    "--owner-key",
+    "owner_key_items",
+    multiple=True,
+    metavar="PARTY=PUBKEY.pem",
+    help="The model owner's public key (`fldsl trust owner-key`): PARTY's exported model is also written "
+    "encrypted to it. Repeatable.",
+)
+@click.option(
     "--target",
     type=click.Choice(["kubernetes", "compose"]),
     default=None,
     help="Also write deployment files under deploy/ (one container per node).",
 )
 def command(
-    file: str, out_dir: str | None, sets: tuple[str, ...], sign_key: str | None, target: str | None
+    file: str,
+    out_dir: str | None,
+    sets: tuple[str, ...],
+    sign_key: str | None,
+    owner_key_items: tuple[str, ...],
+    target: str | None,
 ) -> None:
     """Compile a .flp pipeline into per-node plans, policies, pins and Gramine manifests."""
     from fldsl.api import compile_pipeline
 
+    owner_keys = _read_owner_keys(owner_key_items)
     try:
-        result = compile_pipeline(file, out_dir, parse_sets(sets), target)
+        result = compile_pipeline(file, out_dir, parse_sets(sets), target, owner_keys)
     except FldslError as e:
         print_diagnostics(e)
         sys.exit(EXIT_INPUT)
@@ -73,3 +87,22 @@ def command(
         click.echo(f"  deploy ({target}): {', '.join(deploy)}")
     if sign_key is not None:
         click.echo(f"  signed with {sign_key}: pins hold the real MRENCLAVE/MRSIGNER")
+
+
+def _read_owner_keys(items: tuple[str, ...]) -> dict[str, str]:
+    """``--owner-key PARTY=PUBKEY.pem`` items -> {party: PEM text} (the key itself is checked by compile)."""
+    out: dict[str, str] = {}
+    for item in items:
+        party, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not party or not path:
+            raise click.UsageError(f"--owner-key expects PARTY=PUBKEY.pem, got `{item}`")
+        if party in out:
+            raise click.UsageError(f"--owner-key {party} given twice")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 16)  # a public key PEM is a few hundred bytes; compile refuses the rest
+        except OSError as e:
+            click.echo(f"error: --owner-key {party}: cannot read {path}: {e.strerror}", err=True)
+            sys.exit(EXIT_INPUT)
+        out[party] = data.decode("ascii", errors="replace")
+    return out
