@@ -44,6 +44,8 @@ _COMMANDS = {
     "inspect": "inspect_cmd",
     "model": "model",
     "bench": "bench",
+    "data": "data",
+    "keys": "keys",
 }
 
 

@@ -1,0 +1,84 @@
+"""``fldsl data keygen|encrypt``: a data owner's key and Gramine-encrypted data files.
+
+The key is what ``fldsl keys serve`` releases to attested enclaves; the encrypted file is what the node's
+``encrypted`` mount reads (Gramine's protected-file format, made by ``gramine-sgx-pf-crypt``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from fldsl.cli import EXIT_ENV, EXIT_INPUT
+
+KEY_BYTES = 16  # Gramine protected-file keys are 128-bit
+PF_CRYPT = "gramine-sgx-pf-crypt"
+
+
+@click.group(name="data")
+def command() -> None:
+    """Data owners: keys and Gramine-encrypted data files."""
+
+
+@command.command(name="keygen")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(out: Path) -> None:
+    """Write a new random 16-byte data key to OUT (mode 0600; never overwrites, never follows a symlink)."""
+    from fldsl.runtime.attestation._crypto import write_secret
+
+    try:
+        write_secret(out, os.urandom(KEY_BYTES))  # O_CREAT|O_EXCL: refuses existing files and symlinks
+    except FileExistsError:
+        click.echo(f"error: {out} already exists (or is a symlink); refusing to overwrite a key", err=True)
+        sys.exit(EXIT_INPUT)
+    except OSError as e:
+        click.echo(f"error: cannot create {out}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+    click.echo(f"wrote a {KEY_BYTES}-byte data key to {out} (mode 0600); serve it with `fldsl keys serve`")
+
+
+@command.command(name="encrypt")
+@click.argument("plain", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Encrypted file, as the manifest's encrypted mount sees it (e.g. data/train.csv).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The 16-byte key from `fldsl data keygen`.")
+def encrypt(plain: Path, output: Path, key_file: Path) -> None:
+    """Encrypt PLAIN into Gramine's protected-file format with gramine-sgx-pf-crypt.
+
+    Gramine embeds OUTPUT's path, exactly as given, in the file and checks it when the enclave opens the
+    file: run this from the node's working directory with OUTPUT as the mount's uri sees it."""
+    if not plain.is_file():
+        click.echo(f"error: {plain}: no such file", err=True)
+        sys.exit(EXIT_INPUT)
+    try:
+        size = key_file.stat().st_size
+    except OSError as e:
+        click.echo(f"error: cannot read key file {key_file}: {e.strerror}", err=True)
+        sys.exit(EXIT_INPUT)
+    if size != KEY_BYTES:
+        click.echo(f"error: {key_file} holds {size} bytes; a Gramine data key is {KEY_BYTES} bytes "
+                   "(make one with `fldsl data keygen`)", err=True)
+        sys.exit(EXIT_INPUT)
+    if output.exists() or output.is_symlink():
+        click.echo(f"error: {output} already exists; refusing to overwrite", err=True)
+        sys.exit(EXIT_INPUT)
+    tool = shutil.which(PF_CRYPT)
+    if tool is None:
+        click.echo(f"error: {PF_CRYPT} not found on PATH: install Gramine (https://gramine.readthedocs.io) "
+                   "to encrypt data files", err=True)
+        sys.exit(EXIT_ENV)
+    cmd = [tool, "encrypt", "-w", str(key_file), "-i", str(plain), "-o", str(output)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        output.unlink(missing_ok=True)  # never leave a half-written file behind
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        click.echo(f"error: {PF_CRYPT} failed (exit {proc.returncode}): {detail[-1] if detail else ''}",
+                   err=True)
+        sys.exit(EXIT_INPUT)
+    click.echo(f"encrypted {plain} -> {output} ({output.stat().st_size} bytes, Gramine protected file)")
