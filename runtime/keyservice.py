@@ -375,11 +375,12 @@ def _client_error(e: grpc.RpcError, address: str, name: str) -> KeyServiceError:
                                       f"key service {address} refused key `{name}`: {doc['message']}")
             except ValueError:
                 break
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
         refusal = _refused("request", f"at most {MAX_WIRE_BYTES} bytes", "larger", details or "oversized")
         refusal.message = f"key service {address} refused key `{name}`: {refusal.message}"
         return refusal
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED):  # the last: too many requests at once
         return KeyServiceUnavailable(f"key service {address} unreachable while fetching `{name}`: {details}")
     return KeyServiceError(f"key service {address} failed for `{name}`: {code.name if code else '?'}: "
                            f"{details}")
