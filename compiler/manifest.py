@@ -183,9 +183,16 @@ def _stage1_env() -> Any:
     return env
 
 
+# The files of a simulated deployment (fldsl trust init), readable by a node under gramine-direct; the
+# runtime's list is fldsl.runtime.attestation.sim.FILES (the compiler does not import the runtime).
+SIM_TRUST_FILES = ("attestation.key", "enclave_signing.key", "pck.key", "pck.pem", "root_ca.key",
+                   "root_ca.pem", "sealing.key")
+
+
 def render_template(inputs: ManifestInputs) -> str:
     """The Gramine ``.manifest.template`` of one node."""
     ctx = inputs.model_dump()
+    ctx["sim_trust_files"] = SIM_TRUST_FILES
     # Sorted so the manifest does not depend on the order the caller listed the files in.
     ctx["node_files"] = sorted(inputs.node_files, key=lambda f: f.uri)
     return _stage1_env().get_template(_TEMPLATE).render(**ctx)
@@ -271,6 +278,7 @@ def lint_context_for(inputs: ManifestInputs) -> LintContext:
         # Outputs are sealed by the node (fldsl.runtime.sealing) before they reach run/, not by a Gramine
         # encrypted mount: the mount's MRENCLAVE key does not exist under gramine-direct.
         output_paths=[],
+        output_dirs=[f"file:run/checkpoints/{inputs.node_id}/", "file:run/models/"],
     )
 
 

@@ -43,6 +43,8 @@ class LintContext(BaseModel):
     required_trusted: list[str] = Field(default_factory=list)  # uris that must be in sgx.trusted_files
     at_rest_encrypted: bool = True
     output_paths: list[str] = Field(default_factory=lambda: ["/sealed"])  # enclave paths the node writes
+    # Allowed folders the node writes into itself (its sealed checkpoints and models): not "broad".
+    output_dirs: list[str] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -636,7 +638,7 @@ def _lint(doc: dict[str, Any], ctx: LintContext, out: list[Finding]) -> None:
                  "`sgx.trusted_files` is empty: nothing the enclave loads is measured; list the interpreter, "
                  "libraries, code and the node's plan and policy")
         for i, a in allowed:
-            if a.endswith("/") or a in ("file:", "file:/", "dev:"):
+            if (a.endswith("/") and a not in ctx.output_dirs) or a in ("file:", "file:/", "dev:"):
                 _err(out, "broad-allowed-file", f"sgx.allowed_files[{i}]",
                      f'`sgx.allowed_files[{i}]` = "{a}" lets the host hand the enclave any unmeasured file '
                      "under it; list single files", "warning")

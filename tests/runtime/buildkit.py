@@ -55,8 +55,8 @@ def render_manifest(pipeline: str, node: str, plan_bytes: bytes, policy_bytes: b
     from fldsl.compiler.manifest import ManifestInputs, TrustedFile, render_node_manifest
 
     inputs = ManifestInputs(pipeline=pipeline, node_id=node, isv_prod_id=1, isv_svn=1, node_files=[
-        TrustedFile(uri="file:/fldsl/node/plan.json", sha256=hashlib.sha256(plan_bytes).hexdigest()),
-        TrustedFile(uri="file:/fldsl/node/policy.json", sha256=hashlib.sha256(policy_bytes).hexdigest()),
+        TrustedFile(uri="file:node/plan.json", sha256=hashlib.sha256(plan_bytes).hexdigest()),
+        TrustedFile(uri="file:node/policy.json", sha256=hashlib.sha256(policy_bytes).hexdigest()),
     ])
     out = render_node_manifest(inputs)
     return out.template, out.toml

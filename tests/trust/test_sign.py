@@ -15,6 +15,7 @@ from fldsl.compiler.sign import GramineMissing, SignError, sign_build
 from fldsl.runtime.attestation._crypto import mr_signer_of, private_pem
 
 from fldsl.artifacts import Identity, NodeSummary, Pins, PipelineFile, dump_json, load_model
+from fldsl.measurement import sim_mr_enclave_gramine
 
 FAKES = Path(__file__).parent / "fake_gramine"
 NODES = {"media.trainer": ("media", 7, 2), "shop.trainer": ("shop", 7, 2)}
@@ -25,8 +26,22 @@ sgx.isvprodid = {prod}
 sgx.isvsvn = {svn}
 sgx.debug = false
 sgx.remote_attestation = "dcap"
-sgx.trusted_files = [{{ uri = "file:/fldsl/node/plan.json", sha256 = "{plan_sha}" }}]
+sgx.trusted_files = [{{ uri = "file:node/plan.json", sha256 = "{plan_sha}" }}]
 """
+
+
+@pytest.fixture(autouse=True)
+def small_enclave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about signing (tools, pins, cross-checks): a two-file enclave instead of the
+    interpreter probe and the bytecode compile, which tests/manifests and the Gramine e2e tests cover."""
+    from fldsl.compiler import sign
+    from fldsl.compiler.enclave_files import EnclaveFiles
+
+    def fake_files(entry: str) -> EnclaveFiles:
+        return EnclaveFiles(entrypoint=entry, mounts=["/usr"], trusted=[entry], distributions=[])
+
+    monkeypatch.setattr(sign, "enclave_files", fake_files)
+    monkeypatch.setattr(sign, "build_pycache", lambda entry, sources, dest: [])
 
 
 @pytest.fixture
@@ -119,20 +134,21 @@ def test_sign_pins_real_identities_into_every_node(build, fake_tools, key, deplo
     for s in pipeline.nodes:
         assert s.measurement_kind == "sgx" and [s.measurement] == pins.nodes[s.id].mr_enclave
         assert s.files["pins.json"] == pins_sha and s.files["plan.json"] == "y"
+        assert ident.sim_mr_enclave == sim_mr_enclave_gramine(manifest)
     log = fake_tools.read_text().splitlines()
     assert any(
         line.startswith("gramine-sgx-sign --key ")
-        and "--manifest media.trainer.manifest --output media.trainer.manifest.sgx" in line
+        and "--manifest node/media.trainer.manifest --output node/media.trainer.manifest.sgx" in line
         for line in log
     )
-    assert "gramine-sgx-sigstruct-view --output-format json media.trainer.sig" in log
-    assert (
-        "gramine-manifest -Dentrypoint=/usr/bin/python3 -Darch_libdir=/lib/x86_64-linux-gnu "
-        "media.trainer.manifest.template media.trainer.manifest" in log
-    )
+    assert "gramine-sgx-sigstruct-view --output-format json node/media.trainer.sig" in log
+    # fldsl renders the template (stage 2) and gramine-manifest turns the rendering into the manifest.
+    assert "gramine-manifest media.trainer.rendered.toml node/media.trainer.manifest" in log
 
 
-def test_signed_pins_refuse_simulated_peers(build, fake_tools, key, deployment):
+def test_signed_pins_take_a_simulated_quote_only_of_the_signed_manifest(build, fake_tools, key, deployment):
+    """Under gramine-direct a signed node reports a simulated quote with the simulated measurement of its
+    signed manifest; a simulated quote claiming anything else (the real MRENCLAVE included) is refused."""
     from fldsl.runtime.attestation import ratls
     from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
 
@@ -140,17 +156,29 @@ def test_signed_pins_refuse_simulated_peers(build, fake_tools, key, deployment):
 
     sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
     pins = load_model(Pins, build / "nodes" / "shop.trainer" / "pins.json")
-    real = bytes.fromhex(pins.nodes["media.trainer"].mr_enclave[0])
-    backend = deployment.backend(mr_enclave=real, isv_prod_id=7, isv_svn=2, debug=False)
-    cert = ratls.make_identity(backend, node_id="media.trainer", pins_digest=pins.digest()).cert_pem
     v = PeerVerifier(
         pins,
         AttestationRequirement(mode="sim"),
         sim_root_pem=deployment.root_cert_pem,
         own_pins_digest=pins.digest(),
     )
+
+    def cert(mr_enclave: str) -> bytes:
+        backend = deployment.backend(mr_enclave=bytes.fromhex(mr_enclave), isv_prod_id=7, isv_svn=2,
+                                     debug=False)
+        return ratls.make_identity(backend, node_id="media.trainer", pins_digest=pins.digest()).cert_pem
+
+    ident = pins.nodes["media.trainer"]
+    assert ident.sim_mr_enclave is not None
+    assert v.verify(cert(ident.sim_mr_enclave), "media.trainer").simulated
     with pytest.raises(PeerRefused) as info:
-        v.verify(cert, "media.trainer")
+        v.verify(cert(ident.mr_enclave[0]), "media.trainer")
+    assert info.value.field == "mr_enclave"
+    # A pipeline that requires real SGX refuses the simulated quote outright.
+    strict = PeerVerifier(pins, AttestationRequirement(mode="dcap"), sim_root_pem=deployment.root_cert_pem,
+                          own_pins_digest=pins.digest())
+    with pytest.raises(PeerRefused) as info:
+        strict.verify(cert(ident.sim_mr_enclave), "media.trainer")
     assert info.value.field == "attestation_mode"
 
 
