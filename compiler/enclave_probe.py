@@ -138,17 +138,15 @@ def fldsl_files() -> tuple[list[str], list[str]]:
     return sorted(files), sorted(set(roots))
 
 
-def top_level_entries(dist: md.Distribution, site_dir: Path) -> set[str]:
-    """The names a distribution puts directly into site-packages (package folders, modules, .pth, its
+def top_level_entries(dist: md.Distribution) -> set[str]:
+    """The names a distribution puts directly into its site folder (package folders, modules, .pth, its
     dist-info): what the enclave mounts, so that it sees these and nothing else installed beside them."""
     base = Path(str(dist.locate_file(""))).resolve()
-    if base != site_dir:
-        return set()
     out = set()
     for f in dist.files or []:
         parts = Path(str(f)).parts
         if parts and ".." not in parts and parts[0] != "__pycache__":
-            out.add(str(site_dir / parts[0]))
+            out.add(str(base / parts[0]))
     return out
 
 
@@ -161,7 +159,7 @@ def probe() -> dict[str, object]:
     # (.pth files of other distributions stay unmounted too: site.py never sees them.)
     mounts: set[str] = {sys.base_prefix}
     for dist in dists:
-        mounts |= top_level_entries(dist, site_dir)
+        mounts |= top_level_entries(dist)
         if dist.metadata["Name"].lower() != "fldsl":
             files.update(distribution_files(dist))
     own, roots = fldsl_files()

@@ -67,6 +67,7 @@ class SignedNode:
     isv_svn: int
     debug: bool
     sim_mr_enclave: str  # what this node reports under gramine-direct (simulated quotes)
+    trusted_files: int = 0  # entries of sgx.trusted_files in the signed manifest
 
 
 def load_signing_key(path: Path) -> rsa.RSAPrivateKey:
@@ -193,6 +194,7 @@ def sign_node(
             _run(["gramine-sgx-sigstruct-view", "--output-format", "json", f"node/{stem}.sig"], work),
             node_dir / f"{stem}.sig",
         )
+    signed_manifest = (node_dir / f"{stem}.manifest").read_bytes()
     if view["mr_signer"] != expected_mr_signer:
         raise SignError(
             f"{node_dir / (stem + '.sig')}: MRSIGNER {view['mr_signer']} from gramine-sgx-sigstruct-view "
@@ -205,7 +207,8 @@ def sign_node(
         isv_prod_id=int(view["isv_prod_id"]),  # type: ignore[call-overload]
         isv_svn=int(view["isv_svn"]),  # type: ignore[call-overload]
         debug=bool(view["debug"]),
-        sim_mr_enclave=sim_mr_enclave_gramine((node_dir / f"{stem}.manifest").read_bytes()),
+        sim_mr_enclave=sim_mr_enclave_gramine(signed_manifest),
+        trusted_files=len(tomllib.loads(signed_manifest.decode()).get("sgx", {}).get("trusted_files", [])),
     )
 
 

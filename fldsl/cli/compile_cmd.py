@@ -32,6 +32,13 @@ from fldsl.diagnostics import FldslError
     help="Sign every node with this RSA-3072 key and pin the real MRENCLAVE/MRSIGNER.",
 )
 @click.option(
+    "--entrypoint",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="--sign: the Python the enclave runs (a venv's bin/python3 with fldsl installed; default: this "
+    "one).",
+)
+@click.option(
     "--owner-key",
     "owner_key_items",
     multiple=True,
@@ -50,6 +57,7 @@ def command(
     out_dir: str | None,
     sets: tuple[str, ...],
     sign_key: str | None,
+    entrypoint: str | None,
     owner_key_items: tuple[str, ...],
     target: str | None,
 ) -> None:
@@ -70,7 +78,7 @@ def command(
             click.echo("error: --sign is not available in this build", err=True)
             sys.exit(EXIT_ENV)
         try:
-            sign.sign_build(result.build_dir, Path(sign_key))
+            signed = sign.sign_build(result.build_dir, Path(sign_key), entrypoint=entrypoint)
         except sign.GramineMissing as e:
             click.echo(f"error: --sign: {e}", err=True)
             sys.exit(EXIT_ENV)
@@ -87,6 +95,10 @@ def command(
         click.echo(f"  deploy ({target}): {', '.join(deploy)}")
     if sign_key is not None:
         click.echo(f"  signed with {sign_key}: pins hold the real MRENCLAVE/MRSIGNER")
+        for s in signed:
+            click.echo(f"    {s.node_id}: MRENCLAVE {s.mr_enclave}  ({s.trusted_files} trusted files)")
+        click.echo(f"  run it inside Gramine: fldsl run {result.build_dir} --enclave gramine-direct "
+                   "(gramine-sgx on SGX hardware)")
 
 
 def _read_owner_keys(items: tuple[str, ...]) -> dict[str, str]:
