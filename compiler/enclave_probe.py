@@ -169,6 +169,13 @@ def probe() -> dict[str, object]:
     # finder module) that maps fldsl.compiler & co. to their source folders.
     fldsl_dist = md.distribution("fldsl")
     files.update(distribution_files(fldsl_dist))
+    # Path-only .pth files (layered environments) keep their meaning inside; a .pth that runs code is
+    # trusted only when a runtime distribution ships it (then it is among the mounts above already).
+    for pth in site_dir.glob("*.pth"):
+        lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+        if not any(line.startswith(("import ", "import\t")) for line in lines):
+            files.add(str(pth))
+            mounts.add(str(pth))
     if sys.prefix != sys.base_prefix:  # a venv: its interpreter link and pyvenv.cfg, not the whole folder
         mounts.add(sys.executable)
         pyvenv = Path(sys.prefix) / "pyvenv.cfg"
