@@ -11,10 +11,11 @@ must contain the fldsl package and, for ``attestation dcap``, Gramine) with:
 - the folders of its CSV files mounted read-only at the same absolute paths the plan names.
 
 ``attestation sim`` runs ``python3 -m fldsl.runtime.node`` with the simulated trust folder mounted at
-``/fldsl/trust`` (create it with ``fldsl trust init``); ``attestation dcap`` runs ``gramine-sgx <node>``
-with the SGX devices (compose) or ``sgx.intel.com/epc`` resources (Kubernetes, Intel SGX device plugin),
-which needs the manifest rendered and signed on the deployment host (``gramine-manifest``,
-``gramine-sgx-sign``, or ``fldsl compile --sign``).
+``/fldsl/trust`` (create it with ``fldsl trust init``); ``attestation dcap`` runs ``gramine-sgx node/<node>``
+in the working folder the signed manifest expects (``/fldsl/work``: ``node/``, ``run/``, ``pycache/``;
+see fldsl.runtime.enclave_runner) with the SGX devices (compose) or ``sgx.intel.com/epc`` resources
+(Kubernetes, Intel SGX device plugin) and the host's AESM socket (``/var/run/aesmd``: without it no quote
+can be made), which needs the build signed on the deployment host (``fldsl compile --sign``).
 
 YAML is written by hand (deterministic, no extra dependency); every string is a JSON string, which is a
 valid YAML double-quoted scalar.
@@ -68,9 +69,13 @@ def _data_dirs(program: Program, node_id: str) -> list[str]:
     return sorted(dirs)
 
 
+WORK = "/fldsl/work"  # the enclave's working folder (relative URIs in the signed manifest)
+AESM = "/var/run/aesmd"  # the AESM service's socket folder: gramine-sgx asks it for quotes
+
+
 def _command(program: Program, node_id: str) -> list[str]:
     if program.trust.attestation == "dcap":
-        return ["gramine-sgx", node_id.split(".", 1)[1]]
+        return ["gramine-sgx", f"node/{node_id.split('.', 1)[1]}"]
     return [
         "python3",
         "-m",
@@ -98,20 +103,32 @@ def compose_file(program: Program, services: dict[str, str]) -> str:
     lines = [f"# fldsl {program.pipeline}: one service per node (docker compose up).", "services:"]
     for n in program.nodes:
         s = services[n.id]
+        dcap = program.trust.attestation == "dcap"
         lines += [
             f"  {s}:",
             f"    image: {_y(IMAGE)}",
             f"    hostname: {_y(s)}",
-            f"    working_dir: {_y('/fldsl/node')}",
+            f"    working_dir: {_y(WORK if dcap else '/fldsl/node')}",
             f"    command: {_y(_command(program, n.id))}",
             "    environment:",
             f"      FLDSL_NODE: {_y(n.id)}",
             "    volumes:",
-            f"      - {_y(f'../../nodes/{n.id}:/fldsl/node:ro')}",
-            f"      - {_y(f'../../nodes/{n.id}:/fldsl/build/nodes/{n.id}:ro')}",
-            f"      - {_y('../addresses.json:/fldsl/run/addresses.json:ro')}",
-            f"      - {_y(f'sealed-{s}:/fldsl/sealed')}",
         ]
+        if dcap:
+            lines += [
+                f"      - {_y(f'../../nodes/{n.id}:{WORK}/node:ro')}",
+                f"      - {_y(f'../../pycache:{WORK}/pycache:ro')}",
+                f"      - {_y(f'sealed-{s}:{WORK}/run')}",
+                f"      - {_y(f'../addresses.json:{WORK}/run/addresses.json:ro')}",
+                f"      - {_y(f'{AESM}:{AESM}')}",
+            ]
+        else:
+            lines += [
+                f"      - {_y(f'../../nodes/{n.id}:/fldsl/node:ro')}",
+                f"      - {_y(f'../../nodes/{n.id}:/fldsl/build/nodes/{n.id}:ro')}",
+                f"      - {_y('../addresses.json:/fldsl/run/addresses.json:ro')}",
+                f"      - {_y(f'sealed-{s}:/fldsl/sealed')}",
+            ]
         if program.trust.attestation == "sim":
             lines.append(f"      - {_y('${FLDSL_TRUST_DIR:-../../../../.fldsl/trust}:/fldsl/trust:ro')}")
         lines += [f"      - {_y(f'{d}:{d}:ro')}" for d in _data_dirs(program, n.id)]
@@ -135,17 +152,28 @@ def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) ->
     s = services[node_id]
     dcap = program.trust.attestation == "dcap"
     labels = {"app.kubernetes.io/part-of": program.pipeline, "fldsl/node": node_id}
-    vol_mounts = [
-        {"name": "node", "mountPath": "/fldsl/node", "readOnly": True},
-        {"name": "node", "mountPath": f"/fldsl/build/nodes/{node_id}", "readOnly": True},
-        {"name": "addresses", "mountPath": "/fldsl/run", "readOnly": True},
-        {"name": "sealed", "mountPath": "/fldsl/sealed"},
-    ]
+    if dcap:  # the signed manifest's working folder (see the module docstring)
+        vol_mounts = [
+            {"name": "node", "mountPath": f"{WORK}/node", "readOnly": True},
+            {"name": "sealed", "mountPath": f"{WORK}/run"},
+            {"name": "addresses", "mountPath": f"{WORK}/run/addresses.json", "subPath": "addresses.json",
+             "readOnly": True},
+            {"name": "aesmd", "mountPath": AESM},
+        ]
+    else:
+        vol_mounts = [
+            {"name": "node", "mountPath": "/fldsl/node", "readOnly": True},
+            {"name": "node", "mountPath": f"/fldsl/build/nodes/{node_id}", "readOnly": True},
+            {"name": "addresses", "mountPath": "/fldsl/run", "readOnly": True},
+            {"name": "sealed", "mountPath": "/fldsl/sealed"},
+        ]
     volumes: list[dict[str, Any]] = [
         {"name": "node", "configMap": {"name": f"{s}-node"}},
         {"name": "addresses", "configMap": {"name": f"{program.pipeline.replace('_', '-')}-addresses"}},
         {"name": "sealed", "persistentVolumeClaim": {"claimName": f"{s}-sealed"}},
     ]
+    if dcap:
+        volumes.append({"name": "aesmd", "hostPath": {"path": AESM, "type": "Directory"}})
     if not dcap:
         vol_mounts.append({"name": "trust", "mountPath": "/fldsl/trust", "readOnly": True})
         volumes.append(
@@ -158,7 +186,7 @@ def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) ->
     container = {
         "name": "node",
         "image": IMAGE,
-        "workingDir": "/fldsl/node",
+        "workingDir": WORK if dcap else "/fldsl/node",
         "command": _command(program, node_id),
         "ports": [
             {"containerPort": PORT, "name": "secure"},

@@ -129,3 +129,44 @@ def enclave_files(interpreter: str) -> EnclaveFiles:
         trusted=trusted,
         distributions=[str(d) for d in doc.get("distributions", [])],  # type: ignore[union-attr]
     )
+
+
+# What a node needs to verify real quotes (attestation dcap): Intel's QVL, the quote provider library it
+# loads for collateral, their libraries, the CA bundle (PCCS over HTTPS) and the host's QCNL configuration
+# (which PCCS to ask: a deployment setting, so read unmeasured).
+QVL_SONAME = "libsgx_dcap_quoteverify.so.1"
+QPL_SONAME = "libdcap_quoteprov.so.1"
+QCNL_CONF = "/etc/sgx_default_qcnl.conf"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _ldconfig_path(soname: str) -> str | None:
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(" ")
+        if name == soname and "=>" in rest and "x86-64" in rest:
+            return rest.split("=>", 1)[1].strip()
+    return None
+
+
+def with_dcap_verification(files: EnclaveFiles) -> tuple[EnclaveFiles, str]:
+    """``files`` plus what verifying DCAP quotes inside the enclave needs; returns them and the QVL path.
+    Fails (closed) where the signing host has no QVL: such nodes could never accept a real peer."""
+    qvl = _ldconfig_path(QVL_SONAME)
+    if qvl is None:
+        raise EnclaveFilesError(
+            f"attestation dcap: nodes verify their peers' quotes with Intel's QVL, but {QVL_SONAME} is not "
+            "installed on this host; install the DCAP packages (libsgx-dcap-quote-verify, "
+            "libsgx-dcap-default-qpl) where you sign, or use `attestation sim` for development")
+    libs = [qvl, *(p for p in [_ldconfig_path(QPL_SONAME)] if p)]
+    extra = set(libs) | set(shared_library_closure(libs))
+    if os.path.isfile(CA_BUNDLE):
+        extra.add(CA_BUNDLE)
+    trusted = sorted(set(files.trusted) | extra)
+    allowed = sorted(set(files.allowed) | ({QCNL_CONF} if os.path.isfile(QCNL_CONF) else set()))
+    mounts = _mount_roots(trusted + allowed, files.mounts)
+    return files.model_copy(update={"trusted": trusted, "allowed": allowed, "mounts": mounts}), qvl

@@ -29,7 +29,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fldsl.compiler.enclave_files import EnclaveFiles, EnclaveFilesError, enclave_files
+from fldsl.compiler.enclave_files import (
+    EnclaveFiles,
+    EnclaveFilesError,
+    enclave_files,
+    with_dcap_verification,
+)
 from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
 from fldsl.runtime.attestation._crypto import mr_signer_of
 
@@ -38,6 +43,7 @@ from fldsl.artifacts import (
     Identity,
     Pins,
     PipelineFile,
+    Policy,
     dump_json,
     load_model,
     sha256_hex,
@@ -151,9 +157,16 @@ def gramine_pkglibdir() -> str:
     return value
 
 
+def _attestation_mode(node_dir: Path) -> str:
+    try:
+        return load_model(Policy, node_dir / "policy.json").attestation.mode
+    except ArtifactError as e:
+        raise SignError(str(e)) from None
+
+
 def sign_node(
     node_dir: Path, key: Path, *, files: EnclaveFiles, pkglibdir: str, arch_libdir: str,
-    expected_mr_signer: str,
+    expected_mr_signer: str, qvl_library: str | None = None,
 ) -> SignedNode:
     """Render, hash, sign one node; leaves <stem>.manifest, <stem>.manifest.sgx and <stem>.sig in node_dir."""
     from fldsl.compiler.manifest import ManifestError, render_stage2
@@ -169,7 +182,7 @@ def sign_node(
     stem = template.name.removesuffix(".manifest.template")  # e.g. "trainer" for node media.trainer
     try:
         rendered = render_stage2(template.read_text(), files, gramine_pkglibdir=pkglibdir,
-                                 arch_libdir=arch_libdir)
+                                 arch_libdir=arch_libdir, qvl_library=qvl_library)
     except ManifestError as e:
         raise SignError(f"{node_id}: {e}") from None
     # The manifest's host URIs are relative to the node's working folder (node/plan.json, ...): run the
@@ -243,8 +256,11 @@ def sign_build(
             raise SignError(f"{d / 'pins.json'} differs from {node_dirs[0] / 'pins.json'}; recompile first")
     entry = entrypoint or sys.executable
     libdir = arch_libdir or _local_arch_libdir()
+    qvl: str | None = None
     try:
         files = enclave_files(entry)
+        if _attestation_mode(node_dirs[0]) == "dcap":
+            files, qvl = with_dcap_verification(files)
         pycache = build_pycache(entry, files.trusted, build_dir / PYCACHE_DIR)
     except (EnclaveFilesError, PycacheError) as e:
         raise SignError(str(e)) from None
@@ -255,7 +271,7 @@ def sign_build(
         if d.name not in pins.nodes:
             raise SignError(f"{d}: node {d.name!r} is not in pins.json")
         s = sign_node(d, key, files=files, pkglibdir=pkglibdir, arch_libdir=libdir,
-                      expected_mr_signer=mr_signer)
+                      expected_mr_signer=mr_signer, qvl_library=qvl)
         compiled = pins.nodes[d.name]
         if s.isv_prod_id != compiled.isv_prod_id:
             raise SignError(

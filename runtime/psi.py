@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from fldsl.runtime.cpu import worker_count
 
 MAGIC = b"FPSI"
 VERSION = 1
@@ -148,7 +149,7 @@ def default_workers(n: int) -> int:
             return max(1, int(env))
         except ValueError:
             raise PsiError(f"FLDSL_PSI_WORKERS must be an integer, got {env!r}") from None
-    return 1 if n < PARALLEL_THRESHOLD else max(1, min(os.cpu_count() or 1, 4))
+    return 1 if n < PARALLEL_THRESHOLD else worker_count(4)
 
 
 # ---------------------------------------------------------------------------------------------------------

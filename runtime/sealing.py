@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from fldsl.runtime.cpu import worker_count
 
 MAGIC = b"FLDSLSL1"
 FORMAT_VERSION = 1
@@ -253,7 +254,7 @@ _PARALLEL_MIN_CHUNKS = 16
 
 
 def _each_chunk(n: int, fn: Callable[[int], None]) -> None:
-    workers = min(os.cpu_count() or 1, 8)
+    workers = worker_count(8)
     if n < _PARALLEL_MIN_CHUNKS or workers < 2:
         for i in range(n):
             fn(i)

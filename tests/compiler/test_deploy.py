@@ -30,6 +30,19 @@ def test_compose(tmp_path: Path) -> None:
     assert plain.digest == r.digest
 
 
+def test_compose_dcap_mounts_the_aesm_socket_and_the_working_folder(tmp_path: Path) -> None:
+    src = (PIPELINES / "vertical_wide_deep.flp").read_text().replace("attestation sim", "attestation dcap")
+    f = tmp_path / "v.flp"
+    f.write_text(src)
+    r = compile_pipeline(f, tmp_path / "b", target="compose")
+    text = (r.build_dir / "deploy/compose/docker-compose.yml").read_text()
+    assert '"/var/run/aesmd:/var/run/aesmd"' in text and '"/dev/sgx_enclave"' in text
+    assert 'working_dir: "/fldsl/work"' in text
+    assert '"../../nodes/media.trainer:/fldsl/work/node:ro"' in text
+    assert '"../addresses.json:/fldsl/work/run/addresses.json:ro"' in text
+    assert 'command: ["gramine-sgx", "node/trainer"]' in text
+
+
 def test_addresses_file_is_what_the_runtime_reads(tmp_path: Path) -> None:
     from fldsl.runtime.transport.addresses import load_addresses
 
@@ -51,6 +64,10 @@ def test_kubernetes_dcap(tmp_path: Path) -> None:
     assert text.count("\n---\n") == 2
     assert 'kind: "Deployment"' in text and 'kind: "Service"' in text
     assert 'sgx.intel.com/epc: "8G"' in text
-    assert '- "gramine-sgx"\n            - "ps"' in text
+    assert '- "gramine-sgx"\n            - "node/ps"' in text
+    # gramine-sgx runs in the working folder the signed manifest's relative URIs expect, and reaches the
+    # host's AESM service (no quote without it).
+    assert 'workingDir: "/fldsl/work"' in text and 'mountPath: "/fldsl/work/node"' in text
+    assert 'mountPath: "/var/run/aesmd"' in text and 'path: "/var/run/aesmd"' in text
     again = compile_pipeline(f, tmp_path / "c", target="kubernetes")
     assert (again.build_dir / "deploy/kubernetes/hub-ps.yaml").read_text() == text

@@ -14,7 +14,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fldsl.compiler.sign import GramineMissing, SignError, sign_build
 from fldsl.runtime.attestation._crypto import mr_signer_of, private_pem
 
-from fldsl.artifacts import Identity, NodeSummary, Pins, PipelineFile, dump_json, load_model
+from fldsl.artifacts import (
+    AttestationRequirement,
+    Identity,
+    NodeSummary,
+    Pins,
+    PipelineFile,
+    Policy,
+    dump_json,
+    load_model,
+)
 from fldsl.measurement import sim_mr_enclave_gramine
 
 FAKES = Path(__file__).parent / "fake_gramine"
@@ -59,6 +68,9 @@ def build(tmp_path: Path) -> Path:
         d = b / "nodes" / n
         d.mkdir(parents=True)
         (d / "pins.json").write_text(dump_json(pins))
+        (d / "policy.json").write_text(dump_json(Policy(
+            pipeline="demo", node=n, attestation=AttestationRequirement(mode="sim"), accept_peers=[],
+            flows=[], max_message_bytes=1 << 20)))
         (d / f"{n}.manifest.template").write_text(
             TEMPLATE.format(node=n, prod=prod, svn=svn, plan_sha="0" * 64)
         )
@@ -255,3 +267,40 @@ def test_sign_a_really_compiled_pipeline(tmp_path, fake_tools, key, deployment):
     assert {s.id: [s.measurement] for s in pipeline.nodes} == {n: i.mr_enclave for n, i in pins.nodes.items()}
     for s in pipeline.nodes:
         assert s.files["pins.json"] == hashlib.sha256(dump_json(pins).encode()).hexdigest()
+
+
+def test_a_dcap_pipeline_is_not_signed_where_nodes_could_not_verify_real_quotes(build, fake_tools, key,
+                                                                                 monkeypatch):
+    """attestation dcap: every node verifies its peers' quotes with Intel's QVL inside the enclave; signing
+    where the library is missing would make enclaves that can never accept a real peer (fail closed)."""
+    from fldsl.compiler import enclave_files
+
+    for n in NODES:
+        p = build / "nodes" / n / "policy.json"
+        p.write_text(p.read_text().replace('"mode": "sim"', '"mode": "dcap"'))
+    monkeypatch.setattr(enclave_files, "_ldconfig_path", lambda soname: None)
+    before = (build / "nodes" / "media.trainer" / "pins.json").read_text()
+    with pytest.raises(SignError, match="libsgx_dcap_quoteverify.so.1 is not installed"):
+        sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
+    assert (build / "nodes" / "media.trainer" / "pins.json").read_text() == before
+
+
+def test_a_dcap_node_trusts_the_qvl_and_names_it_in_its_environment(build, fake_tools, key, monkeypatch,
+                                                                   tmp_path):
+    """Inside the enclave ctypes.util.find_library finds nothing (no ldconfig cache, no compiler): the
+    signed manifest names the QVL by path (FLDSL_QVL_LIBRARY) and trusts it."""
+    from fldsl.compiler import enclave_files
+
+    lib = tmp_path / "libsgx_dcap_quoteverify.so.1"
+    lib.write_bytes(b"not really a library")
+    for n in NODES:
+        p = build / "nodes" / n / "policy.json"
+        p.write_text(p.read_text().replace('"mode": "sim"', '"mode": "dcap"'))
+        t = build / "nodes" / n / f"{n}.manifest.template"
+        t.write_text(t.read_text() + '{% if qvl_library %}loader.env.FLDSL_QVL_LIBRARY = "{{ qvl_library }}"\n'
+                     '{% endif %}')
+    monkeypatch.setattr(enclave_files, "_ldconfig_path",
+                        lambda soname: str(lib) if soname == enclave_files.QVL_SONAME else None)
+    sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
+    manifest = (build / "nodes" / "media.trainer" / "media.trainer.manifest").read_text()
+    assert f'loader.env.FLDSL_QVL_LIBRARY = "{lib}"' in manifest
