@@ -75,6 +75,18 @@ def stdlib_files() -> list[str]:
     return sorted(out)
 
 
+# Requirements of TensorFlow that a node never imports, left out of the enclave (not mounted, not trusted):
+# each is either imported only behind `try: ... except ImportError` or only by tools fldsl does not run.
+# tests/enclave proves the nodes train without them.
+NOT_IN_ENCLAVE = {
+    "h5py": "Keras HDF5 saving; TensorFlow's legacy Keras imports it only if present (9 s under Gramine)",
+    "keras": "Keras 3, loaded lazily on `tf.keras`, which fldsl's Keras-free segments never touch",
+    "libclang": "TensorFlow's code generators, never imported at run time",
+    "setuptools": "packaging tooling (its distutils shim is a .pth that runs code at start-up)",
+    "wheel": "packaging tooling",
+}
+
+
 def _requirement_names(dist: md.Distribution) -> list[str]:
     from packaging.requirements import Requirement
 
@@ -94,7 +106,7 @@ def dependency_closure(root: str) -> list[md.Distribution]:
     todo = [root]
     while todo:
         name = canonicalize_name(todo.pop())
-        if name in seen:
+        if name in seen or name in NOT_IN_ENCLAVE:
             continue
         try:
             dist = md.distribution(name)
