@@ -26,9 +26,18 @@ __all__ = [
 ]
 
 
+# A pipeline is a page of text; anything much larger is not one (and /dev/zero never ends).
+MAX_SOURCE_BYTES = 1 << 20
+
+
 def _read_source(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SOURCE_BYTES + 1)
+        if len(data) > MAX_SOURCE_BYTES:
+            raise FldslError([Diagnostic(
+                "error", f"larger than {MAX_SOURCE_BYTES // 1024} KiB: not a .flp pipeline", str(path))])
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise FldslError([Diagnostic("error", "file not found", str(path))]) from None
     except IsADirectoryError:

@@ -64,6 +64,8 @@ def decrypt(
                "is sealed, not encrypted to an owner key: drop --owner-key (it opens with --key-file)")
         click.echo(f"error: {sealed} {why}", err=True)
         sys.exit(EXIT_INPUT)
+    if output.is_dir():  # like cp: into the folder, named after the model (never a stray OUTPUT.tmp)
+        output = output / (sealed.name.removesuffix(".sealed").removesuffix(".owner") + ".npz")
     if owner_key is not None:
         _decrypt_owner(sealed, output, owner_key, node_id, name)
     else:

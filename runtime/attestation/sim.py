@@ -169,6 +169,8 @@ def _pck_cert(
 def trust_init(directory: Path | str = DEFAULT_TRUST_DIR) -> SimDeployment:
     """Create (or reuse) a deployment's simulated trust material; existing files are never overwritten."""
     d = Path(directory)
+    if d.is_symlink():  # chmod and key files would land wherever the link points
+        raise AttestationError(f"{d}: is a symbolic link; give the trust folder's real path")
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     # Launchers on one machine may race to create the material: one creates, the others then reuse it.
@@ -180,8 +182,22 @@ def trust_init(directory: Path | str = DEFAULT_TRUST_DIR) -> SimDeployment:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _check_existing(d: Path, p: dict[str, Path]) -> None:
+    """Reused files must be what init would have made: plain files, private ones readable by us alone."""
+    for kind, path in p.items():
+        if path.is_symlink():
+            raise AttestationError(f"{path}: is a symbolic link; trust material must be plain files in {d}")
+        if kind in SECRET_FILES and path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise AttestationError(
+                    f"{path}: private key readable by others (mode {mode:04o}); fix it with "
+                    f"`chmod 600 {path}` or remove it to make a new one")
+
+
 def _init_locked(d: Path) -> SimDeployment:
     p = {k: d / v for k, v in FILES.items()}
+    _check_existing(d, p)
     created: list[str] = []
     now = dt.datetime.now(dt.UTC)
 

@@ -199,3 +199,45 @@ def test_inspect_cert_as_a_node_would_names_the_refused_field(tmp_path, deployme
     check = json.loads(res.output)["peer_check"]
     assert (check["accepted"], check["field"], check["actual"]) == (False, "mr_enclave", "03" * 32)
     assert "recompile and redeploy" in check["message"]
+
+
+def test_trust_init_refuses_symlinks_and_readable_private_keys(tmp_path):
+    """A reused key file must be one init would have made: not a link to elsewhere, not readable by others
+    (init used to reuse a 0644 key while printing "(private, 0600)")."""
+    d = tmp_path / "t"
+    assert run("trust", "init", str(d)).exit_code == EXIT_OK
+    key = d / "sealing.key"
+    key.chmod(0o644)
+    res = run("trust", "init", str(d))
+    assert res.exit_code != EXIT_OK and "readable by others (mode 0644)" in res.output
+    assert "chmod 600" in res.output and "Traceback" not in res.output
+    key.chmod(0o600)
+    elsewhere = tmp_path / "elsewhere.key"
+    elsewhere.write_bytes(key.read_bytes())
+    elsewhere.chmod(0o600)
+    key.unlink()
+    key.symlink_to(elsewhere)
+    res = run("trust", "init", str(d))
+    assert res.exit_code != EXIT_OK and "symbolic link" in res.output
+    link = tmp_path / "linked-trust"
+    link.symlink_to(tmp_path / "target", target_is_directory=True)
+    res = run("trust", "init", str(link))
+    assert res.exit_code != EXIT_OK and "symbolic link" in res.output and not (tmp_path / "target").exists()
+
+
+def test_model_decrypt_into_an_existing_folder_writes_the_model_inside(tmp_path, deployment):
+    sealed = tmp_path / "a.n_model.sealed"
+    sealing.seal_file(b"weights", sealed, key=deployment.sealing_key, node_id="a.n", name="a.n/model",
+                      version=1)
+    out = tmp_path / "models"
+    out.mkdir()
+    res = run("model", "decrypt", str(sealed), "-o", str(out), "--key-file", str(deployment.sealing_key_path),
+              "--node", "a.n", "--name", "a.n/model")
+    assert res.exit_code == EXIT_OK, res.output
+    assert (out / "a.n_model.npz").read_bytes() == b"weights"
+    assert not (tmp_path / "models.tmp").exists()
+
+
+def test_check_refuses_an_endless_input_with_a_clear_error():
+    res = run("check", "/dev/zero")
+    assert res.exit_code == EXIT_INPUT and "not a .flp pipeline" in res.output
