@@ -187,6 +187,29 @@ def _numbers(cells: list[tuple[str, ...]], names: list[str], file: str, line_no:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def relocate_csv(specs: Sequence[DataSpec], root: str) -> list[DataSpec]:
+    """``specs`` with every csv path replaced by ``<root>/<file name of the plan's path>``.
+
+    Inside an enclave the plan's host path is not mounted: a node reads its csv files from its data mount,
+    by file name. Two csv data sets of one node with the same file name would silently read one file, so
+    that is refused."""
+    out: list[DataSpec] = []
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.reader != "csv":
+            out.append(spec)
+            continue
+        name = Path(spec.path or "").name
+        if not name:
+            raise DataError(f"data set `{spec.name}`: csv reader without a file name")
+        if name in seen:
+            raise DataError(f"data sets `{seen[name]}` and `{spec.name}` both read a file named {name}: "
+                            f"inside the enclave both would be {root}/{name}; rename one of the files")
+        seen[name] = spec.name
+        out.append(spec.model_copy(update={"path": f"{root}/{name}"}))
+    return out
+
+
 def load_dataset(spec: DataSpec, base_dir: Path | str | None = None) -> Table:
     """Read or generate ``spec`` and return the fields it declares (all available ones if none declared)."""
     from fldsl.runtime import datagen

@@ -9,7 +9,7 @@ host URIs are relative to the node's working folder, which this module lays out 
         run   -> <run-dir>/                addresses.json in; sealed checkpoints and models out
         trust -> <trust-dir>/              simulated attestation material (sim backend)
         pycache -> <build>/pycache/        bytecode compiled and hashed at sign time
-        data/                              encrypted input data (Gramine protected files)
+        data  -> DIR (--data-dir NODE=DIR)  csv data as Gramine encrypted files (an empty folder without)
 
 The node's command line is fixed by the manifest, so the launcher passes nothing but the manifest's path.
 """
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from fldsl.artifacts import Pins, load_model, node_dir
+from fldsl.artifacts import Pins, Plan, load_model, node_dir
 
 Enclave = Literal["none", "gramine-direct", "gramine-sgx"]
 ENCLAVES: tuple[Enclave, ...] = ("none", "gramine-direct", "gramine-sgx")
@@ -136,6 +136,49 @@ def changed_trusted_files(build_dir: Path, ids: list[str]) -> list[str]:
     return out
 
 
+def csv_files(build_dir: Path, nid: str) -> list[str]:
+    """The file names a node opens under /fldsl/data: those of its plan's csv paths."""
+    plan = load_model(Plan, node_dir(build_dir, nid) / "plan.json")
+    return [Path(ds.path or "").name for ds in plan.data if ds.reader == "csv"]
+
+
+def check_data_inputs(build_dir: Path, ids: list[str], enclave: Enclave, data_dirs: dict[str, Path],
+                      key_services: dict[str, str]) -> None:
+    """Refuse, before anything starts, data folders and key services the run would not use or that cannot
+    work: inside an enclave every node with csv data needs both, and its folder must hold every csv file by
+    the name the node opens (``/fldsl/data/<file name of the plan's path>``)."""
+    given = set(data_dirs) | set(key_services)
+    if enclave == "none":
+        if given:
+            raise EnclaveError("--data-dir and --key-service are for --enclave runs (encrypted data inside "
+                               "Gramine); without an enclave a node reads the csv path in its plan")
+        return
+    unknown = sorted(given - set(ids))
+    if unknown:
+        raise EnclaveError(f"--data-dir/--key-service: no node {', '.join(unknown)} in {build_dir} "
+                           f"(nodes: {', '.join(ids)})")
+    for nid in ids:
+        files = csv_files(build_dir, nid)
+        if not files:
+            if nid in given:
+                raise EnclaveError(f"{nid} reads no csv data: --data-dir/--key-service would be unused")
+            continue
+        missing = [flag for flag, table in (("--data-dir", data_dirs), ("--key-service", key_services))
+                   if nid not in table]
+        if missing:
+            raise EnclaveError(f"{nid} reads csv data ({', '.join(files)}), which inside the enclave is "
+                               f"Gramine-encrypted: add {' and '.join(f'{m} {nid}=...' for m in missing)} "
+                               "(docs/keys.md, \"Encrypted data, end to end\")")
+        folder = data_dirs[nid]
+        if not folder.is_dir():
+            raise EnclaveError(f"--data-dir {nid}={folder}: not a folder")
+        absent = [f for f in files if not (folder / f).is_file()]
+        if absent:
+            raise EnclaveError(f"--data-dir {nid}={folder} has no {', '.join(absent)}: the node opens "
+                               f"/fldsl/data/<file name>; make it with `fldsl data encrypt PLAIN --key KEY "
+                               f"-o {folder}/`")
+
+
 def host_path(enclave_path: str, run_dir: Path) -> str:
     """Where a file the node wrote under /fldsl/run is on the host."""
     prefix = ENCLAVE_RUN_DIR + "/"
@@ -148,7 +191,10 @@ def _link(link: Path, target: Path) -> None:
     if link.is_symlink() or link.exists():
         if link.is_symlink() and Path(os.readlink(link)) == target:
             return
-        link.unlink()
+        if link.is_dir() and not link.is_symlink():
+            link.rmdir()  # an earlier run's empty data/ (a non-empty one is not ours to delete: OSError)
+        else:
+            link.unlink()
     link.symlink_to(target, target_is_directory=True)
 
 
@@ -165,5 +211,7 @@ def prepare(build_dir: Path, nid: str, run_dir: Path, trust_dir: Path, enclave: 
     if data_dir is not None:
         _link(work / "data", data_dir.resolve())
     else:
+        if (work / "data").is_symlink():  # an earlier run's --data-dir: not this run's data
+            (work / "data").unlink()
         (work / "data").mkdir(exist_ok=True)
     return [enclave, str(ndir / manifest_stem(ndir))], work

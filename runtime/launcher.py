@@ -83,7 +83,8 @@ class RunResult:
                 "metrics": done.get("metrics", st.metrics), "history": done.get("history", st.history),
                 "examples_per_s": done.get("examples_per_s", st.examples_per_s),
                 "bytes_sent": done.get("bytes_sent", {}), "bytes_received": done.get("bytes_received", {}),
-                "exports": done.get("exports", {}), "log": str(st.log_path) if st.log_path else None,
+                "exports": done.get("exports", {}), "owner_exports": done.get("owner_exports", {}),
+                "log": str(st.log_path) if st.log_path else None,
                 "attestation": st.attestation,
             }
         return out
@@ -134,12 +135,17 @@ def new_run_dir(root: Path, pipeline: str) -> Path:
     raise LaunchError(f"{base}: cannot create a fresh run directory")
 
 
-def write_addresses(path: Path, ids: list[str], host: str = "127.0.0.1") -> None:
+def write_addresses(path: Path, ids: list[str], host: str = "127.0.0.1",
+                    key_services: dict[str, str] | None = None) -> None:
+    """Fresh ports for every node, and the key service of each node that reads encrypted data."""
     from fldsl.runtime.transport import Addresses, save_addresses
 
     ports = free_ports(2 * len(ids), host)
-    doc = {nid: {"host": host, "port": ports[2 * i], "bootstrap_port": ports[2 * i + 1]}
-           for i, nid in enumerate(ids)}
+    doc: dict[str, dict[str, Any]] = {
+        nid: {"host": host, "port": ports[2 * i], "bootstrap_port": ports[2 * i + 1]}
+        for i, nid in enumerate(ids)}
+    for nid, address in (key_services or {}).items():
+        doc[nid]["key_service"] = address
     save_addresses(Addresses.model_validate(doc), path)
 
 
@@ -171,7 +177,9 @@ class Launcher:
     """Starts the nodes of a build dir and follows them until all end (or one fails)."""
 
     def __init__(self, build_dir: Path, *, run_dir: Path, trust_dir: Path, display: Any = None,
-                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none") -> None:
+                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none",
+                 data_dirs: dict[str, Path] | None = None, key_services: dict[str, str] | None = None
+                 ) -> None:
         self.build_dir = build_dir.resolve()
         self.enclave: Enclave = enclave
         self.run_dir = run_dir.resolve()
@@ -182,6 +190,8 @@ class Launcher:
             Plan, node_dir(self.build_dir, nid) / "plan.json").role) for nid in self.ids}
         self.display = display
         self.node_args = node_args or {}
+        self.data_dirs = data_dirs or {}  # node id -> host folder of its encrypted csv files (enclave runs)
+        self.key_services = key_services or {}  # node id -> HOST:PORT of its data owner's key service
         self._lock = threading.Lock()
         self._metrics = None
         self._changed = threading.Event()
@@ -215,8 +225,9 @@ class Launcher:
                 st.history.append({"epoch": ev.get("epoch"), **st.metrics})
             elif kind == "done":
                 if self.enclave != "none":  # the node names its files by their enclave paths
-                    ev["exports"] = {k: enclave_runner.host_path(v, self.run_dir)
-                                     for k, v in (ev.get("exports") or {}).items()}
+                    for key in ("exports", "owner_exports"):
+                        ev[key] = {k: enclave_runner.host_path(v, self.run_dir)
+                                   for k, v in (ev.get(key) or {}).items()}
                 st.done = ev
                 st.phase = "done"
             elif kind == "error":
@@ -246,7 +257,7 @@ class Launcher:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         # Fresh ports on every start: a resumed run reuses the directory, not the (maybe taken) ports.
         addresses = self.run_dir / "addresses.json"
-        write_addresses(addresses, self.ids)
+        write_addresses(addresses, self.ids, key_services=self.key_services)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         for nid, st in self.nodes.items():
             st.log_path = self.run_dir / "logs" / f"{nid}.log"
@@ -259,7 +270,7 @@ class Launcher:
                                self.trust_dir, self.node_args.get(st.id))
         else:  # the manifest fixes the node's command line: nothing to pass but the manifest
             cmd, cwd = enclave_runner.prepare(self.build_dir, st.id, self.run_dir, self.trust_dir,
-                                              self.enclave)
+                                              self.enclave, self.data_dirs.get(st.id))
         err = open(st.log_path, "a", encoding="utf-8")  # type: ignore[arg-type]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 text=True, bufsize=1, env=node_env(), cwd=cwd)
@@ -283,7 +294,12 @@ class Launcher:
         with self._lock:
             st.restarting = False
 
-    def stop_all(self, sig: int = signal.SIGINT) -> None:
+    def stop_all(self, sig: int | None = None) -> None:
+        """Signal every running node; by default the signal that makes it stop at a step boundary: SIGINT,
+        or SIGTERM under Gramine, which passes only SIGTERM on to the enclave (sys.enable_sigterm_injection
+        in the manifest) and would leave the node running until the grace period's SIGKILL."""
+        if sig is None:
+            sig = signal.SIGINT if self.enclave == "none" else signal.SIGTERM
         for st in self.nodes.values():
             if st.proc is not None and st.proc.poll() is None:
                 try:
@@ -357,12 +373,17 @@ def tail(path: Path | None, n: int = 15) -> list[str]:
 
 def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Path | None = None,
                  trust_dir: Path = Path(".fldsl/trust"), display: Any = None,
-                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none") -> RunResult:
-    """Run every node of a build dir on this machine; returns when all have ended."""
+                 node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none",
+                 data_dirs: dict[str, Path] | None = None, key_services: dict[str, str] | None = None
+                 ) -> RunResult:
+    """Run every node of a build dir on this machine; returns when all have ended. Inside an enclave,
+    ``data_dirs`` / ``key_services`` (node id -> folder / HOST:PORT) give the nodes with csv data their
+    encrypted files and their data owner's key service."""
     ensure_trust(trust_dir)
     ids = node_ids(build_dir)
     try:
         enclave_runner.check_runnable(build_dir, ids, enclave)
+        enclave_runner.check_data_inputs(build_dir, ids, enclave, data_dirs or {}, key_services or {})
     except enclave_runner.EnclaveError as e:
         raise LaunchError(str(e), e.exit_code) from None
     pipeline = pipeline_name(build_dir, ids)
@@ -371,7 +392,7 @@ def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Pa
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     launcher = Launcher(build_dir, run_dir=run_dir, trust_dir=trust_dir, display=display, node_args=node_args,
-                        enclave=enclave)
+                        enclave=enclave, data_dirs=data_dirs, key_services=key_services)
     t0 = time.monotonic()
     if display is not None:
         display.begin(launcher)

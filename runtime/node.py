@@ -4,7 +4,9 @@ What a container or ``gramine-sgx`` runs (the manifest fixes these arguments). S
 pins → check plan.json and policy.json against the sha256 listed in the node's rendered manifest (refuse to
 start on mismatch) → attest (sim backend by default, Gramine's ``/dev/attestation`` when present) → RA-TLS
 identity bound to the pins digest → attested transport to every peer → the role loop (alignment, training,
-checkpoints, export) → final metrics.
+checkpoints, export) → final metrics. Under Gramine, a node with csv data first fetches its data key from its
+data owner's key service (with its RA-TLS identity) and reads the files from the encrypted mount
+``/fldsl/data`` (docs/keys.md).
 
 stdout carries only machine-readable progress lines (``fldsl.runtime.progress``) for the launcher; logs go
 to stderr. Exit codes: 0 ok, 1 failure, 3 trust failure (a peer refused us or we refused it, or our own
@@ -23,10 +25,21 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad input) before heavy imports
+    from fldsl.runtime.attestation.ratls import LocalIdentity
+    from fldsl.runtime.progress import Progress
+    from fldsl.runtime.transport import Addresses
+
+    from fldsl.artifacts import DataSpec, Plan
 
 EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
 NODE_DIR_URI = "file:node/"  # = fldsl.compiler.manifest.NODE_DIR_URI
+# The manifest's encrypted mount (node.manifest.template.j2): { path = "/fldsl/data", uri = "file:data",
+# key_name = "data" }.
+ENCLAVE_DATA_DIR = "/fldsl/data"
+DATA_KEY = "data"
 MEASURED = ("plan.json", "policy.json")
 
 log = logging.getLogger("fldsl.node")
@@ -142,6 +155,63 @@ def _backend(args: argparse.Namespace, manifest: bytes, identity: Any) -> tuple[
     return backend, SimDeployment.load(args.trust_dir).root_cert_pem
 
 
+def _key_service(addresses: Addresses, node: str) -> str:
+    try:
+        address = addresses[node].key_service
+    except KeyError as e:
+        raise NodeError(str(e.args[0])) from None
+    if not address:
+        raise NodeError(f"{node} reads csv data inside the enclave, so it needs its data owner's key "
+                        f"service, but addresses.json names none for it (fldsl run --key-service "
+                        f"{node}=HOST:PORT)")
+    return str(address)
+
+
+def _check_protected(spec: DataSpec) -> None:
+    """Read the whole encrypted file once, before the node talks to any peer: Gramine checks it against the
+    key and the path bound into it, and its refusal is only EACCES, which the role's CSV reader would
+    report as an unreadable file. Here it becomes a trust failure that names the file."""
+    path = str(spec.path)
+    name = Path(path).name
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except FileNotFoundError:
+        raise NodeError(f"data set `{spec.name}`: {path} does not exist: the node's data folder has no "
+                        f"{name} (fldsl run --data-dir NODE=DIR, DIR/{name} made by `fldsl data encrypt`)"
+                        ) from None
+    except PermissionError:
+        raise NodeError(f"trust failure: data set `{spec.name}`: {path} fails Gramine's integrity check: it "
+                        f"was not encrypted with the key this node's key service sent, was encrypted for "
+                        f"another name, or was modified (encrypt it with `fldsl data encrypt PLAIN --key KEY "
+                        f"-o DIR/`, DIR being the node's --data-dir)", EXIT_TRUST) from None
+    except OSError as e:
+        raise NodeError(f"data set `{spec.name}`: cannot read {path}: {e.strerror}") from None
+
+
+def provision_data(args: argparse.Namespace, plan: Plan, identity: LocalIdentity, addresses: Addresses,
+                   progress: Progress) -> Plan:
+    """The plan to run: as it is, or, under Gramine with csv data, the plan reading its csv files from the
+    encrypted mount, once the data key is installed (fetched from the key service with the node's attested
+    RA-TLS identity, which the service verifies as a peer would)."""
+    if args.runner != "gramine" or not any(ds.reader == "csv" for ds in plan.data):
+        return plan
+    from fldsl.runtime.data import relocate_csv
+    from fldsl.runtime.keyservice import fetch_key, install_gramine_key
+
+    data = relocate_csv(plan.data, ENCLAVE_DATA_DIR)
+    address = _key_service(addresses, args.node)
+    progress.emit("phase", name="data-key", detail=address)
+    install_gramine_key(DATA_KEY, fetch_key(address, identity=identity, node_id=args.node, name=DATA_KEY,
+                                            timeout=args.connect_timeout))
+    log.info("data key installed (from %s); reading csv data from %s", address, ENCLAVE_DATA_DIR)
+    for spec in data:
+        if spec.reader == "csv":
+            _check_protected(spec)
+    return plan.model_copy(update={"data": data})
+
+
 def _preload_tensorflow() -> None:
     try:
         import tensorflow  # noqa: F401
@@ -168,8 +238,12 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     if plan.node != args.node or policy.node != args.node:
         raise NodeError(f"{ndir}: plan/policy are for {plan.node}/{policy.node}, not {args.node}", EXIT_TRUST)
     progress.emit("started", role=plan.role, pipeline=plan.pipeline, pid=os.getpid())
-    if plan.role != "distributed.chief":  # the chief only reads and streams data
-        # Importing TensorFlow takes seconds: overlap it with attestation and waiting for the peers.
+    # Importing TensorFlow takes seconds: overlap it with attestation and waiting for the peers. Inside
+    # Gramine, not with attestation: dlopen keeps the GIL while Gramine hashes TensorFlow's 800 MB of
+    # libraries, which stalled attestation by half a minute; started after it, the import overlaps only the
+    # wait for the peers (whose Hello calls it delays by seconds at most).
+    preload = plan.role != "distributed.chief"  # the chief only reads and streams data
+    if preload and args.runner != "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
 
     progress.emit("phase", name="attest")
@@ -181,12 +255,15 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     digest = pins.digest()
     identity = make_identity(backend, node_id=args.node, pins_digest=digest)
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
+    if preload and args.runner == "gramine":
+        threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
     verifier = PeerVerifier(pins, policy.attestation, sim_root_pem=sim_root, own_pins_digest=digest)
+    addresses = load_addresses(args.addresses)
+    plan = provision_data(args, plan, identity, addresses, progress)
 
     progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
-                          verifier=verifier, addresses=load_addresses(args.addresses),
-                          connect_timeout_s=args.connect_timeout)
+                          verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout)
     transport.start()
     try:
         links = {}
@@ -233,6 +310,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         result["bytes_sent"] = {k: v.bytes_sent for k, v in sorted(stats.items()) if v.bytes_sent}
         result["bytes_received"] = {k: v.bytes_received for k, v in sorted(stats.items()) if v.bytes_received}
         result["exports"] = dict(ctx.exports)
+        result["owner_exports"] = dict(ctx.owner_exports)
         # Let the peers read what we sent last before our end of the streams goes away.
         transport.close(flush_timeout=10.0)
         transport = None
@@ -246,6 +324,7 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     from fldsl.runtime.attestation.backend import AttestationError
     from fldsl.runtime.checkpoint import CheckpointError
     from fldsl.runtime.data import DataError
+    from fldsl.runtime.keyservice import KeyReplyError, KeyServiceError
     from fldsl.runtime.roles.common import Interrupted, RoleError
     from fldsl.runtime.sealing import SealError
     from fldsl.runtime.transport import FlowRefused, TransportError, is_trust_failure
@@ -260,8 +339,10 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_TRUST, f"trust failure: {exc}"
     if isinstance(exc, FlowRefused):
         return EXIT_TRUST, f"policy violation: {exc}"
-    if isinstance(exc, AttestationError | SealError | CheckpointError):
+    if isinstance(exc, AttestationError | SealError | CheckpointError | KeyReplyError):
         return EXIT_TRUST, f"trust failure: {exc}"
+    if isinstance(exc, KeyServiceError):  # unavailable, or the key could not be installed (KeyRefused: above)
+        return EXIT_FAILED, str(exc)
     if isinstance(exc, ArtifactError | RoleError | DataError | TransportError):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, PermissionError) and _in_gramine():

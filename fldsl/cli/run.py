@@ -127,6 +127,13 @@ def print_summary(console: Any, result: Any) -> None:
         nid, name, p = exports[0]
         console.print(f"models are sealed; the owner decrypts one with: fldsl model decrypt {p} -o model.npz "
                       f"--node {nid} --name {name}", highlight=False)
+    owner = [p for n in doc["nodes"].values() for p in (n.get("owner_exports") or {}).values()]
+    if owner and result.exit_code == 0:
+        # Under SGX a sealed model opens only inside its enclave: these copies are what the owner can open.
+        console.print("models encrypted to their owner's key (fldsl compile --owner-key); the owner opens "
+                      "each with:", highlight=False)
+        for p in owner:
+            console.print(f"  fldsl model decrypt {p} --owner-key PRIVATE.pem -o OUT.npz", highlight=False)
     if result.interrupted:
         console.print("interrupted: every node stopped at a step boundary; run again with "
                       f"`--run-dir {result.run_dir}` to resume from the last common checkpoint")
@@ -152,13 +159,23 @@ def print_summary(console: Any, result: Any) -> None:
 @click.option("--enclave", type=click.Choice(["none", "gramine-direct", "gramine-sgx"]), default="none",
               show_default=True,
               help="start each node inside Gramine from the signed build (fldsl compile --sign KEY)")
+@click.option("--data-dir", "data_dir_items", multiple=True, metavar="NODE_ID=DIR",
+              help="--enclave: the folder of the node's encrypted csv files (fldsl data encrypt ... "
+              "-o DIR/), mounted at /fldsl/data. Repeatable.")
+@click.option("--key-service", "key_service_items", multiple=True, metavar="NODE_ID=HOST:PORT",
+              help="--enclave: the node's data owner's key service (fldsl keys serve). Repeatable.")
 def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None, run_dir: Path | None,
-            trust_dir: Path, addresses: Path | None, enclave: str) -> None:
+            trust_dir: Path, addresses: Path | None, enclave: str, data_dir_items: tuple[str, ...],
+            key_service_items: tuple[str, ...]) -> None:
     """Run a pipeline: every node as a local process over attested gRPC, with live progress."""
     from rich.console import Console
 
     from fldsl.runtime import launcher as L
 
+    data_dirs = {nid: Path(d) for nid, d in _node_pairs(data_dir_items, "--data-dir", "DIR").items()}
+    key_services = _key_services(key_service_items)
+    if only is not None and (data_dirs or key_services):
+        raise click.UsageError("--node runs one node from --addresses: put its key_service in that file")
     build = _build_dir(target, parse_sets(sets))
     try:
         L.ensure_trust(trust_dir)
@@ -170,7 +187,8 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
             console.width = 140
         display = None if as_json else RichDisplay(console)
         result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display,
-                                enclave=enclave)  # type: ignore[arg-type]
+                                enclave=enclave, data_dirs=data_dirs,  # type: ignore[arg-type]
+                                key_services=key_services)
     except L.LaunchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -185,6 +203,34 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     else:
         print_summary(console, result)
     sys.exit(result.exit_code if result.exit_code else EXIT_OK)
+
+
+def _node_pairs(items: tuple[str, ...], flag: str, what: str) -> dict[str, str]:
+    """``NODE_ID=VALUE`` options as a dict; a malformed or repeated node is a usage error."""
+    out: dict[str, str] = {}
+    for item in items:
+        nid, sep, value = item.partition("=")
+        nid, value = nid.strip(), value.strip()
+        if not sep or not nid or not value:
+            raise click.UsageError(f"{flag} expects NODE_ID={what}, got `{item}`")
+        if nid in out:
+            raise click.UsageError(f"{flag} {nid} given twice")
+        out[nid] = value
+    return out
+
+
+def _key_services(items: tuple[str, ...]) -> dict[str, str]:
+    out = _node_pairs(items, "--key-service", "HOST:PORT")
+    if not out:
+        return out
+    from fldsl.runtime.transport import check_host_port  # (imports gRPC: only when needed)
+
+    for nid, address in out.items():
+        try:
+            check_host_port(address)
+        except ValueError as e:
+            raise click.UsageError(f"--key-service {nid}: {e}") from None
+    return out
 
 
 def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addresses: Path | None) -> int:

@@ -13,7 +13,7 @@ Regenerate the protobuf modules after editing ``fldsl.proto`` (grpcio-tools < 1.
     sed -i 's/^import fldsl_pb2 as/from . import fldsl_pb2 as/' fldsl_pb2_grpc.py
 """
 
-from .addresses import Addresses, NodeAddress, load_addresses, save_addresses
+from .addresses import Addresses, NodeAddress, check_host_port, load_addresses, save_addresses
 from .errors import FlowRefused, FrameError, PeerUnreachable, RecvTimeout, RemoteRefused, TransportError
 from .guard import FlowGuard
 from .identity import LocalIdentityLike, PeerVerifierLike, is_trust_failure
@@ -35,6 +35,7 @@ __all__ = [
     "RemoteRefused",
     "Transport",
     "TransportError",
+    "check_host_port",
     "is_trust_failure",
     "load_addresses",
     "save_addresses",

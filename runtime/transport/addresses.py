@@ -1,14 +1,26 @@
 """``addresses.json``: where each node listens, written by the launcher at run time.
 
 Addresses are not a security property (a peer is identified by attestation, not by where it answers),
-so they live outside the measured build artifacts: ``{node_id: {"host", "port", "bootstrap_port"}}``.
+so they live outside the measured build artifacts: ``{node_id: {"host", "port", "bootstrap_port"}}``, plus,
+for a node that reads encrypted data inside Gramine, ``"key_service": "HOST:PORT"`` (its data owner's
+``fldsl keys serve``). The key service is not a security property either: the reply is encrypted to the
+enclave's attested key, and a wrong service can only give a wrong key, under which the data files fail
+Gramine's integrity check (docs/keys.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fldsl.artifacts import ArtifactError, dump_json
 
@@ -19,6 +31,12 @@ class NodeAddress(BaseModel):
     host: str
     port: int = Field(ge=0, le=65535)  # secure (mutual TLS) port; 0 = pick a free one (tests)
     bootstrap_port: int = Field(ge=0, le=65535)  # Hello (certificate exchange) port
+    key_service: str | None = None  # HOST:PORT of the data owner's key service (encrypted data only)
+
+    @field_validator("key_service")
+    @classmethod
+    def _key_service(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_port(value)
 
     @model_validator(mode="after")
     def _distinct(self) -> NodeAddress:
@@ -31,6 +49,16 @@ class NodeAddress(BaseModel):
 
     def bootstrap_target(self) -> str:
         return f"{_host(self.host)}:{self.bootstrap_port}"
+
+
+def check_host_port(value: str) -> str:
+    """``value`` if it is ``HOST:PORT``, port 1..65535, an IPv6 host in brackets; else ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 1..65535, got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"an IPv6 host goes in brackets, e.g. [::1]:7443; got {value!r}")
+    return value
 
 
 def _host(host: str) -> str:
@@ -59,4 +87,5 @@ def load_addresses(path: Path) -> Addresses:
 
 
 def save_addresses(addresses: Addresses, path: Path) -> None:
-    path.write_text(dump_json(addresses.model_dump(mode="json")))
+    # No "key_service": null entries: files without key services stay as they were.
+    path.write_text(dump_json(addresses.model_dump(mode="json", exclude_none=True)))

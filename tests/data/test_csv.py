@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fldsl.runtime.data import DataError, load_dataset, read_csv
+from fldsl.runtime.data import DataError, load_dataset, read_csv, relocate_csv
 
 from fldsl.artifacts import DataSpec, TensorSpec
 
@@ -109,6 +109,17 @@ def test_load_dataset_returns_the_declared_fields(tmp_path: Path) -> None:
     bad = DataSpec(name="g", reader="criteo", params={"rows": 10, "colour": 1})
     with pytest.raises(DataError, match="unknown criteo parameter"):
         load_dataset(bad)
+
+
+def test_relocate_csv_reads_each_file_by_name_from_the_enclave_mount() -> None:
+    specs = [DataSpec(name="a", reader="csv", path="/host/owner/train.csv"),
+             DataSpec(name="g", reader="criteo", params={"rows": 10})]
+    out = relocate_csv(specs, "/fldsl/data")
+    assert [s.path for s in out] == ["/fldsl/data/train.csv", None] and out[1] is specs[1]
+    assert specs[0].path == "/host/owner/train.csv"  # the plan itself is not changed
+    twice = [specs[0], DataSpec(name="b", reader="csv", path="/elsewhere/train.csv")]
+    with pytest.raises(DataError, match=r"`a` and `b` both read a file named train\.csv"):
+        relocate_csv(twice, "/fldsl/data")
 
 
 @pytest.mark.shared_data

@@ -59,6 +59,25 @@ def test_encrypt_round_trips_through_gramine_pf_crypt(tmp_path: Path, monkeypatc
     assert again.exit_code == EXIT_INPUT and "already exists" in again.output
 
 
+@pytest.mark.skipif(PF_CRYPT is None, reason="gramine-sgx-pf-crypt (Gramine) is not installed")
+def test_encrypt_into_a_folder_keeps_the_name_the_node_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    # From anywhere: the file is bound to data/<name>, the path the node's mount opens it by
+    # (tests/enclave/test_gramine_data.py proves that inside gramine-direct).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "enc").mkdir(parents=True)
+    plain = tmp_path / "train.csv"
+    plain.write_text("id,x,y\n1,0.5,1\n")
+    (tmp_path / "k").write_bytes(bytes(range(16)))
+    res = run("data", "encrypt", str(plain), "--key", "k", "-o", "owner/enc/")
+    assert res.exit_code == EXIT_OK, res.output
+    assert "/fldsl/data/train.csv" in res.output
+    assert (tmp_path / "owner" / "enc" / "train.csv").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k", "owner", "train.csv"]  # no scratch left
+    res = run("data", "encrypt", str(plain), "--key", "k", "-o", "missing/dir/train.csv")
+    assert res.exit_code == EXIT_INPUT and "no such folder" in res.output
+
+
 def test_encrypt_input_errors_and_missing_tool(tmp_path: Path) -> None:
     plain = tmp_path / "p.csv"
     plain.write_text("a\n")
