@@ -280,7 +280,7 @@ def test_a_dcap_pipeline_is_not_signed_where_nodes_could_not_verify_real_quotes(
         p.write_text(p.read_text().replace('"mode": "sim"', '"mode": "dcap"'))
     monkeypatch.setattr(enclave_files, "_ldconfig_path", lambda soname: None)
     before = (build / "nodes" / "media.trainer" / "pins.json").read_text()
-    with pytest.raises(SignError, match="libsgx_dcap_quoteverify.so.1 is not installed"):
+    with pytest.raises(SignError, match=r"libsgx_dcap_quoteverify\.so\.1 is not installed"):
         sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
     assert (build / "nodes" / "media.trainer" / "pins.json").read_text() == before
 
@@ -297,8 +297,8 @@ def test_a_dcap_node_trusts_the_qvl_and_names_it_in_its_environment(build, fake_
         p = build / "nodes" / n / "policy.json"
         p.write_text(p.read_text().replace('"mode": "sim"', '"mode": "dcap"'))
         t = build / "nodes" / n / f"{n}.manifest.template"
-        t.write_text(t.read_text() + '{% if qvl_library %}loader.env.FLDSL_QVL_LIBRARY = "{{ qvl_library }}"\n'
-                     '{% endif %}')
+        t.write_text(t.read_text() + '{% if qvl_library %}'
+                     'loader.env.FLDSL_QVL_LIBRARY = "{{ qvl_library }}"\n{% endif %}')
     monkeypatch.setattr(enclave_files, "_ldconfig_path",
                         lambda soname: str(lib) if soname == enclave_files.QVL_SONAME else None)
     sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
