@@ -158,7 +158,9 @@ def ensure_trust(trust_dir: Path) -> list[str]:
 
 def node_command(build_dir: Path, nid: str, addresses: Path, run_dir: Path, trust_dir: Path,
                  extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "fldsl.runtime.node", "--build", str(build_dir), "--node", nid,
+    # -I (isolated mode): no PYTHONPATH, PYTHONSTARTUP, user site or current folder, so the node runs the
+    # code its simulated measurement covers and nothing a host slipped in beside it.
+    return [sys.executable, "-I", "-m", "fldsl.runtime.node", "--build", str(build_dir), "--node", nid,
             "--addresses", str(addresses), "--run-dir", str(run_dir), "--trust-dir", str(trust_dir),
             *(extra or [])]
 

@@ -229,6 +229,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
 
     from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
 
+    check_interpreter()
     ndir = Path(args.node_dir) if args.node_dir is not None else node_dir(args.build, args.node)
     if not ndir.is_dir():
         raise NodeError(f"{ndir}: no such folder (is `{args.node}` a node of this build?)")
@@ -351,6 +352,25 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_TRUST, (f"trust failure: the enclave refused to open {exc.filename}: it changed after "
                             "signing or is not in the signed manifest (sign the build again)")
     return EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc} (see the node log)"
+
+
+# Ways to run code beside the measured package, which the node refuses when they took effect.
+_ENV_HOOKS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONINSPECT")
+
+
+def check_interpreter() -> None:
+    """Refuse to run where the interpreter loaded code the measurement does not cover: a sitecustomize or
+    usercustomize module (PYTHONPATH, user site) or PYTHON* variables that steer imports. `fldsl run` starts
+    nodes with ``python -I`` and Gramine's manifest fixes ``-I``, so these are off; a host that starts the
+    node some other way is told why it is refused."""
+    found = [f"{m} ({getattr(sys.modules[m], '__file__', '?')})"
+             for m in ("sitecustomize", "usercustomize") if m in sys.modules]
+    if not sys.flags.ignore_environment:
+        found += [f"{v}={os.environ[v]}" for v in _ENV_HOOKS if os.environ.get(v)]
+    if found:
+        raise NodeError("refusing to start: this Python runs code outside the measured fldsl package ("
+                        + ", ".join(found) + "); start the node in isolated mode (python -I), as fldsl run "
+                        "does", EXIT_TRUST)
 
 
 def _in_gramine() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,6 @@ def _key_services(items: tuple[str, ...]) -> dict[str, str]:
 
 def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addresses: Path | None) -> int:
     from fldsl.runtime import launcher as L
-    from fldsl.runtime import node as N
 
     if only not in L.node_ids(build):
         raise L.LaunchError(f"{build}: no node `{only}` (nodes: {', '.join(L.node_ids(build))})")
@@ -245,5 +245,6 @@ def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addr
     if not addresses.exists():
         raise L.LaunchError(f"{addresses}: missing; write one ({{node: {{host, port, bootstrap_port}}}}) "
                             "or pass --addresses")
-    return N.main(["--build", str(build), "--node", only, "--addresses", str(addresses),
-                   "--run-dir", str(run_dir), "--trust-dir", str(trust_dir)])
+    # Its own isolated interpreter (python -I), like every node the launcher starts: this CLI's environment
+    # (PYTHONPATH, user site) does not reach the node.
+    return subprocess.call(L.node_command(build, only, addresses, run_dir, trust_dir), env=L.node_env())
