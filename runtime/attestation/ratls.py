@@ -42,6 +42,9 @@ _HASH_ALGS = {1: hashlib.sha256, 7: hashlib.sha384, 8: hashlib.sha512}  # IANA N
 _SIG_HASHES = {"1.2.840.10045.4.3.2": hashes.SHA256(), "1.2.840.10045.4.3.3": hashes.SHA384()}
 DEFAULT_VALIDITY = dt.timedelta(days=1)
 CLOCK_SKEW = dt.timedelta(minutes=5)
+# Peers refuse certificates valid for longer (verify.PeerVerifier): a captured certificate must not stay
+# usable evidence for years. Ours (DEFAULT_VALIDITY, backdated by CLOCK_SKEW) are well inside it.
+MAX_CERT_VALIDITY = dt.timedelta(days=2)
 
 Source = Literal["tcg", "gramine-legacy", "intel-sdk"]
 
@@ -127,8 +130,12 @@ def make_identity(
     ``pins_digest`` is ``Pins.digest()`` (hex or 32 raw bytes). CN and a DNS SAN are the node id (the
     transport uses it as the TLS target name). basicConstraints CA:TRUE/pathlen 0 + keyCertSign let gRPC
     (BoringSSL) use the pinned certificate itself as the trust root of the mutual-TLS channel.
+    ``validity`` (+ the backdating) must stay within ``MAX_CERT_VALIDITY``, which peers enforce.
     """
     digest = _as_digest(pins_digest)
+    if validity + CLOCK_SKEW > MAX_CERT_VALIDITY:
+        raise ValueError(f"a certificate valid for {validity} (+{CLOCK_SKEW} backdated) exceeds the "
+                         f"{MAX_CERT_VALIDITY.days}-day ceiling that peers enforce")
     key = ec.generate_private_key(ec.SECP384R1() if curve == "P-384" else ec.SECP256R1())
     spki = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

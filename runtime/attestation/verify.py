@@ -2,7 +2,8 @@
 
 :class:`PeerVerifier` runs, in order (first failure wins, so the operator sees the most basic problem):
 
-1. certificate parses and is inside its validity window          → field ``certificate``
+1. certificate parses, is inside its validity window, and (an fldsl certificate) that window is at
+   most ``MAX_CERT_VALIDITY`` (2 days) long                          → field ``certificate``
 2. the evidence binds the certificate key (and it is self-signed) → field ``pubkey``
 3. sim vs real: a simulated quote under ``attestation dcap``       → field ``attestation_mode``
 4. the quote is genuine (sim chain vs our sim root, or Intel QVL) → field ``quote``
@@ -29,7 +30,7 @@ from fldsl.runtime.attestation.quote import (
     FLAG_PROVISIONKEY,
     Quote,
 )
-from fldsl.runtime.attestation.ratls import CertificateError, Evidence, parse_certificate
+from fldsl.runtime.attestation.ratls import MAX_CERT_VALIDITY, CertificateError, Evidence, parse_certificate
 from fldsl.runtime.attestation.sim import verify_sim_quote
 
 from fldsl.artifacts import AttestationRequirement, Identity, Pins
@@ -127,6 +128,11 @@ def check_identity(
         )
 
 
+def _duration(delta: dt.timedelta) -> str:
+    days = delta / dt.timedelta(days=1)
+    return f"{days:g} days" if days >= 1 else f"{delta.total_seconds() / 3600:g} hours"
+
+
 class PeerVerifier:
     """Verifies peers' RA-TLS certificates against the deployment's pins and this node's policy."""
 
@@ -138,6 +144,7 @@ class PeerVerifier:
         sim_root_pem: bytes | None,
         own_pins_digest: bytes | str,
         now: dt.datetime | None = None,
+        max_validity: dt.timedelta = MAX_CERT_VALIDITY,
     ) -> None:
         self.pins = pins
         self.requirement = requirement
@@ -145,6 +152,7 @@ class PeerVerifier:
         own = bytes.fromhex(own_pins_digest) if isinstance(own_pins_digest, str) else bytes(own_pins_digest)
         self.own_pins_digest = own
         self._now = now
+        self.max_validity = max_validity
 
     def _genuine(self, quote: Quote, who: str) -> Verdict:
         if quote.is_simulated:
@@ -178,6 +186,25 @@ class PeerVerifier:
     def _time(self) -> dt.datetime:
         return self._now or dt.datetime.now(dt.UTC)
 
+    def _check_lifetime(self, ev: Evidence, who: str) -> None:
+        """fldsl certificates are short-lived: a long-lived one would stay replayable evidence for years.
+
+        Only certificates with an fldsl node claim are held to the ceiling: Gramine and the Intel SGX SDK mint
+        theirs with fixed, decades-long windows (an enclave has no trusted clock), which ``fldsl inspect``
+        still decodes and checks; without the claim the verifier refuses them at ``node`` anyway.
+        """
+        lifetime = ev.not_after - ev.not_before
+        if ev.node_id is not None and lifetime > self.max_validity:
+            ceiling = _duration(self.max_validity)
+            raise _refuse(
+                who,
+                "certificate",
+                f"a validity period of at most {ceiling}",
+                f"{_duration(lifetime)} ({ev.not_before:%Y-%m-%d} to {ev.not_after:%Y-%m-%d})",
+                f"the certificate is valid for longer than the ceiling of {ceiling}; fldsl nodes make "
+                "certificates valid for 1 day, so this one was not made by an fldsl node of this version",
+            )
+
     def verify(self, cert_pem: bytes | str, expect_node: str | None = None) -> PeerVerdict:
         who = expect_node or "?"
         try:
@@ -195,6 +222,7 @@ class PeerVerifier:
                 "the certificate is outside its validity window (a replayed old certificate, or "
                 "a wrong clock)",
             )
+        self._check_lifetime(ev, who)
         if not ev.self_signature_ok:
             raise _refuse(
                 who,

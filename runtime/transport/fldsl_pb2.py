@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66ldsl.proto\x12\x12\x66ldsl.transport.v1\"[\n\x0cHelloRequest\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0bpins_digest\x18\x03 \x01(\x0c\x12\x13\n\x0b\x65xpect_node\x18\x04 \x01(\t\"Z\n\nHelloReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x04 \x01(\x0c\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"\xa6\x02\n\x05\x46rame\x12.\n\x07\x63ontrol\x18\x01 \x01(\x0b\x32\x1b.fldsl.transport.v1.ControlH\x00\x12\x32\n\x06tensor\x18\x02 \x01(\x0b\x32 .fldsl.transport.v1.TensorHeaderH\x00\x12\x32\n\x06\x61rrays\x18\x03 \x01(\x0b\x32 .fldsl.transport.v1.ArraysHeaderH\x00\x12.\n\x04\x62lob\x18\x04 \x01(\x0b\x32\x1e.fldsl.transport.v1.BlobHeaderH\x00\x12/\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1e.fldsl.transport.v1.ErrorFrameH\x00\x12\x0b\n\x03pad\x18\x0e \x01(\x0c\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x06\n\x04kind\"\xa8\x01\n\x07\x43ontrol\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .fldsl.transport.v1.Control.Kind\x12\x11\n\titeration\x18\x02 \x01(\x03\"Z\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\t\n\x05READY\x10\x01\x12\t\n\x05START\x10\x02\x12\n\n\x06\x43OMMIT\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\x12\t\n\x05\x43LOSE\x10\x05\x12\r\n\tCLOSE_ACK\x10\x06\"\x8c\x01\n\x0cTensorHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x63hunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06offset\x18\x08 \x01(\x04\"I\n\tArraySpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x9d\x01\n\x0c\x41rraysHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12-\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\x1d.fldsl.transport.v1.ArraySpec\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\"l\n\nBlobHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\"8\n\nErrorFrame\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2V\n\tBootstrap\x12I\n\x05Hello\x12 .fldsl.transport.v1.HelloRequest\x1a\x1e.fldsl.transport.v1.HelloReply2L\n\x04Peer\x12\x44\n\x08\x45xchange\x12\x19.fldsl.transport.v1.Frame\x1a\x19.fldsl.transport.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x66ldsl.proto\x12\x12\x66ldsl.transport.v1\"\x12\n\x10\x43hallengeRequest\"#\n\x0e\x43hallengeReply\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x97\x01\n\x0cHelloRequest\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0bpins_digest\x18\x03 \x01(\x0c\x12\x13\n\x0b\x65xpect_node\x18\x04 \x01(\t\x12\x11\n\tchallenge\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63lient_nonce\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"m\n\nHelloReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x04 \x01(\x0c\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xa6\x02\n\x05\x46rame\x12.\n\x07\x63ontrol\x18\x01 \x01(\x0b\x32\x1b.fldsl.transport.v1.ControlH\x00\x12\x32\n\x06tensor\x18\x02 \x01(\x0b\x32 .fldsl.transport.v1.TensorHeaderH\x00\x12\x32\n\x06\x61rrays\x18\x03 \x01(\x0b\x32 .fldsl.transport.v1.ArraysHeaderH\x00\x12.\n\x04\x62lob\x18\x04 \x01(\x0b\x32\x1e.fldsl.transport.v1.BlobHeaderH\x00\x12/\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1e.fldsl.transport.v1.ErrorFrameH\x00\x12\x0b\n\x03pad\x18\x0e \x01(\x0c\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x06\n\x04kind\"\xa8\x01\n\x07\x43ontrol\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .fldsl.transport.v1.Control.Kind\x12\x11\n\titeration\x18\x02 \x01(\x03\"Z\n\x04Kind\x12\x0b\n\x07UNKNOWN\x10\x00\x12\t\n\x05READY\x10\x01\x12\t\n\x05START\x10\x02\x12\n\n\x06\x43OMMIT\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\x12\t\n\x05\x43LOSE\x10\x05\x12\r\n\tCLOSE_ACK\x10\x06\"\x8c\x01\n\x0cTensorHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x63hunk\x18\x05 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06offset\x18\x08 \x01(\x04\"I\n\tArraySpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x9d\x01\n\x0c\x41rraysHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12-\n\x06\x61rrays\x18\x03 \x03(\x0b\x32\x1d.fldsl.transport.v1.ArraySpec\x12\r\n\x05\x63hunk\x18\x04 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\"l\n\nBlobHeader\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x63hunk\x18\x03 \x01(\r\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06offset\x18\x06 \x01(\x04\"8\n\nErrorFrame\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xad\x01\n\tBootstrap\x12U\n\tChallenge\x12$.fldsl.transport.v1.ChallengeRequest\x1a\".fldsl.transport.v1.ChallengeReply\x12I\n\x05Hello\x12 .fldsl.transport.v1.HelloRequest\x1a\x1e.fldsl.transport.v1.HelloReply2L\n\x04Peer\x12\x44\n\x08\x45xchange\x12\x19.fldsl.transport.v1.Frame\x1a\x19.fldsl.transport.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fldsl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HELLOREQUEST']._serialized_start=35
-  _globals['_HELLOREQUEST']._serialized_end=126
-  _globals['_HELLOREPLY']._serialized_start=128
-  _globals['_HELLOREPLY']._serialized_end=218
-  _globals['_FRAME']._serialized_start=221
-  _globals['_FRAME']._serialized_end=515
-  _globals['_CONTROL']._serialized_start=518
-  _globals['_CONTROL']._serialized_end=686
-  _globals['_CONTROL_KIND']._serialized_start=596
-  _globals['_CONTROL_KIND']._serialized_end=686
-  _globals['_TENSORHEADER']._serialized_start=689
-  _globals['_TENSORHEADER']._serialized_end=829
-  _globals['_ARRAYSPEC']._serialized_start=831
-  _globals['_ARRAYSPEC']._serialized_end=904
-  _globals['_ARRAYSHEADER']._serialized_start=907
-  _globals['_ARRAYSHEADER']._serialized_end=1064
-  _globals['_BLOBHEADER']._serialized_start=1066
-  _globals['_BLOBHEADER']._serialized_end=1174
-  _globals['_ERRORFRAME']._serialized_start=1176
-  _globals['_ERRORFRAME']._serialized_end=1232
-  _globals['_BOOTSTRAP']._serialized_start=1234
-  _globals['_BOOTSTRAP']._serialized_end=1320
-  _globals['_PEER']._serialized_start=1322
-  _globals['_PEER']._serialized_end=1398
+  _globals['_CHALLENGEREQUEST']._serialized_start=35
+  _globals['_CHALLENGEREQUEST']._serialized_end=53
+  _globals['_CHALLENGEREPLY']._serialized_start=55
+  _globals['_CHALLENGEREPLY']._serialized_end=90
+  _globals['_HELLOREQUEST']._serialized_start=93
+  _globals['_HELLOREQUEST']._serialized_end=244
+  _globals['_HELLOREPLY']._serialized_start=246
+  _globals['_HELLOREPLY']._serialized_end=355
+  _globals['_FRAME']._serialized_start=358
+  _globals['_FRAME']._serialized_end=652
+  _globals['_CONTROL']._serialized_start=655
+  _globals['_CONTROL']._serialized_end=823
+  _globals['_CONTROL_KIND']._serialized_start=733
+  _globals['_CONTROL_KIND']._serialized_end=823
+  _globals['_TENSORHEADER']._serialized_start=826
+  _globals['_TENSORHEADER']._serialized_end=966
+  _globals['_ARRAYSPEC']._serialized_start=968
+  _globals['_ARRAYSPEC']._serialized_end=1041
+  _globals['_ARRAYSHEADER']._serialized_start=1044
+  _globals['_ARRAYSHEADER']._serialized_end=1201
+  _globals['_BLOBHEADER']._serialized_start=1203
+  _globals['_BLOBHEADER']._serialized_end=1311
+  _globals['_ERRORFRAME']._serialized_start=1313
+  _globals['_ERRORFRAME']._serialized_end=1369
+  _globals['_BOOTSTRAP']._serialized_start=1372
+  _globals['_BOOTSTRAP']._serialized_end=1545
+  _globals['_PEER']._serialized_start=1547
+  _globals['_PEER']._serialized_end=1623
 # @@protoc_insertion_point(module_scope)

@@ -7,31 +7,49 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
+
 class HelloRequest(_message.Message):
-    __slots__ = ("cert_pem", "node_id", "pins_digest", "expect_node")
+    __slots__ = ("cert_pem", "node_id", "pins_digest", "expect_node", "challenge", "client_nonce", "signature")
     CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PINS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     EXPECT_NODE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     cert_pem: bytes
     node_id: str
     pins_digest: bytes
     expect_node: str
-    def __init__(self, cert_pem: _Optional[bytes] = ..., node_id: _Optional[str] = ..., pins_digest: _Optional[bytes] = ..., expect_node: _Optional[str] = ...) -> None: ...
+    challenge: bytes
+    client_nonce: bytes
+    signature: bytes
+    def __init__(self, cert_pem: _Optional[bytes] = ..., node_id: _Optional[str] = ..., pins_digest: _Optional[bytes] = ..., expect_node: _Optional[str] = ..., challenge: _Optional[bytes] = ..., client_nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("ok", "reason", "field", "cert_pem", "node_id")
+    __slots__ = ("ok", "reason", "field", "cert_pem", "node_id", "signature")
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     reason: str
     field: str
     cert_pem: bytes
     node_id: str
-    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., field: _Optional[str] = ..., cert_pem: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ..., field: _Optional[str] = ..., cert_pem: _Optional[bytes] = ..., node_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("control", "tensor", "arrays", "blob", "error", "pad", "payload")

@@ -34,6 +34,11 @@ class BootstrapStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Challenge = channel.unary_unary(
+                '/fldsl.transport.v1.Bootstrap/Challenge',
+                request_serializer=fldsl__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=fldsl__pb2.ChallengeReply.FromString,
+                _registered_method=True)
         self.Hello = channel.unary_unary(
                 '/fldsl.transport.v1.Bootstrap/Hello',
                 request_serializer=fldsl__pb2.HelloRequest.SerializeToString,
@@ -44,6 +49,12 @@ class BootstrapStub:
 class BootstrapServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Challenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Hello(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -53,6 +64,11 @@ class BootstrapServicer:
 
 def add_BootstrapServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=fldsl__pb2.ChallengeRequest.FromString,
+                    response_serializer=fldsl__pb2.ChallengeReply.SerializeToString,
+            ),
             'Hello': grpc.unary_unary_rpc_method_handler(
                     servicer.Hello,
                     request_deserializer=fldsl__pb2.HelloRequest.FromString,
@@ -68,6 +84,33 @@ def add_BootstrapServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Bootstrap:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fldsl.transport.v1.Bootstrap/Challenge',
+            fldsl__pb2.ChallengeRequest.SerializeToString,
+            fldsl__pb2.ChallengeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Hello(request,

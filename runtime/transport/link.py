@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codec
+from . import codec, handshake
 from . import fldsl_pb2 as pb
 from .errors import FlowRefused, FrameError, PeerUnreachable, RecvTimeout, TransportError
 from .guard import FlowGuard, WireSpec
@@ -187,6 +187,9 @@ class PeerLink:
         # Acceptor side: why the last Hello claiming to be this peer was refused (for the timeout message;
         # a refusal does not fail the link, or anyone could cut us off with one bad Hello).
         self.last_refusal: str = ""
+        # Acceptor side: our verifier's refusal of the last Hello that proved possession of its key; the
+        # link's failure if the peer is still missing at the connect timeout (see note_refusal).
+        self._refused_evidence: Exception | None = None
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -253,12 +256,24 @@ class PeerLink:
             self._wait(ready, f"{kind} of iteration {iteration}", timeout)
             self._controls[key] -= 1
 
+    def note_refusal(self, reason: str, refusal: Exception | None) -> None:
+        """Acceptor side: a Hello claiming to be this peer was refused. ``refusal`` is our verifier's verdict
+        when that Hello proved possession of its certificate's key over our fresh challenge (so it came from
+        a live holder of that key, not a replay). It fails nothing now; if the peer is still missing at the
+        connect timeout it is the reason (a trust failure, as on the dialer's side), not "unreachable"."""
+        with self._cv:
+            self.last_refusal = handshake.printable(reason, handshake.VERDICT_TEXT_CHARS)  # names its claims
+            if refusal is not None:
+                self._refused_evidence = refusal
+
     def wait_connected(self, timeout: float | None = None) -> None:
         """Block until a stream is up (raises the link's failure, or PeerUnreachable on timeout)."""
         with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._stream is None:
                 self._raise_if_failed(pending_ok=False)
+                if not self.dial and self._refused_evidence is not None:
+                    self._check_down_too_long()  # the dialer's side gives up in Transport._dial_loop
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PeerUnreachable(
@@ -359,7 +374,7 @@ class PeerLink:
             down = time.monotonic() - self._down_since
             if down > self._connect_timeout:
                 what = "lost the link to" if self._generation else "no attested connection with"
-                self._failure = PeerUnreachable(
+                self._failure = self._refused_evidence or PeerUnreachable(
                     f"{what} {self.peer_id}; it did not come (back) within {self._connect_timeout:g} s"
                     + self._refusal_note())
                 self._cv.notify_all()
@@ -382,6 +397,7 @@ class PeerLink:
             gen = self._generation
             self._down_since = None
             self._peer_closed = False
+            self._refused_evidence = None  # whatever was refused, the peer came: it decides nothing now
             callbacks = list(self._callbacks) if gen > 1 else []
             self._cv.notify_all()
         if old is not None:

@@ -1,14 +1,16 @@
-"""A node's gRPC servers: the bootstrap port (Hello) and the mutual-TLS port (Exchange).
+"""A node's gRPC servers: the bootstrap port (Challenge, Hello) and the mutual-TLS port (Exchange).
 
 Why two servers, not two ports of one: a gRPC server serves every registered service on every port, so
 one server would also offer ``Exchange`` on the insecure port. Separate servers keep the insecure port to
-the single ``Hello`` RPC (the per-call certificate check would refuse it anyway: defence in depth).
+the bootstrap RPCs (the per-call certificate check would refuse Exchange anyway: defence in depth). The
+bootstrap server, and how it stays available under abuse, is in ``bootstrap.py``.
 
 The secure port uses ``grpc.dynamic_ssl_server_credentials``: gRPC asks ``CertRegistry.fetch`` at each new
 TLS handshake for the current configuration, whose client roots are exactly the RA-TLS certificates that
-passed ``PeerVerifier.verify`` at Hello (plus our own certificate, so the root list is never empty). A peer
-certificate is self-signed with CA:FALSE; BoringSSL (grpcio 1.85) accepts such a leaf as its own trust
-anchor when it is in the root list (checked by tests/transport/test_tls.py), so no CA extensions are needed.
+passed Hello (a fresh challenge signed with the certificate's key, then ``PeerVerifier.verify``), plus our
+own certificate, so the root list is never empty. A peer certificate is self-signed with CA:FALSE;
+BoringSSL (grpcio 1.85) accepts such a leaf as its own trust anchor when it is in the root list (checked by
+tests/transport/test_tls.py), so no CA extensions are needed.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from . import fldsl_pb2 as pb
-from . import fldsl_pb2_grpc as pb_grpc
+from .bootstrap import BootstrapServer, HelloPolicy, HelloService, RefusalNote
 from .errors import TransportError
-from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
+from .identity import LocalIdentityLike, PeerVerifierLike
 
 log = logging.getLogger("fldsl.transport.server")
 
@@ -51,9 +52,9 @@ class CertRegistry:
     one). Why not keep a few: every certificate of a node has the same subject (CN = node id) and no
     authority key identifier, and BoringSSL picks the trust anchor by subject name, so with two
     certificates of one node in the roots the handshake of the newer one fails ("self signed
-    certificate"). Replaying an old, still valid certificate at Hello can therefore evict the current
-    one; it gives no access (the replayer lacks the key), established streams are unaffected, and the
-    real peer re-runs Hello before every reconnection, which puts its certificate back.
+    certificate"). That is why only a Hello signed with the certificate's key over a fresh, unused
+    challenge may replace the pin (bootstrap.HelloService): a replayed certificate, or a replayed Hello,
+    never does.
     """
 
     def __init__(self, identity: LocalIdentityLike) -> None:
@@ -62,6 +63,12 @@ class CertRegistry:
         self._by_node: dict[str, tuple[str, bytes]] = {}  # node -> (fingerprint, PEM)
         self._version = 0
         self._served = -1
+
+    def set_identity(self, identity: LocalIdentityLike) -> None:
+        """Serve TLS with a renewed key and certificate from the next handshake on."""
+        with self._lock:
+            self._identity = identity
+            self._version += 1
 
     def add(self, node_id: str, cert_pem: bytes) -> None:
         fp = cert_fingerprint(cert_pem)
@@ -81,12 +88,14 @@ class CertRegistry:
 
     def roots(self) -> bytes:
         with self._lock:
-            peers = [pem for _, pem in self._by_node.values()]
-        return b"".join(_pem_line_end(c) for c in [self._identity.cert_pem, *peers])
+            own, peers = self._identity.cert_pem, [pem for _, pem in self._by_node.values()]
+        return b"".join(_pem_line_end(c) for c in [own, *peers])
 
     def initial_config(self) -> Any:
+        with self._lock:
+            ident = self._identity  # one read: key and certificate of the same identity
         return grpc.ssl_server_certificate_configuration(
-            [(self._identity.key_pem, self._identity.cert_pem)], root_certificates=self.roots())
+            [(ident.key_pem, ident.cert_pem)], root_certificates=self.roots())
 
     def fetch(self) -> Any:
         """gRPC's cert_config_fetcher: a new configuration when the verified set changed, else None."""
@@ -101,45 +110,7 @@ def _pem_line_end(pem: bytes) -> bytes:
     return pem if pem.endswith(b"\n") else pem + b"\n"
 
 
-HelloPolicy = Callable[[str, str], str | None]  # (claimed node, expect_node) -> refusal reason or None
-RefusalNote = Callable[[str, str], None]  # (claimed node, reason): remembered for the operator
 StreamHandler = Callable[[str, Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]
-
-
-class _Bootstrap(pb_grpc.BootstrapServicer):
-    def __init__(self, me: str, identity: LocalIdentityLike, verifier: PeerVerifierLike,
-                 registry: CertRegistry, admissible: HelloPolicy, note_refusal: RefusalNote) -> None:
-        self.me = me
-        self.identity = identity
-        self.verifier = verifier
-        self.registry = registry
-        self.admissible = admissible
-        self.note_refusal = note_refusal
-
-    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
-        claimed = request.node_id
-        reason = self.admissible(claimed, request.expect_node)
-        if reason is not None:
-            log.warning("%s refused Hello from %r at %s: %s", self.me, claimed, context.peer(), reason)
-            return pb.HelloReply(
-                ok=False, reason=f"refused by {self.me}: {reason}", field="node", node_id=self.me)
-        try:
-            verdict = self.verifier.verify(request.cert_pem, claimed)
-        except Exception as e:  # fail closed: any verifier error refuses the peer
-            field = refusal_field(e)
-            log.warning("%s refused %s: %s", self.me, claimed, e)
-            self.note_refusal(claimed, str(e))
-            return pb.HelloReply(ok=False, reason=f"refused by {self.me}: {e}", field=field or "",
-                                 node_id=self.me)
-        node = getattr(verdict, "node_id", claimed)
-        if node != claimed:
-            why = f"the certificate is attested as {node}, not {claimed}"
-            self.note_refusal(claimed, why)
-            return pb.HelloReply(
-                ok=False, reason=f"refused by {self.me}: {why}", field="node", node_id=self.me)
-        self.registry.add(claimed, request.cert_pem)
-        log.info("%s accepted %s: %s", self.me, claimed, getattr(verdict, "summary", "attested"))
-        return pb.HelloReply(ok=True, cert_pem=self.identity.cert_pem, node_id=self.me)
 
 
 class NodeServer:
@@ -147,8 +118,8 @@ class NodeServer:
 
     def __init__(
         self, *, node_id: str, identity: LocalIdentityLike, verifier: PeerVerifierLike, host: str, port: int,
-        bootstrap_port: int, admissible: HelloPolicy, note_refusal: RefusalNote, on_stream: StreamHandler,
-        max_message_bytes: int, stream_workers: int,
+        bootstrap_port: int, peers: frozenset[str], admissible: HelloPolicy, note_refusal: RefusalNote,
+        on_stream: StreamHandler, max_message_bytes: int, stream_workers: int,
     ) -> None:
         self.node_id = node_id
         self.registry = CertRegistry(identity)
@@ -164,11 +135,6 @@ class NodeServer:
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
         ]
-        self._boot = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"hello-{node_id}"),
-            options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_BootstrapServicer_to_server(
-            _Bootstrap(node_id, identity, verifier, self.registry, admissible, note_refusal), self._boot)
         self._secure = grpc.server(
             futures.ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix=f"peer-{node_id}"),
             options=options)
@@ -178,17 +144,21 @@ class NodeServer:
         self._secure.add_generic_rpc_handlers((handler,))
         creds = grpc.dynamic_ssl_server_credentials(
             self.registry.initial_config(), self.registry.fetch, require_client_authentication=True)
-        self.bound_bootstrap_port = self._add_port(self._boot, host, bootstrap_port, None)
         self.bound_port = self._add_port(self._secure, host, port, creds)
+        self._hello = hello = HelloService(me=node_id, identity=identity, verifier=verifier, peers=peers,
+                             admissible=admissible, note_refusal=note_refusal, pin=self.registry.add)
+        try:
+            self._boot = BootstrapServer(hello, host=host, port=bootstrap_port)
+        except BaseException:
+            self._secure.stop(0)
+            raise
+        self.bound_bootstrap_port = self._boot.bound_port
 
     @staticmethod
     def _add_port(server: grpc.Server, host: str, port: int, creds: Any) -> int:
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            if creds is None:
-                bound = server.add_insecure_port(target)
-            else:
-                bound = server.add_secure_port(target, creds)
+            bound = server.add_secure_port(target, creds)
         except RuntimeError as e:
             raise TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
         if bound == 0:
@@ -199,9 +169,14 @@ class NodeServer:
         self._boot.start()
         self._secure.start()
 
+    def set_identity(self, identity: LocalIdentityLike) -> None:
+        """A renewed key and certificate for every later Hello and TLS handshake (streams up stay up)."""
+        self._hello.identity = identity
+        self.registry.set_identity(identity)
+
     def stop(self, grace: float = 0.5) -> None:
         self._secure.stop(grace).wait()
-        self._boot.stop(grace).wait()
+        self._boot.stop(grace)
 
     def _exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         # Every RPC re-checks the caller: the TLS client certificate must be one verified at Hello.

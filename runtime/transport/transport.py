@@ -1,39 +1,50 @@
 """``Transport``: a node's attested links to all its peers (DESIGN §5 "Attested gRPC").
 
-Connection set-up, for a peer this node dials (``PeerRef.dial``):
+Connection set-up, for a peer this node dials (``PeerRef.dial``; the proofs are in ``handshake.py``):
 
-1. ``Hello`` on the peer's bootstrap port with our RA-TLS certificate; the peer verifies it
-   (``PeerVerifier.verify``), adds it to the client roots of its mutual-TLS port and answers with its own
-   certificate (or with the reason it refused us, e.g. which identity field mismatched).
-2. We verify the peer's certificate the same way (expect_node = the peer id).
+1. ``Challenge`` then ``Hello`` on the peer's bootstrap port: our RA-TLS certificate, signed with its key
+   over the peer's fresh challenge and a fresh nonce of ours. The peer checks the signature, its plan and
+   ``PeerVerifier.verify``, adds the certificate to the client roots of its mutual-TLS port and answers
+   with its own certificate and verdict, signed with its key over our nonce.
+2. We check that signature, then verify the peer's certificate the same way (expect_node = the peer id).
+   Only then is the reply the peer's word: an accepted Hello, or a refusal that names the field.
 3. We open the mutual-TLS channel whose ONLY trust root is that verified certificate (and whose server
    name must be the peer's node id), presenting our own key and certificate, and call ``Exchange``.
    The peer checks our TLS certificate on the call against the set verified at Hello and answers with
    READY: the link is up. A copied certificate is useless without its enclave's private key.
 
-Start order does not matter (dialling retries with exponential backoff, bounded by
-``connect_timeout_s``); a broken stream is redialled from step 1, so a restarted peer, which has a fresh
-key and certificate, is attested again.
+What ends the dialling at once: the attested peer's signed refusal (``RemoteRefused``), or our verifier's
+refusal of a genuine quote whose key answered our nonce (``PeerRefused`` on node, pins, measurements...).
+Everything else is retried with exponential back-off until ``connect_timeout_s``: a peer not up yet, a
+reply that is not signed over our nonce (corrupted or forged: its text is quoted as "peer said", never
+taken for a verdict), evidence whose quote does not verify (anyone can make such a certificate). At the
+deadline, a certificate our verifier kept refusing is a trust failure; anything else is ``PeerUnreachable``.
+
+Start order does not matter; a broken stream is redialled from step 1, so a restarted peer, which has a
+fresh key and certificate, is attested again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
+from cryptography import x509
 
 from fldsl.artifacts import PeerRef, Policy
 
-from . import codec
+from . import codec, handshake
 from . import fldsl_pb2 as pb
 from . import fldsl_pb2_grpc as pb_grpc
 from .addresses import Addresses, NodeAddress
+from .bootstrap import MAX_MESSAGE_BYTES as BOOTSTRAP_MESSAGE_BYTES
 from .errors import PeerUnreachable, RemoteRefused, TransportError
 from .guard import FlowGuard
-from .identity import LocalIdentityLike, PeerVerifierLike
+from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
 from .link import FlowStats, Outbox, PeerLink, StatsBook, Stream
 from .server import EXCHANGE_METHOD, NodeServer
 
@@ -43,10 +54,18 @@ _HELLO_TIMEOUT_S = 10.0
 _READY_TIMEOUT_S = 15.0
 _BACKOFF_START_S = 0.05
 _BACKOFF_MAX_S = 2.0
+_RENEW_MIN_S = 1.0
+_RENEW_RETRY_S = 60.0
 
 
 class _Retry(Exception):
-    """Internal: a transient failure while dialling (peer not up yet, handshake interrupted)."""
+    """Internal: a transient failure while dialling (peer not up yet, handshake interrupted, a reply that
+    proves nothing). ``refusal``: our verifier's refusal of the certificate that answered, which becomes
+    the failure if it is still the last word at the connect deadline."""
+
+    def __init__(self, message: str, refusal: Exception | None = None) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class Transport:
@@ -56,10 +75,12 @@ class Transport:
         self, *, node_id: str, policy: Policy, peers: list[PeerRef], identity: LocalIdentityLike,
         verifier: PeerVerifierLike, addresses: Addresses, listen_host: str = "127.0.0.1",
         connect_timeout_s: float = 120.0, send_buffer_bytes: int = 32 * 1024 * 1024,
+        renew_identity: Callable[[], LocalIdentityLike] | None = None,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
         self._identity = identity
+        self._renew = renew_identity
         self._verifier = verifier
         self._addresses = addresses
         self._listen_host = listen_host
@@ -98,8 +119,8 @@ class Transport:
             raise TransportError(f"addresses.json has no address for {', '.join(missing)}")
         self._server = NodeServer(
             node_id=self.node_id, identity=self._identity, verifier=self._verifier, host=self._listen_host,
-            port=me.port, bootstrap_port=me.bootstrap_port, admissible=self._admissible,
-            note_refusal=self._note_refusal,
+            port=me.port, bootstrap_port=me.bootstrap_port, peers=frozenset(self._links),
+            admissible=self._admissible, note_refusal=self._note_refusal,
             on_stream=self._on_stream, max_message_bytes=self._max_message,
             stream_workers=4 + 3 * len(self._links))
         self._server.start()
@@ -112,6 +133,20 @@ class Transport:
                                      daemon=True)
                 t.start()
                 self._threads.append(t)
+        if self._renew is not None:
+            t = threading.Thread(target=self._renew_loop, name=f"renew-{self.node_id}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def set_identity(self, identity: LocalIdentityLike) -> None:
+        """Use a renewed key and certificate for every later handshake, both directions. Streams that are
+        up stay up (TLS checks validity at the handshake only); peers pin the new certificate at the next
+        Hello, which precedes every reconnection."""
+        self._identity = identity
+        if self._server is not None:
+            self._server.set_identity(identity)
+        log.info("%s: renewed its RA-TLS certificate (valid until %s)", self.node_id,
+                 _not_after(identity.cert_pem))
 
     @property
     def port(self) -> int:
@@ -189,10 +224,10 @@ class Transport:
             return f"this is {self.node_id}, not {expect_node} (addresses.json points to the wrong node?)"
         return None
 
-    def _note_refusal(self, claimed: str, reason: str) -> None:
+    def _note_refusal(self, claimed: str, reason: str, refusal: Exception | None) -> None:
         link = self._links.get(claimed)
         if link is not None:
-            link.last_refusal = reason
+            link.note_refusal(reason, refusal)
 
     def _on_stream(
         self, node: str, request_iterator: Iterator[bytes], context: grpc.ServicerContext,
@@ -225,6 +260,21 @@ class Transport:
         context.add_callback(lambda: link.detach(stream, "stream closed"))
         return iter(stream.outbox)
 
+    def _renew_loop(self) -> None:
+        """Renew the certificate halfway through its remaining validity, so that a run may outlast it: peers
+        refuse an expired certificate (and any certificate valid for more than 2 days) at the next Hello."""
+        assert self._renew is not None
+        while True:
+            left = (_not_after(self._identity.cert_pem) - dt.datetime.now(dt.UTC)).total_seconds()
+            if self._closing.wait(max(_RENEW_MIN_S, left / 2)):
+                return
+            try:
+                self.set_identity(self._renew())
+            except Exception:  # keep the current certificate; try again soon (it is still valid)
+                log.exception("%s: renewing the RA-TLS certificate failed", self.node_id)
+                if self._closing.wait(min(_RENEW_RETRY_S, max(_RENEW_MIN_S, left / 4))):
+                    return
+
     # ------------------------------------------------------------------------------------------------
     # Dialer side
     # ------------------------------------------------------------------------------------------------
@@ -233,7 +283,7 @@ class Transport:
         addr = self._addresses[link.peer_id]
         delay = _BACKOFF_START_S
         deadline = time.monotonic() + self._connect_timeout
-        last = "not tried"
+        last: _Retry = _Retry("not tried")
         while not self._closing.is_set():
             try:
                 peer_cert = self._hello(link, addr)
@@ -242,46 +292,85 @@ class Transport:
                 deadline = time.monotonic() + self._connect_timeout
                 continue
             except _Retry as e:
-                last = str(e)
-            except Exception as e:  # refusals (ours or theirs) are final: fail closed
+                last = e
+                log.info("%s: dialling %s: %s", self.node_id, link.peer_id, e)
+            except Exception as e:  # authenticated refusals (ours or theirs) are final: fail closed
                 log.error("%s: link to %s refused: %s", self.node_id, link.peer_id, e)
                 link.fail(e)
                 return
             if time.monotonic() > deadline:
-                link.fail(PeerUnreachable(
-                    f"{self.node_id} could not connect to {link.peer_id} at {addr.bootstrap_target()} "
-                    f"(bootstrap) / {addr.secure_target()} (TLS) within {self._connect_timeout:.0f} s; "
-                    f"last error: {last}"))
+                link.fail(self._gave_up(link, addr, last))
                 return
             self._closing.wait(delay)
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
+    def _gave_up(self, link: PeerLink, addr: NodeAddress, last: _Retry) -> Exception:
+        if last.refusal is not None:
+            # What answered at the peer's address kept showing a certificate we refuse, for the whole
+            # window: a trust failure (a peer with another deployment's trust material, or an attacker who
+            # held the address that long; either way no genuine peer ever answered).
+            log.error("%s: for %.0f s the certificate answering at %s as %s was refused: %s", self.node_id,
+                      self._connect_timeout, addr.bootstrap_target(), link.peer_id, last)
+            return last.refusal
+        return PeerUnreachable(
+            f"{self.node_id} could not connect to {link.peer_id} at {addr.bootstrap_target()} "
+            f"(bootstrap) / {addr.secure_target()} (TLS) within {self._connect_timeout:.0f} s; "
+            f"last error: {last}")
+
     def _hello(self, link: PeerLink, addr: NodeAddress) -> bytes:
+        """Challenge + Hello; the peer's verified certificate, or the reason why not (see module doc)."""
         target = addr.bootstrap_target()
-        request = pb.HelloRequest(
-            cert_pem=self._identity.cert_pem, node_id=self.node_id, expect_node=link.peer_id,
-            pins_digest=_pins_digest(self._verifier))
-        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        options = [("grpc.use_local_subchannel_pool", 1),
+                   ("grpc.max_receive_message_length", BOOTSTRAP_MESSAGE_BYTES)]  # whoever answers is unknown
+        with grpc.insecure_channel(target, options=options) as channel:
+            stub = pb_grpc.BootstrapStub(channel)
             try:
-                reply = pb_grpc.BootstrapStub(channel).Hello(request, timeout=_HELLO_TIMEOUT_S)
+                challenge = stub.Challenge(pb.ChallengeRequest(), timeout=_HELLO_TIMEOUT_S).challenge
+                ident = self._identity  # one read: a renewal may swap it
+                request = handshake.hello_request(
+                    ident.cert_pem, ident.key_pem, node_id=self.node_id,
+                    expect_node=link.peer_id, challenge=challenge, pins_digest=_pins_digest(self._verifier))
+                reply = stub.Hello(request, timeout=_HELLO_TIMEOUT_S)
             except grpc.RpcError as e:
                 raise _Retry(f"Hello to {target}: {_rpc_reason(e)}") from None
+        return self._judge(link, target, request, reply)
+
+    def _judge(self, link: PeerLink, target: str, request: pb.HelloRequest, reply: pb.HelloReply) -> bytes:
+        said = "" if reply.ok else f"; peer said: {handshake.quoted(reply.reason)}"
+        if not handshake.server_signature_ok(request, reply):
+            raise _Retry(f"the Hello reply from {target} is not signed over our nonce by the certificate it "
+                         f"carries (corrupted or forged; not {link.peer_id}'s verdict){said}")
+        try:
+            verdict = self._verifier.verify(reply.cert_pem, link.peer_id)  # raises PeerRefused
+        except Exception as e:
+            field = refusal_field(e)
+            if field is None or field in handshake.EVIDENCE_FIELDS:
+                why = handshake.printable(str(e), handshake.VERDICT_TEXT_CHARS)
+                raise _Retry(f"the certificate answering at {target} was refused: {why}{said}", e) from None
+            raise  # a genuine quote, its key answered our nonce: our verdict on a real enclave
         if not reply.ok:
-            raise RemoteRefused(reply.reason or f"refused by {link.peer_id}", peer=link.peer_id,
-                                field=reply.field or None)
+            return self._refused(link, reply)
         if reply.node_id != link.peer_id:
             raise RemoteRefused(
-                f"{target} answers as {reply.node_id!r}, not {link.peer_id} (addresses.json wrong?)",
-                peer=link.peer_id, field="node")
-        verdict = self._verifier.verify(reply.cert_pem, link.peer_id)  # raises PeerRefused
+                f"{target} answers as {handshake.quoted(reply.node_id, 64)}, not {link.peer_id} "
+                "(addresses.json wrong?)", peer=link.peer_id, field="node")
         link.peer_summary = str(getattr(verdict, "summary", ""))
         return reply.cert_pem
 
+    @staticmethod
+    def _refused(link: PeerLink, reply: pb.HelloReply) -> bytes:
+        """The attested peer refused us (its signature and certificate verified)."""
+        reason = handshake.printable(reply.reason or f"refused by {link.peer_id}",
+                                     handshake.VERDICT_TEXT_CHARS)
+        if reply.field in handshake.RETRY_FIELDS:  # "ask again" (our challenge expired, say): not a verdict
+            raise _Retry(reason)
+        raise RemoteRefused(reason, peer=link.peer_id, field=reply.field or None)
+
     def _run_stream(self, link: PeerLink, addr: NodeAddress, peer_cert: bytes) -> None:
         """Open the mutual-TLS stream pinned to ``peer_cert``; return when it ends (_Retry if never up)."""
+        ident = self._identity  # one read: a renewal may swap it
         creds = grpc.ssl_channel_credentials(
-            root_certificates=peer_cert, private_key=self._identity.key_pem,
-            certificate_chain=self._identity.cert_pem)
+            root_certificates=peer_cert, private_key=ident.key_pem, certificate_chain=ident.cert_pem)
         options = [
             ("grpc.ssl_target_name_override", link.peer_id),
             ("grpc.max_receive_message_length", self._max_message),
@@ -339,7 +428,12 @@ class Transport:
 def _rpc_reason(e: grpc.RpcError) -> str:
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
-    return f"{code.name if code else 'error'}: {details}"
+    # Status details come from whoever answered, unauthenticated: printable and capped.
+    return f"{code.name if code else 'error'}: {handshake.printable(str(details), handshake.PEER_TEXT_CHARS)}"
+
+
+def _not_after(cert_pem: bytes) -> dt.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
 
 def _pins_digest(verifier: PeerVerifierLike) -> bytes:

@@ -54,8 +54,13 @@ def test_sim_quote_from_another_deployment_root_is_refused(tmp_path: Path, trust
 
     other = tmp_path / "other-trust"
     trust_init(other)
+    # Neither node can verify the other's quote, and anyone can make a certificate whose quote does not
+    # verify, so neither refusal ends the run at once: both nodes retry until the connect deadline and then
+    # report the trust failure. A short deadline keeps the test short.
+    deadline = ["--connect-timeout", "10"]
+    node_args = {"media.trainer": ["--trust-dir", str(other), *deadline], "shop.trainer": deadline}
     res = launch(lambda: buildkit.vertical_build(tmp_path, rows=200, epochs=1), tmp_path / "run", trust_dir,
-                 node_args={"media.trainer": ["--trust-dir", str(other)]})
+                 node_args=node_args)
     assert res.exit_code == 3, describe(res)
     errors = _errors(res)
     assert "quote" in errors, errors

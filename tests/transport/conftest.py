@@ -137,13 +137,15 @@ class Trust:
     pins: Pins
     mr: dict[str, bytes]
 
-    def identity(self, node: str, *, mr_enclave: bytes | None = None, debug: bool = False) -> Any:
-        from fldsl.runtime.attestation.ratls import make_identity
+    def identity(self, node: str, *, mr_enclave: bytes | None = None, debug: bool = False,
+                 validity: datetime.timedelta | None = None) -> Any:
+        from fldsl.runtime.attestation.ratls import DEFAULT_VALIDITY, make_identity
         from fldsl.runtime.attestation.sim import SimDeployment
 
         dep = SimDeployment.load(self.dir)
         backend = dep.backend(mr_enclave=mr_enclave or self.mr[node], isv_prod_id=1, isv_svn=1, debug=debug)
-        return make_identity(backend, node_id=node, pins_digest=self.pins.digest())
+        return make_identity(backend, node_id=node, pins_digest=self.pins.digest(),
+                             validity=validity or DEFAULT_VALIDITY)
 
     def verifier(self) -> Any:
         from fldsl.runtime.attestation.sim import SimDeployment
@@ -179,12 +181,13 @@ class Pair:
 
 def make_transport(node: str, ident: Any, verifier: Any, addresses: Addresses,
                    flows: list[Flow] | None = None, connect_timeout_s: float = 20.0,
-                   max_message_bytes: int = 4 * 1024 * 1024) -> Transport:
+                   max_message_bytes: int = 4 * 1024 * 1024, renew_identity: Any = None) -> Transport:
     other = B if node == A else A
     return Transport(
         node_id=node, policy=policy_for(node, pair_flows() if flows is None else flows, max_message_bytes),
         peers=[PeerRef(id=other, party=other.split(".")[0], dial=(node == A))],
-        identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=connect_timeout_s)
+        identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=connect_timeout_s,
+        renew_identity=renew_identity)
 
 
 def start_pair(trust: Trust, flows_a: list[Flow] | None = None, flows_b: list[Flow] | None = None) -> Pair:

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from fldsl.runtime.attestation.verify import PeerRefused
-from fldsl.runtime.transport import PeerUnreachable, RemoteRefused, is_trust_failure
+from fldsl.runtime.transport import PeerUnreachable, RemoteRefused, handshake, is_trust_failure
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport import fldsl_pb2_grpc as pb_grpc
 from fldsl.runtime.transport.server import EXCHANGE_METHOD
@@ -18,10 +18,16 @@ from fldsl.runtime.transport.server import EXCHANGE_METHOD
 from .conftest import A, B, Pair, Trust, make_addresses, make_test_identity, make_transport
 
 
-def _hello(target: str, cert_pem: bytes, node: str, expect: str) -> pb.HelloReply:
+def _hello(target: str, cert_pem: bytes, node: str, expect: str,
+           key_pem: bytes | None = None) -> pb.HelloReply:
+    """A Hello as a dialer sends it: a fresh challenge, signed with ``key_pem`` (a key of our own when the
+    caller has only a copied certificate)."""
+    key = key_pem if key_pem is not None else make_test_identity(node).key_pem
     with grpc.insecure_channel(target) as ch:
-        return pb_grpc.BootstrapStub(ch).Hello(
-            pb.HelloRequest(cert_pem=cert_pem, node_id=node, expect_node=expect), timeout=10)
+        stub = pb_grpc.BootstrapStub(ch)
+        challenge = stub.Challenge(pb.ChallengeRequest(), timeout=10).challenge
+        return stub.Hello(handshake.hello_request(cert_pem, key, node_id=node, expect_node=expect,
+                                                  challenge=challenge), timeout=10)
 
 
 def _exchange_with(target: str, root: bytes, key: bytes, chain: bytes, name: str = B) -> grpc.RpcError | None:
@@ -91,23 +97,24 @@ def test_dialer_refuses_wrongly_attested_acceptor(trust: Trust) -> None:
 
 def test_hello_refuses_strangers_and_misdirected_dialers(pair: Pair) -> None:
     target = pair.addresses[B].bootstrap_target()
-    stranger = _hello(target, pair.trust.identity(A).cert_pem, "evil.node", B)
+    ident_a, ident_b = pair.trust.identity(A), pair.trust.identity(B)
+    stranger = _hello(target, ident_a.cert_pem, "evil.node", B, ident_a.key_pem)
     assert not stranger.ok and "not a peer of shop.trainer" in stranger.reason and not stranger.cert_pem
-    misdirected = _hello(target, pair.trust.identity(A).cert_pem, A, "other.node")
+    misdirected = _hello(target, ident_a.cert_pem, A, "other.node", ident_a.key_pem)
     assert not misdirected.ok and "this is shop.trainer, not other.node" in misdirected.reason
     # B dials nobody; A dials B: B saying Hello to A is the wrong direction.
-    wrong_way = _hello(pair.addresses[A].bootstrap_target(), pair.trust.identity(B).cert_pem, B, A)
+    wrong_way = _hello(pair.addresses[A].bootstrap_target(), ident_b.cert_pem, B, A, ident_b.key_pem)
     assert not wrong_way.ok and "not the other way round" in wrong_way.reason
 
 
 def test_copied_certificate_without_its_key_cannot_open_the_tls_stream(pair: Pair) -> None:
     la = pair.a.link(B, timeout=15)
     victim_cert = pair.a._identity.cert_pem  # the live, genuine certificate of A...
-    # ...which the attacker presents at Hello (certificates are public, so Hello accepts it)...
+    # ...which the attacker presents at Hello, signed with its own key: refused, nothing is pinned...
     reply = _hello(pair.addresses[B].bootstrap_target(), victim_cert, A, B)
-    assert reply.ok
-    b_cert = reply.cert_pem
-    attacker = make_test_identity(A)  # ...but the attacker only has its own private key.
+    assert not reply.ok and reply.field == "possession", reply.reason
+    b_cert = reply.cert_pem  # (certificates are public: B's comes with its signed refusal)
+    attacker = make_test_identity(A)  # ...and the attacker only has its own private key.
     target = pair.addresses[B].secure_target()
     err = _exchange_with(target, b_cert, attacker.key_pem, victim_cert)
     assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
@@ -140,7 +147,8 @@ def test_mitm_process_with_copied_certificate_cannot_call_rpcs(pair: Pair, tmp_p
         [sys.executable, str(Path(__file__).with_name("mitm_proc.py")), pair.addresses[B].bootstrap_target(),
          pair.addresses[B].secure_target(), str(copied), A, B],
         capture_output=True, text=True, timeout=60)
-    assert "HELLO ok" in out.stdout, out.stderr[-2000:]  # certificates are public: Hello cannot tell
+    # Without the certificate's key it cannot sign B's fresh challenge: Hello refuses the copy.
+    assert "HELLO refused possession" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "EXCHANGE UNAVAILABLE" in out.stdout, out.stdout + out.stderr[-2000:]  # the TLS handshake fails
     assert pair.b.link(A).generation == 1  # the genuine link was not disturbed
 
