@@ -263,8 +263,12 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     plan = provision_data(args, plan, identity, addresses, progress)
 
     progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
+    def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
+        return make_identity(backend, node_id=args.node, pins_digest=digest)
+
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
-                          verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout)
+                          verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
+                          renew_identity=renew)
     transport.start()
     try:
         links = {}
