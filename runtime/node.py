@@ -240,9 +240,9 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         raise NodeError(f"{ndir}: plan/policy are for {plan.node}/{policy.node}, not {args.node}", EXIT_TRUST)
     progress.emit("started", role=plan.role, pipeline=plan.pipeline, pid=os.getpid())
     # Importing TensorFlow takes seconds: overlap it with attestation and waiting for the peers. Inside
-    # Gramine, not with attestation: dlopen keeps the GIL while Gramine hashes TensorFlow's 800 MB of
-    # libraries, which stalled attestation by half a minute; started after it, the import overlaps only the
-    # wait for the peers (whose Hello calls it delays by seconds at most).
+    # Gramine, only with the wait: dlopen keeps the GIL while Gramine hashes TensorFlow's 800 MB of
+    # libraries, which stalled attestation by half a minute; started once the transport listens and dials,
+    # it delays the peers' handshakes by seconds at most.
     preload = plan.role != "distributed.chief"  # the chief only reads and streams data
     if preload and args.runner != "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
@@ -256,8 +256,6 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     digest = pins.digest()
     identity = make_identity(backend, node_id=args.node, pins_digest=digest)
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
-    if preload and args.runner == "gramine":
-        threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
     verifier = PeerVerifier(pins, policy.attestation, sim_root_pem=sim_root, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
     plan = provision_data(args, plan, identity, addresses, progress)
@@ -270,6 +268,8 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
                           verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
                           renew_identity=renew)
     transport.start()
+    if preload and args.runner == "gramine":
+        threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
     try:
         links = {}
         deadline = time.monotonic() + args.connect_timeout
