@@ -22,13 +22,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from enclavekit import FLDSL, fldsl, node_failures, run_json
+
 pytestmark = [
     pytest.mark.gramine, pytest.mark.slow, pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("gramine-direct") is None or shutil.which("gramine-sgx-pf-crypt") is None,
                        reason="Gramine is not installed (gramine-direct / gramine-sgx-pf-crypt not on PATH)"),
 ]
 
-FLDSL = str(Path(sys.executable).with_name("fldsl"))
 GUEST, HOST = "guest.trainer", "host.trainer"
 
 PIPELINE = """\
@@ -76,24 +78,6 @@ trust {
   at_rest encrypted
 }
 """
-
-
-def fldsl(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLDSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
-
-
-def run_json(*args: str, cwd: Path) -> tuple[int, dict[str, Any], str]:
-    proc = fldsl("run", *args, "--json", cwd=cwd)
-    try:
-        doc = json.loads(proc.stdout)
-    except ValueError:
-        doc = {}
-    return proc.returncode, doc, proc.stderr
-
-
-def failures(doc: dict[str, Any]) -> str:
-    return "\n".join(f"{n}: exit {v['exit_code']} {v['error']}" for n, v in doc.get("nodes", {}).items())
 
 
 def write_csvs(folder: Path) -> None:
@@ -169,11 +153,11 @@ def enclave_run(work: Path, guest_service: str, host_service: str) -> tuple[int,
 def test_encrypted_csv_in_gramine_direct_learns_what_the_plain_files_teach(deployment: Path) -> None:
     work = deployment
     code, plain, err = run_json("gramine_csv.flp", cwd=work)
-    assert code == 0, err + failures(plain)
+    assert code == 0, err + node_failures(plain)
     with key_service(work, "guest", "guest.key", GUEST) as (g_addr, g_log), \
             key_service(work, "host", "host.key", HOST) as (h_addr, h_log):
         code, inside, err = enclave_run(work, g_addr, h_addr)
-    assert code == 0, err + failures(inside)
+    assert code == 0, err + node_failures(inside)
     assert "Traceback" not in err
     for node, n in inside["nodes"].items():
         assert n["attestation"]["runner"] == "gramine", node
@@ -198,7 +182,7 @@ def test_a_key_service_that_refuses_or_serves_another_key_stops_the_run_as_a_tru
     with key_service(work, "guest2", "guest.key", GUEST) as (g_addr, _), \
             key_service(work, "host2", "host.key", GUEST) as (h_addr, h_log):
         code, doc, err = enclave_run(work, g_addr, h_addr)
-    assert code == 3, err + failures(doc)
+    assert code == 3, err + node_failures(doc)
     error = str(doc["nodes"][HOST]["error"])
     assert "refused key `data`" in error and "not granted to host.trainer" in error, error
     assert "refused key data to host.trainer: field grant" in h_log.read_text()
@@ -208,7 +192,7 @@ def test_a_key_service_that_refuses_or_serves_another_key_stops_the_run_as_a_tru
     with key_service(work, "guest3", "guest.key", GUEST) as (g_addr, _), \
             key_service(work, "host3", "other.key", HOST) as (h_addr, _):
         code, doc, err = enclave_run(work, g_addr, h_addr)
-    assert code == 3, err + failures(doc)
+    assert code == 3, err + node_failures(doc)
     error = str(doc["nodes"][HOST]["error"])
     assert "/fldsl/data/host.csv" in error and "integrity check" in error, error
     assert "Traceback" not in error and "\n" not in error
