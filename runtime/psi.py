@@ -64,6 +64,10 @@ class PsiError(Exception):
     """The PSI failed or the peer sent something that does not follow the protocol (fail closed)."""
 
 
+class PsiLimitExceeded(PsiError):
+    """The peer announced a larger set than the caller allows (refused before any value is received)."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Curve operations
 # ---------------------------------------------------------------------------------------------------------
@@ -179,15 +183,16 @@ def _send_hello(send: Send, role: int, n: int) -> None:
     send(_frame(_HELLO, struct.pack(">BQI", role, n, BATCH)))
 
 
-def _recv_hello(recv: Recv, role: int) -> int:
+def _recv_hello(recv: Recv, role: int, max_peer_ids: int | None) -> int:
     body = _parse(recv(), _HELLO)
     if len(body) != 13:
         raise PsiError("malformed HELLO message")
     peer_role, n, _batch = struct.unpack(">BQI", body)
     if peer_role != role:
         raise PsiError("both parties claim the same PSI role (leader/follower)")
-    if n > MAX_SET:
-        raise PsiError(f"peer announces {n} ids, more than the limit {MAX_SET}")
+    limit = MAX_SET if max_peer_ids is None else min(MAX_SET, max_peer_ids)
+    if n > limit:
+        raise PsiLimitExceeded(f"the peer announces {n:,} ids for PSI, more than the limit of {limit:,}")
     return n
 
 
@@ -258,11 +263,12 @@ def _intersect(own_ids: list[str], own_double: bytes, peer_double: bytes) -> lis
 
 
 def psi_leader(ids: Sequence[str], send: Send, recv: Recv, *, secret: bytes | None = None,
-               workers: int | None = None) -> list[str]:
-    """Run PSI as the leader; returns the common ids in the order both sides agree on."""
+               workers: int | None = None, max_peer_ids: int | None = None) -> list[str]:
+    """Run PSI as the leader; returns the common ids in the order both sides agree on. ``max_peer_ids``
+    bounds the peer's set (what it may make this node receive and blind)."""
     items, secret = _prepare(ids, secret)
     _send_hello(send, _LEADER, len(items))
-    n_peer = _recv_hello(recv, _FOLLOWER)
+    n_peer = _recv_hello(recv, _FOLLOWER, max_peer_ids)
     w = default_workers(max(len(items), n_peer)) if workers is None else workers
     own_ids, own_blinded = _blind_own(items, secret, w)
     _send_values(send, _BLINDED, own_blinded)
@@ -274,10 +280,10 @@ def psi_leader(ids: Sequence[str], send: Send, recv: Recv, *, secret: bytes | No
 
 
 def psi_follower(ids: Sequence[str], send: Send, recv: Recv, *, secret: bytes | None = None,
-                 workers: int | None = None) -> list[str]:
+                 workers: int | None = None, max_peer_ids: int | None = None) -> list[str]:
     """Run PSI as the follower; returns the same list as the leader's call."""
     items, secret = _prepare(ids, secret)
-    n_peer = _recv_hello(recv, _LEADER)
+    n_peer = _recv_hello(recv, _LEADER, max_peer_ids)
     _send_hello(send, _FOLLOWER, len(items))
     w = default_workers(max(len(items), n_peer)) if workers is None else workers
     own_ids, own_blinded = _blind_own(items, secret, w)

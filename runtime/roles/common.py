@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from fldsl.runtime.checkpoint import Checkpoint, CheckpointStore, agree_resume_step
+from fldsl.runtime.bundle import BundleError, BundleTooLarge, read_npz
+from fldsl.runtime.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointStore,
+    RollbackDetected,
+    agree_resume_step,
+)
 from fldsl.runtime.progress import Progress
+from fldsl.runtime.transport.errors import FlowRefused, TransportError
 
-from fldsl.artifacts import Flow, Plan, Policy, TensorSpec
+from fldsl.artifacts import Flow, Plan, Policy, TensorSpec, dump_json
 
 log = logging.getLogger("fldsl.node")
 
@@ -30,6 +41,7 @@ CTRL_INFO = CTRL_BASE + 4  # horizontal: worker -> server: number of rows
 CTRL_SCHEDULE = CTRL_BASE + 5  # horizontal: server -> worker: steps per epoch
 CTRL_DONE = CTRL_BASE + 6  # end of training
 CTRL_ROLLBACK = CTRL_BASE + 1000  # + n: coordinator -> member: "a peer restarted, agree on a step again"
+CTRL_LANDED = CTRL_BASE + (1 << 36)  # + step: node -> its resume peers: "I landed my checkpoint of step"
 EVAL_BASE = 1 << 52  # + epoch * EVAL_STRIDE + batch index
 EVAL_STRIDE = 1 << 24
 DATA_BASE = 1 << 54  # distributed: chief -> worker shard chunks
@@ -41,6 +53,16 @@ class Interrupted(Exception):
 
 class RoleError(Exception):
     """A user-facing failure of the role (bad plan shape, peer protocol violation)."""
+
+
+class PeerLimitExceeded(RoleError, FlowRefused):
+    """A peer sent or announced more than the plan allows (bundle bytes, rows, chunks): refused before
+    anything is allocated for it. A policy violation, like a message outside the flows (exit code 3)."""
+
+
+class ResumeRefused(RoleError, CheckpointError):
+    """A resume agreement message that does not follow the protocol (a step this node does not hold, a
+    null or malformed one): refused, and no checkpoint is touched."""
 
 
 class PeerRestarted(Exception):
@@ -80,6 +102,20 @@ class RoleContext:
     # The message keys a role uses for step k, where that is not just k (FedAvg sends a round's weights as
     # several messages): discard_stale must find all of them. Set by the role; kept across re-runs.
     step_keys: Callable[[int], Iterable[int]] | None = None
+    # Rollback (docs/trust.md "Sealed storage"): resume from older checkpoints than this node's or its peers'
+    # records show only when the user says so (fldsl run --allow-rollback).
+    allow_rollback: bool = False
+    # Set by the resume agreement: the peers it runs with, the id of the line of history it started (landed
+    # notices of an earlier line are stale), and this node's checkpoint steps landed since.
+    resume_peers: list[str] = field(default_factory=list)
+    line: str | None = None
+    landed_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A store the caller did not bind to the pins digest is bound to this node's measured artifacts,
+        # so checkpoints are never read or written unbound.
+        if self.store is not None and self.store.pipeline_digest is None:
+            self.store.bind(artifacts_digest(self.plan, self.policy))
 
     def mark_links(self) -> None:
         self.generations = {p: g for p, link in self.links.items()
@@ -192,45 +228,248 @@ class RoleContext:
     # -- resume agreement -----------------------------------------------------------------------------------
 
     def agree_resume(self, coordinator: str, members: list[str]) -> int | None:
-        """Exchange checkpoint steps; the coordinator picks the newest step all hold (None = fresh start)."""
+        """Exchange checkpoint steps; the coordinator picks the newest step all hold (None = fresh start).
+
+        Rollback is checked first, on every node's own records (a recorded checkpoint whose file is gone) and
+        across peers (a node holding less than a peer saw it land); either refuses the resume on every node
+        unless ``allow_rollback``. The answer is checked too: a null, malformed or unknown step is refused.
+        Nothing is deleted on a peer's word: the agreement only changes which checkpoints are offered, and
+        the store's retention removes the others once a newer one has landed."""
+        self.resume_peers = list(members) if self.node == coordinator else [coordinator]
+        if self.store is not None:
+            self.store.verify_files()  # a planted checkpoint of another pipeline or node is refused here
         mine = self.store.steps() if self.store else []
         if self.node == coordinator:
-            if self.rejoining is not None:
-                # The other members are mid-step: ask them to agree on a step again too. A restarted
-                # member is a fresh process: its rollback numbering starts again.
-                self.rollbacks_sent[self.rejoining] = 0
-                for peer in members:
-                    if peer != self.rejoining:
-                        n = self.rollbacks_sent.get(peer, 0)
-                        self.send_json(peer, CTRL_ROLLBACK + n, {"restarted": self.rejoining})
-                        self.rollbacks_sent[peer] = n + 1
-            available = [mine]
-            for peer in members:
-                available.append(list(self.recv_json(peer, CTRL_RESUME)["steps"]))
-            agreed = agree_resume_step(available)
-            if self.rejoining is not None:
-                # Before answering: every member sends new step messages only after the answer, so what is
-                # in the mailboxes now for steps >= agreed is stale.
-                for peer in members:
-                    self.discard_stale(peer, agreed or 0)
-            for peer in members:
-                self.send_json(peer, CTRL_RESUME_AGREED, {"step": agreed})
+            agreed, line = self._coordinate(members, mine)
         else:
-            self.send_json(coordinator, CTRL_RESUME, {"steps": mine})
-            agreed = self.recv_json(coordinator, CTRL_RESUME_AGREED)["step"]
-            if self.rejoining is not None:
-                # The restarted coordinator sends step messages only after ours: nothing new is lost here.
-                self.discard_stale(self.rejoining, agreed or 0)
-        if agreed is not None and agreed not in mine:
-            raise RoleError(f"{self.node}: peers agreed to resume at step {agreed} but this node has no "
-                            "checkpoint for it")
+            agreed, line = self._follow(coordinator, mine)
         if self.store is not None:
-            if agreed is None:
-                for s in mine:  # a fresh run: stale checkpoints of an earlier run must not be resumed later
-                    self.store.path(s).unlink(missing_ok=True)
-            else:
-                self.store.discard_after(agreed)
+            self.store.settle(agreed, self.resume_peers)
+        self.line, self.landed_steps = line, []
         return agreed
+
+    def _coordinate(self, members: list[str], mine: list[int]) -> tuple[int | None, str]:
+        if self.rejoining is not None:
+            # The other members are mid-step: ask them to agree on a step again too. A restarted
+            # member is a fresh process: its rollback numbering starts again.
+            self.rollbacks_sent[self.rejoining] = 0
+            for peer in members:
+                if peer != self.rejoining:
+                    n = self.rollbacks_sent.get(peer, 0)
+                    self.send_json(peer, CTRL_ROLLBACK + n, {"restarted": self.rejoining})
+                    self.rollbacks_sent[peer] = n + 1
+        reports = {peer: self._recv_report(peer) for peer in members}
+        problems = [*self._own_evidence(), *(e for r in reports.values() for e in r.rollback),
+                    *self._cross_check(reports, mine)]
+        if problems:
+            self._on_rollback(problems, members)
+        agreed = agree_resume_step([mine, *(r.steps for r in reports.values())])
+        if self.rejoining is not None:
+            # Before answering: every member sends new step messages only after the answer, so what is
+            # in the mailboxes now for steps >= agreed is stale.
+            for peer in members:
+                self.discard_stale(peer, agreed or 0)
+        line = secrets.token_hex(16)
+        answer = {"fresh": True, "line": line} if agreed is None else {"step": agreed, "line": line}
+        for peer in members:
+            self.send_json(peer, CTRL_RESUME_AGREED, answer)
+        return agreed, line
+
+    def _follow(self, coordinator: str, mine: list[int]) -> tuple[int | None, str]:
+        evidence = self._own_evidence()
+        seen = self.store.peers_seen().get(coordinator) if self.store else None
+        self.send_json(coordinator, CTRL_RESUME, {
+            "steps": mine, "seen": seen, "rollback": [] if self.allow_rollback else evidence})
+        agreed, line = self._recv_answer(coordinator, mine)
+        if evidence and not self.allow_rollback:  # the coordinator allowed it; this node does not
+            raise RollbackDetected(_rollback_text(evidence) + _REFUSING)
+        if self.rejoining is not None:
+            # The restarted coordinator sends step messages only after ours: nothing new is lost here.
+            self.discard_stale(self.rejoining, agreed or 0)
+        return agreed, line
+
+    def _own_evidence(self) -> list[str]:
+        found = self.store.rollback_evidence() if self.store else []
+        if found and self.allow_rollback:
+            log.warning("%s: %s; continuing (rollback allowed)", self.node, "; ".join(found))
+        return [f"{self.node}: {e}" for e in found]
+
+    def _recv_report(self, peer: str) -> _Report:
+        doc = self.recv_json(peer, CTRL_RESUME)
+        try:
+            return _Report.parse(doc)
+        except (ValueError, TypeError) as e:
+            raise ResumeRefused(f"{peer} sent a malformed resume report ({e}): refusing it") from None
+
+    def _recv_answer(self, coordinator: str, mine: list[int]) -> tuple[int | None, str]:
+        """The coordinator's answer, checked: an explicit fresh start, or one of the steps this node
+        offered."""
+        doc = self.recv_json(coordinator, CTRL_RESUME_AGREED)
+        if not isinstance(doc, dict):
+            raise ResumeRefused(f"{coordinator} answered the resume agreement with {_clip(doc)}, not an "
+                                "object: refusing it (no checkpoint was touched)")
+        if isinstance(doc.get("refused"), str):
+            raise RollbackDetected(f"{coordinator} refused to resume: {doc['refused'][:4000]}")
+        fresh = doc.get("fresh") is True and "step" not in doc
+        step = doc.get("step")
+        if not fresh and (type(step) is not int or step not in mine):
+            offered = ", ".join(map(str, mine)) or "none"
+            raise ResumeRefused(
+                f"{coordinator} answered the resume agreement with step {_clip(step)}, which is neither one "
+                f"of the checkpoint steps this node offered ({offered}) nor an explicit fresh start: "
+                "refusing it (no checkpoint was touched)")
+        line = doc.get("line")
+        if not isinstance(line, str) or not _LINE.fullmatch(line):
+            raise ResumeRefused(f"{coordinator} answered the resume agreement without a valid line id: "
+                                "refusing it (no checkpoint was touched)")
+        return (None if fresh else step), line
+
+    def _cross_check(self, reports: dict[str, _Report], mine: list[int]) -> list[str]:
+        """Each node against what the others saw it land: one holding less lost its newer checkpoints."""
+        seen = self.store.peers_seen() if self.store else {}
+        newest = max(mine, default=None)
+        out = []
+        for peer, r in reports.items():
+            held = max(r.steps, default=None)
+            if peer in seen and (held is None or held < seen[peer]):
+                out.append(f"{peer} holds checkpoints up to {_upto(held)}, but {self.node} saw it land "
+                           f"step {seen[peer]}")
+            if r.seen is not None and (newest is None or newest < r.seen):
+                out.append(f"{self.node} holds checkpoints up to {_upto(newest)}, but {peer} saw it land "
+                           f"step {r.seen}")
+        return out
+
+    def _on_rollback(self, problems: list[str], members: list[str]) -> None:
+        """Refuse the resume on every node, or (allowed) go on with a warning."""
+        text = _rollback_text(problems)
+        if self.allow_rollback:
+            log.warning("%s; continuing from the newest step every node holds (rollback allowed)", text)
+            self.progress.emit("phase", name="rollback", detail=text)
+            return
+        for peer in members:  # they wait for the answer: tell them why there is none
+            try:
+                self.send_json(peer, CTRL_RESUME_AGREED, {"refused": text})
+            except (TransportError, RoleError):
+                pass
+        raise RollbackDetected(text + _REFUSING)
+
+    # -- landed notices: what the cross-peer rollback check records ------------------------------------------
+
+    def poll_landed(self, upto: int) -> None:
+        """Note the peers' notices that they landed this node's recent checkpoint steps (or ``upto``), without
+        waiting: they arrive before the peers' messages of the step before the next checkpoint (the
+        checkpoint gate), so the records trail the peers by at most one checkpoint."""
+        if self.store is None:
+            return
+        for peer in self.resume_peers:
+            for step in [*self.landed_steps, upto]:
+                if self.store.peers_seen().get(peer, -1) < step and self._take_landed(peer, step, 0) == "ok":
+                    self.store.note_peer(peer, step)
+
+    def announce_landed(self, step: int) -> None:
+        """Tell the resume peers this node landed ``step`` (best effort: a lost notice only weakens their
+        rollback check, so a closed or broken link is not an error here)."""
+        for peer in self.resume_peers:
+            try:
+                self.send_json(peer, CTRL_LANDED + step, {"landed": step, "line": self.line})
+            except (TransportError, RoleError) as e:
+                log.debug("landed notice of step %d to %s not sent: %s", step, peer, e)
+
+    def collect_landed(self, timeout_s: float = 5.0) -> None:
+        """At the end of training: wait (bounded) for each peer's notice of the last checkpoint, so the
+        records cover the final checkpoints too, and seal them."""
+        if self.store is None or not self.landed_steps:
+            return
+        last = self.landed_steps[-1]
+        self.poll_landed(last)
+        deadline = time.monotonic() + timeout_s
+        for peer in self.resume_peers:
+            while self.store.peers_seen().get(peer, -1) < last and time.monotonic() < deadline:
+                got = self._take_landed(peer, last, 0.25)
+                if got == "ok":
+                    self.store.note_peer(peer, last)
+                elif got == "gone":
+                    break
+        self.store.flush()
+
+    def _take_landed(self, peer: str, step: int, timeout: float) -> Literal["ok", "none", "gone"]:
+        try:
+            data = self.links[peer].recv_blob(self.control_flow(peer, self.node), CTRL_LANDED + step, timeout)
+        except TimeoutError:
+            return "none"
+        except (TransportError, RoleError):
+            return "gone"
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = None
+        # Only this line's notice of exactly the step asked for counts: a peer cannot raise its record above
+        # a step this node landed itself, and notices of a line before the last agreement are stale.
+        if isinstance(doc, dict) and type(doc.get("landed")) is int and doc["landed"] == step \
+                and doc.get("line") == self.line:
+            return "ok"
+        log.debug("ignoring a stale or malformed landed notice from %s for step %d", peer, step)
+        return "none"
+
+
+_LINE = re.compile(r"[0-9a-f]{32}")
+_MAX_REPORTED_STEPS = 64
+_REFUSING = ("; refusing to resume (fldsl run --allow-rollback continues from the newest step every node "
+             "still holds)")
+
+
+def _rollback_text(problems: list[str]) -> str:
+    return ("rollback detected: " + "; ".join(problems) + ". A newest checkpoint was deleted or an older "
+            "copy restored: resuming would silently roll every node back")
+
+
+def _upto(step: int | None) -> str:
+    return "no checkpoint" if step is None else f"step {step}"
+
+
+def _clip(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _step(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < CTRL_BASE:
+        raise ValueError(f"{what} {_clip(value)} is not a step")
+    return value
+
+
+@dataclass
+class _Report:
+    """A member's resume report: the steps it offers, the newest step of the coordinator it saw land, and
+    its own rollback evidence."""
+
+    steps: list[int]
+    seen: int | None
+    rollback: list[str]
+
+    @classmethod
+    def parse(cls, doc: Any) -> _Report:
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        raw = doc.get("steps")
+        if not isinstance(raw, list) or len(raw) > _MAX_REPORTED_STEPS:
+            raise ValueError(f"steps must be a list of at most {_MAX_REPORTED_STEPS} steps")
+        seen = doc.get("seen")
+        rollback = doc.get("rollback", [])
+        if not isinstance(rollback, list) or len(rollback) > 16 or \
+                not all(isinstance(x, str) for x in rollback):
+            raise ValueError("rollback must be a list of at most 16 strings")
+        steps = [_step(s, "checkpoint step") for s in raw]
+        return cls(steps, None if seen is None else _step(seen, "seen step"), [x[:1000] for x in rollback])
+
+
+def artifacts_digest(plan: Plan, policy: Policy) -> str:
+    """What binds checkpoints where the caller gave no pins digest: this node's measured plan and policy
+    (both change with the pipeline; the pins digest, which the node should pass, also covers every peer's
+    measurement)."""
+    h = hashlib.sha256(b"fldsl-node-artifacts/1\0")
+    h.update(dump_json(plan).encode() + b"\0" + dump_json(policy).encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,10 +625,19 @@ def announce_training(ctx: RoleContext, total: int, steps_per_epoch: int, resume
 
 
 def save_checkpoint(ctx: RoleContext, step: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Land checkpoint ``step`` (with the peers' landed notices read so far), then tell the resume peers."""
     if ctx.store is None:
         return
+    ctx.poll_landed(step)
     path = ctx.store.save(Checkpoint(step=step, arrays=arrays, meta=meta))
+    ctx.landed_steps = [*ctx.landed_steps, step][-_LANDED_WINDOW:]
     ctx.progress.emit("checkpoint", step=step, path=str(path))
+    ctx.announce_landed(step)
+
+
+# Own checkpoint steps whose notices from the peers are still looked for: a peer's notice of step c arrives
+# before this node lands the checkpoint after c (the checkpoint gate), so a few are plenty.
+_LANDED_WINDOW = 4
 
 
 class CheckpointWriter:
@@ -445,6 +693,7 @@ def with_checkpoint_writer(ctx: RoleContext, body: Callable[[CheckpointWriter], 
             pass
         raise
     writer.wait()
+    ctx.collect_landed()
     return result
 
 
@@ -519,15 +768,28 @@ def send_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int, data: bytes
         link.send_blob(flow.id, base + 1 + i, c)
 
 
-def recv_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int) -> bytes:
+def recv_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int, limit: int, what: str) -> bytes:
+    """What :func:`send_chunked` sent, refused (naming ``limit``) as soon as its announced chunk count or
+    the bytes received would exceed ``limit`` bytes: a peer cannot make this node buffer more."""
     link = ctx.links[peer]
     head = ctx.wait(lambda t: link.recv_blob(flow.id, base, t), peer)
     if len(head) != 8:
         raise RoleError(f"{peer}: malformed chunk header on flow {flow.id}")
     n = int.from_bytes(head, "little")
-    if n > (1 << 20):
-        raise RoleError(f"{peer}: implausible chunk count {n} on flow {flow.id}")
-    parts = [ctx.wait(lambda t, i=i: link.recv_blob(flow.id, base + 1 + i, t), peer) for i in range(n)]
+    per_chunk = max(1024, flow.max_bytes - 64)  # as send_chunked cuts them
+    most = max(1, -(-limit // per_chunk))
+    if n > most:
+        raise PeerLimitExceeded(f"{peer} announces {what} in {n:,} chunks of up to {per_chunk:,} bytes, more "
+                                f"than the {most:,} its limit of {limit:,} bytes allows: refusing",
+                                flow=flow.id, peer=peer)
+    parts, total = [], 0
+    for i in range(n):
+        part = ctx.wait(lambda t, i=i: link.recv_blob(flow.id, base + 1 + i, t), peer)
+        total += len(part)
+        if total > limit:
+            raise PeerLimitExceeded(f"{peer} sent more than {limit:,} bytes of {what} (its limit): refusing",
+                                    flow=flow.id, peer=peer)
+        parts.append(part)
     return b"".join(parts)
 
 
@@ -537,9 +799,12 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def unpack_arrays(data: bytes, who: str) -> dict[str, np.ndarray]:
+def unpack_arrays(data: bytes, who: str, *, limit: int, what: str) -> dict[str, np.ndarray]:
+    """The arrays of a peer's bundle; refused before anything is expanded when the bundle, or what it would
+    expand to, exceeds ``limit`` bytes (derived by the caller from the plan), or is not plain arrays."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as e:
-        raise RoleError(f"malformed array bundle from {who}: {e}") from e
+        return read_npz(data, limit=limit, what=f"{what} from {who}")
+    except BundleTooLarge as e:
+        raise PeerLimitExceeded(f"{e}: refusing it before expanding anything", peer=who) from None
+    except BundleError as e:
+        raise RoleError(f"malformed array bundle: {e}") from e

@@ -28,6 +28,11 @@ from fldsl.runtime.roles.common import (
 
 from fldsl.artifacts import TensorSpec
 
+# The compiler sizes the shard flow for a worker's whole shard (its rows times the fields' bytes, plus 16
+# bytes a row for the id). Ids travel as fixed-width unicode, 4 bytes a character, so the shard a worker
+# accepts is bounded by a few times that: a chief cannot make a worker buffer or expand more.
+SHARD_SLACK = 4
+
 
 def run(ctx: RoleContext) -> dict[str, Any]:
     if ctx.plan.role == "distributed.chief":
@@ -80,8 +85,11 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
     bundle = ctx.cache.get("shard")
     if bundle is None:  # a re-run after a peer restart keeps the shard: the chief has left by then
         ctx.progress.emit("phase", name="receive shard", detail=f"from {sh.chief}")
-        bundle = unpack_arrays(recv_chunked(ctx, sh.chief, ctx.flow(sh.chief, plan.node, ("data",)),
-                                            DATA_BASE), sh.chief)
+        flow = ctx.flow(sh.chief, plan.node, ("data",))
+        limit = SHARD_SLACK * flow.max_bytes
+        what = "its data shard"
+        bundle = unpack_arrays(recv_chunked(ctx, sh.chief, flow, DATA_BASE, limit, what), sh.chief,
+                               limit=limit, what=what)
         ctx.send_json(sh.chief, DATA_BASE - 1, {"received": True})
         ctx.cache["shard"] = bundle
     tables: dict[str, Any] = {}

@@ -53,6 +53,7 @@ from fldsl.runtime.roles.common import (
     CTRL_SCHEDULE,
     CheckpointWriter,
     Meter,
+    PeerLimitExceeded,
     RoleContext,
     RoleError,
     announce_training,
@@ -401,6 +402,38 @@ def _server_grads(tf: Any, avg: _Average, sparse_ok: bool) -> list[Any]:
     return out
 
 
+def _worker_info(ctx: RoleContext, w: str) -> tuple[int, dict[str, TensorSpec]]:
+    """A worker's row count and input specs, checked. The server builds its model from these specs, so where
+    the plan names the inputs (the compiler's aggregate task), a worker cannot widen them: a wider input
+    would make every weight matrix it feeds, and the server's memory, grow with the announcement."""
+    info = ctx.recv_json(w, CTRL_INFO)
+    try:
+        rows, raw = info["rows"], info["specs"]
+        if type(rows) is not int or rows < 0 or not isinstance(raw, dict):
+            raise TypeError("rows must be a count and specs an object")
+        specs = {str(k): TensorSpec.model_validate(v) for k, v in raw.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise RoleError(f"{w} sent a malformed schedule request: {e}") from None
+    planned = _planned_specs(ctx.plan)
+    if planned is not None:
+        for ref, spec in specs.items():
+            want = planned.get(ref)
+            if want is None or want.shape != spec.shape:
+                allowed = f"{want.dtype}{want.shape}" if want is not None else "not an input of the plan"
+                raise PeerLimitExceeded(f"{w} announces input {ref} as {spec.dtype}{spec.shape}, but the "
+                                        f"plan allows {allowed}: refusing", peer=w)
+    return rows, specs
+
+
+def _planned_specs(plan: Plan) -> dict[str, TensorSpec] | None:
+    """The input specs the compiler wrote into the server's aggregate task (None: a plan without them)."""
+    for task in plan.tasks:
+        raw = task.params.get("input_specs") if task.kind == "aggregate" else None
+        if isinstance(raw, dict):
+            return {str(k): TensorSpec.model_validate(v) for k, v in raw.items()}
+    return None
+
+
 def server(ctx: RoleContext) -> dict[str, Any]:
     pool = ThreadPoolExecutor(max_workers=max(1, len(_agg(ctx.plan).workers) - 1),
                               thread_name_prefix=f"{ctx.node}-send")
@@ -420,13 +453,13 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     ctx.progress.emit("phase", name="resume")
     resume = ctx.agree_resume(plan.node, workers)
 
-    infos = {w: ctx.recv_json(w, CTRL_INFO) for w in workers}
-    specs = {k: TensorSpec.model_validate(v) for k, v in infos[workers[0]]["specs"].items()}
+    infos = {w: _worker_info(ctx, w) for w in workers}
+    specs = infos[workers[0]][1]
     for w in workers[1:]:
-        if infos[w]["specs"] != infos[workers[0]]["specs"]:
+        if infos[w][1] != specs:
             raise RoleError(f"workers {workers[0]} and {w} have different input schemas; horizontal "
                             "partitioning needs the same columns everywhere")
-    rows = [int(infos[w]["rows"]) for w in workers]
+    rows = [infos[w][0] for w in workers]
     b = plan.train.batch_size
     spe = max(1, math.ceil(max(rows) / b))
     if agg.mode == "sync":
@@ -711,6 +744,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         if is_checkpoint_step(plan, r + 1, rpe):
             state = get_opt_state(opt, variables) if opt is not None else {}
             save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
+    ctx.collect_landed()  # the server's notice of the last checkpoint (workers save in this thread)
     export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}

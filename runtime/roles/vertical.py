@@ -35,12 +35,14 @@ import time
 from typing import Any
 
 import numpy as np
+from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
     CTRL_ALIGN,
     EVAL_BASE,
     EVAL_STRIDE,
     CheckpointWriter,
     Meter,
+    PeerLimitExceeded,
     RoleContext,
     RoleError,
     announce_training,
@@ -86,7 +88,15 @@ def _align_peer(ctx: RoleContext, peer: str, ids: list[str], leader: bool) -> li
         from fldsl.runtime import psi
 
         fn = psi.psi_leader if leader else psi.psi_follower
-        return [str(x) for x in fn(ids, send, recv)]
+        # The compiler sizes the psi flow for the aligned data sets' rows; every id costs at least one
+        # 32-byte point on it, so a peer announcing more ids than that is refused before any is received.
+        most = ctx.flow(peer, ctx.node, ("psi",)).max_bytes // psi.POINT
+        try:
+            return [str(x) for x in fn(ids, send, recv, max_peer_ids=most)]
+        except psi.PsiLimitExceeded as e:
+            raise PeerLimitExceeded(f"{peer}: {e}: refusing", peer=peer) from None
+        except psi.PsiError as e:
+            raise RoleError(f"PSI with {peer} failed: {e}") from None
     # Plain join (the plan chose to reveal ids): exchange the id lists, keep the common ones sorted.
     send(json.dumps(ids).encode())
     theirs = set(json.loads(recv()))
@@ -257,6 +267,32 @@ def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _recv_positions(ctx: RoleContext, active: str, aligned: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and holdout positions the active party chose, into this node's ``aligned`` PSI rows.
+
+    They are distinct positions of those rows, so together at most ``aligned`` int64 values: that bounds
+    the bundle on the wire and what it may expand to, before anything is expanded."""
+    what = "the train/holdout positions"
+    limit = limit_for(2, 8 * aligned)
+    data = recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), CTRL_ALIGN, limit, what)
+    bundle = unpack_arrays(data, active, limit=limit, what=what)
+    if sorted(bundle) != ["holdout", "train"]:
+        raise RoleError(f"{active} sent {what} as {sorted(bundle)}, not train and holdout")
+    train, hold = bundle["train"], bundle["holdout"]
+    for name, a in (("train", train), ("holdout", hold)):
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise RoleError(f"{active} sent {name} positions as {a.dtype}{list(a.shape)}, not integers")
+    if len(train) + len(hold) > aligned:
+        raise PeerLimitExceeded(f"{active} sent {len(train) + len(hold):,} train/holdout positions, more "
+                                f"than the {aligned:,} rows this node aligned with it (limit from PSI): "
+                                "refusing", peer=active)
+    both = np.concatenate([train, hold]).astype(np.int64)
+    if len(both) and (both.min() < 0 or both.max() >= aligned or len(np.unique(both)) != len(both)):
+        raise RoleError(f"{active} sent an alignment that does not fit the PSI result: positions must be "
+                        f"distinct and within 0..{aligned - 1}")
+    return train.astype(np.int64), hold.astype(np.int64)
+
+
 def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
     import tensorflow as tf
     from fldsl.stdlib.tf import make_optimizer
@@ -279,14 +315,10 @@ def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
         ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
         ids = [str(i) for i in table.ids.tolist()]
         pair = _align_peer(ctx, active, ids, leader=False)
-        bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, plan.node), CTRL_ALIGN),
-                               active)
+        train_pos, hold_pos = _recv_positions(ctx, active, len(pair))
         row_of = {str(i): r for r, i in enumerate(table.ids.tolist())}
         pair_rows = np.array([row_of[i] for i in pair], dtype=np.int64)
-        try:
-            train_rows, hold_rows = pair_rows[bundle["train"]], pair_rows[bundle["holdout"]]
-        except (KeyError, IndexError) as e:
-            raise RoleError(f"{active} sent an alignment that does not fit the PSI result: {e}") from e
+        train_rows, hold_rows = pair_rows[train_pos], pair_rows[hold_pos]
         ctx.progress.emit("aligned", rows=len(pair), train=len(train_rows), holdout=len(hold_rows))
 
     model = build_model(plan, ctx.policy)

@@ -20,6 +20,11 @@ class FlowRefused(TransportError):
         self.peer = peer
 
 
+class ReceiveBudgetExceeded(FlowRefused):
+    """A peer sent more than the link's receive budget allows ahead of what this node's role has read (see
+    ``link.receive_budget``): refused, failing the link closed, instead of buffering without limit."""
+
+
 class RemoteRefused(TransportError):
     """The peer refused our attestation at Hello; carries the peer's reason (e.g. which field mismatched).
 

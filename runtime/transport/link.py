@@ -19,14 +19,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import codec, handshake
 from . import fldsl_pb2 as pb
-from .errors import FlowRefused, FrameError, PeerUnreachable, RecvTimeout, TransportError
+from .errors import (
+    FlowRefused,
+    FrameError,
+    PeerUnreachable,
+    ReceiveBudgetExceeded,
+    RecvTimeout,
+    TransportError,
+)
 from .guard import FlowGuard, WireSpec
+
+if TYPE_CHECKING:
+    from fldsl.artifacts import Flow
 
 log = logging.getLogger("fldsl.transport.link")
 
@@ -153,6 +163,31 @@ class Stream:
 # memory a peer can make us reserve with first chunks it never completes.
 _MAX_OPEN_ASSEMBLIES = 16
 
+# Receive budget. A message waits in the mailbox until the role asks for its (flow, step), and the protocols
+# read at most a step or two ahead; without a bound, a peer sending messages nobody reads (far-future steps)
+# grows this node's memory until it dies. So each link may hold, unread, BUDGET_STEPS messages of every flow
+# from that peer at the flow's policy size (bulk transfers, the PSI sets, a data shard, the alignment
+# positions, are each sized by the compiler to fit their flow's maximum) plus a floor; every held message or
+# iteration marker counts at least MESSAGE_CHARGE bytes (its bookkeeping), so a flood of tiny ones is bounded
+# too. A peer that exceeds it is refused: the link fails closed, as for any policy violation.
+BUDGET_STEPS = 4
+BUDGET_FLOOR = 64 << 20
+MESSAGE_CHARGE = 4096
+# Role keys below this are training steps (fldsl.runtime.roles.common: FedAvg pieces, control and evaluation
+# keys are 2**48 and above); the highest one read says where the role is, in a refusal.
+_STEP_KEYS = 1 << 48
+
+
+def receive_budget(flows: Iterable[Flow], peer: str, me: str) -> int:
+    """Bytes a link from ``peer`` may hold that ``me``'s role has not read yet (see BUDGET_STEPS)."""
+    per_step = sum(max(f.max_bytes, MESSAGE_CHARGE) for f in flows if f.src == peer and f.dst == me)
+    return BUDGET_STEPS * per_step + BUDGET_FLOOR
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
 _CONTROL_NAMES = {pb.Control.START: "start", pb.Control.COMMIT: "commit", pb.Control.ABORT: "abort"}
 _CONTROL_KINDS = {v: k for k, v in _CONTROL_NAMES.items()}
 
@@ -180,8 +215,12 @@ class PeerLink:
         self._close_acked = False
         self._failure: Exception | None = None
         self._closed = False
-        self._mailbox: dict[tuple[str, int], deque[tuple[str, Any]]] = {}
+        self._mailbox: dict[tuple[str, int], deque[tuple[str, Any, int]]] = {}  # (kind, value, charge)
         self._controls: dict[tuple[str, int], int] = {}
+        self._budget = receive_budget(getattr(guard, "flows", {}).values(), peer_id, me)
+        self._held_bytes = 0  # charged bytes of what arrived and the role has not read (under _cv)
+        self._held_count = 0
+        self._read_step: int | None = None  # the highest training step the role took from this link
         self._callbacks: list[Callable[[int], None]] = []
         self.peer_summary: str = ""  # the verifier's one-line summary of the peer, set at attestation
         # Acceptor side: why the last Hello claiming to be this peer was refused (for the timeout message;
@@ -255,6 +294,9 @@ class PeerLink:
         with self._cv:
             self._wait(ready, f"{kind} of iteration {iteration}", timeout)
             self._controls[key] -= 1
+            if not self._controls[key]:
+                del self._controls[key]
+            self._release(MESSAGE_CHARGE)
 
     def note_refusal(self, reason: str, refusal: Exception | None) -> None:
         """Acceptor side: a Hello claiming to be this peer was refused. ``refusal`` is our verifier's verdict
@@ -332,9 +374,12 @@ class PeerLink:
         with self._cv:
             self._wait(hit, f"flow {flow!r} step {step}", timeout)
             q = self._mailbox[key]
-            got_kind, value = q.popleft()
+            got_kind, value, charge = q.popleft()
             if not q:
                 del self._mailbox[key]
+            self._release(charge)
+            if step < _STEP_KEYS and (self._read_step is None or step > self._read_step):
+                self._read_step = step
         if got_kind != kind:
             raise TransportError(
                 f"{self.peer_id} sent flow {flow!r} step {step} as {_KIND_WORDS[got_kind]}, "
@@ -358,6 +403,26 @@ class PeerLink:
             self._cv.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
         # A refusal is fatal even for messages that already arrived: the peer misbehaved.
         self._raise_if_failed(pending_ok=False)
+
+    def _hold(self, flow: str, nbytes: int, *, commit: bool = True) -> int:
+        """Count ``nbytes`` the role has not read against the receive budget (``_cv`` held); refuse the peer
+        instead when it would exceed it. Returns the charge to release when the role reads it."""
+        charge = max(nbytes, MESSAGE_CHARGE)
+        if self._held_bytes + charge > self._budget:
+            where = "its first step" if self._read_step is None else f"step {self._read_step:,}"
+            raise ReceiveBudgetExceeded(
+                f"{self.peer_id} sent {self._held_count + 1:,} messages ({_mib(self._held_bytes + charge)}) "
+                f"that {self.me} has not read, ahead of {where} (limit {_mib(self._budget)} per link: "
+                f"{BUDGET_STEPS} messages of each flow from {self.peer_id} at its policy size, plus "
+                f"{_mib(BUDGET_FLOOR)}): refusing", flow=flow, peer=self.peer_id)
+        if commit:
+            self._held_bytes += charge
+            self._held_count += 1
+        return charge
+
+    def _release(self, charge: int) -> None:
+        self._held_bytes -= charge
+        self._held_count -= 1
 
     def _refusal_note(self) -> str:
         return f"; the last Hello claiming to be {self.peer_id} was refused: {self.last_refusal}" \
@@ -511,7 +576,7 @@ class PeerLink:
         self._send_urgent(stream, codec.error_frame(flow, 0, f"refused by {self.me}: {reason}"))
         if isinstance(exc, FlowRefused):
             msg = f"refused a message from {self.peer_id}: {reason}"
-            exc = FlowRefused(msg, flow=flow, peer=self.peer_id)
+            exc = type(exc)(msg, flow=flow, peer=self.peer_id)  # keeps the kind (e.g. a budget refusal)
         self.fail(exc)
 
     def _on_control(self, stream: Stream, c: pb.Control) -> None:
@@ -539,6 +604,7 @@ class PeerLink:
             raise FrameError(f"unknown control kind {c.kind}")
         with self._cv:
             key = (name, c.iteration)
+            self._hold(f"control:{name}", 0)  # markers nobody waits for count against the budget too
             self._controls[key] = self._controls.get(key, 0) + 1
             self._cv.notify_all()
 
@@ -550,6 +616,8 @@ class PeerLink:
             if h.chunks < 1:
                 raise FrameError(f"flow {h.flow!r} step {h.step}: chunk count {h.chunks}")
             meta = self._admit(kind, h)
+            with self._cv:
+                self._hold(h.flow, h.total_bytes, commit=False)  # room for it, before reassembling it
             if h.chunks == 1:
                 if h.offset != 0 or len(payload) != h.total_bytes:
                     raise FrameError(f"flow {h.flow!r} step {h.step}: {len(payload)} payload bytes, "
@@ -614,7 +682,8 @@ class PeerLink:
             value = bytes(buf)
         self._stats.received(flow, len(buf))
         with self._cv:
-            self._mailbox.setdefault((flow, step), deque()).append((kind, value))
+            charge = self._hold(flow, len(buf))
+            self._mailbox.setdefault((flow, step), deque()).append((kind, value, charge))
             self._cv.notify_all()
 
 

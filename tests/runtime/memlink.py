@@ -12,7 +12,7 @@ import numpy as np
 from fldsl.runtime.checkpoint import CheckpointStore
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.roles import role_main
-from fldsl.runtime.roles.common import RoleContext
+from fldsl.runtime.roles.common import RoleContext, artifacts_digest
 
 from fldsl.artifacts import Plan, Policy, load_model, node_dir
 
@@ -79,11 +79,20 @@ class MemLink:
         return self._take(flow_id, step, "b", timeout)
 
 
+def store_of(build: Path, run_dir: Path, node: str) -> CheckpointStore:
+    """The checkpoint store a role of ``run_in_threads`` used, bound as the role bound it."""
+    d = node_dir(build, node)
+    digest = artifacts_digest(load_model(Plan, d / "plan.json"), load_model(Policy, d / "policy.json"))
+    return CheckpointStore(run_dir / "checkpoints" / node, node_id=node, key=KEY, pipeline_digest=digest)
+
+
 def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | None = None,
-                   timeout: float = 240.0, trace: list[tuple[str, str, str, int]] | None = None
-                   ) -> dict[str, Any]:
+                   timeout: float = 240.0, trace: list[tuple[str, str, str, int]] | None = None,
+                   allow_rollback: bool = False) -> dict[str, Any]:
     """Run every node of ``build`` as a thread; returns {node: result or exception}. ``trace``: a list
     every link appends its sends and receives to (see ``MemLink``).
+
+    ``allow_rollback``: every node's ``RoleContext.allow_rollback`` (``fldsl run --allow-rollback``).
 
     ``stop_after`` = {node: step}: every node is asked to stop (``Interrupted`` at its next check) once that
     node has begun step ``step`` (``ctx.last_step >= step``). Deterministic: checkpoints are written in the
@@ -117,7 +126,8 @@ def run_in_threads(build: Path, run_dir: Path, *, stop_after: dict[str, int] | N
         links = {p.id: MemLink(i, p.id, boxes, policy, trace) for p in plan.peers}
         ctx = RoleContext(plan=plan, policy=policy, links=links, progress=Progress(i, io.StringIO()),
                           store=CheckpointStore(run_dir / "checkpoints" / i, node_id=i, key=KEY),
-                          run_dir=run_dir, seal_key=KEY, stop=stops[i], recv_timeout_s=60)
+                          run_dir=run_dir, seal_key=KEY, stop=stops[i], recv_timeout_s=60,
+                          allow_rollback=allow_rollback)
         contexts[i] = ctx
         try:
             results[i] = role_main(plan)(ctx)

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
-from fldsl.runtime.checkpoint import CheckpointStore
+from fldsl.runtime.checkpoint import RollbackDetected
 from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.common import Interrupted
 from fldsl.runtime.roles.horizontal import _Average
@@ -103,7 +103,7 @@ def test_fedavg_resume_matches_uninterrupted(tmp_path: Path, optimizer: str) -> 
     assert any(isinstance(r, Interrupted) for r in part.values()), part
     # Worker checkpoints hold the optimiser state and the cursor, never the (server's) weights.
     for w in ("bank1.worker", "bank2.worker"):
-        store = CheckpointStore(tmp_path / "part" / "checkpoints" / w, node_id=w, key=memlink.KEY)
+        store = memlink.store_of(build, tmp_path / "part", w)
         assert store.steps()
         arrays = store.load(store.latest()).arrays
         assert not [k for k in arrays if k.startswith("w")]
@@ -119,19 +119,23 @@ def test_fedavg_resume_matches_uninterrupted(tmp_path: Path, optimizer: str) -> 
 
 
 def test_fedavg_resume_after_the_server_lost_its_newest_checkpoint(tmp_path: Path) -> None:
-    """The workers hold a newer step than the server: all roll back to the newest step the server still has
-    (the workers' weight-free checkpoints there are completed by the weights the server sends)."""
+    """The server's newest checkpoint is deleted: the resume is refused as a rollback; allowed explicitly,
+    all roll back to the newest step the server still has (the workers' weight-free checkpoints there are
+    completed by the weights the server sends)."""
     build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2,
                                       checkpoint_every=1)
     full = memlink.run_in_threads(build, tmp_path / "full")
     assert all(not isinstance(r, BaseException) for r in full.values()), full
     part = memlink.run_in_threads(build, tmp_path / "part", stop_after={"hub.ps": 3})
     assert any(isinstance(r, Interrupted) for r in part.values())
-    hub = CheckpointStore(tmp_path / "part" / "checkpoints" / "hub.ps", node_id="hub.ps", key=memlink.KEY)
+    hub = memlink.store_of(build, tmp_path / "part", "hub.ps")
     steps = hub.steps()
     assert len(steps) == 2, steps
     hub.path(steps[-1]).unlink()
-    resumed = memlink.run_in_threads(build, tmp_path / "part")
+    refused = memlink.run_in_threads(build, tmp_path / "part")
+    assert isinstance(refused["hub.ps"], RollbackDetected), refused
+    assert f"checkpoint of step {steps[-1]}" in str(refused["hub.ps"])
+    resumed = memlink.run_in_threads(build, tmp_path / "part", allow_rollback=True)
     assert all(not isinstance(r, BaseException) for r in resumed.values()), resumed
     for x, y in zip(_weights(tmp_path / "full"), _weights(tmp_path / "part"), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

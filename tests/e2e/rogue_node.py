@@ -1,0 +1,131 @@
+"""A node process whose role is replaced (not a test module): a red team's peer, or an honest node run with a
+switch ``fldsl run`` does not pass yet.
+
+    python rogue_node.py MODE <arguments of python -m fldsl.runtime.node>
+
+The process is a real node: it loads the build, attests with the deployment's trust material and the same
+measured plan, policy and code as the node it stands for (this file is not part of the measured package), and
+talks over the attested, policed links. Only the role differs:
+
+* ``flood``: (passive) sends valid PSI-sized blobs at keys far beyond any step the peer will read;
+* ``bomb``: (active) agrees and aligns honestly, then sends a 1 GiB deflate bomb as the alignment bundle;
+* ``null-resume``: (active) answers the resume agreement with ``step: null``;
+* ``allow-rollback``: the honest role with ``RoleContext.allow_rollback`` set
+  (what ``fldsl run --allow-rollback`` will pass).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+FLOOD_MESSAGES = 3000  # 1 MiB each: 3 GiB if nobody stops it
+BOMB_BYTES = 1 << 30
+
+
+def _peer(ctx: Any) -> str:
+    return ctx.plan.peers[0].id
+
+
+def _linger(ctx: Any, peer: str, seconds: float = 60.0) -> None:
+    """Keep the link up until the peer gives up on it (or ``seconds`` pass)."""
+    from fldsl.runtime.transport import TransportError
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ctx.links[peer].recv_blob(ctx.control_flow(peer, ctx.node), 1 << 62, 1.0)
+        except TimeoutError:
+            continue
+        except TransportError:
+            return
+
+
+def flood(ctx: Any) -> dict[str, Any]:
+    from fldsl.runtime.roles.common import PSI_BASE
+    from fldsl.runtime.transport import TransportError
+
+    peer = _peer(ctx)
+    flow = ctx.flow(ctx.node, peer, ("psi",)).id
+    blob = bytes(1 << 20)
+    sent = 0
+    try:
+        for i in range(FLOOD_MESSAGES):
+            ctx.links[peer].send_blob(flow, PSI_BASE + 10**9 + i, blob)
+            sent += 1
+    except TransportError as e:
+        print(f"ROGUE stopped after {sent} messages: {e}", file=sys.stderr, flush=True)
+    _linger(ctx, peer)
+    return {"metrics": {}, "steps": 0}
+
+
+def _deflate_bomb(nbytes: int) -> bytes:
+    """An .npz whose "train" member is ``nbytes`` of int64 zeros, deflated to about a thousandth."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("train.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False,
+                                                     "shape": (nbytes // 8,)})
+            zero = bytes(1 << 20)
+            for _ in range(nbytes // len(zero)):
+                f.write(zero)
+        with zf.open("holdout.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(1, np.int64))
+    return buf.getvalue()
+
+
+def bomb(ctx: Any) -> dict[str, Any]:
+    from fldsl.runtime.roles.common import CTRL_ALIGN, load_tables, send_chunked
+    from fldsl.runtime.roles.vertical import _align_peer
+
+    peer = _peer(ctx)
+    payload = _deflate_bomb(BOMB_BYTES)
+    print(f"ROGUE bomb: {len(payload):,} bytes expanding to {BOMB_BYTES:,}", file=sys.stderr, flush=True)
+    ctx.agree_resume(ctx.node, [peer])
+    table = next(iter(load_tables(ctx.plan).values()))
+    _align_peer(ctx, peer, [str(i) for i in table.ids.tolist()], leader=True)
+    send_chunked(ctx, peer, ctx.holdout_flow(ctx.node, peer), CTRL_ALIGN, payload)
+    _linger(ctx, peer)
+    return {"metrics": {}, "steps": 0}
+
+
+def null_resume(ctx: Any) -> dict[str, Any]:
+    from fldsl.runtime.roles.common import CTRL_RESUME, CTRL_RESUME_AGREED
+
+    peer = _peer(ctx)
+    ctx.recv_json(peer, CTRL_RESUME)
+    ctx.send_json(peer, CTRL_RESUME_AGREED, {"step": None})
+    _linger(ctx, peer)
+    return {"metrics": {}, "steps": 0}
+
+
+def allow_rollback(ctx: Any) -> dict[str, Any]:
+    ctx.allow_rollback = True
+    return _honest(ctx.plan)(ctx)
+
+
+MODES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "flood": flood, "bomb": bomb, "null-resume": null_resume, "allow-rollback": allow_rollback}
+_honest: Callable[[Any], Callable[[Any], dict[str, Any]]]
+
+
+def main() -> int:
+    global _honest
+    mode, argv = sys.argv[1], sys.argv[2:]
+    from fldsl.runtime import node, roles
+
+    _honest = roles.role_main
+    roles.role_main = lambda plan: MODES[mode]  # node.run_node imports it when the links are up
+    return node.main(argv)
+
+
+if __name__ == "__main__":
+    from fldsl.runtime.node import _exit
+
+    _exit(main())  # as the node does: flush, exit, and force it if gRPC threads linger
