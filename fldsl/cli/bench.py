@@ -243,9 +243,11 @@ def _bench_launcher(harness: Harness, mode: str, build: Path, run_dir: Path, tru
             super()._on_event(st, ev)
 
         def _spawn(self, st: Any) -> None:
-            node_args = L.node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
-                                       self.trust_dir)[3:]  # drop: python -m fldsl.runtime.node
-            cmd = [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", mode, "--report",
+            full = L.node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
+                                  self.trust_dir)
+            node_args = full[full.index("fldsl.runtime.node") + 1:]  # drop: python -I -m fldsl.runtime.node
+            # Isolated like the node it measures (fldsl.runtime.node refuses PYTHONPATH hooks).
+            cmd = [sys.executable, "-I", "-m", "fldsl.runtime.bench_node", "--mode", mode, "--report",
                    str(self.run_dir / "reports" / f"{st.id}.json"),
                    *harness.flags(), "--", *node_args]
             err = open(st.log_path, "a", encoding="utf-8")  # handed to the child

@@ -89,7 +89,7 @@ def test_fldsl_run_never_starts_the_bench_node(tmp_path: Path) -> None:
     from fldsl.runtime.launcher import node_command
 
     cmd = node_command(tmp_path, "a.b", tmp_path / "addresses.json", tmp_path, tmp_path)
-    assert cmd[1:3] == ["-m", "fldsl.runtime.node"]
+    assert cmd[1:4] == ["-I", "-m", "fldsl.runtime.node"]
 
 
 def test_ratios_are_paired_per_rep_and_failed_reps_left_out() -> None:
