@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--sigstruct)")
     p.add_argument("--manifest", type=Path, help="the signed manifest Gramine runs (runner gramine)")
     p.add_argument("--sigstruct", type=Path, help="the node's SIGSTRUCT, <node>.sig (runner gramine)")
+    p.add_argument("--allow-rollback", action="store_true",
+                   help="resume from the newest step every node holds even where a rollback was detected")
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--recv-timeout", type=float, default=300.0)
     return p.parse_args(argv)
@@ -289,11 +291,13 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
                         raise
             progress.emit("connected", peer=peer.id)
         # Checkpoints are always sealed, whatever at_rest says: they hold the model.
+        # Bound to the pins digest: it changes with any plan, policy or measurement of the deployment, so
+        # another pipeline's checkpoints (same node ids) are refused, naming both digests.
         store = CheckpointStore(args.run_dir / "checkpoints" / args.node, node_id=args.node,
-                                key=backend.sealing_key())
+                                key=backend.sealing_key(), pipeline_digest=digest)
         ctx = RoleContext(plan=plan, policy=policy, links=links, progress=progress, store=store,
                           run_dir=args.run_dir, seal_key=backend.sealing_key(), stop=stop,
-                          recv_timeout_s=args.recv_timeout)
+                          recv_timeout_s=args.recv_timeout, allow_rollback=args.allow_rollback)
         ctx.mark_links()
         restarts = 0
         while True:

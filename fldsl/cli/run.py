@@ -165,9 +165,12 @@ def print_summary(console: Any, result: Any) -> None:
               "-o DIR/), mounted at /fldsl/data. Repeatable.")
 @click.option("--key-service", "key_service_items", multiple=True, metavar="NODE_ID=HOST:PORT",
               help="--enclave: the node's data owner's key service (fldsl keys serve). Repeatable.")
+@click.option("--allow-rollback", is_flag=True,
+              help="resume even where a node's newest checkpoint is gone (rollback detected); not with "
+              "--enclave")
 def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None, run_dir: Path | None,
             trust_dir: Path, addresses: Path | None, enclave: str, data_dir_items: tuple[str, ...],
-            key_service_items: tuple[str, ...]) -> None:
+            key_service_items: tuple[str, ...], allow_rollback: bool) -> None:
     """Run a pipeline: every node as a local process over attested gRPC, with live progress."""
     from rich.console import Console
 
@@ -177,6 +180,10 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     key_services = _key_services(key_service_items)
     if only is not None and (data_dirs or key_services):
         raise click.UsageError("--node runs one node from --addresses: put its key_service in that file")
+    if allow_rollback and enclave != "none":
+        # The signed manifest fixes an enclave's command line; a host-chosen switch cannot reach it.
+        raise click.UsageError("--allow-rollback cannot reach nodes inside an enclave (their command line is "
+                               "signed); resume them without it, or run without --enclave")
     build = _build_dir(target, parse_sets(sets))
     try:
         L.ensure_trust(trust_dir)
@@ -187,9 +194,10 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
             # Logs and CI capture output: Rich's 80-column default would wrap the summary table unreadably.
             console.width = 140
         display = None if as_json else RichDisplay(console)
+        node_args = {nid: ["--allow-rollback"] for nid in L.node_ids(build)} if allow_rollback else None
         result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display,
                                 enclave=enclave, data_dirs=data_dirs,  # type: ignore[arg-type]
-                                key_services=key_services)
+                                key_services=key_services, node_args=node_args)
     except L.LaunchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
