@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad inpu
     from fldsl.artifacts import DataSpec, Plan
 
 EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
+# How long past the connect deadline the node waits for the transport's own verdict on a peer (its last
+# Hello attempt, up to 10 s, plus its longest back-off, 2 s).
+VERDICT_GRACE_S = 15.0
 NODE_DIR_URI = "file:node/"  # = fldsl.compiler.manifest.NODE_DIR_URI
 # The manifest's encrypted mount (node.manifest.template.j2): { path = "/fldsl/data", uri = "file:data",
 # key_name = "data" }.
@@ -287,8 +290,14 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
                 except Exception as e:  # only "not yet" is retried
                     from fldsl.runtime.transport import PeerUnreachable
 
-                    if not isinstance(e, PeerUnreachable) or time.monotonic() > deadline:
+                    if not isinstance(e, PeerUnreachable):
                         raise
+                    if time.monotonic() > deadline:
+                        # The transport gives its verdict at its own deadline, after its last attempt and
+                        # back-off: a certificate refused for the whole window is a trust failure, not
+                        # "unreachable". Wait for that verdict instead of racing it.
+                        links[peer.id] = transport.link(peer.id, timeout=VERDICT_GRACE_S)
+                        break
             progress.emit("connected", peer=peer.id)
         # Checkpoints are always sealed, whatever at_rest says: they hold the model.
         # Bound to the pins digest: it changes with any plan, policy or measurement of the deployment, so
