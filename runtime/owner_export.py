@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from fldsl.runtime.sealing import atomic_output
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"FLDSLOX1"
@@ -221,20 +222,12 @@ def encrypt_file(data: bytes, dst: Path, *, recipient_pem: str, node_id: str, na
     digest = hashlib.sha256(prefix).digest()
     aead = AESGCM(_derive(secret, digest))
     n = _chunks(len(data), chunk_size)
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(prefix)
-            view = memoryview(data)
-            for i in range(n):
-                part = bytes(view[i * chunk_size:(i + 1) * chunk_size])
-                out.write(aead.encrypt(_nonce(i), part, _aad(digest, i, i == n - 1)))
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst)
+    with atomic_output(dst) as out:
+        out.write(prefix)
+        view = memoryview(data)
+        for i in range(n):
+            part = bytes(view[i * chunk_size:(i + 1) * chunk_size])
+            out.write(aead.encrypt(_nonce(i), part, _aad(digest, i, i == n - 1)))
     return header
 
 
@@ -292,22 +285,16 @@ def decrypt_file(src: Path, dst: Path, *, private_pem: bytes, node_id: str | Non
             raise OwnerExportError("format", "malformed header: enc is not base64") from None
         aead = AESGCM(_derive(_decapsulate(priv, header.alg, enc), digest))
         n = _chunks(header.length, header.chunk_size)
-        tmp = dst.with_name(dst.name + ".tmp")
-        try:
-            # The plaintext model: readable by its owner only.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with open(fd, "wb") as out:
-                for i in range(n):
-                    size = min(header.chunk_size, header.length - i * header.chunk_size)
-                    ct = _read_exact(f, size + TAG)
-                    try:
-                        out.write(aead.decrypt(_nonce(i), ct, _aad(digest, i, i == n - 1)))
-                    except InvalidTag:
-                        raise OwnerExportError(
-                            "tampered", f"chunk {i} does not authenticate: the file was modified") from None
-                if f.read(1):
-                    raise OwnerExportError("tampered", "trailing bytes after the last chunk")
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The plaintext model: readable by its owner only.
+        with atomic_output(dst, mode=0o600) as out:
+            for i in range(n):
+                size = min(header.chunk_size, header.length - i * header.chunk_size)
+                ct = _read_exact(f, size + TAG)
+                try:
+                    out.write(aead.decrypt(_nonce(i), ct, _aad(digest, i, i == n - 1)))
+                except InvalidTag:
+                    raise OwnerExportError(
+                        "tampered", f"chunk {i} does not authenticate: the file was modified") from None
+            if f.read(1):
+                raise OwnerExportError("tampered", "trailing bytes after the last chunk")
     return header

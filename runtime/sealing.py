@@ -23,12 +23,13 @@ File layout (all integers big-endian)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,25 @@ def seal_bytes(
     return out
 
 
+@contextlib.contextmanager
+def atomic_output(dst: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write ``dst`` through a temporary sibling that is fsync'd and renamed over it only when the body
+    completes; on any failure the temporary file is removed and ``dst`` is untouched. ``mode`` 0o600 for
+    plaintext (a decrypted model is readable by its owner only); a link planted at the temporary name is
+    refused, not followed."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        with open(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
+
+
 def seal_file(
     src: Path | str | bytes,
     dst: Path | str,
@@ -301,40 +321,16 @@ def seal_file(
 ) -> Path:
     """Seal bytes or a file to ``dst`` (written to a temporary file, then atomically renamed)."""
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out:
-            if isinstance(src, (bytes, bytearray, memoryview)):
-                view = memoryview(src).cast("B")
-                _seal_stream(
-                    _Source(view, None, 0),
-                    len(view),
-                    out,
-                    key=key,
-                    node_id=node_id,
-                    name=name,
-                    version=version,
-                    chunk_size=chunk_size,
-                )
-            else:
-                with open(src, "rb") as f:
-                    total = os.fstat(f.fileno()).st_size
-                    _seal_stream(
-                        _Source(None, f, chunk_size),
-                        total,
-                        out,
-                        key=key,
-                        node_id=node_id,
-                        name=name,
-                        version=version,
-                        chunk_size=chunk_size,
-                    )
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dst)
+    with atomic_output(dst) as out:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            view = memoryview(src).cast("B")
+            _seal_stream(_Source(view, None, 0), len(view), out, key=key, node_id=node_id, name=name,
+                         version=version, chunk_size=chunk_size)
+        else:
+            with open(src, "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                _seal_stream(_Source(None, f, chunk_size), total, out, key=key, node_id=node_id, name=name,
+                             version=version, chunk_size=chunk_size)
     return dst
 
 
@@ -461,17 +457,9 @@ def unseal_file(
             out = _unseal_stream(h, source, None, key=key)
             assert out is not None
             return out
-        dst = Path(dst)
-        tmp = dst.with_name(dst.name + ".tmp")
-        try:
-            # Plaintext of a model or checkpoint: readable by its owner only.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "wb") as fout:
-                _unseal_stream(h, source, fout, key=key)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, dst)
+        # Plaintext of a model or checkpoint: readable by its owner only.
+        with atomic_output(Path(dst), mode=0o600) as fout:
+            _unseal_stream(h, source, fout, key=key)
         return h
 
 
