@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, parse_sets
+from fldsl.runtime.enclave_runner import ENCLAVES
 
 
 def _build_dir(target: Path, params: dict[str, str]) -> Path:
@@ -157,7 +158,7 @@ def print_summary(console: Any, result: Any) -> None:
               help="simulated trust material (created on first use)")
 @click.option("--addresses", type=click.Path(path_type=Path),
               help="--node only: addresses.json (default <run-dir>/addresses.json)")
-@click.option("--enclave", type=click.Choice(["none", "gramine-direct", "gramine-sgx"]), default="none",
+@click.option("--enclave", type=click.Choice(ENCLAVES), default="none",
               show_default=True,
               help="start each node inside Gramine from the signed build (fldsl compile --sign KEY)")
 @click.option("--data-dir", "data_dir_items", multiple=True, metavar="NODE_ID=DIR",
