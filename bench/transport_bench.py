@@ -72,7 +72,8 @@ def _identity_and_verifier(trust_dir: Path, node: str) -> tuple[Any, Any]:
     pins, mr = _pins()
     ident = make_identity(dep.backend(mr_enclave=mr[node], isv_prod_id=1, isv_svn=1, debug=False),
                           node_id=node, pins_digest=pins.digest())
-    verifier = PeerVerifier(pins, AttestationRequirement(mode="sim"), sim_root_pem=dep.root_cert_pem,
+    verifier = PeerVerifier(pins, AttestationRequirement(mode="sim"),
+                            sim_roots=dict.fromkeys(pins.parties(), dep.root_cert_pem),
                             own_pins_digest=pins.digest())
     return ident, verifier
 

@@ -10,8 +10,9 @@ must contain the fldsl package and, for ``attestation dcap``, Gramine) with:
 - a volume for ``/fldsl/sealed`` (checkpoints and the exported model, sealed),
 - the folders of its CSV files mounted read-only at the same absolute paths the plan names.
 
-``attestation sim`` runs ``python3 -m fldsl.runtime.node`` with the simulated trust folder mounted at
-``/fldsl/trust`` (create it with ``fldsl trust init``); ``attestation dcap`` runs ``gramine-sgx node/<node>``
+``attestation sim`` runs ``python3 -m fldsl.runtime.node`` with its party's simulated trust folder, and only
+that one, mounted at ``/fldsl/trust`` (``fldsl trust init --party P`` makes ``.fldsl/trust/P``; Kubernetes:
+the Secret ``<pipeline>-trust-<party>``); ``attestation dcap`` runs ``gramine-sgx node/<node>``
 in the working folder the signed manifest expects (``/fldsl/work``: ``node/``, ``run/``, ``pycache/``;
 see fldsl.runtime.enclave_runner) with the SGX devices (compose) or ``sgx.intel.com/epc`` resources
 (Kubernetes, Intel SGX device plugin) and the host's AESM socket (``/var/run/aesmd``: without it no quote
@@ -130,7 +131,9 @@ def compose_file(program: Program, services: dict[str, str]) -> str:
                 f"      - {_y(f'sealed-{s}:/fldsl/sealed')}",
             ]
         if program.trust.attestation == "sim":
-            lines.append(f"      - {_y('${FLDSL_TRUST_DIR:-../../../../.fldsl/trust}:/fldsl/trust:ro')}")
+            party = n.id.split(".", 1)[0]  # its own party's folder: never another party's secrets
+            mount = "${FLDSL_TRUST_DIR:-../../../../.fldsl/trust}/" + party + ":/fldsl/trust:ro"
+            lines.append(f"      - {_y(mount)}")
         lines += [f"      - {_y(f'{d}:{d}:ro')}" for d in _data_dirs(program, n.id)]
         if program.trust.attestation == "dcap":
             lines += [
@@ -146,6 +149,11 @@ def compose_file(program: Program, services: dict[str, str]) -> str:
     lines.append("volumes:")
     lines += [f"  sealed-{services[n.id]}: {{}}" for n in program.nodes]
     return "\n".join(lines) + "\n"
+
+
+def _trust_secret(program: Program, node_id: str) -> str:
+    """One Secret per party: a party's pods mount its own trust folder and no other party's."""
+    return f"{program.pipeline}-trust-{node_id.split('.', 1)[0]}".replace("_", "-").lower()
 
 
 def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) -> str:
@@ -177,7 +185,7 @@ def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) ->
     if not dcap:
         vol_mounts.append({"name": "trust", "mountPath": "/fldsl/trust", "readOnly": True})
         volumes.append(
-            {"name": "trust", "secret": {"secretName": f"{program.pipeline.replace('_', '-')}-trust"}}
+            {"name": "trust", "secret": {"secretName": _trust_secret(program, node_id)}}
         )
     for i, d in enumerate(_data_dirs(program, node_id)):
         vol_mounts.append({"name": f"data{i}", "mountPath": d, "readOnly": True})

@@ -117,7 +117,8 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
     diags: list[Diagnostic] = []
     for n in program.nodes:
         base = f"nodes/{n.id}"
-        plan_sha = write(f"{base}/plan.json", dump_json(lower.plan_for(program, n)))
+        plan = lower.plan_for(program, n)
+        plan_sha = write(f"{base}/plan.json", dump_json(plan))
         policy_sha = write(f"{base}/policy.json", dump_json(lower.policy_for(program, n)))
         inputs = ManifestInputs(
             pipeline=program.pipeline,
@@ -134,6 +135,7 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
                 TrustedFile(uri=node_file_uri("policy.json"), sha256=policy_sha),
             ],
             outputs_encrypted=t.at_rest == "encrypted",
+            peer_parties=sorted({p.id.split(".", 1)[0] for p in plan.peers} - {n.id.split(".", 1)[0]}),
         )
         rendered = render_node_manifest(inputs)
         tmpl_name, toml_name = _manifest_names(n.id)

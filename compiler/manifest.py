@@ -105,6 +105,9 @@ class ManifestInputs(BaseModel):
     outputs_encrypted: bool = True  # at_rest encrypted (fldsl seals outputs itself; see the template)
     # How long the node waits for its peers: starting Python + TensorFlow inside an enclave takes a minute.
     connect_timeout_s: int = 900
+    # The other parties whose nodes it talks to: their public identities, pinned in its party's trust folder
+    # (trust/peers/<party>.json), are what their simulated quotes must chain to.
+    peer_parties: list[str] = []
 
     @field_validator("node_id")
     @classmethod
@@ -183,10 +186,12 @@ def _stage1_env() -> Any:
     return env
 
 
-# The files of a simulated deployment (fldsl trust init), readable by a node under gramine-direct; the
-# runtime's list is fldsl.runtime.attestation.sim.FILES (the compiler does not import the runtime).
-SIM_TRUST_FILES = ("attestation.key", "enclave_signing.key", "pck.key", "pck.pem", "root_ca.key",
-                   "root_ca.pem", "sealing.key")
+# A party's simulated trust folder (fldsl trust init --party), readable by its nodes under gramine-direct:
+# its own material, its public identity and the peers it pins (a folder). The runtime's names are
+# fldsl.runtime.attestation.sim.FILES and .parties (the compiler does not import the runtime; a test keeps
+# them equal).
+SIM_TRUST_FILES = ("attestation.key", "enclave_signing.key", "identity.json", "pck.key", "pck.pem",
+                   "root_ca.key", "root_ca.pem", "sealing.key")
 
 
 def render_template(inputs: ManifestInputs) -> str:

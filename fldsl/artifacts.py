@@ -305,6 +305,10 @@ class Pins(_Model):
         """The value bound into every node's RA-TLS claims (see module docstring)."""
         return sha256_hex(dump_json(self).encode())
 
+    def parties(self) -> list[str]:
+        """The parties whose nodes are pinned (node ids are ``party.node``)."""
+        return sorted({nid.split(".", 1)[0] for nid in self.nodes})
+
 
 # ---------------------------------------------------------------------------------------------------------
 # pipeline.json

@@ -79,7 +79,7 @@ class _UnverifiedVerdict:
 class _NoAttestationVerifier:
     """Stands in for ``PeerVerifier``: accepts the claimed node id without looking at its evidence."""
 
-    def __init__(self, pins: Any, requirement: Any, *, sim_root_pem: Any = None, own_pins_digest: Any = b"",
+    def __init__(self, pins: Any, requirement: Any, *, sim_roots: Any = None, own_pins_digest: Any = b"",
                  now: Any = None) -> None:
         self.own_pins_digest = own_pins_digest
 

@@ -69,8 +69,9 @@ def check_runnable(build_dir: Path, ids: list[str], enclave: Enclave) -> None:
         raise EnclaveError(f"--enclave {enclave} needs `{tool}` on PATH (install Gramine v1.9)", 4)
     if not signed:
         raise EnclaveError(
-            f"{build_dir} is not signed: sign it first, e.g. with the deployment's simulated signing key\n"
-            f"  fldsl compile PIPELINE.flp -o {build_dir} --sign .fldsl/trust/enclave_signing.key\n"
+            f"{build_dir} is not signed: sign it first, e.g. with a party's simulated signing key\n"
+            f"  fldsl trust init --party PARTY\n"
+            f"  fldsl compile PIPELINE.flp -o {build_dir} --sign .fldsl/trust/PARTY/enclave_signing.key\n"
             f"then run it again with --enclave {enclave}")
     for nid in ids:
         ndir = node_dir(build_dir, nid)

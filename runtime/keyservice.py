@@ -302,11 +302,13 @@ class KeyServer:
         return self._stopped.wait(timeout)
 
 
-def verifier_from_build(build_dir: Path, node_ids: Sequence[str], trust_dir: Path | None) -> PeerVerifier:
+def verifier_from_build(build_dir: Path, node_ids: Sequence[str], trust_dir: Path) -> PeerVerifier:
     """The verifier a node of this build would use for its peers (pins + the policy's attestation
-    requirement), for the nodes in ``node_ids``. Raises ``ArtifactError`` / ``AttestationError`` /
-    ``ValueError`` with a user-facing message."""
-    from fldsl.runtime.attestation.sim import SimDeployment
+    requirement), for the nodes in ``node_ids``; ``trust_dir`` is the service operator's party folder (its own
+    root and its pinned peers'). Raises ``ArtifactError`` / ``AttestationError`` / ``ValueError`` with a
+    user-facing message."""
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.attestation.parties import party_of, sim_roots
 
     from fldsl.artifacts import Pins, Policy, load_model, node_dir
 
@@ -328,10 +330,14 @@ def verifier_from_build(build_dir: Path, node_ids: Sequence[str], trust_dir: Pat
             raise ValueError(f"nodes {', '.join(node_ids)} have different attestation requirements")
         requirement = req
     assert requirement is not None
-    sim_root = None
-    if requirement.mode == "sim":  # simulated quotes chain to this deployment's simulated root
-        sim_root = SimDeployment.load(trust_dir or Path(".fldsl/trust")).root_cert_pem
-    return PeerVerifier(pins, requirement, sim_root_pem=sim_root, own_pins_digest=pins.digest())
+    roots: dict[str, bytes] = {}
+    if requirement.mode == "sim":  # sim quotes chain to the root each node's party published
+        roots = sim_roots(trust_dir)
+        missing = sorted({party_of(n) for n in node_ids} - set(roots))
+        if missing:
+            raise AttestationError(f"{trust_dir}: no identity pinned for party {', '.join(missing)}; add it "
+                                   "with `fldsl trust add-peer FILE --party PARTY`")
+    return PeerVerifier(pins, requirement, sim_roots=roots, own_pins_digest=pins.digest())
 
 
 # ---------------------------------------------------------------------------------------------------------

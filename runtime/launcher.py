@@ -149,11 +149,24 @@ def write_addresses(path: Path, ids: list[str], host: str = "127.0.0.1",
     save_addresses(Addresses.model_validate(doc), path)
 
 
-def ensure_trust(trust_dir: Path) -> list[str]:
-    """Create the deployment's simulated trust material on first use; returns what was created."""
-    from fldsl.runtime.attestation.sim import trust_init
+def ensure_trust(trust_dir: Path, ids: list[str]) -> list[str]:
+    """Simulate every party of the build on this machine: one trust folder per party under ``trust_dir``,
+    each holding only that party's secrets and pinning the others' public identities. Created on first use;
+    returns what was created. (Across organisations each party makes only its own: ``fldsl trust init``.)"""
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.attestation.parties import local_deployment, party_of
 
-    return list(trust_init(trust_dir).created)
+    try:
+        return local_deployment(trust_dir, [party_of(n) for n in ids])
+    except AttestationError as e:
+        raise LaunchError(str(e), EXIT_TRUST) from None
+
+
+def party_trust_dir(trust_dir: Path, nid: str) -> Path:
+    """The trust folder a node is given: its own party's, never the whole trust root."""
+    from fldsl.runtime.attestation.parties import party_of
+
+    return trust_dir / party_of(nid)
 
 
 def node_command(build_dir: Path, nid: str, addresses: Path, run_dir: Path, trust_dir: Path,
@@ -161,7 +174,8 @@ def node_command(build_dir: Path, nid: str, addresses: Path, run_dir: Path, trus
     # -I (isolated mode): no PYTHONPATH, PYTHONSTARTUP, user site or current folder, so the node runs the
     # code its simulated measurement covers and nothing a host slipped in beside it.
     return [sys.executable, "-I", "-m", "fldsl.runtime.node", "--build", str(build_dir), "--node", nid,
-            "--addresses", str(addresses), "--run-dir", str(run_dir), "--trust-dir", str(trust_dir),
+            "--addresses", str(addresses), "--run-dir", str(run_dir),
+            "--trust-dir", str(party_trust_dir(trust_dir, nid)),
             *(extra or [])]
 
 
@@ -271,7 +285,8 @@ class Launcher:
             cmd = node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
                                self.trust_dir, self.node_args.get(st.id))
         else:  # the manifest fixes the node's command line: nothing to pass but the manifest
-            cmd, cwd = enclave_runner.prepare(self.build_dir, st.id, self.run_dir, self.trust_dir,
+            cmd, cwd = enclave_runner.prepare(self.build_dir, st.id, self.run_dir,
+                                              party_trust_dir(self.trust_dir, st.id),
                                               self.enclave, self.data_dirs.get(st.id))
         err = open(st.log_path, "a", encoding="utf-8")  # type: ignore[arg-type]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -381,8 +396,8 @@ def run_pipeline(build_dir: Path, *, runs_root: Path = Path("runs"), run_dir: Pa
     """Run every node of a build dir on this machine; returns when all have ended. Inside an enclave,
     ``data_dirs`` / ``key_services`` (node id -> folder / HOST:PORT) give the nodes with csv data their
     encrypted files and their data owner's key service."""
-    ensure_trust(trust_dir)
     ids = node_ids(build_dir)
+    ensure_trust(trust_dir, ids)
     try:
         enclave_runner.check_runnable(build_dir, ids, enclave)
         enclave_runner.check_data_inputs(build_dir, ids, enclave, data_dirs or {}, key_services or {})

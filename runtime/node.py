@@ -142,22 +142,41 @@ def check_artifacts(ndir: Path, args: argparse.Namespace | None = None) -> bytes
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _backend(args: argparse.Namespace, manifest: bytes, identity: Any) -> tuple[Any, bytes | None]:
-    """The attestation backend and the sim root certificate peers' sim quotes must chain to."""
+def _backend(args: argparse.Namespace, manifest: bytes, identity: Any,
+             peers: list[str]) -> tuple[Any, dict[str, bytes]]:
+    """The attestation backend and ``{party: sim root}``: the roots peers' sim quotes must chain to."""
     use_gramine = args.attestation == "gramine" or (
         args.attestation == "auto" and Path("/dev/attestation/quote").exists())
     if use_gramine:
         from fldsl.runtime.attestation.gramine import GramineBackend
 
-        return GramineBackend(), None
-    from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
+        return GramineBackend(), {}
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.attestation.parties import folder_party, party_of, sim_roots
+    from fldsl.runtime.attestation.sim import SimBackend
 
+    # Its own party's folder only: quoting with another party's keys would be impersonation, and a folder
+    # holding several parties' secrets is exactly what per-party trust removes.
+    try:
+        owner = folder_party(args.trust_dir)
+        roots = sim_roots(args.trust_dir, sorted({party_of(p) for p in peers}))
+    except AttestationError as e:
+        raise NodeError(f"trust folder: {e}", EXIT_TRUST) from None
+    if owner != party_of(args.node):
+        raise NodeError(f"{args.trust_dir} is party `{owner}`'s trust folder; node {args.node} belongs to "
+                        f"party `{party_of(args.node)}` and quotes only with its own party's keys",
+                        EXIT_TRUST)
+    missing = sorted({party_of(p) for p in peers} - set(roots))
+    if missing:
+        raise NodeError(f"{args.trust_dir}: no identity pinned for party {', '.join(missing)}, whose nodes "
+                        f"this node talks to; get each one's identity.json and run `fldsl trust add-peer "
+                        f"FILE --party {owner}`", EXIT_TRUST)
     if args.runner == "gramine":  # gramine-direct: no /dev/attestation, report the signed manifest
         backend = SimBackend.for_signed_node(args.trust_dir, signed_manifest=manifest,
                                              sigstruct=Path(args.sigstruct).read_bytes())
     else:
         backend = SimBackend.for_node(args.trust_dir, manifest_toml=manifest, identity=identity)
-    return backend, SimDeployment.load(args.trust_dir).root_cert_pem
+    return backend, roots
 
 
 def _key_service(addresses: Addresses, node: str) -> str:
@@ -257,11 +276,11 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     me = pins.nodes.get(args.node)
     if me is None:
         raise NodeError(f"pins.json has no identity for {args.node}; recompile the pipeline", EXIT_TRUST)
-    backend, sim_root = _backend(args, manifest, me)
+    backend, roots = _backend(args, manifest, me, [p.id for p in plan.peers])
     digest = pins.digest()
     identity = make_identity(backend, node_id=args.node, pins_digest=digest)
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
-    verifier = PeerVerifier(pins, policy.attestation, sim_root_pem=sim_root, own_pins_digest=digest)
+    verifier = PeerVerifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
     plan = provision_data(args, plan, identity, addresses, progress)
 

@@ -677,7 +677,10 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
         click.echo(render() if callable(render) else str(e), err=True)
         sys.exit(EXIT_INPUT)
     try:
-        L.ensure_trust(trust_dir)
+        L.ensure_trust(trust_dir, L.node_ids(build))
+    except L.LaunchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ENV)

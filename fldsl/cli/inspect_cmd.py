@@ -16,7 +16,8 @@ _trust_dir = click.option(
     type=click.Path(path_type=Path),
     default=DEFAULT_TRUST_DIR,
     show_default=True,
-    help="Simulated deployment whose root CA (and sealing key) to verify against.",
+    help="Simulated trust material to verify against: a party's folder (its root and its pinned peers'), "
+    "or a trust root holding party folders.",
 )
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -34,16 +35,38 @@ def _read(path: Path) -> bytes:
         sys.exit(EXIT_INPUT)
 
 
-def _genuine(quote: Any, trust_dir: Path) -> Any:
+def _roots(trust_dir: Path) -> dict[str, bytes]:
+    """``{party: sim root}`` known under TRUST_DIR: a party folder, or a trust root of party folders."""
+    from fldsl.runtime.attestation.backend import AttestationError
+    from fldsl.runtime.attestation.parties import IDENTITY_FILE, sim_roots
+
+    folders = [trust_dir] if (trust_dir / IDENTITY_FILE).is_file() else sorted(
+        d for d in trust_dir.glob("*") if (d / IDENTITY_FILE).is_file())
+    roots: dict[str, bytes] = {}
+    for folder in folders:
+        try:
+            roots.update(sim_roots(folder))
+        except AttestationError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_INPUT)
+    return roots
+
+
+def _genuine(quote: Any, trust_dir: Path, party: str | None = None) -> Any:
     from fldsl.runtime.attestation import qvl
     from fldsl.runtime.attestation.backend import Verdict
-    from fldsl.runtime.attestation.sim import FILES, verify_sim_quote
+    from fldsl.runtime.attestation.sim import verify_sim_quote
 
     if quote.is_simulated:
-        root = trust_dir / FILES["root_cert"]
-        if not root.is_file():
-            return Verdict(False, True, "no-sim-root", f"no simulated root CA at {root} (pass --trust-dir)")
-        return verify_sim_quote(quote, root.read_bytes())
+        roots = _roots(trust_dir)
+        if party is not None:  # a certificate names its node: only that party's root may vouch for it
+            roots = {p: r for p, r in roots.items() if p == party}
+        if not roots:
+            whose = f"party {party}'s" if party else "any party's"
+            return Verdict(False, True, "no-sim-root", f"no simulated root of {whose} under {trust_dir} "
+                           "(pass --trust-dir: a party's trust folder)")
+        verdicts = [verify_sim_quote(quote, root, whose=f"party {p}'s") for p, root in sorted(roots.items())]
+        return next((v for v in verdicts if v.ok), verdicts[0])
     try:
         return qvl.verify_dcap_quote(quote)
     except qvl.QvlUnavailable as e:
@@ -80,7 +103,6 @@ def _verdict_doc(verdict: Any) -> dict[str, Any]:
 def _peer_check(file: Path, node_dir: Path, expect: str | None, trust_dir: Path) -> dict[str, Any]:
     """Run exactly the check the node in NODE_DIR would run on this certificate (its pins and policy)."""
     from fldsl.artifacts import ArtifactError, Pins, Policy, load_model
-    from fldsl.runtime.attestation.sim import FILES
     from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
 
     try:
@@ -89,13 +111,8 @@ def _peer_check(file: Path, node_dir: Path, expect: str | None, trust_dir: Path)
     except ArtifactError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_INPUT)
-    root = trust_dir / FILES["root_cert"]
-    verifier = PeerVerifier(
-        pins,
-        policy.attestation,
-        sim_root_pem=root.read_bytes() if root.is_file() else None,
-        own_pins_digest=pins.digest(),
-    )
+    verifier = PeerVerifier(pins, policy.attestation, sim_roots=_roots(trust_dir),
+                            own_pins_digest=pins.digest())
     try:
         verdict = verifier.verify(file.read_bytes(), expect)
     except PeerRefused as e:
@@ -131,7 +148,7 @@ def cert(file: Path, as_json: bool, trust_dir: Path, node_dir: Path | None, expe
     except CertificateError as e:
         click.echo(f"error: {file}: {e}", err=True)
         sys.exit(EXIT_INPUT)
-    verdict = _genuine(ev.quote, trust_dir)
+    verdict = _genuine(ev.quote, trust_dir, ev.node_id.split(".", 1)[0] if ev.node_id else None)
     doc = ev.summary()
     doc["genuine"] = _verdict_doc(verdict)
     problems = []
@@ -181,7 +198,8 @@ def quote(file: Path, as_json: bool, trust_dir: Path) -> None:
 @_json
 @_trust_dir
 @click.option(
-    "--key-file", type=click.Path(path_type=Path), default=None, help="Default: TRUST_DIR/sealing.key."
+    "--key-file", type=click.Path(path_type=Path), default=None,
+    help="Default: sealing.key of the sealing node's party folder (TRUST_DIR, or TRUST_DIR/PARTY)."
 )
 def sealed(file: Path, as_json: bool, trust_dir: Path, key_file: Path | None) -> None:
     """A sealed file: its header, and whether it authenticates with the deployment's sealing key."""
@@ -197,7 +215,8 @@ def sealed(file: Path, as_json: bool, trust_dir: Path, key_file: Path | None) ->
         sys.exit(EXIT_INPUT)
     doc: dict[str, Any] = header.summary()
     doc["file_bytes"] = file.stat().st_size
-    key_path = key_file or trust_dir / "sealing.key"
+    party_dir = trust_dir / header.node_id.split(".", 1)[0]
+    key_path = key_file or (party_dir if party_dir.is_dir() else trust_dir) / "sealing.key"
     status, code = "not checked (no sealing key; pass --key-file or --trust-dir)", EXIT_OK
     if key_path.is_file():
         key = key_path.read_bytes()

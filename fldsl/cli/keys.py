@@ -90,9 +90,13 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
               help="Where to listen (port 0 picks a free port; the bound address is printed).")
 @click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
-              help="Simulated deployment whose root CA sim quotes must chain to (attestation sim).")
+              help="Simulated trust root (attestation sim): sim quotes must chain to the root of the node's "
+              "party, as pinned in the --party folder.")
+@click.option("--party", default=None, metavar="PARTY",
+              help="The party running this service (its folder under --trust-dir); default: the party of the "
+              "granted nodes.")
 def serve(build_dir: Path, key_items: tuple[str, ...], grant_items: tuple[str, ...], listen: str,
-          trust_dir: Path) -> None:
+          trust_dir: Path, party: str | None) -> None:
     """Serve data keys to the attested nodes of BUILD_DIR until Ctrl-C.
 
     A node gets a key only if its RA-TLS certificate verifies against the build's pins and policy (as a
@@ -106,8 +110,14 @@ def serve(build_dir: Path, key_items: tuple[str, ...], grant_items: tuple[str, .
     keys = _read_keys(_pairs(key_items, "--key"))
     grants = _read_grants(_pairs(grant_items, "--grant"), keys)
     nodes = sorted({n for ids in grants.values() for n in ids})
+    if party is None:
+        owners = sorted({n.split(".", 1)[0] for n in nodes})
+        if len(owners) != 1:
+            _fail(f"the granted nodes belong to parties {', '.join(owners)}: say which one runs this service "
+                  "with --party")
+        party = owners[0]
     try:
-        verifier = verifier_from_build(build_dir, nodes, trust_dir)
+        verifier = verifier_from_build(build_dir, nodes, trust_dir / party)
         service = KeyService(keys, grants, verifier)
     except (ArtifactError, AttestationError, ValueError) as e:
         _fail(str(e))

@@ -23,9 +23,9 @@ def command() -> None:
 @click.option(
     "--key-file",
     type=click.Path(path_type=Path),
-    default=Path(".fldsl/trust/sealing.key"),
-    show_default=True,
-    help="The deployment's sealing key (sim: sealing.key from `fldsl trust init`).",
+    default=None,
+    help="The sealing key of the party whose node sealed the model (sim: sealing.key in its trust folder; "
+    "default .fldsl/trust/PARTY/sealing.key for --node PARTY.NODE).",
 )
 @click.option(
     "--owner-key",
@@ -39,7 +39,7 @@ def command() -> None:
 def decrypt(
     sealed: Path,
     output: Path,
-    key_file: Path,
+    key_file: Path | None,
     owner_key: Path | None,
     node_id: str | None,
     name: str | None,
@@ -71,6 +71,8 @@ def decrypt(
     else:
         if node_id is None or name is None:
             raise click.UsageError("a sealed model needs --node and --name")
+        # Each party seals with its own key: only the sealing node's party can open what it wrote.
+        key_file = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
         _unseal(sealed, output, key_file, node_id, name, min_version)
 
 

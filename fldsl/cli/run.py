@@ -155,7 +155,8 @@ def print_summary(console: Any, result: Any) -> None:
 @click.option("--node", "only", metavar="PARTY.NODE", help="run this one node in the foreground")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="run dir (default runs/<pipeline>/<id>)")
 @click.option("--trust-dir", type=click.Path(path_type=Path), default=Path(".fldsl/trust"), show_default=True,
-              help="simulated trust material (created on first use)")
+              help="simulated trust root: one folder per party (made on first use for a local run; with "
+              "--node, the node's party folder made by `fldsl trust init --party`)")
 @click.option("--addresses", type=click.Path(path_type=Path),
               help="--node only: addresses.json (default <run-dir>/addresses.json)")
 @click.option("--enclave", type=click.Choice(ENCLAVES), default="none",
@@ -187,8 +188,7 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
                                "signed); resume them without it, or run without --enclave")
     build = _build_dir(target, parse_sets(sets))
     try:
-        L.ensure_trust(trust_dir)
-        if only is not None:
+        if only is not None:  # one party's node: its own trust folder only (fldsl trust init --party)
             sys.exit(_run_one(build, only, run_dir, trust_dir, addresses))
         console = Console(stderr=as_json)
         if not console.is_terminal and "COLUMNS" not in os.environ:

@@ -133,11 +133,13 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _ca_cert(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certificate:
+def _ca_cert(key: ec.EllipticCurvePrivateKey, now: dt.datetime, party: str | None) -> x509.Certificate:
+    # The party in the name is for people reading certificates (fldsl inspect); trust rests on the key.
+    cn = ROOT_CN if party is None else f"{ROOT_CN} — party {party}"
     return (
         x509.CertificateBuilder()
-        .subject_name(_name(ROOT_CN))
-        .issuer_name(_name(ROOT_CN))
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -166,8 +168,9 @@ def _pck_cert(
     )
 
 
-def trust_init(directory: Path | str = DEFAULT_TRUST_DIR) -> SimDeployment:
-    """Create (or reuse) a deployment's simulated trust material; existing files are never overwritten."""
+def trust_init(directory: Path | str = DEFAULT_TRUST_DIR, *, party: str | None = None) -> SimDeployment:
+    """Create (or reuse) one party's simulated trust material; existing files are never overwritten.
+    (fldsl.runtime.attestation.parties adds the party's public identity and its peers.)"""
     d = Path(directory)
     if d.is_symlink():  # chmod and key files would land wherever the link points
         raise AttestationError(f"{d}: is a symbolic link; give the trust folder's real path")
@@ -177,7 +180,7 @@ def trust_init(directory: Path | str = DEFAULT_TRUST_DIR) -> SimDeployment:
     with open(d / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _init_locked(d)
+            return _init_locked(d, party)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -195,7 +198,7 @@ def _check_existing(d: Path, p: dict[str, Path]) -> None:
                     f"`chmod 600 {path}` or remove it to make a new one")
 
 
-def _init_locked(d: Path) -> SimDeployment:
+def _init_locked(d: Path, party: str | None) -> SimDeployment:
     p = {k: d / v for k, v in FILES.items()}
     _check_existing(d, p)
     created: list[str] = []
@@ -213,7 +216,7 @@ def _init_locked(d: Path) -> SimDeployment:
             raise AttestationError(f"{d}: pck.pem exists without its root CA; remove it or restore root_ca.*")
         root_key = ec.generate_private_key(ec.SECP256R1())
         make("root_key", _crypto.private_pem(root_key))
-        make("root_cert", _ca_cert(root_key, now).public_bytes(serialization.Encoding.PEM))
+        make("root_cert", _ca_cert(root_key, now, party).public_bytes(serialization.Encoding.PEM))
     if not p["pck_cert"].exists():
         root_key = _load_key(p["root_key"])
         root_cert = x509.load_pem_x509_certificate(p["root_cert"].read_bytes())
@@ -337,8 +340,12 @@ def _fail(status: str, message: str) -> Verdict:
     return Verdict(ok=False, simulated=True, status=status, message=message)
 
 
-def verify_sim_quote(quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime | None = None) -> Verdict:
-    """Check a simulated quote's whole chain against a deployment's sim root. Never raises on bad input."""
+def verify_sim_quote(
+    quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime | None = None,
+    whose: str = "this deployment's",
+) -> Verdict:
+    """Check a simulated quote's whole chain against a sim root (``whose``: the words naming that root in
+    messages, e.g. "party shop's"). Never raises on bad input."""
     try:
         q = quote if isinstance(quote, Quote) else Quote.parse(quote)
     except QuoteError as e:
@@ -358,8 +365,8 @@ def verify_sim_quote(quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime 
     if len(chain) != 2 or chain[1] != root or q.cert_data != canonical:
         return _fail(
             "untrusted-root" if len(chain) == 2 and chain[1] != root else "bad-cert-data",
-            "the quote's certification data is not 'PCK certificate, this deployment's simulated root CA' "
-            "(another deployment's trust material, or a modified chain)",
+            f"the quote's certification data is not 'PCK certificate, {whose} simulated root CA' "
+            "(another party's or deployment's trust material, or a modified chain)",
         )
     pck = chain[0]
     try:
@@ -367,8 +374,8 @@ def verify_sim_quote(quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime 
     except (InvalidSignature, ValueError, TypeError) as e:
         return _fail(
             "untrusted-root",
-            "the quote's PCK certificate is not signed by this deployment's simulated root CA "
-            f"({type(e).__name__}); the peer uses another deployment's trust material (`fldsl trust init`)",
+            f"the quote's PCK certificate is not signed by {whose} simulated root CA "
+            f"({type(e).__name__}); the peer uses another party's or deployment's trust material",
         )
     for cert, what in ((root, "root CA"), (pck, "PCK certificate")):
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
@@ -383,4 +390,4 @@ def verify_sim_quote(quote: bytes | Quote, root_pem: bytes, *, now: dt.datetime 
         return _fail("bad-qe-report", "QE report data does not bind the attestation key")
     if not _crypto.verify_raw_p256(q.attestation_key, q.signature, q.signed_bytes):
         return _fail("bad-signature", "enclave report signature does not verify with the attestation key")
-    return Verdict(True, True, "ok", "simulated quote chain verified against the deployment's sim root")
+    return Verdict(True, True, "ok", f"simulated quote chain verified against {whose} sim root")

@@ -6,11 +6,13 @@
    most ``MAX_CERT_VALIDITY`` (2 days) long                          → field ``certificate``
 2. the evidence binds the certificate key (and it is self-signed) → field ``pubkey``
 3. sim vs real: a simulated quote under ``attestation dcap``       → field ``attestation_mode``
-4. the quote is genuine (sim chain vs our sim root, or Intel QVL) → field ``quote``
-5. node id known in pins, equal to the expected one               → field ``node``
-6. attested pins digest equals ours                               → field ``pins``
-7. enclave attributes sane (INIT, MODE64BIT, no PROVISIONKEY)      → field ``attributes``
-8. mr_enclave ∈ pinned list, mr_signer (if pinned), isv_prod_id exact, isv_svn ≥ min, debug
+4. the quote is genuine (Intel QVL, or a sim chain to the root that the party of the node the certificate
+   claims to be published)                                          → field ``quote`` (``node``: no claim)
+5. the certificate claims an fldsl node id                           → field ``node``
+6. node id known in pins, equal to the expected one               → field ``node``
+7. attested pins digest equals ours                               → field ``pins``
+8. enclave attributes sane (INIT, MODE64BIT, no PROVISIONKEY)      → field ``attributes``
+9. mr_enclave ∈ pinned list, mr_signer (if pinned), isv_prod_id exact, isv_svn ≥ min, debug
    refused unless both the requirement and the pinned identity allow it.
 
 Every failure raises :class:`PeerRefused` with the field, the expected and actual values and a likely cause.
@@ -19,10 +21,12 @@ Every failure raises :class:`PeerRefused` with the field, the expected and actua
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fldsl.runtime.attestation import qvl
 from fldsl.runtime.attestation.backend import Verdict
+from fldsl.runtime.attestation.parties import party_of
 from fldsl.runtime.attestation.quote import (
     FLAG_EINITTOKEN_KEY,
     FLAG_INIT,
@@ -141,30 +145,39 @@ class PeerVerifier:
         pins: Pins,
         requirement: AttestationRequirement,
         *,
-        sim_root_pem: bytes | None,
+        sim_roots: Mapping[str, bytes] | None,
         own_pins_digest: bytes | str,
         now: dt.datetime | None = None,
         max_validity: dt.timedelta = MAX_CERT_VALIDITY,
     ) -> None:
         self.pins = pins
         self.requirement = requirement
-        self.sim_root_pem = sim_root_pem
+        # {party: sim root PEM}: a sim quote of party P's node must chain to the root P published
+        # (fldsl.runtime.attestation.parties); one party's keys cannot vouch for another's nodes.
+        self.sim_roots = dict(sim_roots or {})
         own = bytes.fromhex(own_pins_digest) if isinstance(own_pins_digest, str) else bytes(own_pins_digest)
         self.own_pins_digest = own
         self._now = now
         self.max_validity = max_validity
 
-    def _genuine(self, quote: Quote, who: str) -> Verdict:
+    def _genuine(self, quote: Quote, who: str, party: str | None) -> Verdict:
         if quote.is_simulated:
-            if self.sim_root_pem is None:
+            if party is None:
+                raise _refuse(who, "node", "an fldsl node id claim", "no fldsl-node claim",
+                              "a simulated quote is checked against the root of the party whose node the "
+                              "certificate names, and this certificate names none")
+            root = self.sim_roots.get(party)
+            if root is None:
+                known = ", ".join(sorted(self.sim_roots)) or "none"
                 raise _refuse(
                     who,
                     "quote",
-                    "a verifiable quote",
-                    "a simulated quote",
-                    "no simulated root CA was given to the verifier (sim trust dir missing)",
+                    f"a simulated quote chaining to party {party}'s pinned root",
+                    f"no identity of party {party} is pinned (pinned: {known})",
+                    f"add party {party}'s public identity to this node's trust folder with `fldsl trust "
+                    f"add-peer` (its file is {party}/identity.json on {party}'s host)",
                 )
-            verdict = verify_sim_quote(quote, self.sim_root_pem, now=self._time())
+            verdict = verify_sim_quote(quote, root, now=self._time(), whose=f"party {party}'s")
         else:
             try:
                 verdict = qvl.verify_dcap_quote(quote, now=self._time().timestamp())
@@ -242,8 +255,11 @@ class PeerVerifier:
         quote = ev.quote
         if quote.is_simulated and self.requirement.mode == "dcap":
             raise _refuse(who, "attestation_mode", "real SGX (dcap)", "simulated quote")
-        verdict = self._genuine(quote, who)
         node = ev.node_id
+        if node is not None and node not in self.pins.nodes:  # no party's root to check it against
+            raise _refuse(who, "node", "one of " + ", ".join(sorted(self.pins.nodes)), node)
+        # The claim only chooses whose root a sim quote must chain to; a false claim fails right there.
+        verdict = self._genuine(quote, who, party_of(node) if node is not None else None)
         if node is None:
             raise _refuse(
                 who,

@@ -18,11 +18,8 @@ from fldsl.measurement import code_digest
 
 @pytest.fixture(scope="session")
 def trust_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fldsl.runtime.attestation.sim import trust_init
-
-    d = tmp_path_factory.mktemp("trust")
-    trust_init(d)
-    return d
+    # The trust root: run_pipeline makes one folder per party of each pipeline run with it (ensure_trust).
+    return tmp_path_factory.mktemp("trust")
 
 
 def launch(make_build: Callable[[], Path], run_dir: Path, trust_dir: Path, *, expect_ok: bool = True,

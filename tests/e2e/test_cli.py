@@ -54,7 +54,7 @@ def test_refused_run_prints_the_failing_node_and_exits_3(tmp_path: Path) -> None
 
 
 def _one_node_run(tmp_path: Path, attempt: int) -> tuple[subprocess.CompletedProcess, int, str]:
-    from fldsl.runtime.attestation.sim import trust_init
+    from fldsl.runtime.attestation.parties import local_deployment
     from fldsl.runtime.launcher import write_addresses
 
     root = tmp_path / f"try{attempt}"
@@ -63,11 +63,11 @@ def _one_node_run(tmp_path: Path, attempt: int) -> tuple[subprocess.CompletedPro
     run_dir.mkdir()
     write_addresses(run_dir / "addresses.json", ["media.trainer", "shop.trainer"])
     trust = tmp_path / "trust"
-    trust_init(trust)
+    local_deployment(trust, ["media", "shop"])
     other = subprocess.Popen(
         [sys.executable, "-m", "fldsl.runtime.node", "--build", str(build), "--node", "shop.trainer",
          "--addresses", str(run_dir / "addresses.json"), "--run-dir", str(run_dir),
-         "--trust-dir", str(trust), "--connect-timeout", "20"],
+         "--trust-dir", str(trust / "shop"), "--connect-timeout", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         out = _fldsl(["run", str(build), "--node", "media.trainer", "--run-dir", str(run_dir),

@@ -23,7 +23,8 @@ def _weights(trust_dir: Path, res, node: str) -> list[np.ndarray]:
 
     name = f"{node}/model"
     path = Path(res.to_json()["nodes"][node]["exports"][name])
-    data = sealing.unseal_file(path, key=SimDeployment.load(trust_dir).sealing_key, node_id=node, name=name)
+    key = SimDeployment.load(trust_dir / node.split(".")[0]).sealing_key  # the sealing node's party's key
+    data = sealing.unseal_file(path, key=key, node_id=node, name=name)
     with np.load(io.BytesIO(data)) as npz:
         return [npz[k] for k in sorted(npz.files)]
 

@@ -22,7 +22,7 @@ def _unseal_model(trust_dir: Path, path: Path, node: str, name: str) -> list[np.
     from fldsl.runtime import sealing
     from fldsl.runtime.attestation.sim import SimDeployment
 
-    key = SimDeployment.load(trust_dir).sealing_key
+    key = SimDeployment.load(trust_dir / node.split(".")[0]).sealing_key  # the sealing node's party's key
     data = sealing.unseal_file(path, key=key, node_id=node, name=name)
     with np.load(io.BytesIO(data)) as npz:
         return [npz[k] for k in sorted(npz.files)]

@@ -31,10 +31,10 @@ def run_json(*args: str, cwd: Path, timeout: float = 900) -> tuple[int, dict[str
 
 def sign(flp: Path, build: Path, cwd: Path, *extra: str) -> None:
     """Compile and sign with the deployment's simulated enclave signing key (made on first use)."""
-    init = fldsl("trust", "init", cwd=cwd)
+    init = fldsl("trust", "init", "--party", "media", cwd=cwd)
     assert init.returncode == 0, init.stderr
-    proc = fldsl("compile", str(flp), "-o", str(build), "--sign", ".fldsl/trust/enclave_signing.key", *extra,
-                 cwd=cwd)
+    proc = fldsl("compile", str(flp), "-o", str(build), "--sign", ".fldsl/trust/media/enclave_signing.key",
+                 *extra, cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

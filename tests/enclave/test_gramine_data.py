@@ -102,8 +102,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("gramine_data")
     write_csvs(work / "plain")
     (work / "gramine_csv.flp").write_text(PIPELINE)
-    sign = ("--sign", ".fldsl/trust/enclave_signing.key")
-    for args in (("trust", "init"), ("compile", "gramine_csv.flp", "-o", "signed", *sign)):
+    # Each party's trust folder, each pinning the other's public identity, as two organisations would.
+    sign = ("--sign", ".fldsl/trust/guest/enclave_signing.key")
+    for args in (("trust", "init", "--party", "guest"), ("trust", "init", "--party", "host"),
+                 ("trust", "add-peer", ".fldsl/trust/host/identity.json", "--party", "guest"),
+                 ("trust", "add-peer", ".fldsl/trust/guest/identity.json", "--party", "host"),
+                 ("compile", "gramine_csv.flp", "-o", "signed", *sign)):
         proc = fldsl(*args, cwd=work)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     for party in ("guest", "host", "other"):

@@ -120,9 +120,10 @@ def test_toml_has_the_fldsl_node_key_set(rendered):
 
 def test_sim_trust_files_in_the_manifest_are_the_runtimes():
     from fldsl.compiler.manifest import SIM_TRUST_FILES
+    from fldsl.runtime.attestation.parties import IDENTITY_FILE
     from fldsl.runtime.attestation.sim import FILES
 
-    assert sorted(SIM_TRUST_FILES) == sorted(FILES.values())
+    assert sorted(SIM_TRUST_FILES) == sorted([*FILES.values(), IDENTITY_FILE])
 
 
 def test_template_is_machine_independent_with_node_values_baked_in(rendered):

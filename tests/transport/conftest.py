@@ -152,7 +152,8 @@ class Trust:
         from fldsl.runtime.attestation.verify import PeerVerifier
 
         dep = SimDeployment.load(self.dir)
-        return PeerVerifier(self.pins, AttestationRequirement(mode="sim"), sim_root_pem=dep.root_cert_pem,
+        return PeerVerifier(self.pins, AttestationRequirement(mode="sim"),
+                            sim_roots=dict.fromkeys(self.pins.parties(), dep.root_cert_pem),
                             own_pins_digest=self.pins.digest())
 
 

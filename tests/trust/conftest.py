@@ -6,7 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fldsl.runtime.attestation.sim import SimBackend, SimDeployment, trust_init
+from fldsl.runtime.attestation.parties import init_party
+from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
 
 from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
@@ -17,12 +18,14 @@ MR_B = hashlib.sha256(b"node b build").digest()
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> SimDeployment:
-    return trust_init(tmp_path_factory.mktemp("trust") / "deploy")
+    """Party media's folder. The verifier tests let its root stand for every party (sim_roots)."""
+    return init_party(tmp_path_factory.mktemp("trust") / "deploy", "media")[0]
 
 
 @pytest.fixture(scope="session")
 def other_deployment(tmp_path_factory: pytest.TempPathFactory) -> SimDeployment:
-    return trust_init(tmp_path_factory.mktemp("trust") / "other")
+    """Party media's folder of another deployment: another root, same party name."""
+    return init_party(tmp_path_factory.mktemp("trust") / "other", "media")[0]
 
 
 @pytest.fixture

@@ -17,7 +17,9 @@ TEN_YEARS = dt.timedelta(days=3652)
 
 
 def _verifier(pins: Pins, deployment: SimDeployment) -> PeerVerifier:
-    return PeerVerifier(pins, SIM, sim_root_pem=deployment.root_cert_pem, own_pins_digest=pins.digest())
+    return PeerVerifier(pins, SIM,
+                        sim_roots=dict.fromkeys(pins.parties(), deployment.root_cert_pem),
+                        own_pins_digest=pins.digest())
 
 
 def test_a_genuine_certificate_valid_for_ten_years_is_refused_naming_the_ceiling(

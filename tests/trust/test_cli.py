@@ -20,14 +20,14 @@ def run(*args: str):
 
 
 def test_trust_init_creates_then_reuses_and_says_simulated(tmp_path):
-    d = tmp_path / "t"
-    first = run("trust", "init", str(d))
+    d = tmp_path / "t" / "media"
+    first = run("trust", "init", "--party", "media", "--trust-dir", str(d.parent))
     assert first.exit_code == EXIT_OK, first.output
     assert "SIMULATED" in first.output and "created  sealing.key" in first.output
     assert stat.S_IMODE((d / "sealing.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / "attestation.key").stat().st_mode) == 0o600
     key_before = (d / "enclave_signing.key").read_bytes()
-    second = run("trust", "init", str(d))
+    second = run("trust", "init", "--party", "media", "--trust-dir", str(d.parent))
     assert "reused   enclave_signing.key" in second.output and "created" not in second.output
     assert (d / "enclave_signing.key").read_bytes() == key_before
 
@@ -36,7 +36,7 @@ def test_trust_init_creates_then_reuses_and_says_simulated(tmp_path):
 def own_cert(tmp_path, deployment):
     backend = deployment.backend(mr_enclave=MR_A, isv_prod_id=7, isv_svn=2, debug=False)
     path = tmp_path / "node.pem"
-    path.write_bytes(ratls.make_identity(backend, node_id="a.n", pins_digest="00" * 32).cert_pem)
+    path.write_bytes(ratls.make_identity(backend, node_id="media.n", pins_digest="00" * 32).cert_pem)
     return path
 
 
@@ -44,7 +44,7 @@ def test_inspect_own_cert_verifies_against_the_trust_dir(own_cert, deployment):
     res = run("inspect", "cert", str(own_cert), "--json", "--trust-dir", str(deployment.dir))
     assert res.exit_code == EXIT_OK, res.output
     doc = json.loads(res.output)
-    assert doc["node_id"] == "a.n" and doc["pubkey_hash_ok"] and doc["genuine"]["ok"]
+    assert doc["node_id"] == "media.n" and doc["pubkey_hash_ok"] and doc["genuine"]["ok"]
     assert doc["quote"]["mr_enclave"] == MR_A.hex() and doc["quote"]["simulated"] is True
 
 
@@ -204,11 +204,12 @@ def test_inspect_cert_as_a_node_would_names_the_refused_field(tmp_path, deployme
 def test_trust_init_refuses_symlinks_and_readable_private_keys(tmp_path):
     """A reused key file must be one init would have made: not a link to elsewhere, not readable by others
     (init used to reuse a 0644 key while printing "(private, 0600)")."""
-    d = tmp_path / "t"
-    assert run("trust", "init", str(d)).exit_code == EXIT_OK
+    d = tmp_path / "t" / "media"
+    init = ("trust", "init", "--party", "media", "--trust-dir", str(d.parent))
+    assert run(*init).exit_code == EXIT_OK
     key = d / "sealing.key"
     key.chmod(0o644)
-    res = run("trust", "init", str(d))
+    res = run(*init)
     assert res.exit_code != EXIT_OK and "readable by others (mode 0644)" in res.output
     assert "chmod 600" in res.output and "Traceback" not in res.output
     key.chmod(0o600)
@@ -217,11 +218,11 @@ def test_trust_init_refuses_symlinks_and_readable_private_keys(tmp_path):
     elsewhere.chmod(0o600)
     key.unlink()
     key.symlink_to(elsewhere)
-    res = run("trust", "init", str(d))
+    res = run(*init)
     assert res.exit_code != EXIT_OK and "symbolic link" in res.output
     link = tmp_path / "linked-trust"
     link.symlink_to(tmp_path / "target", target_is_directory=True)
-    res = run("trust", "init", str(link))
+    res = run("trust", "init", "--party", "media", "--trust-dir", str(link))
     assert res.exit_code != EXIT_OK and "symbolic link" in res.output and not (tmp_path / "target").exists()
 
 

@@ -42,6 +42,17 @@ def pins(build: Path) -> Pins:
 
 
 @pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> SimDeployment:
+    """Party shop's folder (the granted node's party, which runs the key service); media's beside it, each
+    pinning the other."""
+    from fldsl.runtime.attestation.parties import local_deployment
+
+    root = tmp_path_factory.mktemp("parties")
+    local_deployment(root, ["media", "shop"])
+    return SimDeployment.load(root / "shop")
+
+
+@pytest.fixture(scope="module")
 def data_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     path = tmp_path_factory.mktemp("owner") / "data.key"
     assert CliRunner().invoke(main, ["data", "keygen", str(path)]).exit_code == 0
@@ -55,7 +66,7 @@ def service(build: Path, data_key: tuple[Path, bytes], deployment: SimDeployment
     log = tmp_path_factory.mktemp("service") / "keys.log"
     cmd = [sys.executable, "-u", "-c", "from fldsl.cli import main; main()", "keys", "serve", str(build),
            "--key", f"data={data_key[0]}", "--grant", f"data={GRANTED}", "--listen", "127.0.0.1:0",
-           "--trust-dir", str(deployment.dir)]
+           "--trust-dir", str(deployment.dir.parent)]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
@@ -77,6 +88,7 @@ def identity(deployment: SimDeployment, pins: Pins, node: str, mr_enclave: bytes
              ) -> LocalIdentity:
     """An RA-TLS identity with the sim backend, reporting the pinned measurement unless told otherwise."""
     pinned = pins.nodes[node]
+    deployment = SimDeployment.load(deployment.dir.parent / node.split(".")[0])  # the node's party's keys
     backend = deployment.backend(mr_enclave=mr_enclave or bytes.fromhex(pinned.mr_enclave[0]),
                                  isv_prod_id=pinned.isv_prod_id, isv_svn=pinned.isv_svn_min, debug=False)
     return make_identity(backend, node_id=node, pins_digest=pins.digest())
@@ -215,7 +227,7 @@ def test_install_gramine_key_checks_name_length_and_declaration(tmp_path):
 
 def test_keys_serve_input_errors(build, data_key, deployment, tmp_path):
     def serve(*args: str):
-        args = ("keys", "serve", str(build), "--trust-dir", str(deployment.dir), *args)
+        args = ("keys", "serve", str(build), "--trust-dir", str(deployment.dir.parent), *args)
         return CliRunner().invoke(main, list(args))
 
     res = serve("--key", f"data={data_key[0]}", "--grant", "data=nobody.x")

@@ -31,7 +31,9 @@ def material(deployment):
     )
     backend = deployment.backend(mr_enclave=MR_A, isv_prod_id=7, isv_svn=2, debug=False)
     ident = ratls.make_identity(backend, node_id="a.n", pins_digest=pins.digest())
-    verifier = PeerVerifier(pins, SIM, sim_root_pem=deployment.root_cert_pem, own_pins_digest=pins.digest())
+    verifier = PeerVerifier(pins, SIM,
+                            sim_roots=dict.fromkeys(pins.parties(), deployment.root_cert_pem),
+                            own_pins_digest=pins.digest())
     verifier.verify(ident.cert_pem, "a.n")  # the unmutated certificate is accepted
     quote = backend.quote(b"\x42" * 64)
     assert verify_sim_quote(quote, deployment.root_cert_pem).ok

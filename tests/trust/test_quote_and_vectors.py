@@ -187,7 +187,7 @@ def _gramine_pins() -> Pins:
 def test_real_gramine_certificate_is_refused_without_qvl():
     pins = _gramine_pins()
     v = PeerVerifier(
-        pins, AttestationRequirement(mode="dcap"), sim_root_pem=None, own_pins_digest=pins.digest()
+        pins, AttestationRequirement(mode="dcap"), sim_roots=None, own_pins_digest=pins.digest()
     )
     with pytest.raises(PeerRefused) as info:
         v.verify((VECTORS / "gramine-ra-tls-cert.pem").read_bytes(), "g.node")
@@ -211,7 +211,7 @@ def test_real_gramine_quote_is_refused_as_a_debug_enclave():
 def test_unverified_real_quotes_are_only_a_policy_opt_in_and_still_need_fldsl_claims():
     pins = _gramine_pins()
     req = AttestationRequirement(mode="dcap", allow_unverified_real_quotes=True, allow_debug=True)
-    v = PeerVerifier(pins, req, sim_root_pem=None, own_pins_digest=pins.digest())
+    v = PeerVerifier(pins, req, sim_roots=None, own_pins_digest=pins.digest())
     with pytest.raises(PeerRefused) as info:  # genuine-ness waived, but a non-fldsl cert has no pins claim
         v.verify((VECTORS / "gramine-ra-tls-cert.pem").read_bytes(), "g.node")
     assert info.value.field == "node"

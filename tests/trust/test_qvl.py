@@ -121,7 +121,7 @@ def _setup(deployment):
         IntelLookalikeBackend(deployment), node_id="a.n", pins_digest=pins.digest()
     ).cert_pem
     v = PeerVerifier(
-        pins, AttestationRequirement(mode="dcap"), sim_root_pem=None, own_pins_digest=pins.digest()
+        pins, AttestationRequirement(mode="dcap"), sim_roots=None, own_pins_digest=pins.digest()
     )
     return v, cert
 

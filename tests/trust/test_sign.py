@@ -171,7 +171,7 @@ def test_signed_pins_take_a_simulated_quote_only_of_the_signed_manifest(build, f
     v = PeerVerifier(
         pins,
         AttestationRequirement(mode="sim"),
-        sim_root_pem=deployment.root_cert_pem,
+        sim_roots=dict.fromkeys(pins.parties(), deployment.root_cert_pem),
         own_pins_digest=pins.digest(),
     )
 
@@ -187,7 +187,8 @@ def test_signed_pins_take_a_simulated_quote_only_of_the_signed_manifest(build, f
         v.verify(cert(ident.mr_enclave[0]), "media.trainer")
     assert info.value.field == "mr_enclave"
     # A pipeline that requires real SGX refuses the simulated quote outright.
-    strict = PeerVerifier(pins, AttestationRequirement(mode="dcap"), sim_root_pem=deployment.root_cert_pem,
+    strict = PeerVerifier(pins, AttestationRequirement(mode="dcap"),
+                          sim_roots=dict.fromkeys(pins.parties(), deployment.root_cert_pem),
                           own_pins_digest=pins.digest())
     with pytest.raises(PeerRefused) as info:
         strict.verify(cert(ident.sim_mr_enclave), "media.trainer")

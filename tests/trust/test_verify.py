@@ -20,7 +20,9 @@ from .conftest import DCAP, MR_A, SIM
 
 
 def verifier(pins: Pins, deployment: SimDeployment, req: AttestationRequirement = SIM, **kw) -> PeerVerifier:
-    return PeerVerifier(pins, req, sim_root_pem=deployment.root_cert_pem, own_pins_digest=pins.digest(), **kw)
+    return PeerVerifier(pins, req,
+                        sim_roots=dict.fromkeys(pins.parties(), deployment.root_cert_pem),
+                        own_pins_digest=pins.digest(), **kw)
 
 
 def cert_for(
@@ -123,7 +125,24 @@ def test_unknown_and_unexpected_node_ids_are_refused(deployment, pins):
 def test_quote_from_another_deployments_root_is_refused(deployment, other_deployment, pins):
     pins.nodes["media.trainer"].mr_signer = None  # would not get that far, but make the root the only problem
     err = refused(verifier(pins, deployment), cert_for(other_deployment, pins))
-    assert err.field == "quote" and "another deployment" in str(err)
+    assert err.field == "quote" and "party media's simulated root" in str(err)
+
+
+def test_a_partys_keys_cannot_vouch_for_another_partys_node(deployment, other_deployment, pins):
+    """Each party's nodes must chain to that party's own root: media's root pinned for media, another root
+    (the other deployment's, standing for party shop's) for shop. A shop.trainer certificate quoted with
+    media's keys is refused, naming shop's root; media's own node still passes."""
+    v = PeerVerifier(pins, SIM, sim_roots={"media": deployment.root_cert_pem,
+                                           "shop": other_deployment.root_cert_pem},
+                     own_pins_digest=pins.digest())
+    err = refused(v, cert_for(deployment, pins, node="shop.trainer"), expect="shop.trainer")
+    assert err.field == "quote" and "party shop's simulated root" in str(err)
+    assert v.verify(cert_for(deployment, pins), "media.trainer").node_id == "media.trainer"
+    unpinned = PeerVerifier(pins, SIM, sim_roots={"media": deployment.root_cert_pem},
+                            own_pins_digest=pins.digest())
+    err = refused(unpinned, cert_for(deployment, pins, node="shop.trainer"), expect="shop.trainer")
+    assert err.field == "quote" and "no identity of party shop is pinned" in str(err)
+    assert "fldsl trust add-peer" in str(err)
 
 
 def test_sim_quote_refused_under_dcap(deployment, pins):
@@ -137,7 +156,7 @@ def test_sim_quote_refused_when_pins_hold_real_measurements(deployment, pins):
 
 
 def test_sim_quote_without_a_sim_root_is_refused(deployment, pins):
-    v = PeerVerifier(pins, SIM, sim_root_pem=None, own_pins_digest=pins.digest())
+    v = PeerVerifier(pins, SIM, sim_roots=None, own_pins_digest=pins.digest())
     assert refused(v, cert_for(deployment, pins)).field == "quote"
 
 
