@@ -16,7 +16,7 @@ from pathlib import Path
 import buildkit
 import pytest
 from conftest import describe, launch
-from fldsl.runtime.launcher import write_addresses
+from fldsl.runtime.launcher import ensure_trust, write_addresses
 
 pytestmark = pytest.mark.e2e
 
@@ -41,10 +41,11 @@ def test_a_node_started_with_an_injected_sitecustomize_refuses_to_run(tmp_path: 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     write_addresses(run_dir / "addresses.json", ["media.trainer", "shop.trainer"])
+    ensure_trust(trust_dir, ["media.trainer", "shop.trainer"])
     proc = subprocess.run(
         [sys.executable, "-m", "fldsl.runtime.node", "--build", str(build), "--node", "media.trainer",
          "--addresses", str(run_dir / "addresses.json"), "--run-dir", str(run_dir), "--trust-dir",
-         str(trust_dir), "--connect-timeout", "5"],
+         str(trust_dir / "media"), "--connect-timeout", "5"],
         capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert injected.exists(), "the hook should have run in this (non-isolated) interpreter"
     assert proc.returncode == 3, proc.stderr[-2000:]
