@@ -25,6 +25,12 @@ class ReceiveBudgetExceeded(FlowRefused):
     ``link.receive_budget``): refused, failing the link closed, instead of buffering without limit."""
 
 
+class StreamLimitExceeded(FlowRefused):
+    """A peer opened more Exchange streams than a node ever needs (too many at once, or replaced its live
+    stream again and again; see ``link.MAX_STREAMS_PER_PEER``): the call is refused and the link fails closed,
+    as for any policy violation, instead of serving (and resynchronising with) every stream it opens."""
+
+
 class RemoteRefused(TransportError):
     """The peer refused our attestation at Hello; carries the peer's reason (e.g. which field mismatched).
 

@@ -31,6 +31,7 @@ from .errors import (
     PeerUnreachable,
     ReceiveBudgetExceeded,
     RecvTimeout,
+    StreamLimitExceeded,
     TransportError,
 )
 from .guard import FlowGuard, WireSpec
@@ -178,6 +179,17 @@ MESSAGE_CHARGE = 4096
 _STEP_KEYS = 1 << 48
 
 
+# Exchange streams a peer may open (acceptor side). A genuine dialer opens one stream at a time, and the next
+# one only after it saw the last one end; this node may not have noticed that end yet (a restart racing the
+# connection reset, a half-open connection until the keepalive gives up), so two in flight at once is normal,
+# more is not. Each stream holds one of the server's worker threads while it lasts.
+MAX_STREAMS_PER_PEER = 2
+# A new stream that replaces one this node still holds as up bumps the link's generation, which makes the role
+# agree with the peer again where to resume (the node re-runs its role at most 10 times). A genuine peer does
+# that after a restart or a dead connection; a peer that keeps doing it churns the run.
+MAX_LIVE_REPLACEMENTS = 8
+
+
 def receive_budget(flows: Iterable[Flow], peer: str, me: str) -> int:
     """Bytes a link from ``peer`` may hold that ``me``'s role has not read yet (see BUDGET_STEPS)."""
     per_step = sum(max(f.max_bytes, MESSAGE_CHARGE) for f in flows if f.src == peer and f.dst == me)
@@ -222,6 +234,8 @@ class PeerLink:
         self._held_count = 0
         self._read_step: int | None = None  # the highest training step the role took from this link
         self._callbacks: list[Callable[[int], None]] = []
+        self._open_streams = 0  # acceptor side: Exchange calls of this peer being served (under _cv)
+        self._replacements = 0  # streams that replaced one still up (under _cv)
         self.peer_summary: str = ""  # the verifier's one-line summary of the peer, set at attestation
         # Acceptor side: why the last Hello claiming to be this peer was refused (for the timeout message;
         # a refusal does not fail the link, or anyone could cut us off with one bad Hello).
@@ -449,13 +463,55 @@ class PeerLink:
     # Stream life cycle (called by the Transport / server threads)
     # ------------------------------------------------------------------------------------------------
 
+    def open_stream(self) -> None:
+        """Acceptor side: count one more Exchange call of this peer in flight (``stream_closed``: it ended).
+
+        A call beyond ``MAX_STREAMS_PER_PEER`` raises :class:`StreamLimitExceeded` and fails the link closed;
+        on a link that failed already, every call raises :class:`TransportError` at once (no thread waits)."""
+        with self._cv:
+            if self._failure is not None:
+                raise TransportError(f"{self.me} refused {self.peer_id}: {self._failure}")
+            if self._open_streams >= MAX_STREAMS_PER_PEER:
+                limit = MAX_STREAMS_PER_PEER
+                self._failure = StreamLimitExceeded(
+                    f"{self.peer_id} opened more than {limit} Exchange streams to {self.me} at once (limit "
+                    f"{limit} per peer: a node dials one stream at a time, and its last one may still be "
+                    "closing): refusing", peer=self.peer_id)
+                self._cv.notify_all()
+                log.error("%s", self._failure)
+                raise self._failure
+            self._open_streams += 1
+
+    def stream_closed(self) -> None:
+        """Acceptor side: an Exchange call counted by ``open_stream`` has ended."""
+        with self._cv:
+            self._open_streams = max(0, self._open_streams - 1)
+
+    @property
+    def failure(self) -> Exception | None:
+        """Why the link failed closed (a refusal, a policy violation), or None."""
+        return self._failure
+
     def attach(self, stream: Stream) -> int:
-        """Make ``stream`` the link's stream; returns the new generation."""
+        """Make ``stream`` the link's stream; returns the new generation. A stream that replaces one still up
+        is counted: beyond ``MAX_LIVE_REPLACEMENTS`` the link fails (:class:`StreamLimitExceeded`)."""
         with self._cv:
             if self._closed:
                 stream.outbox.close()
                 stream.cancel()
                 raise TransportError(f"link to {self.peer_id} is closed")
+            if self._stream is not None:
+                if self._replacements >= MAX_LIVE_REPLACEMENTS:
+                    self._failure = StreamLimitExceeded(
+                        f"{self.peer_id} replaced its Exchange stream to {self.me} while it was up "
+                        f"{self._replacements + 1} times (limit {MAX_LIVE_REPLACEMENTS} per link: a node "
+                        "opens a new stream once its last one ended): refusing", peer=self.peer_id)
+                    self._cv.notify_all()
+                    log.error("%s", self._failure)
+                    stream.outbox.close()
+                    stream.cancel()
+                    raise self._failure
+                self._replacements += 1
             old = self._stream
             self._stream = stream
             self._generation += 1
@@ -630,10 +686,11 @@ class PeerLink:
                 kind, h.flow, h.step, h.chunks, h.total_bytes, bytearray(h.total_bytes), meta=meta)
             stream.assemblies[key] = asm
         else:
-            asm = stream.assemblies.get(key)
-            if (asm is None or h.chunk != asm.next_chunk or h.chunks != asm.chunks
-                    or h.total_bytes != asm.total):
+            open_asm = stream.assemblies.get(key)
+            if (open_asm is None or h.chunk != open_asm.next_chunk or h.chunks != open_asm.chunks
+                    or h.total_bytes != open_asm.total):
                 raise FrameError(f"flow {h.flow!r} step {h.step}: chunk {h.chunk}/{h.chunks} out of sequence")
+            asm = open_asm
             asm.next_chunk += 1
         if h.offset != asm.written or asm.written + len(payload) > asm.total:
             raise FrameError(f"flow {h.flow!r} step {h.step}: chunk {h.chunk} at a wrong offset or too long")

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from cryptography import x509
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from .bootstrap import BootstrapServer, HelloPolicy, HelloService, RefusalNote
 from .errors import TransportError
 from .identity import LocalIdentityLike, PeerVerifierLike
+from .link import MAX_STREAMS_PER_PEER
 
 log = logging.getLogger("fldsl.transport.server")
 
@@ -134,6 +135,10 @@ class NodeServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
+            # HTTP/2 streams one connection may hold open here; a dialer needs one. Above the per-peer limit
+            # (link.MAX_STREAMS_PER_PEER), so that a peer breaching it is seen and refused, and low, so that
+            # what one connection can make this node hold before that is small.
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_PEER + 2),
         ]
         self._secure = grpc.server(
             futures.ThreadPoolExecutor(max_workers=stream_workers, thread_name_prefix=f"peer-{node_id}"),
@@ -185,6 +190,12 @@ class NodeServer:
         if node is None:
             log.warning("%s: Exchange from %s with an unverified certificate refused",
                         self.node_id, context.peer())
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{self.node_id}: the client certificate was not verified at Hello")
+            abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                  f"{self.node_id}: the client certificate was not verified at Hello")
         return self._on_stream(node, request_iterator, context)
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, which always raises (grpc's type stubs do not say so)."""
+    context.abort(code, details)
+    raise AssertionError("grpc.ServicerContext.abort returned")  # pragma: no cover

@@ -42,11 +42,11 @@ from . import fldsl_pb2 as pb
 from . import fldsl_pb2_grpc as pb_grpc
 from .addresses import Addresses, NodeAddress
 from .bootstrap import MAX_MESSAGE_BYTES as BOOTSTRAP_MESSAGE_BYTES
-from .errors import PeerUnreachable, RemoteRefused, TransportError
+from .errors import PeerUnreachable, RemoteRefused, StreamLimitExceeded, TransportError
 from .guard import FlowGuard
 from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
 from .link import FlowStats, Outbox, PeerLink, StatsBook, Stream
-from .server import EXCHANGE_METHOD, NodeServer
+from .server import EXCHANGE_METHOD, NodeServer, abort
 
 log = logging.getLogger("fldsl.transport")
 
@@ -234,14 +234,25 @@ class Transport:
     ) -> Iterator[bytes]:
         link = self._links.get(node)
         if link is None or link.dial or self._closing.is_set():
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{self.node_id} takes no stream from {node}")
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, f"{self.node_id} takes no stream from {node}")
+        # At most MAX_STREAMS_PER_PEER calls of one peer at once; more fails the link closed (link.py).
+        try:
+            link.open_stream()
+        except StreamLimitExceeded as e:
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"refused by {self.node_id}: {e}")
+        except TransportError as e:  # the link failed earlier: refused at once
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
+        if not context.add_callback(link.stream_closed):
+            link.stream_closed()  # the call ended already
         stream = Stream(outbox=Outbox(self._send_buffer), cancel=context.cancel)
         stream.ready.set()
         stream.outbox.put(codec.control_frame(pb.Control.READY, 0))
         try:
             link.attach(stream)
+        except StreamLimitExceeded as e:
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"refused by {self.node_id}: {e}")
         except TransportError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
 
         def read() -> None:
             reason = f"{node} ended the stream"

@@ -1,7 +1,8 @@
 """Red-team findings 4-6 against real node processes: a peer flooding a node with messages nobody reads, a
 decompression bomb as the alignment bundle, a malformed resume answer, a checkpoint planted from another
-pipeline, and a deleted newest checkpoint. Each is refused by name; memory stays bounded; nothing is deleted
-on a peer's word. The misbehaving peers are real, attested node processes (``rogue_node.py``)."""
+pipeline, a deleted newest checkpoint, and (issue #11) a peer opening thousands of streams at once. Each is
+refused by name; memory stays bounded; nothing is deleted on a peer's word. The misbehaving peers are real,
+attested node processes (``rogue_node.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from conftest import describe, launch
 from fldsl.runtime import launcher
 from fldsl.runtime.launcher import RunResult, run_pipeline
 from fldsl.runtime.roles.common import artifacts_digest
-from fldsl.runtime.transport.link import _mib, receive_budget
+from fldsl.runtime.transport.link import MAX_STREAMS_PER_PEER, _mib, receive_budget
 
 from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
 from fldsl.measurement import code_digest
@@ -213,3 +214,28 @@ def test_a_node_whose_checkpoints_were_wiped_is_refused_by_its_peer(finished: Pa
     err = res.nodes[SHOP].error or ""
     assert f"media.trainer holds checkpoints up to no checkpoint, but shop.trainer saw it land step {step}" \
         in err, _errors(res)
+
+
+
+def test_a_peer_opening_thousands_of_streams_is_refused_with_the_limit_named(
+        tmp_path: Path, trust_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 Exchange calls at once from an attested peer: each used to replace the link's stream (the
+    generation went past 1,900 and the run ended as "internal error" or a confused close). Now the calls past
+    the per-peer limit are refused and the honest node stops, naming the limit and the peer."""
+    _as(monkeypatch, {MEDIA: "streams"})
+    peak = _PeakMemory(SHOP)
+    t0 = time.monotonic()
+    res = launch(lambda: _vertical(tmp_path), tmp_path / "run", trust_dir, display=peak)
+    assert res.nodes[SHOP].exit_code == 3, describe(res)
+    err = res.nodes[SHOP].error or ""
+    limit = MAX_STREAMS_PER_PEER
+    assert err.startswith(f"policy violation: {MEDIA} opened more than {limit} Exchange streams to {SHOP} at "
+                          f"once (limit {limit} per peer"), err
+    assert err.endswith("refusing"), err
+    assert "internal error" not in err
+    log = (res.run_dir / "logs" / f"{SHOP}.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    generations = [int(g) for g in re.findall(r"<-> media\.trainer up \(generation (\d+)\)", log)]
+    assert generations and max(generations) <= 1 + MAX_STREAMS_PER_PEER, generations
+    assert 0 < peak.peak_kb < PEAK_LIMIT_KB, peak.peak_kb
+    assert time.monotonic() - t0 < 120  # refused at once, not after the connect or receive timeouts
