@@ -6,10 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, parse_sets
 from fldsl.runtime.enclave_runner import ENCLAVES
@@ -35,17 +39,18 @@ def _build_dir(target: Path, params: dict[str, str]) -> Path:
 
 
 class RichDisplay:
-    """One progress bar per node (step/total, loss, examples/s) while the run lasts."""
+    """One progress bar per node (step/total, loss, examples/s) while the run lasts, under a SIMULATED line
+    from the moment a node reports that it attested with a simulated quote (the quote its peers accept; the
+    final summary says the same: ``print_summary``)."""
 
     def __init__(self, console: Any) -> None:
         self.console = console
-        self.progress = None
+        self.progress: _BannerProgress | None = None
         self.tasks: dict[str, Any] = {}
+        self.simulated: set[str] = set()  # nodes that reported a simulated quote
 
     def begin(self, launcher: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
+        self.progress = _BannerProgress(
             TextColumn("[bold]{task.fields[node]:<18}"), TextColumn("{task.fields[phase]:<8}"),
             BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
             console=self.console, transient=False)
@@ -56,6 +61,9 @@ class RichDisplay:
     def update(self, st: Any) -> None:
         if self.progress is None:
             return
+        if (st.attestation or {}).get("simulated") and st.id not in self.simulated:
+            self.simulated.add(st.id)
+            self.progress.banner = sim_banner(self.simulated)
         info = []
         if st.loss is not None:
             info.append(f"loss {st.loss:.4f}")
@@ -74,7 +82,23 @@ class RichDisplay:
             self.progress.stop()
 
 
-def _fmt_bytes(n: int) -> str:
+class _BannerProgress(Progress):
+    """rich's Progress with an optional line above the bars."""
+
+    banner: str | None = None
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        if self.banner:
+            yield Text(self.banner, style="bold yellow")
+        yield from super().get_renderables()
+
+
+def sim_banner(nodes: Iterable[str]) -> str:
+    """The live display's line while simulated attestation is in use."""
+    return f"SIMULATED attestation ({', '.join(sorted(nodes))}): {SIM_CLAIM}"
+
+
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -116,6 +116,8 @@ def test_ctrl_c_stops_every_node_and_exits_130(tmp_path: Path) -> None:
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "Traceback" not in out + err
     assert "interrupted" in out
+    # The live display said SIMULATED (its last frame stays on screen), not only the final summary.
+    assert "SIMULATED attestation (media.trainer, shop.trainer): " in out, out[-3000:]
     # Every node stopped at a step boundary and kept its last checkpoint.
     for node in ("media.trainer", "shop.trainer"):
         assert list((run_dir / "checkpoints" / node).glob("ckpt-*.sealed"))
