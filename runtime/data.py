@@ -69,14 +69,33 @@ def _key(v: object) -> str:
     return v if isinstance(v, str) else str(v)
 
 
+@dataclass(frozen=True)
+class LabelRule:
+    """The label values a loss accepts: the classes ``0 .. classes - 1``; ``task`` says why, for messages
+    (e.g. "binary task: loss sigmoid_cross_entropy"). Checked when the label owner reads its data, so a bad
+    label is reported by row before alignment and training, not by TensorFlow in the middle of a step."""
+
+    classes: int
+    task: str
+
+    def expected(self) -> str:
+        return "0 or 1" if self.classes == 2 else f"a whole number in [0, {self.classes})"
+
+
+# Out-of-range labels named one by one in a message; the rest are counted.
+MAX_LABELS_LISTED = 20
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------------------
 
 
 def read_csv(path: Path | str, *, id_column: str | None, label_column: str | None,
-             feature_columns: Sequence[str], label_dtype: str = "int64") -> Table:
-    """Read a CSV with a header; see the module docstring for the error contract."""
+             feature_columns: Sequence[str], label_dtype: str = "int64",
+             label_rule: LabelRule | None = None) -> Table:
+    """Read a CSV with a header; see the module docstring for the error contract. With ``label_rule``,
+    every label outside its classes is reported at once, as ``file:line:column``."""
     path = Path(path)
     name = str(path)
     try:
@@ -141,6 +160,8 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
     fields["features"] = values[:, : len(feature_columns)].astype(np.float32)
     if label_column:
         y = values[:, -1]
+        if label_rule is not None:
+            _check_labels(y, raw, label_rule, label_column, col[label_column] + 1, name, line_no)
         if label_dtype in ("int32", "int64", "bool"):
             bad = np.flatnonzero(y != np.round(y))
             if bad.size:
@@ -151,6 +172,34 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
         else:
             fields["label"] = y.astype(np.float32 if label_dtype == "float32" else np.float64)
     return Table(ids=ids, fields=fields)
+
+
+def _check_labels(y: np.ndarray, cells: Sequence[str], rule: LabelRule, column: str, column_no: int,
+                  file: str, line_no: list[int]) -> None:
+    """DataError listing every row whose label is not one of ``rule``'s classes (up to MAX_LABELS_LISTED
+    by ``file:line:column``, then how many more)."""
+    bad = _bad_labels(y, rule)
+    if bad.size:
+        where = [f"{file}:{line_no[i]}:{column_no} ({_cell(cells[i])})" for i in bad[:MAX_LABELS_LISTED]]
+        raise DataError(f"label column `{column}` (column {column_no}) {_label_problem(rule, bad, where)}",
+                        file)
+
+
+def _bad_labels(y: np.ndarray, rule: LabelRule) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    return np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (y < 0) | (y >= rule.classes))
+
+
+def _label_problem(rule: LabelRule, bad: np.ndarray, where: list[str]) -> str:
+    more = f" and {bad.size - len(where):,} more" if bad.size > len(where) else ""
+    rows = "1 row is not" if bad.size == 1 else f"{bad.size:,} rows are not"
+    return f"must hold {rule.expected()} ({rule.task}); {rows}: {', '.join(where)}{more}"
+
+
+def _cell(text: str, limit: int = 24) -> str:
+    """A cell as a message quotes it: stripped, printable, capped."""
+    v = "".join(c if c.isprintable() else "?" for c in text.strip())
+    return repr(v if len(v) <= limit else v[:limit] + "…")
 
 
 def _numbers(cells: list[tuple[str, ...]], names: list[str], file: str, line_no: list[int]) -> np.ndarray:
@@ -210,8 +259,11 @@ def relocate_csv(specs: Sequence[DataSpec], root: str) -> list[DataSpec]:
     return out
 
 
-def load_dataset(spec: DataSpec, base_dir: Path | str | None = None) -> Table:
-    """Read or generate ``spec`` and return the fields it declares (all available ones if none declared)."""
+def load_dataset(spec: DataSpec, base_dir: Path | str | None = None,
+                 label_rule: LabelRule | None = None) -> Table:
+    """Read or generate ``spec`` and return the fields it declares (all available ones if none declared).
+    ``label_rule``: the classes the loss accepts (for the data set holding the loss's label); every label
+    outside them is a DataError naming each row (a csv's by ``file:line:column``, a generator's by number)."""
     from fldsl.runtime import datagen
 
     fields = spec.fields
@@ -221,13 +273,24 @@ def load_dataset(spec: DataSpec, base_dir: Path | str | None = None) -> Table:
         path = Path(spec.path)
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
+        if spec.columns is not None:  # a declared schema: every problem with the file, before any row is used
+            from fldsl.runtime.csvschema import check_csv_schema
+
+            check_csv_schema(spec, path)
         label_dtype = fields["label"].dtype if "label" in fields else "int64"
         table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
-                         feature_columns=spec.feature_columns, label_dtype=label_dtype)
+                         feature_columns=spec.feature_columns, label_dtype=label_dtype, label_rule=label_rule)
     elif spec.reader in ("criteo", "wide_n_deep"):
         table = datagen.generate(spec.reader, spec.params, where=f"data set `{spec.name}`")
     else:  # pragma: no cover - pydantic restricts the literal
         raise DataError(f"data set `{spec.name}`: unknown reader `{spec.reader}`")
+    if label_rule is not None and spec.reader != "csv" and "label" in table.fields:
+        bad = _bad_labels(table.fields["label"], label_rule)
+        if bad.size:
+            y = table.fields["label"].reshape(-1)
+            where = [f"row {i + 1} ({y[i].item()!r})" for i in bad[:MAX_LABELS_LISTED].tolist()]
+            raise DataError(f"data set `{spec.name}` ({spec.reader}): the label "
+                            f"{_label_problem(label_rule, bad, where)}")
     if fields:
         missing = [f for f in fields if f not in table.fields]
         if missing:

@@ -381,7 +381,7 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, KeyServiceError):  # unavailable, or the key could not be installed (KeyRefused: above)
         return EXIT_FAILED, str(exc)
     if isinstance(exc, ArtifactError | RoleError | DataError | TransportError):
-        return EXIT_FAILED, str(exc)
+        return (2 if isinstance(exc, DataError) else EXIT_FAILED), str(exc)  # 2: input error (bad data)
     if isinstance(exc, PermissionError) and _in_gramine():
         # Gramine refuses a file that is neither trusted nor allowed, or a trusted one whose content no
         # longer matches the hash signed into the manifest.

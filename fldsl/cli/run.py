@@ -12,10 +12,11 @@ from typing import Any
 
 import click
 from rich.console import RenderableType
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, parse_sets
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_TRUST, parse_sets
 from fldsl.runtime.enclave_runner import ENCLAVES
 
 
@@ -73,7 +74,7 @@ class RichDisplay:
         if st.examples_per_s:
             info.append(f"{st.examples_per_s:,.0f} ex/s")
         if st.error:
-            info = [f"[red]{st.error[:60]}"]
+            info = [f"[red]{escape(st.error[:60])}"]
         self.progress.update(self.tasks[st.id], completed=st.step, total=st.total, phase=st.phase,
                              info="  ".join(info) or st.role)
 
@@ -96,6 +97,31 @@ class _BannerProgress(Progress):
 def sim_banner(nodes: Iterable[str]) -> str:
     """The live display's line while simulated attestation is in use."""
     return f"SIMULATED attestation ({', '.join(sorted(nodes))}): {SIM_CLAIM}"
+
+
+def root_failure(result: Any) -> Any:
+    """The failed node whose message the summary shows: one refused on trust, else one whose input was bad
+    (exit 2), else the first to fail. Its peers often fail a moment later ("closed the link"), and the
+    launcher may see one of them exit first."""
+    first = getattr(result, "first_failure", None)
+    if first is None:
+        return None
+    for code in (EXIT_TRUST, EXIT_INPUT):
+        if first.exit_code == code:
+            return first
+        for _, st in sorted(result.nodes.items()):
+            if st.exit_code == code and st.error:
+                return st
+    return first
+
+
+def run_exit_code(result: Any) -> int:
+    """``fldsl run``'s exit code: the launcher's (0, 1, 3, 130), except that a failed run whose cause is a
+    node's bad input (its data; node exit 2) exits 2, as the README's table says."""
+    codes = [st.exit_code for st in result.nodes.values()]
+    if result.exit_code == EXIT_RUN_FAILED and EXIT_INPUT in codes:
+        return EXIT_INPUT
+    return int(result.exit_code)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -163,11 +189,11 @@ def print_summary(console: Any, result: Any) -> None:
     if result.interrupted:
         console.print("interrupted: every node stopped at a step boundary; run again with "
                       f"`--run-dir {result.run_dir}` to resume from the last common checkpoint")
-    failed = getattr(result, "first_failure", None)
+    failed = root_failure(result)
     if failed is not None:
         from fldsl.runtime.launcher import tail
 
-        console.print(f"[red]node {failed.id} failed: {failed.error}")
+        console.print(f"[red]node {failed.id} failed: {escape(failed.error or '')}")
         for line in tail(failed.log_path):
             console.print(f"  [dim]{failed.id}[/dim] | {line}", markup=True, highlight=False)
 
@@ -232,6 +258,7 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ENV)
+    result.exit_code = run_exit_code(result)
     if as_json:
         click.echo(json.dumps(result.to_json(), sort_keys=True, indent=2))
     else:

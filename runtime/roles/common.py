@@ -24,6 +24,7 @@ from fldsl.runtime.checkpoint import (
     RollbackDetected,
     agree_resume_step,
 )
+from fldsl.runtime.data import LabelRule, load_dataset
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.transport.errors import FlowRefused, TransportError
 
@@ -753,9 +754,28 @@ def blob_channel(ctx: RoleContext, peer: str, kind: str, base: int = PSI_BASE
 
 
 def load_tables(plan: Plan) -> dict[str, Any]:
-    from fldsl.runtime.data import load_dataset
+    """This node's data sets. Those whose labels the loss reads (its label's data set, and a separate test
+    set) are checked against the loss's classes, before any alignment or training."""
+    rule = label_rule(plan)
+    labelled = {plan.loss.label.partition(".")[0]} if plan.loss is not None else set()
+    if plan.train.validation.test_data:
+        labelled.add(plan.train.validation.test_data)
+    return {ds.name: load_dataset(ds, label_rule=rule if ds.name in labelled else None) for ds in plan.data}
 
-    return {ds.name: load_dataset(ds) for ds in plan.data}
+
+def label_rule(plan: Plan) -> LabelRule | None:
+    """The label values the plan's loss accepts: 0/1 for sigmoid cross entropy, the classes ``[0, K)`` for
+    softmax cross entropy over logits of width K; None for a regression (mse) or no loss."""
+    loss = plan.loss
+    if loss is None or loss.op not in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
+        return None
+    if loss.op == "sigmoid_cross_entropy":
+        return LabelRule(2, f"a binary task: loss {loss.op}")
+    width = next((op.spec.shape[-1] for op in plan.model if op.output == loss.logits and op.spec.shape), None)
+    if width is None:  # not in this plan's model (the compiler always puts it there): nothing to check
+        return None
+    what = "a binary task" if width == 2 else f"{width} classes"
+    return LabelRule(width, f"{what}: loss {loss.op} over logits `{loss.logits}` of width {width}")
 
 
 def send_chunked(ctx: RoleContext, peer: str, flow: Flow, base: int, data: bytes) -> None:

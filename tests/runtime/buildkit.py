@@ -109,6 +109,20 @@ def recompile_policy(build: Path, node: str, edit: Any) -> None:
         (nd / "pins.json").write_text(dump_json(pins))
 
 
+def recompile_plan(build: Path, node: str, edit: Any) -> None:
+    """Change one node's plan consistently, as a compile would: new manifest, new pins everywhere."""
+    d = node_dir(build, node)
+    plan = Plan.model_validate_json((d / "plan.json").read_bytes())
+    edit(plan)
+    (d / "plan.json").write_text(dump_json(plan))
+    rehash_manifest(build, node)
+    toml = next(d.glob("*.manifest.toml")).read_bytes()
+    pins = Pins.model_validate_json((d / "pins.json").read_bytes())
+    pins.nodes[node].mr_enclave = [sim_mr_enclave(toml, code_digest.__wrapped__())]
+    for nd in (build / "nodes").iterdir():
+        (nd / "pins.json").write_text(dump_json(pins))
+
+
 def rehash_manifest(build: Path, node: str) -> None:
     """Re-render a node's manifest after its plan/policy changed (what an attacker on the host would do so
     the node starts); pins are NOT updated, so peers must refuse the new measurement."""
@@ -187,6 +201,44 @@ def vertical_build(root: Path, *, rows: int = 600, features: int = 8, epochs: in
                       alignment=align, model=shop_ops, loss=loss, train=train, tasks=[],
                       export=f"{active}/model"))
     return write_build(root, plans, flows)
+
+
+def vertical_csv_build(root: Path, labels: dict[int, str], *, loss: str = "softmax_cross_entropy",
+                       classes: int = 2, rows: int = 60, features: int = 8) -> Path:
+    """``vertical_build`` with the label owner (shop) reading a csv file: the generator's leader rows (ids,
+    slot values as float features ``f0``...) and its 0/1 labels in column ``y``, except row i's label cell
+    is ``labels[i]``. Shop's model: mlp(features) joined with media's activations, logits of width
+    ``classes`` (1 for sigmoid_cross_entropy)."""
+    from fldsl.runtime.datagen import wide_n_deep
+
+    table = wide_n_deep(rows, 7, "leader", features)
+    cols = [f"f{i}" for i in range(features)]
+    lines = [",".join(["example_id", "y", *cols])]
+    for i, (rid, y, x) in enumerate(zip(table.ids.tolist(), table.fields["label"].tolist(),
+                                         table.fields["sparse"].tolist(), strict=True)):
+        lines.append(",".join([str(rid), labels.get(i, str(y)), *(str(v) for v in x)]))
+    csv_path = root / "data" / "conversions.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path.write_text("\n".join(lines) + "\n")
+    build = vertical_build(root, rows=rows, features=features, epochs=1, batch=16)
+    width = 1 if loss == "sigmoid_cross_entropy" else classes
+
+    def edit(plan: Plan) -> None:
+        plan.data = [DataSpec(name="conversions", reader="csv", path=str(csv_path), id_column="example_id",
+                              label_column="y", feature_columns=cols,
+                              fields={"features": spec([None, features]), "label": spec([None], I64)})]
+        plan.model = [
+            OpCall(output="s_bottom", op="mlp", inputs=["conversions.features"],
+                   params={"units": [16], "activation": "relu"}, spec=spec([None, 16]), party="shop"),
+            OpCall(output="joined", op="concat", inputs=["s_bottom", "act1"], params={},
+                   spec=spec([None, 32]), party="shop"),
+            OpCall(output="logits", op="dense", inputs=["joined"], params={"units": [16, width],
+                   "activation": "relu"}, spec=spec([None, width]), party="shop"),
+        ]
+        plan.loss = LossSpec(op=loss, logits="logits", label="conversions.label", party="shop")
+
+    recompile_plan(build, "shop.trainer", edit)
+    return build
 
 
 def _mlp_ops(ds: str, n_features: int, units: list[int], party: str) -> list[OpCall]:
