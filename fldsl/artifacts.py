@@ -85,18 +85,51 @@ class Flow(_Model):
     rule_span: str | None = None  # "file:line:col" of that rule
 
 
+ColumnType = Literal["numeric", "integer"]
+COLUMN_TYPES: tuple[ColumnType, ...] = ("numeric", "integer")
+
+
+class ColumnSpec(_Model):
+    """A column declared by a csv data set's schema block: ``numeric age`` / ``integer children``."""
+
+    name: str
+    type: ColumnType  # numeric: finite numbers; integer: whole numbers (both read as float32 features)
+
+
 class DataSpec(_Model):
     """A data set this node reads. Columns are resolved at compile time (patterns like ``x*`` expanded)."""
 
     name: str  # dataset name in the pipeline, e.g. "impressions"
     reader: Literal["csv", "criteo", "wide_n_deep"]
-    path: str | None = None  # csv: absolute path on the node's machine (may be overridden at run time)
+    # csv: without a schema block, the absolute path the compiler found; with one, the path as declared
+    # (after ``${param}`` substitution, relative to the node's working folder), identical on every machine.
+    # Either may be rebound on the node's machine at run time.
+    path: str | None = None
     params: dict[str, JSON] = Field(default_factory=dict)  # generators: rows, seed, part, parts, ...
     id_column: str | None = None
     label_column: str | None = None
     feature_columns: list[str] = Field(default_factory=list)  # csv: numeric features, in order
     # The fields a model can reference as ``<dataset>.<field>``, e.g. features / label / dense / sparse.
     fields: dict[str, TensorSpec] = Field(default_factory=dict)
+    # csv with a schema block: every declared column in declaration order, and `rows <= N`. The compiler
+    # never opens such a file; the node checks the file against both before it uses any row.
+    columns: list[ColumnSpec] | None = None
+    max_rows: int | None = None
+
+    @property
+    def has_schema(self) -> bool:
+        return self.columns is not None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_schema(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only for declared schemas, so plans (and measurements) of csv data sets whose header is
+        # read at compile time, and of generators, keep the bytes they had before schema blocks existed.
+        data = handler(self)
+        if self.columns is None:
+            data.pop("columns", None)
+        if self.max_rows is None:
+            data.pop("max_rows", None)
+        return data
 
 
 class OpCall(_Model):
