@@ -61,6 +61,12 @@ class PeerLimitExceeded(RoleError, FlowRefused):
     anything is allocated for it. A policy violation, like a message outside the flows (exit code 3)."""
 
 
+class PeerProtocolError(RoleError, FlowRefused):
+    """A peer's message passed its flow's policy (flow, dtype, size) but does not fit the protocol where the
+    role reads it (activations or gradients for another number of rows than the step's batch): refused
+    before it is used, like a message outside the flows (exit code 3)."""
+
+
 class ResumeRefused(RoleError, CheckpointError):
     """A resume agreement message that does not follow the protocol (a step this node does not hold, a
     null or malformed one): refused, and no checkpoint is touched."""

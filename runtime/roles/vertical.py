@@ -43,6 +43,7 @@ from fldsl.runtime.roles.common import (
     CheckpointWriter,
     Meter,
     PeerLimitExceeded,
+    PeerProtocolError,
     RoleContext,
     RoleError,
     announce_training,
@@ -71,6 +72,16 @@ def run(ctx: RoleContext) -> dict[str, Any]:
     configure_tf()
     role = _active if ctx.plan.role == "vertical.active" else _passive
     return with_checkpoint_writer(ctx, lambda writer: role(ctx, writer))
+
+
+def _rows_of(peer: str, flow: str, what: str, got: Any, rows: int) -> Any:
+    """``got``, a tensor the peer sent for ``rows`` rows. The flow's policy leaves the batch dimension free
+    (``None``), so a peer could send another number of rows: refused here, naming it, instead of failing
+    inside TensorFlow."""
+    if got.ndim == 0 or got.shape[0] != rows:
+        raise PeerProtocolError(f"{peer} sent {what} on flow {flow} as {got.dtype}{list(got.shape)}, but "
+                                f"that batch has {rows} rows: refusing", flow=flow, peer=peer)
+    return got
 
 
 def _single_table(ctx: RoleContext, tables: dict[str, Any]) -> tuple[str, Any]:
@@ -214,7 +225,8 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
         rows = train_rows[epoch_batch(len(train_rows), plan.train.seed, e, j, b)]
         acts = {}
         for p, f in recv_flows:
-            acts[f.tensor] = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t), p)
+            got = ctx.wait(lambda t, p=p, f=f, s=s: ctx.links[p].recv(f.id, s, t), p)
+            acts[f.tensor] = _rows_of(p, f.id, f"the activations of step {s}", got, len(rows))
         meter.start()
         value, grads = train_step(inputs_for(rows), acts, table.fields[label_field][rows])
         if is_checkpoint_step(plan, s + 1, spe):
@@ -255,7 +267,9 @@ def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
     logits = []
     for k, idx in enumerate(batches(np.arange(len(hold_rows)), b)):
         key = EVAL_BASE + epoch * EVAL_STRIDE + k
-        acts = {f.tensor: ctx.wait(lambda t, p=p, f=f, key=key: ctx.links[p].recv(f.id, key, t), p)
+        acts = {f.tensor: _rows_of(p, f.id, f"the holdout activations {k} of epoch {epoch + 1}",
+                                   ctx.wait(lambda t, p=p, f=f, key=key: ctx.links[p].recv(f.id, key, t), p),
+                                   len(idx))
                 for p, f in recv_flows}
         logits.append(predict(inputs_for(hold_rows[idx]), acts).numpy())
     return score_metrics(ctx.plan.loss.op, ctx.plan.train.metrics, np.concatenate(logits),
@@ -387,9 +401,11 @@ def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
         if ahead and s + 1 < total and not is_checkpoint_step(plan, s + 1, spe):
             send_step(s + 1)
         meter.stop(0)
-        grads = [ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t), active) for g in grad_flows]
-        meter.start()
         n, inputs = in_flight.pop(s)
+        grads = [_rows_of(active, g.id, f"the gradients of step {s}",
+                          ctx.wait(lambda t, g=g, s=s: link.recv(g.id, s, t), active), n)
+                 for g in grad_flows]
+        meter.start()
         backward(inputs, grads)
         meter.stop(n)
         now = time.monotonic()
