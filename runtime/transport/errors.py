@@ -20,6 +20,12 @@ class FlowRefused(TransportError):
         self.peer = peer
 
 
+class MalformedFrame(FrameError, FlowRefused):
+    """A peer sent bytes that are not a well-formed frame (undecodable, a chunk out of sequence, size fields
+    that do not add up): refused like a message outside the policy, failing the link closed, and named as
+    a refusal of that peer (exit code 3)."""
+
+
 class ReceiveBudgetExceeded(FlowRefused):
     """A peer sent more than the link's receive budget allows ahead of what this node's role has read (see
     ``link.receive_budget``): refused, failing the link closed, instead of buffering without limit."""

@@ -28,6 +28,7 @@ from . import fldsl_pb2 as pb
 from .errors import (
     FlowRefused,
     FrameError,
+    MalformedFrame,
     PeerUnreachable,
     ReceiveBudgetExceeded,
     RecvTimeout,
@@ -624,7 +625,8 @@ class PeerLink:
         except FlowRefused as e:
             self._refuse(stream, e.flow or "", str(e), e)
         except FrameError as e:
-            self._refuse(stream, "", f"malformed frame: {e}", e)
+            why = str(e) if str(e).startswith("malformed frame") else f"malformed frame: {e}"
+            self._refuse(stream, "", why, MalformedFrame(why, peer=self.peer_id))
 
     def _refuse(self, stream: Stream, flow: str, reason: str, exc: Exception) -> None:
         # Log the reason, never the payload.

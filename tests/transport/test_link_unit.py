@@ -78,6 +78,15 @@ def test_garbage_bytes_fail_closed() -> None:
         link.recv("act", 0, timeout=1)
 
 
+def test_a_malformed_frame_is_a_refusal_naming_the_peer() -> None:
+    """Like any policy violation (exit code 3 at the node), not an anonymous transport failure."""
+    link, stream = _link()
+    link.on_frame(stream, b"\xff\xff" + bytes(20))
+    with pytest.raises(FlowRefused, match=rf"^refused a message from {A}: malformed frame: unsupported wire"):
+        link.recv("act", 0, timeout=1)
+    assert _sent_errors(stream) == [f"refused by {B}: malformed frame: unsupported wire type 7 in frame"]
+
+
 def test_both_directions_and_concurrent_senders(pair) -> None:
     la, lb = pair.a.link(B, timeout=15), pair.b.link(A, timeout=15)
     n = 12
