@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad inpu
     from fldsl.artifacts import DataSpec, Plan
 
 EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_INPUT = 2
 # How long past the connect deadline the node waits for the transport's own verdict on a peer (its last
 # Hello attempt, up to 10 s, plus its longest back-off, 2 s).
 VERDICT_GRACE_S = 15.0
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sigstruct", type=Path, help="the node's SIGSTRUCT, <node>.sig (runner gramine)")
     p.add_argument("--allow-rollback", action="store_true",
                    help="resume from the newest step every node holds even where a rollback was detected")
+    p.add_argument("--listen", metavar="HOST", default="127.0.0.1",
+                   help="the address to listen on (default loopback; 0.0.0.0 or the host's address to be "
+                   "reachable from other hosts); the ports are this node's entry of addresses.json")
+    p.add_argument("--data", dest="data_bindings", action="append", default=[], metavar="NAME=PATH",
+                   help="read data set NAME (csv) from PATH on this machine instead of the path in the plan; "
+                   "repeatable (a party binds its own files where they live)")
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--recv-timeout", type=float, default=300.0)
     return p.parse_args(argv)
@@ -214,6 +221,36 @@ def _check_protected(spec: DataSpec) -> None:
         raise NodeError(f"data set `{spec.name}`: cannot read {path}: {e.strerror}") from None
 
 
+def bind_data(plan: Plan, bindings: list[str]) -> Plan:
+    """The plan with each ``NAME=PATH`` binding's csv path replaced. Where a data set lives is the party's
+    business, not a security property (the node checks the file against the plan's columns when it loads
+    it); which data sets exist, and their columns, are fixed by the measured plan."""
+    if not bindings:
+        return plan
+    by_name = {ds.name: ds for ds in plan.data}
+    paths: dict[str, str] = {}
+    for item in bindings:
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise NodeError(f"--data expects NAME=PATH, got `{item}`", EXIT_INPUT)
+        spec = by_name.get(name)
+        if spec is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise NodeError(f"--data {name}: {plan.node} reads no data set `{name}` (its data sets: {known})",
+                            EXIT_INPUT)
+        if spec.reader != "csv":
+            raise NodeError(f"--data {name}: data set `{name}` is generated ({spec.reader}), not read from a "
+                            "file", EXIT_INPUT)
+        if name in paths:
+            raise NodeError(f"--data {name} given twice", EXIT_INPUT)
+        if not Path(path).is_file():
+            raise NodeError(f"--data {name}: {path}: no such file", EXIT_INPUT)
+        paths[name] = str(Path(path).resolve())
+    data = [ds.model_copy(update={"path": paths[ds.name]}) if ds.name in paths else ds for ds in plan.data]
+    return plan.model_copy(update={"data": data})
+
+
 def provision_data(args: argparse.Namespace, plan: Plan, identity: LocalIdentity, addresses: Addresses,
                    progress: Progress) -> Plan:
     """The plan to run: as it is, or, under Gramine with csv data, the plan reading its csv files from the
@@ -273,6 +310,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
 
     progress.emit("phase", name="attest")
     manifest = check_artifacts(ndir, args)
+    plan = bind_data(plan, args.data_bindings)  # after the check: the measured plan is the file on disk
     me = pins.nodes.get(args.node)
     if me is None:
         raise NodeError(f"pins.json has no identity for {args.node}; recompile the pipeline", EXIT_TRUST)
@@ -290,7 +328,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
 
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
                           verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
-                          renew_identity=renew)
+                          renew_identity=renew, listen_host=args.listen)
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import RenderableType
@@ -217,12 +216,20 @@ def print_summary(console: Any, result: Any) -> None:
               "-o DIR/), mounted at /fldsl/data. Repeatable.")
 @click.option("--key-service", "key_service_items", multiple=True, metavar="NODE_ID=HOST:PORT",
               help="--enclave: the node's data owner's key service (fldsl keys serve). Repeatable.")
+@click.option("--listen", metavar="HOST", default=None,
+              help="--node: the address the node listens on (default 127.0.0.1; 0.0.0.0 or this host's "
+              "address so that other hosts reach it at its entry of --addresses)")
+@click.option("--data", "data_items", multiple=True, metavar="NAME=PATH",
+              help="--node: read the node's csv data set NAME from PATH on this machine. Repeatable.")
+@click.option("--connect-timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="--node: how long to wait for the peers (default 120 s; other parties may start later)")
 @click.option("--allow-rollback", is_flag=True,
               help="resume even where a node's newest checkpoint is gone (rollback detected); not with "
               "--enclave")
 def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None, run_dir: Path | None,
             trust_dir: Path, addresses: Path | None, enclave: str, data_dir_items: tuple[str, ...],
-            key_service_items: tuple[str, ...], allow_rollback: bool) -> None:
+            key_service_items: tuple[str, ...], listen: str | None, data_items: tuple[str, ...],
+            connect_timeout: float | None, allow_rollback: bool) -> None:
     """Run a pipeline: every node as a local process over attested gRPC, with live progress."""
     from rich.console import Console
 
@@ -232,6 +239,11 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     key_services = _key_services(key_service_items)
     if only is not None and (data_dirs or key_services):
         raise click.UsageError("--node runs one node from --addresses: put its key_service in that file")
+    node_flags = [*(["--listen", listen] if listen else []), *(f"--data={item}" for item in data_items),
+                  *(["--connect-timeout", str(connect_timeout)] if connect_timeout else [])]
+    if only is None and node_flags:
+        raise click.UsageError("--listen, --data and --connect-timeout go with --node (one party's node); a "
+                               "local run of every node listens on loopback and reads the plans' paths")
     if allow_rollback and enclave != "none":
         # The signed manifest fixes an enclave's command line; a host-chosen switch cannot reach it.
         raise click.UsageError("--allow-rollback cannot reach nodes inside an enclave (their command line is "
@@ -239,7 +251,9 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
     build = _build_dir(target, parse_sets(sets))
     try:
         if only is not None:  # one party's node: its own trust folder only (fldsl trust init --party)
-            sys.exit(_run_one(build, only, run_dir, trust_dir, addresses))
+            if allow_rollback:
+                node_flags.append("--allow-rollback")
+            _run_one(build, only, run_dir, trust_dir, addresses, node_flags)
         console = Console(stderr=as_json)
         if not console.is_terminal and "COLUMNS" not in os.environ:
             # Logs and CI capture output: Rich's 80-column default would wrap the summary table unreadably.
@@ -294,7 +308,8 @@ def _key_services(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addresses: Path | None) -> int:
+def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addresses: Path | None,
+             node_flags: list[str]) -> NoReturn:
     from fldsl.runtime import launcher as L
 
     if only not in L.node_ids(build):
@@ -306,5 +321,10 @@ def _run_one(build: Path, only: str, run_dir: Path | None, trust_dir: Path, addr
         raise L.LaunchError(f"{addresses}: missing; write one ({{node: {{host, port, bootstrap_port}}}}) "
                             "or pass --addresses")
     # Its own isolated interpreter (python -I), like every node the launcher starts: this CLI's environment
-    # (PYTHONPATH, user site) does not reach the node.
-    return subprocess.call(L.node_command(build, only, addresses, run_dir, trust_dir), env=L.node_env())
+    # (PYTHONPATH, user site) does not reach the node. The node replaces this process, so a container's or
+    # a supervisor's signals (SIGTERM, SIGKILL) reach the node itself, never an orphan left listening.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = L.node_command(build, only, addresses, run_dir, trust_dir, node_flags)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, L.node_env())
