@@ -75,9 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sigstruct", type=Path, help="the node's SIGSTRUCT, <node>.sig (runner gramine)")
     p.add_argument("--allow-rollback", action="store_true",
                    help="resume from the newest step every node holds even where a rollback was detected")
-    p.add_argument("--listen", metavar="HOST", default="127.0.0.1",
-                   help="the address to listen on (default loopback; 0.0.0.0 or the host's address to be "
-                   "reachable from other hosts); the ports are this node's entry of addresses.json")
+    p.add_argument("--listen", metavar="HOST", default=None,
+                   help="the address to listen on (default: `listen` of this node's entry in addresses.json, "
+                   "else 127.0.0.1; 0.0.0.0 or the host's address to be reachable from other hosts); the "
+                   "ports are this node's entry of addresses.json")
     p.add_argument("--data", dest="data_bindings", action="append", default=[], metavar="NAME=PATH",
                    help="read data set NAME (csv) from PATH on this machine instead of the path in the plan; "
                    "repeatable (a party binds its own files where they live)")
@@ -221,6 +222,16 @@ def _check_protected(spec: DataSpec) -> None:
         raise NodeError(f"data set `{spec.name}`: cannot read {path}: {e.strerror}") from None
 
 
+def _listen_host(args: argparse.Namespace, addresses: Addresses) -> str:
+    # The command line (fldsl run --node --listen), else the deployment's addresses file (which reaches a node
+    # whose command line is signed into its enclave), else loopback.
+    try:
+        entry = addresses[args.node].listen
+    except KeyError:
+        entry = None
+    return args.listen or entry or "127.0.0.1"
+
+
 def bind_data(plan: Plan, bindings: list[str]) -> Plan:
     """The plan with each ``NAME=PATH`` binding's csv path replaced. Where a data set lives is the party's
     business, not a security property (the node checks the file against the plan's columns when it loads
@@ -328,7 +339,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
 
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
                           verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
-                          renew_identity=renew, listen_host=args.listen)
+                          renew_identity=renew, listen_host=_listen_host(args, addresses))
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()

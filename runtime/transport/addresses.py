@@ -1,7 +1,8 @@
 """``addresses.json``: where each node listens, written by the launcher at run time.
 
 Addresses are not a security property (a peer is identified by attestation, not by where it answers),
-so they live outside the measured build artifacts: ``{node_id: {"host", "port", "bootstrap_port"}}``, plus,
+so they live outside the measured build artifacts: ``{node_id: {"host", "port", "bootstrap_port"}}`` (and
+optionally ``"listen"``: the address the node binds, e.g. ``0.0.0.0`` in a container), plus,
 for a node that reads encrypted data inside Gramine, ``"key_service": "HOST:PORT"`` (its data owner's
 ``fldsl keys serve``). The key service is not a security property either: the reply is encrypted to the
 enclave's attested key, and a wrong service can only give a wrong key, under which the data files fail
@@ -32,6 +33,9 @@ class NodeAddress(BaseModel):
     port: int = Field(ge=0, le=65535)  # secure (mutual TLS) port; 0 = pick a free one (tests)
     bootstrap_port: int = Field(ge=0, le=65535)  # Hello (certificate exchange) port
     key_service: str | None = None  # HOST:PORT of the data owner's key service (encrypted data only)
+    # Where the node itself binds, when not where peers reach it (a container: 0.0.0.0; behind NAT). Read
+    # only by that node; `--listen` overrides it. Default: loopback, so nothing is exposed unless asked.
+    listen: str | None = None
 
     @field_validator("key_service")
     @classmethod

@@ -53,3 +53,17 @@ def test_node_flags_without_node_are_a_usage_error(tmp_path: Path) -> None:
     for flag in (["--listen", "0.0.0.0"], ["--data", "a=b"], ["--connect-timeout", "5"]):
         res = CliRunner().invoke(main, ["run", str(build), *flag])
         assert res.exit_code == 2 and "go with --node" in res.output, res.output
+
+
+def test_the_listen_address_comes_from_the_flag_then_the_addresses_file_then_loopback() -> None:
+    import argparse
+
+    from fldsl.runtime.node import _listen_host
+    from fldsl.runtime.transport import Addresses
+
+    addresses = Addresses.model_validate({
+        "a.n": {"host": "a.example", "port": 7443, "bootstrap_port": 7444, "listen": "0.0.0.0"},
+        "b.n": {"host": "b.example", "port": 7443, "bootstrap_port": 7444}})
+    assert _listen_host(argparse.Namespace(node="a.n", listen=None), addresses) == "0.0.0.0"
+    assert _listen_host(argparse.Namespace(node="a.n", listen="10.0.0.5"), addresses) == "10.0.0.5"
+    assert _listen_host(argparse.Namespace(node="b.n", listen=None), addresses) == "127.0.0.1"
