@@ -119,10 +119,38 @@ class NodeDecl:
 
 
 @dataclass
+class RowsBound:
+    """``rows <= 50000`` in a schema block."""
+
+    value: Expr
+    span: Span
+
+
+@dataclass
+class ColumnDecl:
+    """``numeric age, "hours-per-week"``: a type (checked later, so a typo gets a suggestion) and its columns
+    (a quoted name's span covers its quotes)."""
+
+    type: Name
+    columns: list[Name]
+    span: Span
+
+
+@dataclass
+class SchemaBlock:
+    """``{ rows <= N  numeric a, b  integer c }`` after ``csv(...)``: a csv file described, not opened."""
+
+    rows: list[RowsBound]
+    columns: list[ColumnDecl]
+    span: Span
+
+
+@dataclass
 class DataDecl:
     name: Name
     reader: Call
     span: Span
+    schema: SchemaBlock | None = None
 
 
 @dataclass

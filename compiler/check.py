@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe
 from fldsl.stdlib import signatures as sig
 
 from fldsl.artifacts import (
+    COLUMN_TYPES,
+    ColumnSpec,
     DataSpec,
     LossSpec,
     OpCall,
@@ -101,6 +104,7 @@ class Checker:
         self.rules: list[Rule] = []
         self.missing_data_params: set[str] = set()
         self.poisoned: set[str] = set()  # tensors whose definition failed: uses are not reported again
+        self.schemas: dict[int, list[ColumnSpec] | None] = {}  # schema block (by identity) -> its columns
 
     # --- reporting -------------------------------------------------------------------------------------
     def error(self, span: ast.Span | None, message: str, hint: str | None = None) -> None:
@@ -408,7 +412,16 @@ class Checker:
         span = self.loc(dd.span)
         name = dd.name.value
         if rname == "csv":
+            if dd.schema is not None:
+                return self._csv_declared(dd, dd.schema, party, args, env, span)
             return self._csv(dd, party, args, env, span)
+        if dd.schema is not None:
+            self.error(
+                dd.schema.span,
+                f"a schema block describes a csv file; `{rname}(...)` generates its own columns",
+                "remove the block",
+            )
+            return None
         for k in ("rows", "parts", "buckets"):
             if k in args and args[k] <= 0:
                 self.error(call.span, f"`{k}` of `{rname}(...)` must be positive, got {args[k]}")
@@ -497,10 +510,6 @@ class Checker:
                 )
                 return None
             features += [c for c in hits if c not in features]
-        fields: dict[str, TensorSpec] = {"features": TensorSpec(shape=[None, len(features)], dtype="float32")}
-        if label_col is not None:
-            dtype = "float32" if self.loss_name == "mse" else "int64"
-            fields["label"] = TensorSpec(shape=[None], dtype=dtype)  # type: ignore[arg-type]
         spec = DataSpec(
             name=dd.name.value,
             reader="csv",
@@ -508,9 +517,143 @@ class Checker:
             id_column=id_col,
             label_column=label_col,
             feature_columns=features,
-            fields=fields,
+            fields=self._csv_fields(len(features), label_col),
         )
         return IRDataset(party=party, spec=spec, rows=rows, span=span)
+
+    def _csv_declared(
+        self, dd: ast.DataDecl, block: ast.SchemaBlock, party: str, args: dict[str, Any], env: Env, span: str
+    ) -> IRDataset | None:
+        """A csv data set with a schema block: built from the declaration alone. The file is never opened
+        (each party compiles without the others' data) and its path stays as declared, so every party's
+        build is byte-identical; the node checks its file against the schema when it starts."""
+        call = dd.reader
+        id_col, label_col = args["id"], args["label"]
+        declared = self._schema_columns(dd, block, id_col, label_col)
+        bound = self._rows_bound(block, env)
+        if declared is None or bound is None:
+            return None
+        names = [c.name for c in declared]
+        features: list[str] = []
+        for pat in args["columns"]:
+            hits = [c for c in names if fnmatch.fnmatchcase(c, pat)]
+            if not hits:
+                self.error(
+                    _arg_span(call, "columns") or call.span,
+                    f"column pattern `{pat}` matches no column declared in the schema block of "
+                    f"`{dd.name.value}`",
+                    f"declared: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}",
+                )
+                return None
+            features += [c for c in hits if c not in features]
+        spec = DataSpec(
+            name=dd.name.value,
+            reader="csv",
+            path=args["path"],
+            id_column=id_col,
+            label_column=label_col,
+            feature_columns=features,
+            fields=self._csv_fields(len(features), label_col),
+            columns=declared,
+            max_rows=bound,
+        )
+        return IRDataset(party=party, spec=spec, rows=bound, span=span)
+
+    def _schema_columns(
+        self, dd: ast.DataDecl, block: ast.SchemaBlock, id_col: str | None, label_col: str | None
+    ) -> list[ColumnSpec] | None:
+        """The declared columns, in order, or None after reporting every problem in the block. A party
+        family shares one block: it is checked (and reported) once, not once per member."""
+        key = id(block)
+        if key in self.schemas:
+            return self.schemas[key]
+        out: list[ColumnSpec] = []
+        first: dict[str, ast.Span] = {}
+        ok = True
+        for cd in block.columns:
+            ctype = cd.type.value
+            if ctype == "category":
+                self.error(
+                    cd.type.span,
+                    "categorical columns are not supported yet (issue #12)",
+                    "leave these columns out of the block (a header may hold undeclared columns), "
+                    "or declare integer codes as `integer`",
+                )
+                ok = False
+                continue
+            if ctype not in COLUMN_TYPES:
+                self.unknown(cd.type.span, "column type", ctype, [*COLUMN_TYPES, "category"])
+                ok = False
+                continue
+            for col in cd.columns:
+                name = col.value
+                problem: tuple[str, str | None] | None = None
+                if not name.strip():
+                    problem = ("a column name cannot be empty", None)
+                elif name != name.strip():
+                    problem = (
+                        f"column name {json.dumps(name)} starts or ends with a space",
+                        "header cells are read without surrounding spaces: drop them from the name",
+                    )
+                elif name in first:
+                    prev = first[name]
+                    problem = (
+                        f"column `{name}` is declared twice",
+                        f"first declared at line {prev.line}, column {prev.column}; remove one",
+                    )
+                elif name == id_col:
+                    problem = (
+                        f"`{name}` is the id column (`id: {name}`); it cannot also be a feature column",
+                        "remove it from the block: ids align rows, they are never fed to the model",
+                    )
+                elif name == label_col:
+                    problem = (
+                        f"`{name}` is the label column (`label: {name}`); a label cannot be a feature column",
+                        "remove it from the block: the model would be given the answer it should predict",
+                    )
+                if problem is not None:
+                    self.error(col.span, problem[0], problem[1])
+                    ok = False
+                    continue
+                first[name] = col.span
+                out.append(ColumnSpec(name=name, type=ctype))  # type: ignore[arg-type]
+        if ok and not block.columns:
+            self.error(
+                block.span,
+                f"the schema block of `{dd.name.value}` declares no column",
+                "add a line such as `numeric x1, x2` (`fldsl data describe FILE` prints the block)",
+            )
+            ok = False
+        result = out if ok else None
+        self.schemas[key] = result
+        return result
+
+    def _rows_bound(self, block: ast.SchemaBlock, env: Env) -> int | None:
+        if not block.rows:
+            self.error(
+                block.span,
+                "the schema block needs `rows <= N`: the most rows the file may hold "
+                "(it sizes the messages that carry ids or rows)",
+                "add `rows <= N` (`fldsl data describe FILE` prints the block)",
+            )
+            return None
+        if len(block.rows) > 1:
+            self.error(block.rows[1].span, "`rows <=` is given twice in one schema block", "keep one bound")
+            return None
+        bound = evaluate(block.rows[0].value, "int", env, "the row bound", self.report)
+        if bound is BAD:
+            return None
+        if bound <= 0:
+            self.error(block.rows[0].value.span, f"the row bound must be positive, got {bound}")
+            return None
+        return int(bound)
+
+    def _csv_fields(self, width: int, label_col: str | None) -> dict[str, TensorSpec]:
+        fields: dict[str, TensorSpec] = {"features": TensorSpec(shape=[None, width], dtype="float32")}
+        if label_col is not None:
+            dtype = "float32" if self.loss_name == "mse" else "int64"
+            fields["label"] = TensorSpec(shape=[None], dtype=dtype)  # type: ignore[arg-type]
+        return fields
 
     # --- partition -------------------------------------------------------------------------------------
     def check_partition_kind(self) -> None:

@@ -8,7 +8,9 @@ must contain the fldsl package and, for ``attestation dcap``, Gramine) with:
 - its node folder at ``/fldsl/node`` (read-only) and, for the sim runtime, at ``/fldsl/build/nodes/<id>``,
 - ``addresses.json`` at ``/fldsl/run/addresses.json`` (service name, port 7443, bootstrap port 7444),
 - a volume for ``/fldsl/sealed`` (checkpoints and the exported model, sealed),
-- the folders of its CSV files mounted read-only at the same absolute paths the plan names.
+- the folders of its CSV files mounted read-only: an absolute path at the same path; a relative one
+  (declared with a schema block, resolved by the node against its working folder) from the folder it names
+  relative to where ``fldsl compile`` ran, at that folder relative to the container's working folder.
 
 ``attestation sim`` runs ``python3 -m fldsl.runtime.node`` with its party's simulated trust folder, and only
 that one, mounted at ``/fldsl/trust`` (``fldsl trust init --party P`` makes ``.fldsl/trust/P``; Kubernetes:
@@ -25,6 +27,8 @@ valid YAML double-quoted scalar.
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -60,14 +64,19 @@ def _services(program: Program) -> dict[str, str]:
     return names
 
 
-def _data_dirs(program: Program, node_id: str) -> list[str]:
+def _data_mounts(program: Program, node_id: str, workdir: str) -> list[tuple[str, str]]:
+    """(host folder, container folder) of each folder holding the node's CSV files."""
     node = program.node(node_id)
-    dirs = {
-        str(Path(d.spec.path).parent)
-        for d in program.datasets
-        if d.party == node.party and d.spec.name in node.data and d.spec.path
-    }
-    return sorted(dirs)
+    mounts: set[tuple[str, str]] = set()
+    for d in program.datasets:
+        if d.party != node.party or d.spec.name not in node.data or not d.spec.path:
+            continue
+        folder = str(Path(d.spec.path).parent)
+        if Path(folder).is_absolute():
+            mounts.add((folder, folder))
+        else:  # the node opens it relative to its working folder, so that is where the container needs it
+            mounts.add((os.path.abspath(folder), posixpath.normpath(posixpath.join(workdir, folder))))
+    return sorted(mounts)
 
 
 WORK = "/fldsl/work"  # the enclave's working folder (relative URIs in the signed manifest)
@@ -134,7 +143,8 @@ def compose_file(program: Program, services: dict[str, str]) -> str:
             party = n.id.split(".", 1)[0]  # its own party's folder: never another party's secrets
             mount = "${FLDSL_TRUST_DIR:-../../../../.fldsl/trust}/" + party + ":/fldsl/trust:ro"
             lines.append(f"      - {_y(mount)}")
-        lines += [f"      - {_y(f'{d}:{d}:ro')}" for d in _data_dirs(program, n.id)]
+        workdir = WORK if dcap else "/fldsl/node"
+        lines += [f"      - {_y(f'{h}:{c}:ro')}" for h, c in _data_mounts(program, n.id, workdir)]
         if program.trust.attestation == "dcap":
             lines += [
                 "    devices:",
@@ -187,9 +197,9 @@ def kubernetes_file(program: Program, node_id: str, services: dict[str, str]) ->
         volumes.append(
             {"name": "trust", "secret": {"secretName": _trust_secret(program, node_id)}}
         )
-    for i, d in enumerate(_data_dirs(program, node_id)):
-        vol_mounts.append({"name": f"data{i}", "mountPath": d, "readOnly": True})
-        volumes.append({"name": f"data{i}", "hostPath": {"path": d, "type": "Directory"}})
+    for i, (host, inside) in enumerate(_data_mounts(program, node_id, WORK if dcap else "/fldsl/node")):
+        vol_mounts.append({"name": f"data{i}", "mountPath": inside, "readOnly": True})
+        volumes.append({"name": f"data{i}", "hostPath": {"path": host, "type": "Directory"}})
     resources = {"limits": {"sgx.intel.com/epc": program.trust.enclave_size}} if dcap else {}
     container = {
         "name": "node",

@@ -148,7 +148,26 @@ class _ToAst(Transformer[Token, ast.Module]):
         return ast.NodeDecl(_name(c[0]), c[1], _span_meta(meta))
 
     def data_decl(self, meta: Any, c: list[Any]) -> ast.DataDecl:
-        return ast.DataDecl(_name(c[0]), c[1], _span_meta(meta))
+        return ast.DataDecl(_name(c[0]), c[1], _span_meta(meta), c[2])
+
+    def rows_bound(self, meta: Any, c: list[Any]) -> ast.RowsBound:
+        return ast.RowsBound(c[0], _span_meta(meta))
+
+    def column_name(self, meta: Any, c: list[Token]) -> ast.Name:
+        tok = c[0]
+        if tok.type == "STRING":
+            return ast.Name(str(_string(tok).value), _span_tok(tok))
+        return _name(tok)
+
+    def column_decl(self, meta: Any, c: list[Any]) -> ast.ColumnDecl:
+        return ast.ColumnDecl(_name(c[0]), list(c[1:]), _span_meta(meta))
+
+    def schema_block(self, meta: Any, c: list[Any]) -> ast.SchemaBlock:
+        return ast.SchemaBlock(
+            [i for i in c if isinstance(i, ast.RowsBound)],
+            [i for i in c if isinstance(i, ast.ColumnDecl)],
+            _span_meta(meta),
+        )
 
     def party_decl(self, meta: Any, c: list[Any]) -> ast.PartyDecl:
         name, rng, desc = _name(c[0]), c[1], c[2]
@@ -278,6 +297,10 @@ _NAME_AFTER = {
     "using": "an alignment method (`psi.ecdh` or `join`)",
     "align": "a `party.dataset`",
     "as": "a dtype (e.g. `float32`)",
+    # schema blocks: after a column type comes a column name
+    "numeric": "a column name",
+    "integer": "a column name",
+    "category": "a column name",
 }
 _VALUE_TERMINALS = {"NAME", "NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "NONE"}
 

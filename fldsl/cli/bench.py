@@ -74,7 +74,7 @@ class ModeResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _steps_per_epoch(program: Any, flp: Path) -> int:
+def _steps_per_epoch(program: Any) -> int:
     """Training steps of one epoch, computed from the data as the runtime will (numpy only, no TF)."""
     from fldsl.runtime.data import load_dataset
 
@@ -82,7 +82,9 @@ def _steps_per_epoch(program: Any, flp: Path) -> int:
     sizes: list[int] = []
     ids: set[str] | None = None
     for ds in program.datasets:
-        table = load_dataset(ds.spec, flp.resolve().parent)
+        # As the nodes read it: a csv path is absolute, or (declared with a schema block) relative to the
+        # working folder the nodes share with this process, not to the .flp's folder.
+        table = load_dataset(ds.spec)
         sizes.append(len(table.ids))
         row_ids = {str(i) for i in table.ids.tolist()}
         ids = row_ids if ids is None else ids & row_ids
@@ -106,7 +108,7 @@ def compile_for_bench(flp: Path, params: dict[str, str], out: Path, steps: int |
     program = check_source(source, str(flp), params, flp.resolve().parent)
     if steps is not None:
         try:
-            spe = _steps_per_epoch(program, flp)
+            spe = _steps_per_epoch(program)
         except Exception:  # a data set the harness cannot size: keep the pipeline's epochs
             spe = None
         if spe is not None:

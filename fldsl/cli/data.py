@@ -1,12 +1,17 @@
-"""``fldsl data keygen|encrypt``: a data owner's key and Gramine-encrypted data files.
+"""``fldsl data keygen|encrypt|describe``: a data owner's key, Gramine-encrypted data files, and the schema
+block that describes a csv file in a pipeline.
 
 The key is what ``fldsl keys serve`` releases to attested enclaves; the encrypted file is what the node's
-``encrypted`` mount reads (Gramine's protected-file format, made by ``gramine-sgx-pf-crypt``).
+``encrypted`` mount reads (Gramine's protected-file format, made by ``gramine-sgx-pf-crypt``). ``describe``
+reads a party's own csv file and prints its ``data ... = csv(...) { ... }`` declaration, so each party can
+compile the pipeline without the other parties' files (docs/language.md, "Schema blocks").
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +33,7 @@ MOUNT_URI_PATH = "data"
 
 @click.group(name="data")
 def command() -> None:
-    """Data owners: keys and Gramine-encrypted data files."""
+    """Data owners: keys, Gramine-encrypted data files, schema blocks."""
 
 
 @command.command(name="keygen")
@@ -111,3 +116,108 @@ def _pf_encrypt(tool: str, plain: Path, output: Path, key_file: Path) -> subproc
         cmd = [tool, "encrypt", "-w", str(key_file.resolve()), "-i", str(plain.resolve()),
                "-o", f"{MOUNT_URI_PATH}/{output.name}"]
         return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=scratch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# describe
+# ---------------------------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME: anything else is written as a string
+WRAP = 100  # columns per line of the printed block (continuation lines align after the type)
+
+
+@command.command(name="describe")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--id", "id_column", default="id", show_default=True, metavar="COL",
+              help="The id column (rows are aligned on it; never a feature).")
+@click.option("--label", "label_column", default=None, metavar="COL",
+              help="The label column, if this party holds the label (never a feature).")
+@click.option("--name", default=None, metavar="NAME",
+              help="The data set's name in the pipeline (default: FILE's name, made an identifier).")
+@click.option("--exact-rows", is_flag=True,
+              help="Print `rows <=` the exact row count instead of the count rounded up to two significant "
+              "digits.")
+def describe(file: Path, id_column: str, label_column: str | None, name: str | None,
+             exact_rows: bool) -> None:
+    """Print the declaration of FILE, a csv file with a header, with its schema block, to paste into a
+    party of the pipeline: every column but the id and label, in header order, typed `integer` (every value a
+    whole number) or `numeric` (every value a finite number); names that are not identifiers quoted.
+    `rows <=` is the file's row count rounded up to two significant digits (569 -> 570, 50,123 -> 51,000),
+    room for a file that grows a little; --exact-rows prints the count itself. Columns that cannot be
+    declared (text: categorical columns are not supported yet; empty or non-finite values) are left out,
+    each named in a comment in the block and on stderr. The node checks its file against the block when it
+    starts, with the same rules, so a block printed here passes for this file."""
+    from fldsl.runtime.csvschema import describe_csv, round_up_rows
+    from fldsl.runtime.data import DataError
+
+    if label_column is not None and label_column == id_column:
+        click.echo(f"error: --id and --label both name `{id_column}`", err=True)
+        sys.exit(EXIT_INPUT)
+    if name is not None and not _NAME.fullmatch(name):
+        click.echo(f"error: --name {name!r} is not a name (letters, digits and _, not starting with a digit)",
+                   err=True)
+        sys.exit(EXIT_INPUT)
+    try:
+        desc = describe_csv(file, id_column=id_column, label_column=label_column)
+    except DataError as e:
+        hint = " (name the id column with --id COL)" if f"no id column `{id_column}`" in str(e) else ""
+        click.echo(f"error: {e}{hint}", err=True)
+        sys.exit(EXIT_INPUT)
+    bound = desc.rows if exact_rows else round_up_rows(desc.rows)
+    how = "" if bound == desc.rows else ", rounded up"
+    label = f", label: {_column(label_column)}" if label_column is not None else ""
+    call = f"csv({_string(str(file))}, id: {_column(id_column)}{label})"
+    lines = [f"data {name or _dataset_name(file)} = {call} {{",
+             f"  rows <= {bound}  # {desc.rows:,} row{'s' if desc.rows != 1 else ''} in {file.name}{how}"]
+    run: list[str] = []
+    run_type: str | None = None
+    for col in desc.columns:
+        if col.type is None:
+            continue
+        if col.type != run_type and run:
+            lines += _typed_line(run_type or "", run)
+            run = []
+        run_type = col.type
+        run.append(_column(col.name))
+    if run:
+        lines += _typed_line(run_type or "", run)
+    skipped = [c for c in desc.columns if c.type is None]
+    for c in skipped:
+        lines.append(f"  # not declared: {_column(c.name)}: {c.reason}")
+        click.echo(f"warning: {file}: column `{c.name}` left out: {c.reason}", err=True)
+    if all(c.type is None for c in desc.columns):
+        click.echo(f"error: {file}: no column besides the id and label can be declared (a schema block needs "
+                   "at least one numeric or integer column)", err=True)
+        sys.exit(EXIT_INPUT)
+    lines.append("}")
+    click.echo("\n".join(lines))
+
+
+def _string(text: str) -> str:
+    """A .flp string literal (JSON escapes, one line)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _column(name: str) -> str:
+    return name if _NAME.fullmatch(name) else _string(name)
+
+
+def _dataset_name(file: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", file.stem) or "data"
+    return stem if _NAME.fullmatch(stem) else f"d_{stem}"
+
+
+def _typed_line(ctype: str, names: list[str]) -> list[str]:
+    """``  numeric a, b, c`` wrapped at WRAP columns, continuation lines aligned after the type (newlines are
+    whitespace in a .flp file)."""
+    indent = " " * (2 + len(ctype) + 1)
+    out: list[str] = []
+    line = f"  {ctype} "
+    for k, n in enumerate(names):
+        piece = n + ("," if k < len(names) - 1 else "")
+        if len(line) + len(piece) > WRAP and line.strip() != ctype:
+            out.append(line.rstrip())
+            line = indent
+        line += piece + " "
+    out.append(line.rstrip())
+    return out

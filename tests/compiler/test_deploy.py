@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fldsl.api import compile_pipeline
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
@@ -71,3 +73,18 @@ def test_kubernetes_dcap(tmp_path: Path) -> None:
     assert 'mountPath: "/var/run/aesmd"' in text and 'path: "/var/run/aesmd"' in text
     again = compile_pipeline(f, tmp_path / "c", target="kubernetes")
     assert (again.build_dir / "deploy/kubernetes/hub-ps.yaml").read_text() == text
+
+
+def test_declared_relative_data_is_mounted_where_the_node_looks(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema block keeps the path as declared; a relative one is opened from the node's working folder,
+    so the container gets the folder there (from the folder it names where compile ran)."""
+    monkeypatch.chdir(tmp_path)
+    r = compile_pipeline(PIPELINES / "fate_breast_vertical.flp", tmp_path / "b", {"data_dir": "data/fate"},
+                         target="compose")
+    text = (r.build_dir / "deploy/compose/docker-compose.yml").read_text()
+    assert f'"{Path.cwd()}/data/fate:/fldsl/node/data/fate:ro"' in text
+    r = compile_pipeline(PIPELINES / "fate_breast_vertical.flp", tmp_path / "k", {"data_dir": "/srv/fate"},
+                         target="kubernetes")
+    text = (r.build_dir / "deploy/kubernetes/guest-trainer.yaml").read_text()
+    assert 'mountPath: "/srv/fate"' in text and 'path: "/srv/fate"' in text

@@ -59,7 +59,7 @@ CASES = [
         "features: 8)\n\n\nparty shop",
         12,
         1,
-        "unexpected `party`; expected `data`, `node` or `}`",
+        "unexpected `party`; expected `data`, `node`, `{` or `}`",
     ),
     (
         "attestation-without-mode",

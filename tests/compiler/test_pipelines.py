@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,15 +55,52 @@ def test_fate_pipelines_check_and_compile(name: str, tmp_path: Path) -> None:
     compile_pipeline(PIPELINES / f"{name}.flp", tmp_path / "b", params)
 
 
-def test_fate_missing_data_is_one_clear_line(tmp_path: Path) -> None:
-    from fldsl.diagnostics import FldslError
+@pytest.mark.parametrize("name", FATE)
+def test_fate_pipelines_compile_without_any_data(name: str, tmp_path: Path) -> None:
+    """Their schema blocks describe every file: a party compiles on a machine that holds none of them."""
+    params = {"data_dir": "/nonexistent"}
+    program = check(PIPELINES / f"{name}.flp", params)
+    for ds in program.datasets:
+        assert ds.spec.columns and ds.spec.max_rows and ds.rows == ds.spec.max_rows
+        assert ds.spec.path is not None and ds.spec.path.startswith("/nonexistent/")
+    compile_pipeline(PIPELINES / f"{name}.flp", tmp_path / "b", params)
 
-    with pytest.raises(FldslError) as ei:
-        check(PIPELINES / "fate_breast_vertical.flp", {"data_dir": str(tmp_path / "nowhere")})
-    errors = ei.value.errors
-    assert len(errors) == 1
-    msg = errors[0].message
-    assert "breast_hetero_guest.csv" in msg and "--set data_dir=DIR" in msg
+
+@pytest.mark.shared_data
+def test_fate_build_is_the_same_with_or_without_the_files(tmp_path: Path) -> None:
+    """Issue #10: each party compiles the same .flp on its own machine, holding only its own file (or
+    none), and gets the same bytes and digest as a machine that holds every file."""
+    name = "fate_breast_vertical"
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("breast_hetero_guest.csv", "breast_hetero_host.csv"):
+        shutil.copy(fate_dir() / f, data / f)
+    builds = {}
+    for case in ("all files", "guest's only", "none"):
+        if case == "guest's only":
+            (data / "breast_hetero_host.csv").unlink()
+        if case == "none":
+            shutil.rmtree(data)
+        party_dir = tmp_path / case.replace(" ", "_").replace("'", "")
+        party_dir.mkdir()
+        flp = party_dir / f"{name}.flp"  # each party's own copy, wherever it keeps it
+        shutil.copy(PIPELINES / f"{name}.flp", flp)
+        builds[case] = compile_pipeline(flp, tmp_path / "build" / case, {"data_dir": str(data)})
+    ref = builds["all files"]
+    for case, b in builds.items():
+        assert b.digest == ref.digest, case
+        assert _tree(b.build_dir) == _tree(ref.build_dir), case
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", FATE)
+def test_fate_schema_blocks_pass_the_node_check_of_the_real_files(name: str, tmp_path: Path) -> None:
+    """What each node checks when it starts: the shipped blocks match the FATE files."""
+    from fldsl.runtime.csvschema import check_schemas
+
+    result = compile_pipeline(PIPELINES / f"{name}.flp", tmp_path / "b", {"data_dir": str(fate_dir())})
+    for d in sorted((result.build_dir / "nodes").iterdir()):
+        check_schemas(load_model(Plan, d / "plan.json").data)
 
 
 def test_compile_twice_is_byte_identical(tmp_path: Path) -> None:
