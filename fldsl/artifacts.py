@@ -116,10 +116,6 @@ class DataSpec(_Model):
     columns: list[ColumnSpec] | None = None
     max_rows: int | None = None
 
-    @property
-    def has_schema(self) -> bool:
-        return self.columns is not None
-
     @model_serializer(mode="wrap")
     def _omit_no_schema(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for declared schemas, so plans (and measurements) of csv data sets whose header is
