@@ -4,7 +4,7 @@ It writes ``runs/<pipeline>/<run-id>/``: ``addresses.json``, ``metrics.jsonl`` (
 node, one JSON object a line), ``logs/<node>.log`` (each node's stderr), ``checkpoints/<node>/`` and
 ``models/`` (sealed, written by the nodes themselves). A node that fails stops the others (SIGINT, then
 SIGKILL after a grace period); Ctrl-C does the same for all nodes. Exit code: 0 all ok, 3 a node failed a
-trust check, 1 any other failure, 130 interrupted.
+trust check, 2 a node's input (its data) was bad, 1 any other failure, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fldsl.runtime.progress import parse_line
 
 from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
 
-EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GRACE_S = 10.0
 
 
@@ -375,7 +375,12 @@ class Launcher:
         if failed is not None:
             self.first_failure = failed
             codes = [st.exit_code for st in self.nodes.values()]
-            return (EXIT_TRUST if EXIT_TRUST in codes else EXIT_FAILED), False
+            # The cause over its consequences: a trust refusal, else a node's bad input (its data), else a
+            # failure; the peers of the failed node usually end a moment later with "closed the link".
+            for code in (EXIT_TRUST, EXIT_INPUT):
+                if code in codes:
+                    return code, False
+            return EXIT_FAILED, False
         return EXIT_OK, False
 
     first_failure: NodeState | None = None

@@ -9,8 +9,8 @@ data owner's key service (with its RA-TLS identity) and reads the files from the
 ``/fldsl/data`` (docs/keys.md).
 
 stdout carries only machine-readable progress lines (``fldsl.runtime.progress``) for the launcher; logs go
-to stderr. Exit codes: 0 ok, 1 failure, 3 trust failure (a peer refused us or we refused it, or our own
-artifacts fail their integrity check), 130 interrupted.
+to stderr. Exit codes: 0 ok, 1 failure, 2 bad input (its data, its --data bindings), 3 trust failure (a peer
+refused us or we refused it, or our own artifacts fail their integrity check), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad inpu
 
 EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
 EXIT_INPUT = 2
+MAX_REJOINS = 10  # a peer restarting more often than this in one run is crashing, or abusing rejoins
 # How long past the connect deadline the node waits for the transport's own verdict on a peer (its last
 # Hello attempt, up to 10 s, plus its longest back-off, 2 s).
 VERDICT_GRACE_S = 15.0
@@ -332,6 +333,11 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     verifier = PeerVerifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
     plan = provision_data(args, plan, identity, addresses, progress)
+    from fldsl.runtime.csvschema import check_schemas
+
+    # Declared schemas are checked before the node connects to anyone: a party's file that does not match
+    # the pipeline the parties agreed on is reported here, with every problem, not after its peers waited.
+    check_schemas(plan.data)
 
     progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
     def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
@@ -385,8 +391,10 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
                 # The peer process was restarted (it re-attested with a fresh key): run the role again;
                 # it agrees on a checkpoint with the peer, rolls back to it and drops stale messages.
                 restarts += 1
-                if restarts > 10:
-                    raise
+                if restarts > MAX_REJOINS:
+                    raise NodeError(f"{e.peer} restarted {restarts} times during this run; giving up (at "
+                                    f"most {MAX_REJOINS} rejoins: a peer that keeps restarting is crashing "
+                                    "or misbehaving; see its log)") from None
                 why = "asks to agree again" if isinstance(e, RollbackRequested) else "restarted"
                 log.warning("%s %s: rejoining (resume agreement again)", e.peer, why)
                 progress.emit("phase", name="rejoin", detail=f"{e.peer} {why}")

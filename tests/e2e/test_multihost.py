@@ -1,7 +1,8 @@
 """One party per host: each party in its own network namespace (its own address), with a folder holding only
-its own copy of the build, its own data and its own trust material, started with the documented per-party
-command (`fldsl run BUILD --node ... --listen ... --data ...`). The run must end with the model of the
-single-host run; killing one party's node and starting it again must resume and end with that model too.
+the build it compiled itself without anyone's data, its own data and its own trust material, started with the
+documented per-party command (`fldsl run BUILD --node ... --listen ... --data ...`). The run must end with the
+model of the single-host run; killing one party's node and starting it again must resume and end with that
+model too.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ use std.models.{mlp, dense, concat}
 
 party guest "holds the label and 4 features" {
   node trainer
-  data patients = csv("${data_dir}/guest.csv", id: id, label: y, columns: ["g*"])
+  data patients = csv("${data_dir}/guest.csv", id: id, label: y) {
+    rows <= 600
+    numeric g0, g1, g2, g3
+  }
 }
 
 party host "holds 6 other features of overlapping people" {
   node trainer
-  data visits = csv("${data_dir}/host.csv", id: id, columns: ["h*"])
+  data visits = csv("${data_dir}/host.csv", id: id) {
+    rows <= 600
+    numeric h0, h1, h2, h3, h4, h5
+  }
 }
 
 partition vertical {
@@ -83,12 +90,18 @@ use std.models.{dense}
 
 party bank1 "customers of bank 1" {
   node worker
-  data accounts = csv("${data_dir}/bank1.csv", id: id, label: y, columns: ["x*"])
+  data accounts = csv("${data_dir}/bank1.csv", id: id, label: y) {
+    rows <= 300
+    numeric x0, x1, x2, x3, x4
+  }
 }
 
 party bank2 "customers of bank 2" {
   node worker
-  data accounts = csv("${data_dir}/bank2.csv", id: id, label: y, columns: ["x*"])
+  data accounts = csv("${data_dir}/bank2.csv", id: id, label: y) {
+    rows <= 300
+    numeric x0, x1, x2, x3, x4
+  }
 }
 
 party hub "the aggregator" {
@@ -201,29 +214,36 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     doc = json.loads(out.stdout)
     models = _models(doc["nodes"], sc, root / "trust", root)
     assert models, "the reference run exported no model"
-    return {"scenario": sc, "root": root, "doc": doc, "weights": models}
+    digest = json.loads((root / "build" / sc.pipeline / "pipeline.json").read_text())["digest"]
+    return {"scenario": sc, "root": root, "doc": doc, "weights": models, "digest": digest}
+
+
+def _tree(build: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(build)): p.read_bytes() for p in sorted(build.rglob("*")) if p.is_file()}
 
 
 def _party_folders(tmp: Path, reference: dict[str, Any], hosts: dict[str, netns.Host]) -> dict[str, Path]:
-    """What each organisation holds: the build (every party compiles the same pipeline; here a copy of the
-    reference build stands for that), its own csv files, its own trust folder pinning the others' identities,
-    and the deployment's addresses."""
+    """What each organisation holds: the pipeline, compiled on its own machine without anyone's data (the
+    schema blocks declare every data set), its own csv files where it keeps them (`mine/`, bound with
+    --data), its own trust folder pinning the others' identities, and the deployment's addresses."""
     sc: Scenario = reference["scenario"]
-    # A fresh build: the simulated measurement covers the installed code, which may have changed since the
-    # reference ran (a developer editing the checkout).
-    _fldsl(["compile", "lan.flp", "-o", f"build/{sc.pipeline}"], reference["root"])
     folders: dict[str, Path] = {}
     addresses = {sc.nodes[p]: {"host": h.address, "port": 7443, "bootstrap_port": 7444}
                  for p, h in hosts.items()}
     for party in sc.nodes:
         d = tmp / party
-        (d / "data").mkdir(parents=True)
-        shutil.copytree(reference["root"] / "build", d / "build")
+        d.mkdir(parents=True)
+        (d / "lan.flp").write_text(sc.text)
+        _fldsl(["compile", "lan.flp", "-o", f"build/{sc.pipeline}"], d)  # before any data is there
+        (d / "mine").mkdir()
         for file in sc.data[party].values():
-            shutil.copy(reference["root"] / "data" / file, d / "data" / file)
+            shutil.copy(reference["root"] / "data" / file, d / "mine" / file)
         (d / "addresses.json").write_text(json.dumps(addresses, indent=2))
         _fldsl(["trust", "init", "--party", party, "--trust-dir", "trust"], d)
         folders[party] = d
+    # The parties agree on the digest, not on files: every party's build is byte-identical.
+    builds = [_tree(d / "build" / sc.pipeline) for d in folders.values()]
+    assert all(b == builds[0] for b in builds[1:])
     for party, d in folders.items():  # only the public identity.json crosses between organisations
         for other, od in folders.items():
             if other != party:
@@ -247,7 +267,7 @@ class _Node:
                 "--trust-dir", "trust", "--addresses", "addresses.json", "--listen", self.host.address,
                 "--connect-timeout", "60"]
         for name, file in self.sc.data[self.party].items():
-            argv += ["--data", f"{name}=data/{file}"]
+            argv += ["--data", f"{name}=mine/{file}"]
         with open(self.log, "a") as err:
             self.proc = subprocess.Popen(self.host.command(argv), cwd=self.folder, stdout=subprocess.PIPE,
                                          stderr=err, text=True)
@@ -290,10 +310,8 @@ def _run_lan(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | No
 
 def _run_lan_once(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | None) -> dict[str, _Node]:
     sc: Scenario = reference["scenario"]
-    data = reference["root"] / "data"
     with netns.lan(list(sc.nodes)) as hosts:
         folders = _party_folders(tmp, reference, hosts)
-        data.rename(data.with_name("data.away"))  # the plans' paths lead nowhere: only the bindings work
         nodes = {p: _Node(sc, p, folders[p], hosts[p]) for p in sc.nodes}
         try:
             for n in nodes.values():
@@ -314,7 +332,6 @@ def _run_lan_once(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int]
         finally:
             for n in nodes.values():
                 n.kill()
-            data.with_name("data.away").rename(data)
     return nodes
 
 
@@ -348,7 +365,9 @@ def test_each_party_on_its_own_host_trains_the_single_host_model(tmp_path: Path,
         for other in sc.nodes:
             if other != party:
                 assert not (node.folder / "trust" / other).exists()
-                assert not any((node.folder / "data" / f).exists() for f in sc.data[other].values())
+                assert not any(f.name in sc.data[other].values() for f in node.folder.rglob("*.csv"))
+        digest = json.loads((node.folder / "build" / sc.pipeline / "pipeline.json").read_text())["digest"]
+        assert digest == reference["digest"]  # compiled without any data: the single-host run's pipeline
         attested = [e for e in node.events if e["event"] == "attested"]
         assert attested and attested[0]["simulated"] is True
 
