@@ -18,7 +18,8 @@ def command() -> None:
 @command.command(name="decrypt")
 @click.argument("sealed", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the plaintext."
+    "-o", "--output", type=click.Path(), required=True,
+    help="Where to write the plaintext: a file, or a folder (existing, or named with a trailing /)."
 )
 @click.option(
     "--key-file",
@@ -38,7 +39,7 @@ def command() -> None:
 @click.option("--min-version", type=int, default=None, help="Refuse versions older than this (rollback).")
 def decrypt(
     sealed: Path,
-    output: Path,
+    output: str,
     key_file: Path | None,
     owner_key: Path | None,
     node_id: str | None,
@@ -64,16 +65,19 @@ def decrypt(
                "is sealed, not encrypted to an owner key: drop --owner-key (it opens with --key-file)")
         click.echo(f"error: {sealed} {why}", err=True)
         sys.exit(EXIT_INPUT)
-    if output.is_dir():  # like cp: into the folder, named after the model (never a stray OUTPUT.tmp)
-        output = output / (sealed.name.removesuffix(".sealed").removesuffix(".owner") + ".npz")
+    out = Path(output)
+    if output.endswith("/") and not out.exists():  # "-o model/": a folder is meant, as with cp
+        out.mkdir(parents=True)
+    if out.is_dir():  # like cp: into the folder, named after the model (never a stray OUTPUT.tmp)
+        out = out / (sealed.name.removesuffix(".sealed").removesuffix(".owner") + ".npz")
     if owner_key is not None:
-        _decrypt_owner(sealed, output, owner_key, node_id, name)
+        _decrypt_owner(sealed, out, owner_key, node_id, name)
     else:
         if node_id is None or name is None:
             raise click.UsageError("a sealed model needs --node and --name")
         # Each party seals with its own key: only the sealing node's party can open what it wrote.
         key_file = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
-        _unseal(sealed, output, key_file, node_id, name, min_version)
+        _unseal(sealed, out, key_file, node_id, name, min_version)
 
 
 def _unseal(sealed: Path, output: Path, key_file: Path, node_id: str, name: str, min_version: int | None

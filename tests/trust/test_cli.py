@@ -242,3 +242,13 @@ def test_model_decrypt_into_an_existing_folder_writes_the_model_inside(tmp_path,
 def test_check_refuses_an_endless_input_with_a_clear_error():
     res = run("check", "/dev/zero")
     assert res.exit_code == EXIT_INPUT and "not a .flp pipeline" in res.output
+
+
+def test_model_decrypt_into_a_new_folder_named_with_a_slash(tmp_path, deployment):
+    sealed = tmp_path / "a.n_model.sealed"
+    sealing.seal_file(b"weights", sealed, key=deployment.sealing_key, node_id="a.n", name="a.n/model",
+                      version=1)
+    res = run("model", "decrypt", str(sealed), "-o", f"{tmp_path / 'model'}/", "--key-file",
+              str(deployment.sealing_key_path), "--node", "a.n", "--name", "a.n/model")
+    assert res.exit_code == EXIT_OK, res.output
+    assert (tmp_path / "model" / "a.n_model.npz").read_bytes() == b"weights"
