@@ -72,6 +72,7 @@ class SceneEdge(BaseModel):
     violation: str | None = None  # set when the compiler refused this flow
 
     def label_lines(self) -> list[str]:
+        """Everything the edge says (the Mermaid source, which has no tooltips)."""
         if not self.crossing:
             return [self.tensor] if self.tensor else []
         lines = [x for x in (self.tensor, format_spec(self.spec)) if x]
@@ -80,6 +81,24 @@ class SceneEdge(BaseModel):
         elif self.rule:
             lines.append(self.rule)
         return lines
+
+    def short_lines(self) -> list[str]:
+        """What the edge says on the drawn picture: short. The rule that allows a flow is detail on demand
+        (:meth:`tooltip`, and the flows table of the HTML page); a violation is always spelled out."""
+        if not self.crossing:  # inside an enclave the task names say it; the tensor is in the tooltip
+            return []
+        lines = [x for x in (self.tensor, format_spec(self.spec)) if x]
+        if self.violation:
+            lines.append(f"VIOLATION: {self.violation}")
+        return lines
+
+    def tooltip(self) -> str:
+        lines = [x for x in (self.tensor, format_spec(self.spec)) if x]
+        if self.violation:
+            lines.append(f"VIOLATION: {self.violation}")
+        elif self.rule:
+            lines.append(f"allowed by: {self.rule}")
+        return "\n".join(lines)
 
 
 class Scene(BaseModel):
@@ -221,10 +240,14 @@ def _q(text: str) -> str:
 def to_dot(scene: Scene) -> str:
     lines = [
         f"digraph {_q(scene.title)} {{",
-        '  graph [rankdir=LR, compound=true, newrank=true, nodesep=0.4, ranksep=0.7, fontname="Helvetica", '
-        "fontsize=12, labelloc=t, "
+        # Top to bottom: parties stand side by side and a node's task chain runs down its column, so a
+        # two-party pipeline fits a laptop screen (left to right, the demo was 3,488 pt wide and no party name
+        # was on screen). Cluster labels sit at their top left, where the eye starts.
+        '  graph [rankdir=TB, compound=true, newrank=true, nodesep=0.25, ranksep=0.25, fontname="Helvetica", '
+        "fontsize=12, labelloc=t, labeljust=l, "
         + f"label={_q(_title(scene))}{', fontcolor=' + _q(RED) if scene.violations else ''}];",
-        '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname="Helvetica", fontsize=10];',
+        '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname="Helvetica", fontsize=10, '
+        'height=0.3, margin="0.08,0.03"];',
         '  edge [fontname="Helvetica", fontsize=9];',
     ]
     cluster_of: dict[str, str] = {}
@@ -250,9 +273,12 @@ def to_dot(scene: Scene) -> str:
         lines.append("  }")
     for edge in scene.edges:
         attrs = []
-        label = "\n".join(edge.label_lines())
+        label = "\n".join(edge.short_lines())
         if label:
             attrs.append(f"label={_q(label)}")
+        tip = edge.tooltip()  # hovering an edge in the SVG / HTML view: the tensor, and the rule of a flow
+        if tip:
+            attrs.append(f"tooltip={_q(tip)}")
         if edge.violation:
             attrs.append(f'color="{RED}", fontcolor="{RED}", penwidth=2.5, style=bold')
         elif edge.crossing:
@@ -368,6 +394,7 @@ def to_html(scene: Scene, svg: str | None = None) -> str:
         "<style>body{font-family:Helvetica,Arial,sans-serif;margin:2em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left;font-size:13px}th{background:#f3f3f3}code{font-size:12px}"
+        ".graph svg{max-width:100%;max-height:94vh;width:auto;height:auto}"
         f".violation{{color:{RED};font-weight:bold}}pre{{background:#f6f8fa;padding:1em;overflow:auto}}"
         ".note{background:#fff8e1;border:1px solid #f0c36d;padding:.5em 1em}</style>",
         "</head><body>",

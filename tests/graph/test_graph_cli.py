@@ -170,3 +170,25 @@ def test_pipeline_failing_after_check_is_drawn_without_measurements(monkeypatch)
     assert r.exit_code == 2 and "[enclave-size]" in r.stderr
     assert 'label="party media"' in r.stdout and "allow media -> shop: act1" in r.stdout
     assert "(sim)" not in r.stdout  # no measurements: the build was not emitted
+
+
+@needs_dot
+def test_the_demo_graph_fits_a_laptop_screen_with_every_name_readable(tmp_path: Path) -> None:
+    """Drawn left to right the demo was 3,488 pt wide: in a 1400×1000 window no party or enclave name was
+    on screen. Top to bottom, with flow rules on hover, it fits the window's width at its natural size."""
+    import re
+
+    demo = Path(__file__).resolve().parents[2] / "pipelines" / "vertical_wide_deep.flp"
+    out = tmp_path / "demo.svg"
+    res = CliRunner().invoke(main, ["graph", str(demo), "--format", "svg", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    svg = out.read_text()
+    size = re.search(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"', svg)
+    assert size is not None
+    width_pt, height_pt = float(size[1]), float(size[2])
+    assert width_pt * 4 / 3 <= 1300  # px at 96 dpi: no horizontal scrolling, no shrinking
+    assert height_pt * 4 / 3 <= 1100  # a screen and a bit: scaled at most to ~90% in the HTML view
+    for name in ("party shop", "party media", "enclave shop.trainer", "enclave media.trainer"):
+        assert f">{name}</text>" in svg, name
+    # The rule allowing a flow is detail on demand (the tooltip), not a label that widens the picture.
+    assert "allowed by: allow media &#45;&gt; shop: act1" in svg
