@@ -1049,9 +1049,28 @@ class Checker:
         except sig.SignatureError as e:
             self.error(call.span, str(e))
             raise _Fatal from None
+        self.check_label_classes(call.span, name, logits, label)
         self.logits_t, self.label_t = logits, label
         party = label.party or "*"
         self.loss = LossSpec(op=name, logits=logits.name, label=label.name, party=party)
+
+    def check_label_classes(self, span: ast.Span, loss: str, logits: Tensor, label: Tensor) -> None:
+        """A softmax whose logits width is not the label's class count, where the reader fixes that count
+        (generated data); csv labels are checked row by row when the node reads them."""
+        if loss != "softmax_cross_entropy":
+            return
+        ds = label.name.split(".")[0]
+        readers = {p.datasets[ds].spec.reader for p in self.parties.values() if ds in p.datasets}
+        for reader in sorted(readers):
+            classes = sig.LABEL_CLASSES.get(reader)
+            width = logits.spec.shape[-1]
+            if classes is not None and width != classes:
+                self.error(span, f"`{label.name}` of a `{reader}` data set has {classes} classes (0 and 1), "
+                           f"but the softmax is over {width} logits (`{logits.name}` is "
+                           f"{sig.fmt_spec(logits.spec)})",
+                           f"make the last layer {classes} units wide, or use sigmoid_cross_entropy over "
+                           "1 unit")
+                raise _Fatal
 
     # --- train -----------------------------------------------------------------------------------------
     def check_train(self, env: Env) -> TrainSpec:
@@ -1124,7 +1143,13 @@ class Checker:
                 metrics = []
                 for x in mv.items:
                     v = evaluate(x, "name", env, "a metric", self.report, allowed)
-                    if v is not BAD and v not in metrics:
+                    loss = getattr(self, "loss", None)
+                    if v in ("auc", "accuracy") and loss is not None and loss.op == "mse":
+                        # A regression has no classes to rank or to get right; rather than report nothing.
+                        self.error(x.span, f"`{v}` needs a classification loss, but the loss is mse",
+                                   "keep `loss` (the holdout mean squared error) or use "
+                                   "softmax_cross_entropy / sigmoid_cross_entropy")
+                    elif v is not BAD and v not in metrics:
                         metrics.append(v)
         validation = ValidationSpec(seed=vals["seed"])
         if "validation" in got:

@@ -220,7 +220,7 @@ class WorkerTrainer:
         """The worker's epoch-end metrics: mean training loss since the last call, holdout / test scores."""
         from fldsl.runtime.roles.common import score_metrics
 
-        metrics: dict[str, float] = {"loss": float(np.mean(self.losses))} if self.losses else {}
+        metrics: dict[str, float] = {"train_loss": float(np.mean(self.losses))} if self.losses else {}
         self.losses = []
         if self.test_table is not None:
             inputs, labels = self._inputs(self.test_table, None), self.test_table.fields[self.label_field]

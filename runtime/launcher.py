@@ -50,7 +50,7 @@ class NodeState:
     phase: str = "starting"
     step: int = 0
     total: int | None = None
-    loss: float | None = None
+    train_loss: float | None = None  # the last step's training loss (progress bar)
     examples_per_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -228,8 +228,8 @@ class Launcher:
                 st.phase = "train"
                 st.step = int(ev.get("step", st.step))
                 st.total = ev.get("total", st.total)
-                if ev.get("loss") is not None:
-                    st.loss = float(ev["loss"])
+                if ev.get("train_loss") is not None:
+                    st.train_loss = float(ev["train_loss"])
                 if ev.get("examples_per_s"):
                     st.examples_per_s = float(ev["examples_per_s"])
             elif kind == "checkpoint":

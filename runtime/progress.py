@@ -18,8 +18,9 @@ PREFIX = "@fldsl "
 #   started   node, role, pipeline
 #   phase     name (attest | connect | align | resume | train | export), detail
 #   plan      total_steps, steps_per_epoch, epochs, resumed_from
-#   step      step, total, loss, examples_per_s
-#   epoch     epoch, metrics {loss, auc, accuracy, ...}
+#   step      step, total, train_loss (the batch's), examples_per_s
+#   epoch     epoch, metrics {train_loss (the epoch's mean), loss (the holdout's), auc, accuracy, ...};
+#             the aggregator of a horizontal/distributed run: metrics over all workers' holdout rows
 #   checkpoint step, path
 #   export    name, path
 #   done      metrics, examples_per_s, bytes_sent {flow: bytes}, bytes_received, exports

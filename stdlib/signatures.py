@@ -344,6 +344,13 @@ def _wnd_fields(p: dict[str, Any]) -> dict[str, TensorSpec]:
     return out
 
 
+# How many classes the label of a generated reader has (its generator draws 0/1 clicks): the checker refuses
+# a softmax over another number of logits, which would otherwise only fail (or, wider, silently waste
+# classes) at run time. csv labels are not known before the node reads its file (runtime/data.py checks
+# each row against the logits width there).
+LABEL_CLASSES: dict[str, int] = {"criteo": 2, "wide_n_deep": 2}
+
+
 READERS: dict[str, ReaderSignature] = {
     # csv fields depend on the header; the compiler reads it and builds them (features, label).
     "csv": ReaderSignature(

@@ -65,9 +65,9 @@ class RichDisplay:
             self.simulated.add(st.id)
             self.progress.banner = sim_banner(self.simulated)
         info = []
-        if st.loss is not None:
-            info.append(f"loss {st.loss:.4f}")
-        for k in ("auc", "accuracy"):
+        if st.train_loss is not None:  # the batch's training loss; holdout metrics come at epoch ends
+            info.append(f"train_loss {st.train_loss:.4f}")
+        for k in ("loss", "auc", "accuracy"):
             if k in st.metrics:
                 info.append(f"{k} {st.metrics[k]:.4f}")
         if st.examples_per_s:

@@ -589,28 +589,11 @@ class Meter:
 
 def score_metrics(loss_op: str, wanted: list[str], logits: np.ndarray,
                   labels: np.ndarray) -> dict[str, float]:
-    """AUC / accuracy of predictions (computed by whoever holds the labels)."""
+    """Holdout (or test) metrics of predictions, computed by whoever holds the labels: ``loss`` is the
+    pipeline's loss on these rows, plus ``auc`` / ``accuracy`` where asked (stdlib ``evaluate_logits``)."""
     from fldsl.stdlib.tf import metrics as M
 
-    out: dict[str, float] = {}
-    labels = np.asarray(labels).reshape(-1)
-    if loss_op == "mse":
-        pred = logits.reshape(-1)
-        out["mse"] = float(np.mean((pred - labels) ** 2))
-        return out
-    if loss_op == "sigmoid_cross_entropy":
-        scores = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
-        predicted = (scores >= 0.5).astype(np.int64)
-    else:
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        scores = probs[:, 1] if probs.shape[1] == 2 else probs
-        predicted = probs.argmax(axis=1)
-    if "auc" in wanted and np.ndim(scores) == 1 and len(np.unique(labels)) == 2:
-        out["auc"] = float(M.auc(labels.astype(np.int64), scores))
-    if "accuracy" in wanted or "auc" not in out:
-        out["accuracy"] = float(np.mean(predicted == labels.astype(np.int64)))
-    return out
+    return M.evaluate_logits(loss_op, wanted, logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -704,10 +687,17 @@ def with_checkpoint_writer(ctx: RoleContext, body: Callable[[CheckpointWriter], 
     return result
 
 
-def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) -> Path | None:
+def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str], *,
+                 specs: dict[str, TensorSpec] | None = None, metrics: dict[str, Any] | None = None,
+                 history: list[dict[str, Any]] | None = None,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> Path | None:
     """Seal the node's part of the trained model under the plan's export name; when the plan names the
     owner's public key (``export_recipient``), also write it encrypted to that key (``<name>.owner``): a
-    sealed file opens only inside the enclave (under SGX its key is bound to MRENCLAVE)."""
+    sealed file opens only inside the enclave (under SGX its key is bound to MRENCLAVE).
+
+    Then the same part as a SavedModel with its model card (``fldsl.runtime.savedmodel.export_pack``):
+    ``specs`` where the plan cannot give the model's input specs (the horizontal aggregator), ``metrics`` /
+    ``history`` for the card, ``holdout`` = (ids, logits) of the label owner's last holdout evaluation."""
     if ctx.plan.export is None:
         return None
     from fldsl.runtime import sealing
@@ -730,6 +720,9 @@ def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) 
         ctx.owner_exports[ctx.plan.export] = str(owner_dst)
         owner["owner_path"] = str(owner_dst)
     ctx.progress.emit("export", name=ctx.plan.export, path=str(dst), **owner)
+    from fldsl.runtime.savedmodel import export_pack
+
+    export_pack(ctx, weights, specs=specs, metrics=metrics, history=history, holdout=holdout)
     return dst
 
 

@@ -561,7 +561,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
         assert model is not None
         weights = model.get_weights()
-    export_model(ctx, weights, names)
+    export_model(ctx, weights, names, specs=specs)  # the server's model inputs: the workers' specs
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
 
 
@@ -727,11 +727,12 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             _exchange_pieces(ctx, r, layout, variables, seen, (send_flow, recv_flow), srv_shapes, names)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
-            ctx.progress.emit("step", step=r + 1, total=rounds, loss=losses[-1] if losses else None,
+            ctx.progress.emit("step", step=r + 1, total=rounds, train_loss=losses[-1] if losses else None,
                               examples_per_s=meter.rate)
             last_emit = now
         if (r + 1) % rpe == 0 or r + 1 == rounds:
-            metrics: dict[str, Any] = {"loss": float(np.mean(losses))} if losses else {}
+            # train_loss: the mean training loss since the last epoch end; loss (and auc, ...): the holdout's.
+            metrics: dict[str, Any] = {"train_loss": float(np.mean(losses))} if losses else {}
             losses = []
             if test_table is not None:
                 labels = test_table.fields[label_field]
@@ -745,7 +746,8 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             state = get_opt_state(opt, variables) if opt is not None else {}
             save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
     ctx.collect_landed()  # the server's notice of the last checkpoint (workers save in this thread)
-    export_model(ctx, model.get_weights(), model.weight_names)
+    export_model(ctx, model.get_weights(), model.weight_names, metrics=history[-1] if history else {},
+                 history=history)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
 

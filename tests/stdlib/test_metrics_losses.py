@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fldsl.stdlib.tf import accuracy, auc, loss_fn, scores
-from fldsl.stdlib.tf.metrics import ScoreAccumulator
+from fldsl.stdlib.tf.metrics import ScoreAccumulator, evaluate_logits, macro_auc
 
 
 def _pairwise_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -75,3 +75,35 @@ def test_scores_are_positive_class_probabilities() -> None:
     np.testing.assert_allclose(s, tf.nn.softmax(logits)[:, 1].numpy())
     assert scores("sigmoid_cross_entropy", tf.constant([[0.0]])).numpy().tolist() == [0.5]
     assert scores("softmax_cross_entropy", tf.zeros((2, 3))).shape == (2, 3)
+
+
+def test_macro_auc_is_the_mean_of_one_vs_rest_aucs() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 400)
+    logits = rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    want = np.mean([_pairwise_auc((y == c).astype(int), p[:, c]) for c in range(4)])
+    assert macro_auc(y, p) == pytest.approx(want, abs=1e-12)
+    got = evaluate_logits("softmax_cross_entropy", ["loss", "auc", "accuracy"], logits, y)
+    assert got["auc"] == pytest.approx(want, abs=1e-12) and 0.7 < got["auc"] < 1.0
+    # A class with no rows has no one-vs-rest AUC: it is left out of the mean, not counted as NaN or 0.5.
+    three = y[y < 3]
+    want3 = np.mean([_pairwise_auc((three == c).astype(int), p[y < 3][:, c]) for c in range(3)])
+    assert macro_auc(three, p[y < 3]) == pytest.approx(want3, abs=1e-12)
+
+
+@pytest.mark.parametrize(("op", "width"), [("softmax_cross_entropy", 2), ("softmax_cross_entropy", 3),
+                                           ("sigmoid_cross_entropy", 1), ("mse", 1)])
+def test_evaluate_logits_loss_is_the_pipelines_loss_on_those_rows(op: str, width: int) -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, width)).astype(np.float32)
+    labels = rng.integers(0, max(width, 2), 50)
+    if op == "mse":
+        labels = labels.astype(np.float32)
+    got = evaluate_logits(op, ["loss", "auc", "accuracy"], logits, labels)
+    assert got["loss"] == pytest.approx(float(loss_fn(op)(logits, labels)), rel=1e-5)
+    if op == "mse":
+        assert set(got) == {"loss"}
+    else:
+        assert set(got) == {"loss", "auc", "accuracy"}
+    assert set(evaluate_logits(op, ["loss"], logits, labels)) == {"loss"}
