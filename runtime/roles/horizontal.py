@@ -561,7 +561,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
         assert model is not None
         weights = model.get_weights()
-    export_model(ctx, weights, names, specs=specs)  # the server's model inputs: the workers' specs
+    export_model(ctx, weights, names)
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
 
 
@@ -746,8 +746,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             state = get_opt_state(opt, variables) if opt is not None else {}
             save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
     ctx.collect_landed()  # the server's notice of the last checkpoint (workers save in this thread)
-    export_model(ctx, model.get_weights(), model.weight_names, metrics=history[-1] if history else {},
-                 history=history)
+    export_model(ctx, model.get_weights(), model.weight_names)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
 
