@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -594,6 +595,32 @@ def score_metrics(loss_op: str, wanted: list[str], logits: np.ndarray,
     from fldsl.stdlib.tf import metrics as M
 
     return M.evaluate_logits(loss_op, wanted, logits, labels)
+
+
+def report_epoch(ctx: RoleContext, epoch: int, metrics: dict[str, Any]) -> None:
+    """An epoch's metrics: the progress event (metrics.jsonl, the summary) and TensorBoard scalars under
+    ``<run-dir>/tensorboard/<node>/`` (``tensorboard --logdir runs/`` shows every node of every run). The
+    event files are plain, as metrics.jsonl is: they hold the same numbers, not model or data."""
+    ctx.progress.emit("epoch", epoch=epoch, metrics=metrics)
+    # tf.summary.scalar is the tensorboard package's (not installed with tensorflow-cpu here); the writer
+    # and write ops it wraps are TensorFlow's own. The "scalars" plugin tag is what makes TensorBoard plot
+    # a tensor summary as a scalar curve, exactly as tf.summary.scalar marks it.
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+    from tensorflow.python.ops import summary_ops_v2
+
+    writer = ctx.cache.get("tensorboard")
+    if writer is None:  # one writer per process, kept across role re-runs (a new one opens a new file)
+        logdir = ctx.run_dir / "tensorboard" / ctx.node
+        logdir.mkdir(parents=True, exist_ok=True)
+        writer = ctx.cache["tensorboard"] = summary_ops_v2.create_file_writer_v2(str(logdir))
+    scalar = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    with writer.as_default():
+        for name, value in sorted(metrics.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                summary_ops_v2.write(name, tf.constant(float(value), tf.float32), step=epoch, metadata=scalar)
+    writer.flush()  # visible while the run lasts, and complete if the node is killed
 
 
 # ---------------------------------------------------------------------------------------------------------

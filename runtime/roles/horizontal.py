@@ -66,6 +66,7 @@ from fldsl.runtime.roles.common import (
     is_checkpoint_step,
     label_ref,
     load_tables,
+    report_epoch,
     save_checkpoint,
     score_metrics,
     with_checkpoint_writer,
@@ -741,7 +742,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
                 metrics.update(_eval(plan, predict, inputs_for(table, hold_rows), labels_all[hold_rows]))
             epoch = (r + 1 + rpe - 1) // rpe
             history.append({"epoch": epoch, **metrics})
-            ctx.progress.emit("epoch", epoch=epoch, metrics=metrics)
+            report_epoch(ctx, epoch, metrics)
         if is_checkpoint_step(plan, r + 1, rpe):
             state = get_opt_state(opt, variables) if opt is not None else {}
             save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})

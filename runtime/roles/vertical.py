@@ -59,6 +59,7 @@ from fldsl.runtime.roles.common import (
     load_tables,
     pack_arrays,
     recv_chunked,
+    report_epoch,
     save_checkpoint,
     score_metrics,
     send_chunked,
@@ -247,7 +248,7 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
             metrics.update(_evaluate(ctx, recv_flows, hold_rows, e, predict, inputs_for,
                                      table.fields[label_field]))
             history.append({"epoch": e + 1, **metrics})
-            ctx.progress.emit("epoch", epoch=e + 1, metrics=metrics)
+            report_epoch(ctx, e + 1, metrics)
             epoch_losses = []
         if is_checkpoint_step(plan, s + 1, spe):
             # A snapshot (get_weights and the optimiser slots are copies; the lists are copied), written in
