@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import struct
 from pathlib import Path
@@ -269,6 +270,21 @@ def decrypt_file(src: Path, dst: Path, *, private_pem: bytes, node_id: str | Non
 
     ``node_id`` / ``name``, when given, must equal the header's. Raises :class:`OwnerExportError` (and
     :class:`OwnerKeyError` for an unreadable private key)."""
+    # The plaintext model: readable by its owner only.
+    with atomic_output(dst, mode=0o600) as out:
+        return _decrypt(src, out, private_pem=private_pem, node_id=node_id, name=name)
+
+
+def decrypt_bytes(src: Path, *, private_pem: bytes, node_id: str | None = None,
+                  name: str | None = None) -> tuple[OwnerExportHeader, bytes]:
+    """:func:`decrypt_file` into memory (a SavedModel pack is unpacked into a folder, never written whole)."""
+    buf = io.BytesIO()
+    header = _decrypt(src, buf, private_pem=private_pem, node_id=node_id, name=name)
+    return header, buf.getvalue()
+
+
+def _decrypt(src: Path, out: BinaryIO, *, private_pem: bytes, node_id: str | None,
+             name: str | None) -> OwnerExportHeader:
     priv = load_private_key(private_pem)
     with open(src, "rb") as f:
         header, digest = read_header(f)
@@ -285,16 +301,14 @@ def decrypt_file(src: Path, dst: Path, *, private_pem: bytes, node_id: str | Non
             raise OwnerExportError("format", "malformed header: enc is not base64") from None
         aead = AESGCM(_derive(_decapsulate(priv, header.alg, enc), digest))
         n = _chunks(header.length, header.chunk_size)
-        # The plaintext model: readable by its owner only.
-        with atomic_output(dst, mode=0o600) as out:
-            for i in range(n):
-                size = min(header.chunk_size, header.length - i * header.chunk_size)
-                ct = _read_exact(f, size + TAG)
-                try:
-                    out.write(aead.decrypt(_nonce(i), ct, _aad(digest, i, i == n - 1)))
-                except InvalidTag:
-                    raise OwnerExportError(
-                        "tampered", f"chunk {i} does not authenticate: the file was modified") from None
-            if f.read(1):
-                raise OwnerExportError("tampered", "trailing bytes after the last chunk")
+        for i in range(n):
+            size = min(header.chunk_size, header.length - i * header.chunk_size)
+            ct = _read_exact(f, size + TAG)
+            try:
+                out.write(aead.decrypt(_nonce(i), ct, _aad(digest, i, i == n - 1)))
+            except InvalidTag:
+                raise OwnerExportError(
+                    "tampered", f"chunk {i} does not authenticate: the file was modified") from None
+        if f.read(1):
+            raise OwnerExportError("tampered", "trailing bytes after the last chunk")
     return header

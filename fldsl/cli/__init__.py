@@ -43,6 +43,7 @@ _COMMANDS = {
     "trust": "trust",
     "inspect": "inspect_cmd",
     "model": "model",
+    "predict": "predict",
     "bench": "bench",
     "data": "data",
     "keys": "keys",

@@ -1,4 +1,8 @@
-"""``fldsl model decrypt``: the model owner opens an exported model (sealed, or encrypted to their key)."""
+"""``fldsl model decrypt``: the model owner opens an exported model (sealed, or encrypted to their key).
+
+Two kinds of export: the weights (``<node>_model.sealed`` / ``.owner``, an ``.npz`` file) and the SavedModel
+pack (``<node>_model.savedmodel.sealed`` / ``.owner``, export name ``<node>/model/savedmodel``), which is
+unpacked into a folder that ``tf.saved_model.load`` opens (fldsl.runtime.savedmodel)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ def command() -> None:
 @click.argument("sealed", type=click.Path(path_type=Path))
 @click.option(
     "-o", "--output", type=click.Path(), required=True,
-    help="Where to write the plaintext: a file, or a folder (existing, or named with a trailing /)."
+    help="Where to write the plaintext: a file, or a folder (existing, or named with a trailing /). A "
+    "SavedModel pack becomes the folder OUTPUT (or a folder inside an existing OUTPUT)."
 )
 @click.option(
     "--key-file",
@@ -68,8 +73,13 @@ def decrypt(
     out = Path(output)
     if output.endswith("/") and not out.exists():  # "-o model/": a folder is meant, as with cp
         out.mkdir(parents=True)
+    stem = sealed.name.removesuffix(".sealed").removesuffix(".owner")
+    if _is_pack_export(sealed, owner_file, name):
+        _decrypt_pack(sealed, out / stem if out.is_dir() else out, key_file, owner_key, node_id, name,
+                      min_version)
+        return
     if out.is_dir():  # like cp: into the folder, named after the model (never a stray OUTPUT.tmp)
-        out = out / (sealed.name.removesuffix(".sealed").removesuffix(".owner") + ".npz")
+        out = out / (stem + ".npz")
     if owner_key is not None:
         _decrypt_owner(sealed, out, owner_key, node_id, name)
     else:
@@ -123,3 +133,80 @@ def _decrypt_owner(src: Path, output: Path, owner_key: Path, node_id: str | None
         sys.exit(EXIT_INPUT)
     click.echo(f"decrypted {src} -> {output} ({header.length} bytes, exported by {header.node} as "
                f"{header.name}, {header.alg})")
+
+
+def _is_pack_export(src: Path, owner_file: bool, name: str | None) -> bool:
+    """A SavedModel pack, by its export name: the owner file's authenticated header, else --name (or the
+    file name, when --name is not given)."""
+    from fldsl.runtime.savedmodel import SUFFIX, export_name
+
+    if owner_file:
+        from fldsl.runtime.owner_export import OwnerExportError, read_header
+
+        try:
+            with open(src, "rb") as f:
+                header, _ = read_header(f)
+        except (OSError, OwnerExportError):
+            return False  # the decrypt below reports it
+        return header.name.endswith(export_name(""))
+    if name is not None:
+        return name.endswith(export_name(""))
+    return src.name.endswith(SUFFIX + ".sealed")
+
+
+def _decrypt_pack(src: Path, out: Path, key_file: Path | None, owner_key: Path | None, node_id: str | None,
+                  name: str | None, min_version: int | None) -> None:
+    """Decrypt a SavedModel pack in memory and unpack it into the new folder ``out``."""
+    from fldsl.runtime.savedmodel import ModelPackError, unpack
+
+    if out.exists():
+        click.echo(f"error: {out} exists: the SavedModel goes into a new folder (or name an existing folder "
+                   "to put it inside)", err=True)
+        sys.exit(EXIT_INPUT)
+    if owner_key is not None:
+        from fldsl.runtime.owner_export import MAX_PEM, OwnerExportError, OwnerKeyError, decrypt_bytes
+
+        try:
+            with open(owner_key, "rb") as f:
+                pem = f.read(MAX_PEM + 1)
+            header, data = decrypt_bytes(src, private_pem=pem, node_id=node_id, name=name)
+        except OSError as e:
+            click.echo(f"error: cannot read {e.filename}: {e.strerror}", err=True)
+            sys.exit(EXIT_INPUT)
+        except OwnerKeyError as e:
+            click.echo(f"error: {owner_key}: {e}", err=True)
+            sys.exit(EXIT_INPUT)
+        except OwnerExportError as e:
+            click.echo(f"error: {src}: {e}", err=True)
+            sys.exit(EXIT_INPUT if e.reason == "format" else EXIT_TRUST)
+        who = f"exported by {header.node} as {header.name}, {header.alg}"
+    else:
+        from fldsl.runtime.sealing import SealError, unseal_file
+
+        if node_id is None or name is None:
+            raise click.UsageError("a sealed model needs --node and --name")
+        key_file = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
+        try:
+            key = key_file.read_bytes()
+        except OSError as e:
+            click.echo(f"error: cannot read key file {key_file}: {e.strerror}", err=True)
+            sys.exit(EXIT_INPUT)
+        try:
+            data = bytes(unseal_file(src, key=key, node_id=node_id, name=name, min_version=min_version))
+        except SealError as e:
+            click.echo(f"error: {src}: {e}", err=True)
+            sys.exit(EXIT_INPUT if e.reason in {"bad-key", "not-sealed", "format"} else EXIT_TRUST)
+        except OSError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_INPUT)
+        who = f"sealed by {node_id} as {name}"
+    try:
+        card = unpack(data, out)
+    except ModelPackError as e:
+        click.echo(f"error: {src}: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INPUT)
+    click.echo(f"decrypted {src} -> {out}/ (SavedModel of {card.get('node')}, {who}; "
+               f"tf.saved_model.load('{out}'))")

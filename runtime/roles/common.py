@@ -714,10 +714,17 @@ def with_checkpoint_writer(ctx: RoleContext, body: Callable[[CheckpointWriter], 
     return result
 
 
-def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) -> Path | None:
+def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str], *,
+                 specs: dict[str, TensorSpec] | None = None, metrics: dict[str, Any] | None = None,
+                 history: list[dict[str, Any]] | None = None,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> Path | None:
     """Seal the node's part of the trained model under the plan's export name; when the plan names the
     owner's public key (``export_recipient``), also write it encrypted to that key (``<name>.owner``): a
-    sealed file opens only inside the enclave (under SGX its key is bound to MRENCLAVE)."""
+    sealed file opens only inside the enclave (under SGX its key is bound to MRENCLAVE).
+
+    Then the same part as a SavedModel with its model card (``fldsl.runtime.savedmodel.export_pack``):
+    ``specs`` where the plan cannot give the model's input specs (the horizontal aggregator), ``metrics`` /
+    ``history`` for the card, ``holdout`` = (ids, logits) of the label owner's last holdout evaluation."""
     if ctx.plan.export is None:
         return None
     from fldsl.runtime import sealing
@@ -740,6 +747,9 @@ def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str]) 
         ctx.owner_exports[ctx.plan.export] = str(owner_dst)
         owner["owner_path"] = str(owner_dst)
     ctx.progress.emit("export", name=ctx.plan.export, path=str(dst), **owner)
+    from fldsl.runtime.savedmodel import export_pack
+
+    export_pack(ctx, weights, specs=specs, metrics=metrics, history=history, holdout=holdout)
     return dst
 
 

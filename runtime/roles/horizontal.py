@@ -562,7 +562,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
         assert model is not None
         weights = model.get_weights()
-    export_model(ctx, weights, names)
+    export_model(ctx, weights, names, specs=specs)  # the server's model inputs: the workers' specs
     return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
 
 
@@ -747,7 +747,8 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             state = get_opt_state(opt, variables) if opt is not None else {}
             save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
     ctx.collect_landed()  # the server's notice of the last checkpoint (workers save in this thread)
-    export_model(ctx, model.get_weights(), model.weight_names)
+    export_model(ctx, model.get_weights(), model.weight_names, metrics=history[-1] if history else {},
+                 history=history)
     return {"metrics": history[-1] if history else {}, "history": history, "examples_per_s": meter.rate,
             "steps": rounds}
 

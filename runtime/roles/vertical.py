@@ -219,6 +219,9 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
 
     meter = Meter()
     last_emit = 0.0
+    # The last epoch's holdout logits (the exported weights'), for the SavedModel pack's holdout scores; None
+    # when this process ran no evaluation (resumed after the last one, or no holdout).
+    holdout_logits: np.ndarray | None = None
     for s in range(start, total):
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, s)
@@ -245,8 +248,9 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
             # train_loss: the epoch's mean training loss; loss (and auc, ...): the holdout's.
             metrics = {"train_loss": sum(v * n for v, n in epoch_losses)
                        / max(1, sum(n for _, n in epoch_losses))}
-            metrics.update(_evaluate(ctx, recv_flows, hold_rows, e, predict, inputs_for,
-                                     table.fields[label_field]))
+            scored, holdout_logits = _evaluate(ctx, recv_flows, hold_rows, e, predict, inputs_for,
+                                               table.fields[label_field])
+            metrics.update(scored)
             history.append({"epoch": e + 1, **metrics})
             report_epoch(ctx, e + 1, metrics)
             epoch_losses = []
@@ -259,14 +263,18 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
             writer.submit(lambda s=s, a=arrays, m=meta: save_checkpoint(ctx, s + 1, a, m))
             del arrays
 
-    export_model(ctx, model.get_weights(), model.weight_names)
     final = history[-1] if history else {}
+    holdout = (table.ids[hold_rows], holdout_logits) if holdout_logits is not None else None
+    export_model(ctx, model.get_weights(), model.weight_names, metrics=final, history=history,
+                 holdout=holdout)
     return {"metrics": final, "history": history, "examples_per_s": meter.rate, "steps": total}
 
 
-def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all) -> dict[str, float]:
+def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
+              ) -> tuple[dict[str, float], np.ndarray | None]:
+    """The holdout metrics and the logits they were computed from (None without holdout rows)."""
     if len(hold_rows) == 0:
-        return {}
+        return {}, None
     b = ctx.plan.train.batch_size
     logits = []
     for k, idx in enumerate(batches(np.arange(len(hold_rows)), b)):
@@ -276,8 +284,8 @@ def _evaluate(ctx, recv_flows, hold_rows, epoch, predict, inputs_for, labels_all
                                    len(idx))
                 for p, f in recv_flows}
         logits.append(predict(inputs_for(hold_rows[idx]), acts).numpy())
-    return score_metrics(ctx.plan.loss.op, ctx.plan.train.metrics, np.concatenate(logits),
-                         labels_all[hold_rows])
+    joined = np.concatenate(logits)
+    return score_metrics(ctx.plan.loss.op, ctx.plan.train.metrics, joined, labels_all[hold_rows]), joined
 
 
 # ---------------------------------------------------------------------------------------------------------
