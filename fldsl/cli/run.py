@@ -183,8 +183,9 @@ def print_summary(console: Any, result: Any) -> None:
         # Under SGX a sealed model opens only inside its enclave: these copies are what the owner can open.
         console.print("models encrypted to their owner's key (fldsl compile --owner-key); the owner opens "
                       "each with:", highlight=False)
-        for p in owner:
-            console.print(f"  fldsl model decrypt {p} --owner-key PRIVATE.pem -o OUT.npz", highlight=False)
+        for p in owner:  # a SavedModel pack opens into a folder, the weights into an .npz file
+            out = "OUT/" if p.endswith(".savedmodel.owner") else "OUT.npz"
+            console.print(f"  fldsl model decrypt {p} --owner-key PRIVATE.pem -o {out}", highlight=False)
     if result.interrupted:
         console.print("interrupted: every node stopped at a step boundary; run again with "
                       f"`--run-dir {result.run_dir}` to resume from the last common checkpoint")
