@@ -127,13 +127,55 @@ class RowsBound:
 
 
 @dataclass
+class MissingOpt:
+    """``missing: "?" mean indicator`` (each part optional; the checker says which combinations mean
+    something for the line's type). ``fill`` is ``mean``, ``median`` or ``constant`` (then ``value``)."""
+
+    token: Literal_ | None
+    fill: Name | None
+    value: Expr | None
+    indicator: Name | None
+    span: Span
+
+
+@dataclass
+class ScaleOpt:
+    """``scale: standard`` / ``scale: minmax`` / ``scale: clip(lo, hi)``."""
+
+    kind: Name
+    lo: Expr | None
+    hi: Expr | None
+    span: Span
+
+
+@dataclass
+class VocabularyOpt:
+    """``vocabulary: top K``."""
+
+    top: Expr
+    span: Span
+
+
+@dataclass
+class HashOpt:
+    """``hash: N buckets``."""
+
+    buckets: Expr
+    span: Span
+
+
+ColumnOption = MissingOpt | ScaleOpt | VocabularyOpt | HashOpt
+
+
+@dataclass
 class ColumnDecl:
-    """``numeric age, "hours-per-week"``: a type (checked later, so a typo gets a suggestion) and its columns
-    (a quoted name's span covers its quotes)."""
+    """``numeric age, "hours-per-week" missing: mean``: a type (checked later, so a typo gets a
+    suggestion), its columns (a quoted name's span covers its quotes) and the options that apply to each."""
 
     type: Name
     columns: list[Name]
     span: Span
+    options: list[ColumnOption] = field(default_factory=list)
 
 
 @dataclass

@@ -30,8 +30,10 @@ from fldsl.artifacts import (
     ColumnSpec,
     DataSpec,
     LossSpec,
+    MissingSpec,
     OpCall,
     OptimizerSpec,
+    ScaleSpec,
     TensorSpec,
     TrainSpec,
     ValidationSpec,
@@ -105,6 +107,7 @@ class Checker:
         self.missing_data_params: set[str] = set()
         self.poisoned: set[str] = set()  # tensors whose definition failed: uses are not reported again
         self.schemas: dict[int, list[ColumnSpec] | None] = {}  # schema block (by identity) -> its columns
+        self.vocabularies: list[ast.Span] = []  # `vocabulary:` options (refused in horizontal pipelines)
 
     # --- reporting -------------------------------------------------------------------------------------
     def error(self, span: ast.Span | None, message: str, hint: str | None = None) -> None:
@@ -152,6 +155,7 @@ class Checker:
             )
             self.check_parties(env)
             self.check_partition_kind()
+            self.check_fitted_vocabularies()
             self.fail_if_errors()
             self.check_partition_nodes()
             self.fail_if_errors()
@@ -529,11 +533,12 @@ class Checker:
         build is byte-identical; the node checks its file against the schema when it starts."""
         call = dd.reader
         id_col, label_col = args["id"], args["label"]
-        declared = self._schema_columns(dd, block, id_col, label_col)
+        declared = self._schema_columns(dd, block, id_col, label_col, env)
         bound = self._rows_bound(block, env)
         if declared is None or bound is None:
             return None
         names = [c.name for c in declared]
+        width = {c.name: c.width for c in declared}
         features: list[str] = []
         for pat in args["columns"]:
             hits = [c for c in names if fnmatch.fnmatchcase(c, pat)]
@@ -553,14 +558,14 @@ class Checker:
             id_column=id_col,
             label_column=label_col,
             feature_columns=features,
-            fields=self._csv_fields(len(features), label_col),
+            fields=self._csv_fields(sum(width[c] for c in features), label_col),
             columns=declared,
             max_rows=bound,
         )
         return IRDataset(party=party, spec=spec, rows=bound, span=span)
 
     def _schema_columns(
-        self, dd: ast.DataDecl, block: ast.SchemaBlock, id_col: str | None, label_col: str | None
+        self, dd: ast.DataDecl, block: ast.SchemaBlock, id_col: str | None, label_col: str | None, env: Env
     ) -> list[ColumnSpec] | None:
         """The declared columns, in order, or None after reporting every problem in the block. A party
         family shares one block: it is checked (and reported) once, not once per member."""
@@ -572,17 +577,12 @@ class Checker:
         ok = True
         for cd in block.columns:
             ctype = cd.type.value
-            if ctype == "category":
-                self.error(
-                    cd.type.span,
-                    "categorical columns are not supported yet (issue #12)",
-                    "leave these columns out of the block (a header may hold undeclared columns), "
-                    "or declare integer codes as `integer`",
-                )
+            if ctype not in COLUMN_TYPES:
+                self.unknown(cd.type.span, "column type", ctype, COLUMN_TYPES)
                 ok = False
                 continue
-            if ctype not in COLUMN_TYPES:
-                self.unknown(cd.type.span, "column type", ctype, [*COLUMN_TYPES, "category"])
+            options = self._column_options(cd, env)
+            if options is None:
                 ok = False
                 continue
             for col in cd.columns:
@@ -616,7 +616,7 @@ class Checker:
                     ok = False
                     continue
                 first[name] = col.span
-                out.append(ColumnSpec(name=name, type=ctype))  # type: ignore[arg-type]
+                out.append(ColumnSpec(name=name, type=ctype, **options))  # type: ignore[arg-type]
         if ok and not block.columns:
             self.error(
                 block.span,
@@ -627,6 +627,135 @@ class Checker:
         result = out if ok else None
         self.schemas[key] = result
         return result
+
+    def _column_options(self, cd: ast.ColumnDecl, env: Env) -> dict[str, Any] | None:
+        """The preprocessing of one schema line (``missing:``, ``scale:``, ``vocabulary:``, ``hash:``) as
+        ColumnSpec fields, or None after reporting every problem with them."""
+        ctype = cd.type.value
+        numeric = ctype in ("numeric", "integer")
+        out: dict[str, Any] = {}
+        seen: dict[type, ast.Span] = {}
+        ok = True
+
+        def bad(span: ast.Span, message: str, hint: str | None = None) -> None:
+            nonlocal ok
+            self.error(span, message, hint)
+            ok = False
+
+        def number(expr: ast.Expr, what: str) -> float | None:
+            v = evaluate(expr, "float", env, what, self.report)
+            if v is BAD:
+                nonlocal ok
+                ok = False
+                return None
+            return float(v)
+
+        def count(expr: ast.Expr, what: str, most: int) -> int | None:
+            v = evaluate(expr, "int", env, what, self.report)
+            if v is BAD:
+                nonlocal ok
+                ok = False
+                return None
+            if not 1 <= v <= most:
+                bad(expr.span, f"{what} must be between 1 and {most:,}, got {v}")
+                return None
+            return int(v)
+
+        for opt in cd.options:
+            word = {ast.MissingOpt: "missing", ast.ScaleOpt: "scale", ast.VocabularyOpt: "vocabulary",
+                    ast.HashOpt: "hash"}[type(opt)]
+            if type(opt) in seen:
+                prev = seen[type(opt)]
+                bad(opt.span, f"`{word}:` is given twice on one line",
+                    f"first given at line {prev.line}, column {prev.column}; keep one")
+                continue
+            seen[type(opt)] = opt.span
+            if isinstance(opt, ast.MissingOpt):
+                token = str(opt.token.value) if opt.token is not None else None
+                if (opt.token is not None and token is not None and token != token.strip()) or token == "":
+                    bad(opt.token.span, f"missing-value token {json.dumps(token)} is empty or starts or "
+                        "ends with a space",
+                        "cells are compared without surrounding spaces, and an empty cell is always missing")
+                    continue
+                if not numeric:
+                    if opt.fill is not None:
+                        bad(opt.fill.span, f"`{opt.fill.value}` fills numbers; a `category` column has no "
+                            "such fill: a missing value is a category of its own (the empty value)",
+                            'declare only the token, e.g. `missing: "?"`')
+                        continue
+                    if opt.indicator is not None:
+                        bad(opt.indicator.span, "`indicator` is for numeric and integer columns: a missing "
+                            "category value is already a category of its own (the empty value)",
+                            "remove `indicator`")
+                        continue
+                    out["missing"] = MissingSpec(token=token)
+                    continue
+                if opt.fill is None:
+                    bad(opt.span, "`missing:` on a numeric or integer line needs a fill: `mean`, `median` or "
+                        "`constant N`", 'e.g. `missing: "?" mean` or `missing: constant 0 indicator`')
+                    continue
+                value = number(opt.value, "the fill constant") if opt.value is not None else None
+                if opt.value is not None and value is None:
+                    continue
+                if ctype == "integer" and value is not None and not value.is_integer():
+                    bad(opt.value.span, f"the fill constant of an integer column must be a whole number, "  # type: ignore[union-attr]
+                        f"got {value}")
+                    continue
+                out["missing"] = MissingSpec(token=token, fill=opt.fill.value, value=value,  # type: ignore[arg-type]
+                                             indicator=opt.indicator is not None)
+            elif isinstance(opt, ast.ScaleOpt):
+                if not numeric:
+                    bad(opt.span, "`scale:` is for numeric and integer columns; a category becomes one-hot "
+                        "columns of 0 and 1", "remove `scale:` from this line")
+                    continue
+                lo = number(opt.lo, "the lower clip bound") if opt.lo is not None else None
+                hi = number(opt.hi, "the upper clip bound") if opt.hi is not None else None
+                if opt.kind.value == "clip":
+                    if lo is None or hi is None:
+                        continue
+                    if not lo < hi:
+                        bad(opt.span, f"`clip(lo, hi)` needs lo < hi, got clip({lo:g}, {hi:g})")
+                        continue
+                out["scale"] = ScaleSpec(kind=opt.kind.value, lo=lo, hi=hi)  # type: ignore[arg-type]
+            elif isinstance(opt, ast.VocabularyOpt):
+                if numeric:
+                    bad(opt.span, f"`vocabulary:` is for `category` columns, not `{ctype}` ones",
+                        "declare the columns as `category` to one-hot their values")
+                    continue
+                k = count(opt.top, "the vocabulary size", MAX_VOCABULARY)
+                if k is not None:
+                    out["vocabulary"] = k
+                    self.vocabularies.append(opt.span)
+            else:
+                if numeric:
+                    bad(opt.span, f"`hash:` is for `category` columns, not `{ctype}` ones",
+                        "declare the columns as `category` to hash their values")
+                    continue
+                n = count(opt.buckets, "the number of hash buckets", MAX_VOCABULARY)
+                if n is not None:
+                    out["hash_buckets"] = n
+        if ok and ctype == "category":
+            if "vocabulary" in out and "hash_buckets" in out:
+                bad(cd.span, "a category line takes `vocabulary:` or `hash:`, not both",
+                    "keep one: the feature columns are either the vocabulary's or the buckets'")
+            elif "vocabulary" not in out and "hash_buckets" not in out:
+                cols = ", ".join(_quoted(c.value) for c in cd.columns[:2])
+                bad(cd.type.span, "a `category` line needs `vocabulary: top K` or `hash: N buckets`: the "
+                    "number of feature columns it becomes is declared, so every party compiles the same "
+                    "model", f"e.g. `category {cols} vocabulary: top 100`")
+        return out if ok else None
+
+    def check_fitted_vocabularies(self) -> None:
+        """``vocabulary:`` is fitted on the training rows of the node holding the column. In a horizontal
+        pipeline that is every worker, each with its own rows: column j of the one-hot would be another
+        value at each worker, under one shared model. Refused; hashing needs no fit."""
+        if self.scenario != "horizontal":
+            return
+        for span in sorted(set(self.vocabularies), key=lambda s: (s.line, s.column)):
+            self.error(span, "`vocabulary:` is not available in a horizontal pipeline: each worker would "
+                       "choose its own most frequent values, so a one-hot column would mean a different "
+                       "value at each worker under one shared model",
+                       "use `hash: N buckets` (the same buckets at every worker, nothing to fit)")
 
     def _rows_bound(self, block: ast.SchemaBlock, env: Env) -> int | None:
         if not block.rows:
@@ -1366,6 +1495,13 @@ class Checker:
 
 def _join(a: ast.Span, b: ast.Span) -> ast.Span:
     return ast.Span(a.line, a.column, b.end_line, b.end_column)
+
+
+MAX_VOCABULARY = 100_000  # one-hot columns per category column: far beyond a useful vocabulary
+
+
+def _quoted(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else json.dumps(name)
 
 
 def _arg_span(call: ast.Call, name: str) -> ast.Span | None:

@@ -160,7 +160,38 @@ class _ToAst(Transformer[Token, ast.Module]):
         return _name(tok)
 
     def column_decl(self, meta: Any, c: list[Any]) -> ast.ColumnDecl:
-        return ast.ColumnDecl(_name(c[0]), list(c[1:]), _span_meta(meta))
+        cols = [x for x in c[1:] if isinstance(x, ast.Name)]
+        opts = [x for x in c[1:] if not isinstance(x, ast.Name)]
+        return ast.ColumnDecl(_name(c[0]), cols, _span_meta(meta), opts)
+
+    def fill(self, meta: Any, c: list[Any]) -> tuple[ast.Name, ast.Expr | None]:
+        return _name(c[0]), (c[1] if len(c) > 1 else None)
+
+    def _missing(self, meta: Any, token: Token | None, fill: Any, indicator: Token | None) -> ast.MissingOpt:
+        how, value = fill if fill is not None else (None, None)
+        return ast.MissingOpt(_string(token) if token is not None else None, how, value,
+                              _name(indicator) if indicator is not None else None, _span_meta(meta))
+
+    def missing_token(self, meta: Any, c: list[Any]) -> ast.MissingOpt:
+        return self._missing(meta, c[0], c[1], c[2])
+
+    def missing_fill(self, meta: Any, c: list[Any]) -> ast.MissingOpt:
+        return self._missing(meta, None, c[0], c[1])
+
+    def missing_flag(self, meta: Any, c: list[Any]) -> ast.MissingOpt:
+        return self._missing(meta, None, None, c[0])
+
+    def scale_plain(self, meta: Any, c: list[Token]) -> ast.ScaleOpt:
+        return ast.ScaleOpt(_name(c[0]), None, None, _span_meta(meta))
+
+    def scale_clip(self, meta: Any, c: list[Any]) -> ast.ScaleOpt:
+        return ast.ScaleOpt(_name(c[0]), c[1], c[2], _span_meta(meta))
+
+    def vocabulary_opt(self, meta: Any, c: list[Any]) -> ast.VocabularyOpt:
+        return ast.VocabularyOpt(c[0], _span_meta(meta))
+
+    def hash_opt(self, meta: Any, c: list[Any]) -> ast.HashOpt:
+        return ast.HashOpt(c[0], _span_meta(meta))
 
     def schema_block(self, meta: Any, c: list[Any]) -> ast.SchemaBlock:
         return ast.SchemaBlock(
@@ -301,6 +332,8 @@ _NAME_AFTER = {
     "numeric": "a column name",
     "integer": "a column name",
     "category": "a column name",
+    "top": "a number (the vocabulary size)",
+    "constant": "a number (the fill value)",
 }
 _VALUE_TERMINALS = {"NAME", "NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "NONE"}
 
@@ -335,7 +368,24 @@ def _terminal_words(name: str, prev: str | None) -> str:
     return f"`{literal}`" if literal is not None else name.lower()
 
 
+# A value expected right after these words, in words (instead of "a value or `(`").
+_VALUE_AFTER = {
+    "constant": "a number (the fill value, e.g. `constant 0`)",
+    "top": "a whole number (the vocabulary size, e.g. `top 100`)",
+}
+# The form to write, where a column option's only continuation is missing.
+_OPTION_FORMS = {
+    frozenset({"_TOP"}): "write `vocabulary: top K` (the K most frequent values get a column each)",
+    frozenset({"_BUCKETS"}): "write `hash: N buckets`",
+    frozenset({"COMMA"}): "write `clip(lo, hi)`",
+}
+# Schema block column options, for "did you mean `missing:`?" when a misspelt one reads as a column type.
+_COLUMN_OPTIONS = ("missing", "scale", "vocabulary", "hash")
+
+
 def _expected_words(expected: set[str], prev: str | None) -> str:
+    if prev in _VALUE_AFTER and "NUMBER" in expected:
+        return _VALUE_AFTER[prev]
     exp = set(expected)
     words: list[str] = []
     if {"NUMBER", "STRING"} <= exp and "NAME" in exp:
@@ -359,14 +409,40 @@ def _tok_desc(tok: Token) -> str:
     return f"`{tok}`"
 
 
-def _prev_token(e: UnexpectedInput) -> str | None:
+def _prev(e: UnexpectedInput) -> Token | None:
     ip = getattr(e, "interactive_parser", None)
     if ip is None:
         return None
     stack = ip.parser_state.value_stack
     if stack and isinstance(stack[-1], Token):
-        return str(stack[-1])
+        return stack[-1]
     return None
+
+
+def _prev_token(e: UnexpectedInput) -> str | None:
+    tok = _prev(e)
+    return str(tok) if tok is not None else None
+
+
+def _misspelt_option(e: UnexpectedToken, file: str) -> Diagnostic | None:
+    """``numeric a missng: mean``: the misspelt option reads as the next line's column type, and the parser
+    stops at its `:`. Point at the word instead, with the option it resembles."""
+    prev = _prev(e)
+    if e.token.type != "COLON" or prev is None or prev.type != "NAME":
+        return None
+    best = did_you_mean(str(prev), list(_COLUMN_OPTIONS))
+    if best is None or prev.line is None or prev.column is None:
+        return None
+    return Diagnostic(
+        "error",
+        f"unknown column option `{prev}:`; the options are "
+        + ", ".join(f"`{o}:`" for o in _COLUMN_OPTIONS),
+        file,
+        prev.line,
+        prev.column,
+        prev.end_column if prev.end_line == prev.line else None,
+        f"did you mean `{best}:`?",
+    )
 
 
 def _end_position(source: str) -> tuple[int, int]:
@@ -398,6 +474,9 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
     if isinstance(e, UnexpectedToken):
         e.expected = _accepts(e, set(e.expected))
         tok = e.token
+        misspelt = _misspelt_option(e, file)
+        if misspelt is not None:
+            return misspelt
         if tok.type == "$END":
             line, col = _end_position(source)
             return Diagnostic(
@@ -407,6 +486,7 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
                 line,
                 col,
             )
+        hint = _keyword_hint(str(tok), e.expected) if tok.type == "NAME" else None
         return Diagnostic(
             "error",
             f"unexpected {_tok_desc(tok)}; expected {_expected_words(e.expected, prev)}",
@@ -414,7 +494,7 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
             tok.line,
             tok.column,
             tok.end_column if tok.end_line == tok.line else None,
-            _keyword_hint(str(tok), e.expected) if tok.type == "NAME" else None,
+            hint or _OPTION_FORMS.get(frozenset(e.expected)),
         )
     if isinstance(e, UnexpectedCharacters):
         ch = source[e.pos_in_stream] if 0 <= e.pos_in_stream < len(source) else ""

@@ -85,15 +85,61 @@ class Flow(_Model):
     rule_span: str | None = None  # "file:line:col" of that rule
 
 
-ColumnType = Literal["numeric", "integer"]
-COLUMN_TYPES: tuple[ColumnType, ...] = ("numeric", "integer")
+ColumnType = Literal["numeric", "integer", "category"]
+COLUMN_TYPES: tuple[ColumnType, ...] = ("numeric", "integer", "category")
+
+
+class MissingSpec(_Model):
+    """``missing: "?" mean indicator``: which cells are missing and what replaces them (fitted on the
+    training rows by the node that owns the column: fldsl.runtime.preprocess)."""
+
+    token: str | None = None  # a cell equal to it (spaces stripped) is missing; an empty cell always is
+    fill: Literal["mean", "median", "constant"] | None = None  # numeric/integer; None for category
+    value: float | None = None  # fill "constant"
+    indicator: bool = False  # numeric/integer: one more feature column, 1.0 where the cell was missing
+
+
+class ScaleSpec(_Model):
+    """``scale: standard | minmax | clip(lo, hi)`` (numeric/integer)."""
+
+    kind: Literal["standard", "minmax", "clip"]
+    lo: float | None = None  # clip bounds
+    hi: float | None = None
 
 
 class ColumnSpec(_Model):
-    """A column declared by a csv data set's schema block: ``numeric age`` / ``integer children``."""
+    """A column declared by a csv data set's schema block: ``numeric age`` / ``integer children`` /
+    ``category education vocabulary: top 100``, with its preprocessing (docs/language.md, "Schema blocks")."""
 
     name: str
     type: ColumnType  # numeric: finite numbers; integer: whole numbers (both read as float32 features)
+    missing: MissingSpec | None = None
+    scale: ScaleSpec | None = None
+    vocabulary: int | None = None  # category: the k most frequent training values, plus one other column
+    hash_buckets: int | None = None  # category: one-hot of a hash of the value into N buckets
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Plain columns serialise as before preprocessing existed: plans (and measurements) keep their bytes.
+        data = handler(self)
+        for k in ("missing", "scale", "vocabulary", "hash_buckets"):
+            if data.get(k) is None:
+                data.pop(k, None)
+        return data
+
+    @property
+    def width(self) -> int:
+        """The feature columns this column becomes: 1 (+1 with a missing indicator); a category k + 1 with
+        ``vocabulary: top k``, N with ``hash: N buckets``."""
+        if self.type == "category":
+            return (self.vocabulary + 1) if self.vocabulary is not None else int(self.hash_buckets or 0)
+        return 1 + int(self.missing is not None and self.missing.indicator)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether reading this column needs statistics of the training rows or a transform (anything but a
+        plain numeric/integer column)."""
+        return self.type == "category" or self.missing is not None or self.scale is not None
 
 
 class DataSpec(_Model):

@@ -14,6 +14,7 @@ most N rows. Every problem is listed in one :class:`SchemaMismatch`, each as ``f
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from fldsl.runtime.data import DataError
+from fldsl.runtime.preprocess import missing_mask
 
-from fldsl.artifacts import ColumnType, DataSpec
+from fldsl.artifacts import ColumnSpec, ColumnType, DataSpec
 from fldsl.diagnostics import did_you_mean
 
 EXIT_INPUT = 2  # README "Exit codes": bad data rows are an input error
@@ -78,6 +80,25 @@ def _bad_rows(cells: Sequence[str], ctype: ColumnType) -> list[int]:
     if ctype == "integer":
         bad |= np.isfinite(x) & (x != np.floor(np.where(np.isfinite(x), x, 0.0)))
     return np.flatnonzero(bad).tolist()
+
+
+def _missing_hint(cells: Sequence[str], bad: list[int], c: ColumnSpec) -> str:
+    """How to declare the bad cells of a numeric/integer column as missing, when they all look like one
+    missing-value marker (empty, or one repeated text such as ``?``); else nothing."""
+    if c.missing is not None:
+        return ""
+    marks = {cells[i].strip() for i in bad}
+    if marks == {""}:
+        return "; to fill empty cells, declare `missing: mean` (or `median`, `constant N`) on its line"
+    texts = marks - {""}
+    if len(texts) == 1:
+        (t,) = texts
+        try:
+            float(t)
+        except ValueError:
+            return (f"; if {t!r} marks a missing value, declare `missing: {json.dumps(t)} mean` (or "
+                    "`median`, `constant N`) on its line")
+    return ""
 
 
 def field_starts(line: str) -> list[int]:
@@ -196,14 +217,18 @@ def check_csv_schema(spec: DataSpec, path: Path | str) -> None:
             if empty:
                 first_of(empty, j, f"empty {what} in column `{name}`")
     for c in spec.columns:
-        if c.name not in col:
+        if c.name not in col or c.type == "category":  # a category takes any text; empty is its own value
             continue
         j = col[c.name]
         cells = [f.rows[i][j] for i in good]
-        bad = _bad_rows(cells, c.type)
+        if c.missing is not None:  # declared missing cells (empty or the token) are filled, not checked
+            keep = np.flatnonzero(~missing_mask(cells, c.missing.token))
+            bad = keep[_bad_rows([cells[k] for k in keep.tolist()], c.type)].tolist()
+        else:
+            bad = _bad_rows(cells, c.type)
         if bad:
             why = value_problem(cells[bad[0]], c.type)
-            first_of(bad, j, f"column `{c.name}` ({c.type}): {why}")
+            first_of(bad, j, f"column `{c.name}` ({c.type}): {why}{_missing_hint(cells, bad, c)}")
 
     if spec.max_rows is not None and len(f.rows) > spec.max_rows:
         ln = f.line_no[spec.max_rows]

@@ -40,13 +40,17 @@ class Table:
 
     ids: np.ndarray
     fields: dict[str, np.ndarray] = field(default_factory=dict)
+    # Feature columns as read, waiting for preprocessing fitted on the training rows (fldsl.runtime.
+    # preprocess.fit_tables replaces them with ``features``); empty when there is nothing to fit.
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def take(self, rows: np.ndarray | Sequence[int]) -> Table:
         rows = np.asarray(rows, dtype=np.int64)
-        return Table(self.ids[rows], {k: v[rows] for k, v in self.fields.items()})
+        return Table(self.ids[rows], {k: v[rows] for k, v in self.fields.items()},
+                     {k: v[rows] for k, v in self.raw.items()})
 
     def index_of(self, ids: Sequence[object] | np.ndarray) -> np.ndarray:
         """Row numbers of ``ids`` (in that order); DataError naming the first id this table lacks."""
@@ -93,9 +97,10 @@ MAX_LABELS_LISTED = 20
 
 def read_csv(path: Path | str, *, id_column: str | None, label_column: str | None,
              feature_columns: Sequence[str], label_dtype: str = "int64",
-             label_rule: LabelRule | None = None) -> Table:
+             label_rule: LabelRule | None = None, raw_columns: Sequence[str] = ()) -> Table:
     """Read a CSV with a header; see the module docstring for the error contract. With ``label_rule``,
-    every label outside its classes is reported at once, as ``file:line:column``."""
+    every label outside its classes is reported at once, as ``file:line:column``. ``raw_columns``: columns
+    returned as their cells (text, in ``Table.raw``) rather than parsed as numeric features."""
     path = Path(path)
     name = str(path)
     try:
@@ -121,7 +126,7 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
         if h in col:
             raise DataError(f"column `{h}` appears twice in the header", name, 1)
         col[h] = j
-    wanted = [c for c in (id_column, label_column) if c] + list(feature_columns)
+    wanted = [c for c in (id_column, label_column) if c] + list(feature_columns) + list(raw_columns)
     for c in wanted:
         if c not in col:
             raise DataError(f"missing column `{c}` (the header has: {', '.join(header)})", name, 1)
@@ -171,7 +176,8 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
             fields["label"] = y.astype(np.int64 if label_dtype != "int32" else np.int32)
         else:
             fields["label"] = y.astype(np.float32 if label_dtype == "float32" else np.float64)
-    return Table(ids=ids, fields=fields)
+    raw = {c: np.array(columns[col[c]], dtype=str) for c in raw_columns}
+    return Table(ids=ids, fields=fields, raw=raw)
 
 
 def _check_labels(y: np.ndarray, cells: Sequence[str], rule: LabelRule, column: str, column_no: int,
@@ -278,8 +284,20 @@ def load_dataset(spec: DataSpec, base_dir: Path | str | None = None,
 
             check_csv_schema(spec, path)
         label_dtype = fields["label"].dtype if "label" in fields else "int64"
-        table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
-                         feature_columns=spec.feature_columns, label_dtype=label_dtype, label_rule=label_rule)
+        from fldsl.runtime import preprocess
+
+        if preprocess.needs_fit(spec):
+            # Missing values, scaling, categories: read the columns raw; the node fits their preprocessing
+            # on its training rows once it knows them (preprocess.fit_tables) and only then has `features`.
+            table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
+                             feature_columns=[], label_dtype=label_dtype, label_rule=label_rule,
+                             raw_columns=spec.feature_columns)
+            table.fields.pop("features", None)
+            table.raw = preprocess.raw_columns(spec, table.raw)
+        else:
+            table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
+                             feature_columns=spec.feature_columns, label_dtype=label_dtype,
+                             label_rule=label_rule)
     elif spec.reader in ("criteo", "wide_n_deep"):
         table = datagen.generate(spec.reader, spec.params, where=f"data set `{spec.name}`")
     else:  # pragma: no cover - pydantic restricts the literal
@@ -292,19 +310,22 @@ def load_dataset(spec: DataSpec, base_dir: Path | str | None = None,
             raise DataError(f"data set `{spec.name}` ({spec.reader}): the label "
                             f"{_label_problem(label_rule, bad, where)}")
     if fields:
-        missing = [f for f in fields if f not in table.fields]
+        # Features still to be fitted are not there yet (their width is checked when they are made).
+        missing = [f for f in fields if f not in table.fields and not (f == "features" and table.raw)]
         if missing:
             raise DataError(f"data set `{spec.name}` ({spec.reader}) has no field(s) {', '.join(missing)} "
                             f"(it has: {', '.join(sorted(table.fields))})")
         out: dict[str, np.ndarray] = {}
         for f, ts in fields.items():
+            if f not in table.fields:
+                continue
             arr = table.fields[f]
             width = ts.shape[1] if len(ts.shape) == 2 else None
             if width is not None and arr.ndim == 2 and arr.shape[1] != width:
                 raise DataError(f"data set `{spec.name}`: field `{f}` has {arr.shape[1]} columns, "
                                 f"the plan expects {width}")
             out[f] = arr.astype(ts.dtype, copy=False) if ts.dtype not in ("string", "bytes") else arr
-        table = Table(table.ids, out)
+        table = Table(table.ids, out, table.raw)
     return table
 
 

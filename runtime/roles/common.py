@@ -730,7 +730,13 @@ def export_model(ctx: RoleContext, weights: list[np.ndarray], names: list[str], 
     from fldsl.runtime import sealing
 
     buf = io.BytesIO()
-    np.savez(buf, **{f"{i:04d}:{n}": w for i, (n, w) in enumerate(zip(names, weights, strict=True))})
+    members = {f"{i:04d}:{n}": w for i, (n, w) in enumerate(zip(names, weights, strict=True))}
+    fitted = ctx.cache.get("preprocessing")
+    if fitted:  # the preprocessing fitted on this node's training rows (docs/language.md, "Preprocessing")
+        from fldsl.runtime.preprocess import to_bytes
+
+        members["preprocessing"] = np.frombuffer(to_bytes(fitted), dtype=np.uint8)
+    np.savez(buf, **members)
     safe = ctx.plan.export.replace("/", "_")
     dst = ctx.run_dir / "models" / f"{safe}.sealed"
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -777,6 +783,19 @@ def blob_channel(ctx: RoleContext, peer: str, kind: str, base: int = PSI_BASE
         return data
 
     return send, recv
+
+
+def fit_preprocessing(ctx: RoleContext, tables: dict[str, Any], train_rows: dict[str, np.ndarray],
+                      apply_to: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fit the schema blocks' preprocessing (missing values, scaling, categories) on this node's training
+    rows of each data set and make the tables' ``features``; kept in ``ctx.cache["preprocessing"]`` for the
+    exported model. A no-op for data sets without any (fldsl.runtime.preprocess)."""
+    from fldsl.runtime.preprocess import fit_tables
+
+    fitted = fit_tables(ctx.plan.data, tables, train_rows, apply_to)
+    if fitted:
+        ctx.cache["preprocessing"] = fitted
+    return fitted
 
 
 def load_tables(plan: Plan) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from fldsl.runtime.roles.common import (
     epoch_batch,
     export_model,
     field_inputs,
+    fit_preprocessing,
     is_checkpoint_step,
     label_ref,
     load_tables,
@@ -170,6 +171,7 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
             send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), CTRL_ALIGN, bundle)
         train_rows, hold_rows = rows[train_pos], rows[hold_pos]
         ctx.progress.emit("aligned", rows=len(final), train=len(train_rows), holdout=len(hold_rows))
+    fit_preprocessing(ctx, tables, {ds_name: train_rows})  # on the training rows only, here
 
     model = build_model(plan, ctx.policy)
     opt = make_optimizer(plan.train.optimizer)
@@ -346,6 +348,7 @@ def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
         pair_rows = np.array([row_of[i] for i in pair], dtype=np.int64)
         train_rows, hold_rows = pair_rows[train_pos], pair_rows[hold_pos]
         ctx.progress.emit("aligned", rows=len(pair), train=len(train_rows), holdout=len(hold_rows))
+    fit_preprocessing(ctx, tables, {name: train_rows for name in tables})  # on the training rows only, here
 
     model = build_model(plan, ctx.policy)
     opt = make_optimizer(plan.train.optimizer)

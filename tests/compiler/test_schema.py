@@ -136,10 +136,39 @@ CASES = [
        "remove it from the block: ids align rows, they are never fed to the model")]),
     ("unknown-type", "integer children", "integr children",
      [(9, 5, "unknown column type `integr`; did you mean `integer`?", None)]),
-    ("category", "integer children", "category children",
-     [(9, 5, "categorical columns are not supported yet (issue #12)",
-       "leave these columns out of the block (a header may hold undeclared columns), or declare integer "
-       "codes as `integer`")]),
+    ("category-without-width", "integer children", "category children",
+     [(9, 5, "a `category` line needs `vocabulary: top K` or `hash: N buckets`: the number of feature "
+       "columns it becomes is declared, so every party compiles the same model",
+       "e.g. `category children vocabulary: top 100`")]),
+    ("numeric-missing-without-fill", "integer children", 'integer children missing: "?"',
+     [(9, 22, "`missing:` on a numeric or integer line needs a fill: `mean`, `median` or `constant N`",
+       'e.g. `missing: "?" mean` or `missing: constant 0 indicator`')]),
+    ("category-fill", "integer children", "category children missing: mean vocabulary: top 3",
+     [(9, 32, "`mean` fills numbers; a `category` column has no such fill: a missing value is a category "
+       "of its own (the empty value)", 'declare only the token, e.g. `missing: "?"`')]),
+    ("category-indicator", "integer children", 'category children missing: "?" indicator hash: 8 buckets',
+     [(9, 36, "`indicator` is for numeric and integer columns: a missing category value is already a "
+       "category of its own (the empty value)", "remove `indicator`")]),
+    ("scale-category", "integer children", "category children scale: standard vocabulary: top 3",
+     [(9, 23, "`scale:` is for numeric and integer columns; a category becomes one-hot columns of 0 and 1",
+       "remove `scale:` from this line")]),
+    ("vocabulary-numeric", "integer children", "integer children vocabulary: top 3",
+     [(9, 22, "`vocabulary:` is for `category` columns, not `integer` ones",
+       "declare the columns as `category` to one-hot their values")]),
+    ("both-widths", "integer children", "category children vocabulary: top 3 hash: 8 buckets",
+     [(9, 5, "a category line takes `vocabulary:` or `hash:`, not both",
+       "keep one: the feature columns are either the vocabulary's or the buckets'")]),
+    ("option-twice", "integer children", "integer children scale: standard scale: minmax",
+     [(9, 38, "`scale:` is given twice on one line", "first given at line 9, column 22; keep one")]),
+    ("clip-order", "integer children", "integer children scale: clip(5, 1)",
+     [(9, 22, "`clip(lo, hi)` needs lo < hi, got clip(5, 1)", None)]),
+    ("zero-vocabulary", "integer children", "category children vocabulary: top 0",
+     [(9, 39, "the vocabulary size must be between 1 and 100,000, got 0", None)]),
+    ("fractional-integer-fill", "integer children", "integer children missing: constant 0.5",
+     [(9, 40, "the fill constant of an integer column must be a whole number, got 0.5", None)]),
+    ("empty-token", "integer children", 'integer children missing: "" mean',
+     [(9, 31, 'missing-value token "" is empty or starts or ends with a space',
+       "cells are compared without surrounding spaces, and an empty cell is always missing")]),
     ("no-bound", "    rows <= 500\n", "",
      [(6, 68, "the schema block needs `rows <= N`: the most rows the file may hold (it sizes the messages "
        "that carry ids or rows)", "add `rows <= N` (`fldsl data describe FILE` prints the block)")]),
@@ -200,6 +229,86 @@ def test_a_schema_block_on_a_generator_is_refused() -> None:
 ])
 def test_schema_block_syntax_errors(old: str, new: str, line: int, column: int, message: str) -> None:
     assert _errors(_mutate(old, new)) == [(line, column, message, None)]
+
+
+@pytest.mark.parametrize(("new", "line", "column", "message", "hint"), [
+    ("integer children missing: meen", 9, 31,
+     "unexpected `meen`; expected a string, `constant`, `indicator`, `mean` or `median`",
+     "did you mean `mean`?"),
+    ("integer children scale: standrd", 9, 29,
+     "unexpected `standrd`; expected `clip`, `minmax` or `standard`", "did you mean `standard`?"),
+    ("integer children missng: mean", 9, 22,
+     "unknown column option `missng:`; the options are `missing:`, `scale:`, `vocabulary:`, `hash:`",
+     "did you mean `missing:`?"),
+    ("category children vocabulary: 100", 9, 35, "unexpected number `100`; expected `top`",
+     "write `vocabulary: top K` (the K most frequent values get a column each)"),
+    ("category children hash: 100\n  ", 11, 3, "unexpected `}`; expected `buckets`",
+     "write `hash: N buckets`"),
+    ("integer children scale: clip(0)", 9, 35, "unexpected `)`; expected `,`", "write `clip(lo, hi)`"),
+])
+def test_column_option_syntax_errors(new: str, line: int, column: int, message: str, hint: str) -> None:
+    assert _errors(_mutate("integer children", new)) == [(line, column, message, hint)]
+
+
+def test_column_options_become_the_plan_and_size_the_features() -> None:
+    src = _mutate("numeric age, \"hours-per-week\", \"capital-gain\"\n    integer children",
+                  'numeric age, "hours-per-week" missing: "?" median indicator scale: standard\n'
+                  '    integer children missing: constant -1 scale: clip(0, 10)\n'
+                  '    category education, "native-country" missing: "?" vocabulary: top 20\n'
+                  '    category zip hash: 64 buckets\n'
+                  '    numeric scale, mean scale: minmax')
+    people = next(d for d in check_source(src, "census.flp").datasets if d.spec.name == "people")
+    cols = {c.name: c for c in people.spec.columns or []}
+    assert people.spec.feature_columns == ["age", "hours-per-week", "children", "education", "native-country",
+                                           "zip", "scale", "mean"]
+    # 2 x (value + indicator) + 1 + 2 x (20 + other) + 64 + 2
+    assert people.spec.fields["features"].shape == [None, 4 + 1 + 42 + 64 + 2]
+    assert cols["age"].model_dump(mode="json") == {
+        "name": "age", "type": "numeric", "missing": {"token": "?", "fill": "median", "value": None,
+                                                      "indicator": True},
+        "scale": {"kind": "standard", "lo": None, "hi": None}}  # unset options are not written
+    assert cols["children"].missing is not None and cols["children"].missing.value == -1.0
+    clip = cols["children"].scale
+    assert clip is not None and (clip.kind, clip.lo, clip.hi) == ("clip", 0, 10)
+    assert cols["education"].vocabulary == 20 and cols["zip"].hash_buckets == 64
+    # A plain column serialises exactly as before preprocessing existed (plans keep their bytes).
+    assert cols["mean"].model_dump(mode="json")["scale"] == {"kind": "minmax", "hi": None, "lo": None}
+    from fldsl.artifacts import ColumnSpec, dump_json
+
+    assert '"missing"' not in dump_json(ColumnSpec(name="x", type="numeric"))
+
+
+def test_vocabulary_is_refused_in_a_horizontal_pipeline() -> None:
+    src = """\
+pipeline h
+use std.models.{mlp, dense}
+party bank[1..2] {
+  node worker
+  data people = csv("people.csv", id: id, label: y) {
+    rows <= 100
+    numeric age missing: mean scale: standard
+    category job vocabulary: top 10
+    category town hash: 16 buckets
+  }
+}
+party hub { node ps }
+partition horizontal over bank aggregate at hub.ps every step
+model {
+  logits = dense(mlp(people.features, units: [4]), units: [4, 2])
+  loss softmax_cross_entropy(logits, people.label)
+}
+train { epochs: 1  batch_size: 8 }
+trust { allow bank -> hub.ps: gradients  allow hub.ps -> bank: weights }
+"""
+    with pytest.raises(FldslError) as ei:
+        check_source(src, "h.flp")
+    assert [(d.line, d.column, d.message, d.hint) for d in ei.value.errors] == [
+        (8, 18, "`vocabulary:` is not available in a horizontal pipeline: each worker would choose its own "
+         "most frequent values, so a one-hot column would mean a different value at each worker under one "
+         "shared model", "use `hash: N buckets` (the same buckets at every worker, nothing to fit)")]
+    ok = check_source(src.replace("vocabulary: top 10", "hash: 10 buckets"), "h.flp")
+    people = next(d for d in ok.datasets if d.spec.name == "people")
+    assert people.spec.fields["features"].shape == [None, 1 + 10 + 16]
 
 
 def test_keywords_and_odd_names_are_column_names() -> None:
