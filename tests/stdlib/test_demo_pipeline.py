@@ -30,8 +30,8 @@ def test_horizontal_reference_trains_on_every_workers_rows(tmp_path: Path) -> No
     result = train_central_plans(plans, keep_segment=True)
     workers = [p for p in plans if p.loss is not None]
     assert len(workers) == 4
-    # 4 x 1000 rows, 10 % held out, batch 128: the steps prove all workers' rows were joined.
-    assert result.steps == -(-3600 // 128)
+    # 4 x 10000 rows, 10 % held out, batch 128: the steps prove all workers' rows were joined.
+    assert result.steps == -(-36000 // 128)
     assert set(result.metrics) == {"loss", "auc"}
 
 
