@@ -121,6 +121,13 @@ def _outputs(plan: Plan, policy: Policy) -> dict[str, str]:
             if f.src == plan.node and f.kind == "activation" and f.tensor in produced]
     if sent:
         return {t: t for t in dict.fromkeys(sent)}
+    if plan.loss is None:
+        # A synchronous parameter server holds the global model but not the loss (its workers compute it):
+        # it serves the model's final output as logits.
+        consumed = {ref for op in plan.model for ref in op.inputs}
+        final = [op.output for op in plan.model if op.output not in consumed]
+        if len(final) == 1:
+            return {"logits": final[0]}
     raise ModelPackError(f"{plan.node}: its part of the model has neither the loss's logits nor activations "
                          "it sends; nothing to serve")
 

@@ -795,7 +795,23 @@ def fit_preprocessing(ctx: RoleContext, tables: dict[str, Any], train_rows: dict
     fitted = fit_tables(ctx.plan.data, tables, train_rows, apply_to)
     if fitted:
         ctx.cache["preprocessing"] = fitted
+        if ctx.plan.export is None:  # a node without a model export (a horizontal worker): seal the fit alone
+            seal_preprocessing(ctx, fitted)
     return fitted
+
+
+def seal_preprocessing(ctx: RoleContext, fitted: dict[str, Any]) -> Path:
+    """``models/<node>_preprocessing.sealed`` (name ``<node>/preprocessing``): this node's fitted
+    preprocessing, where the model it trained is exported by another node (the aggregator's)."""
+    from fldsl.runtime import sealing
+    from fldsl.runtime.preprocess import to_bytes
+
+    name = f"{ctx.node}/preprocessing"
+    dst = ctx.run_dir / "models" / f"{name.replace('/', '_')}.sealed"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sealing.seal_file(to_bytes(fitted), dst, key=ctx.seal_key, node_id=ctx.node, name=name, version=1)
+    ctx.progress.emit("export", name=name, path=str(dst))
+    return dst
 
 
 def load_tables(plan: Plan) -> dict[str, Any]:

@@ -9,6 +9,7 @@ deterministic).
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,9 +20,11 @@ from fldsl.runtime.roles.common import (
     RoleContext,
     RoleError,
     configure_tf,
+    fit_preprocessing,
     load_tables,
     pack_arrays,
     recv_chunked,
+    seal_preprocessing,
     send_chunked,
     unpack_arrays,
 )
@@ -60,10 +63,13 @@ def chief(ctx: RoleContext) -> dict[str, Any]:
     plan = ctx.plan
     sh = _sharding(ctx)
     tables = load_tables(plan)
+    fitted = _fit_for_workers(ctx, tables, len(sh.workers), sh.strategy)
     ctx.progress.emit("phase", name="shard", detail=f"{sh.strategy} to {len(sh.workers)} workers")
     sent = 0
     for k, w in enumerate(sh.workers):
         bundle: dict[str, np.ndarray] = {}
+        if fitted:  # the workers export it with their model (it tells how a row becomes features)
+            bundle[PREPROCESSING] = np.frombuffer(json.dumps(fitted, sort_keys=True).encode(), dtype=np.uint8)
         for name, t in sorted(tables.items()):
             rows = shard_rows(len(t.ids), len(sh.workers), k, sh.strategy)
             bundle[f"{name}/__ids__"] = np.asarray(t.ids)[rows].astype(str)
@@ -79,6 +85,39 @@ def chief(ctx: RoleContext) -> dict[str, Any]:
     return {"metrics": {"rows_sharded": sent}, "examples_per_s": 0.0, "steps": len(sh.workers)}
 
 
+PREPROCESSING = "__preprocessing__"  # shard bundle member: the fitted preprocessing (JSON), if any
+
+
+def _fit_for_workers(ctx: RoleContext, tables: dict[str, Any], workers: int, strategy: str) -> dict[str, Any]:
+    """The chief holds the data, so it fits the declared preprocessing, on the rows the workers will train
+    on: each shard less the holdout its worker splits off (the same seeded split), and shards the
+    transformed features. A separate test set gets the training set's statistics."""
+    from fldsl.runtime.data import stratified_split
+    from fldsl.runtime.preprocess import needs_fit
+
+    plan = ctx.plan
+    if not any(needs_fit(ds) for ds in plan.data):
+        return {}
+    test = plan.train.validation.test_data
+    frac = plan.train.validation.fraction
+    train_rows: dict[str, np.ndarray] = {}
+    for name, t in tables.items():
+        if name == test:
+            continue
+        parts = []
+        for k in range(workers):
+            rows = shard_rows(len(t.ids), workers, k, strategy)
+            if frac > 0 and test is None and "label" in t.fields:  # the chief's plan has no loss
+                ids = np.asarray(t.ids)[rows].astype(str)
+                tr, _ = stratified_split(ids, t.fields["label"][rows], frac, plan.train.validation.seed)
+                pos = {i: r for i, r in zip(ids.tolist(), rows.tolist(), strict=True)}
+                rows = np.array([pos[str(i)] for i in tr], dtype=np.int64)
+            parts.append(rows)
+        train_rows[name] = np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    source = next((n for n in sorted(train_rows) if "label" in tables[n].fields), None)
+    return fit_preprocessing(ctx, tables, train_rows, {test: source} if test and source else None)
+
+
 def _worker(ctx: RoleContext) -> dict[str, Any]:
     plan = ctx.plan
     sh = _sharding(ctx)
@@ -92,11 +131,16 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
                                limit=limit, what=what)
         ctx.send_json(sh.chief, DATA_BASE - 1, {"received": True})
         ctx.cache["shard"] = bundle
+    fitted = bundle.get(PREPROCESSING)
+    if fitted is not None and "preprocessing" not in ctx.cache:
+        ctx.cache["preprocessing"] = json.loads(fitted.tobytes())
+        if plan.export is None:
+            seal_preprocessing(ctx, ctx.cache["preprocessing"])
     tables: dict[str, Any] = {}
     for ds in plan.data or []:
         tables[ds.name] = _table_from(bundle, ds.name, sh.chief)
     if not tables:  # the worker's plan may name the chief's data sets only through the model inputs
-        names = sorted({k.split("/", 1)[0] for k in bundle})
+        names = sorted({k.split("/", 1)[0] for k in bundle if k != PREPROCESSING})
         tables = {n: _table_from(bundle, n, sh.chief) for n in names}
     specs = {f"{name}.{fld}": TensorSpec(shape=[None, *arr.shape[1:]], dtype=str(arr.dtype))
              for name, t in tables.items() for fld, arr in t.fields.items()}

@@ -62,6 +62,7 @@ from fldsl.runtime.roles.common import (
     epoch_batch,
     epoch_order,
     export_model,
+    fit_preprocessing,
     input_specs,
     is_checkpoint_step,
     label_ref,
@@ -610,6 +611,11 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         pos = {str(i): k for k, i in enumerate(ids.tolist())}
         train_rows = np.array([pos[str(i)] for i in tr], dtype=np.int64)
         hold_rows = np.array([pos[str(i)] for i in ho], dtype=np.int64)
+    # Each worker fits the declared preprocessing on its own training rows (nothing is sent for it); a
+    # test set is transformed with the training set's statistics.
+    test_name = plan.train.validation.test_data
+    fit_preprocessing(ctx, tables, {train_ds: train_rows},
+                      {test_name: train_ds} if test_table is not None and test_name else None)
 
     if specs is None:
         specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}

@@ -172,6 +172,16 @@ def _model_members(run_dir: Path, node: str) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def _sealed_fit(run_dir: Path, node: str) -> dict:
+    """What a node that exports no model (a horizontal worker) sealed: its fitted preprocessing."""
+    from fldsl.runtime import sealing
+
+    name = f"{node}/preprocessing"
+    data = sealing.unseal_file(run_dir / "models" / f"{name.replace('/', '_')}.sealed", key=memlink.KEY,
+                               node_id=node, name=name)
+    return json.loads(data)
+
+
 def test_vertical_pipeline_preprocesses_raw_files_and_reaches_the_central_baseline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -235,3 +245,121 @@ def test_without_missing_option_empty_cells_are_errors_with_a_suggestion(
     assert "declare `missing: mean`" in age or "declare `missing: \"?\" mean`" in age
     assert "column `capital-gain` (numeric): empty value" in gain
     assert "to fill empty cells, declare `missing: mean` (or `median`, `constant N`) on its line" in gain
+
+
+BLOCK = """{
+    rows <= 400
+    numeric  spend   missing: mean indicator  scale: standard
+    category region  missing: "?"  hash: 16 buckets
+  }"""
+
+
+def _bank_file(path: Path, seed: int, shift: float, rows: int = 240) -> None:
+    rng = np.random.default_rng(seed)
+    spend = rng.normal(100 + shift, 20, rows)
+    region = rng.integers(0, 6, rows)
+    y = ((spend - 100 - shift) / 20 + (region % 2) * 1.5 + rng.normal(0, 0.5, rows) > 0.75).astype(int)
+    lines = ["id,y,spend,region"] + [
+        f"{path.stem}-{i},{y[i]},{'' if i % 9 == 0 else f'{spend[i]:.2f}'},{'?' if i % 11 == 0 else f'r{region[i]}'}"
+        for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _spend_mean(path: Path, train_ids: set[str]) -> float:
+    rows = [ln.split(",") for ln in path.read_text().splitlines()[1:]]
+    return float(np.mean([float(r[2]) for r in rows if r[0] in train_ids and r[2]]))
+
+
+def test_horizontal_workers_fit_on_their_own_training_rows(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Horizontal: each worker fits its columns' statistics on its own training rows; nothing is sent for
+    it (the flows are those of a pipeline without preprocessing)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _bank_file(tmp_path / "data/bank1.csv", 1, 0.0)
+    _bank_file(tmp_path / "data/bank2.csv", 2, 50.0)  # another population: another mean
+    src = f"""pipeline h
+use std.models.{{mlp, dense}}
+party bank[1..2] {{
+  node worker
+  data people = csv("data/bank{{i}}.csv", id: id, label: y) {BLOCK}
+}}
+party hub {{ node ps }}
+partition horizontal over bank aggregate at hub.ps every epoch with fedavg
+model {{
+  logits = dense(mlp(people.features, units: [8]), units: [8, 2])
+  loss softmax_cross_entropy(logits, people.label)
+}}
+train {{
+  epochs: 6  batch_size: 32  validation: 0.25  seed: 2  metrics: [loss, auc]
+  optimizer: adam(learning_rate: 0.01)
+}}
+trust {{ allow bank -> hub.ps: weights  allow hub.ps -> bank: weights }}
+"""
+    (tmp_path / "h.flp").write_text(src)
+    build = compile_pipeline(tmp_path / "h.flp", tmp_path / "build").build_dir
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    for node, r in res.items():
+        assert not isinstance(r, BaseException), f"{node}: {r!r}"
+    for k in (1, 2):
+        node = f"bank{k}.worker"
+        assert res[node]["metrics"]["auc"] > 0.75, res[node]["history"]
+        pre = _sealed_fit(tmp_path / "run", node)["people"]
+        rows = (tmp_path / f"data/bank{k}.csv").read_text().splitlines()[1:]
+        ids = np.array([r.split(",")[0] for r in rows])
+        y = np.array([int(r.split(",")[1]) for r in rows])
+        train_ids, _ = stratified_split(ids, y, 0.25, 2)
+        spend = pre["columns"][0]
+        assert spend["missing"]["value"] == pytest.approx(_spend_mean(tmp_path / f"data/bank{k}.csv",
+                                                                      set(train_ids.tolist())), rel=1e-12)
+        assert pre["width"] == 2 + 16 and pre["train_rows"] == len(train_ids)
+
+
+def test_distributed_chief_fits_on_the_rows_its_workers_train_on(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distributed: the chief holds the data, fits on the union of the workers' training rows (each shard
+    less the holdout its worker splits off), shards transformed features, and the workers export the fit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _bank_file(tmp_path / "data/owner.csv", 3, 10.0, rows=300)
+    src = f"""pipeline d
+use std.models.{{mlp, dense}}
+party owner {{
+  node chief
+  data people = csv("data/owner.csv", id: id, label: y) {BLOCK}
+}}
+party cloud {{ node ps  node worker[1..2] }}
+partition distributed from owner.chief to cloud.worker via cloud.ps shard round_robin
+model {{
+  logits = dense(mlp(people.features, units: [8]), units: [8, 2])
+  loss softmax_cross_entropy(logits, people.label)
+}}
+train {{
+  epochs: 6  batch_size: 32  validation: 0.25  seed: 2  metrics: [loss, auc]
+  optimizer: adam(learning_rate: 0.01)
+}}
+trust {{
+  allow owner -> cloud.worker: shard
+  allow cloud.worker -> cloud.ps: gradients
+  allow cloud.ps -> cloud.worker: weights
+}}
+"""
+    (tmp_path / "d.flp").write_text(src)
+    build = compile_pipeline(tmp_path / "d.flp", tmp_path / "build").build_dir
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    for node, r in res.items():
+        assert not isinstance(r, BaseException), f"{node}: {r!r}"
+    rows = (tmp_path / "data/owner.csv").read_text().splitlines()[1:]
+    ids = np.array([r.split(",")[0] for r in rows])
+    y = np.array([int(r.split(",")[1]) for r in rows])
+    train: set[str] = set()
+    for k in range(2):
+        shard = np.arange(k, len(ids), 2)
+        tr, _ = stratified_split(ids[shard], y[shard], 0.25, 2)
+        train |= set(tr.tolist())
+    want = _spend_mean(tmp_path / "data/owner.csv", train)
+    for node in ("cloud.worker1", "cloud.worker2"):
+        assert res[node]["metrics"]["auc"] > 0.75, res[node]["history"]
+        pre = _sealed_fit(tmp_path / "run", node)["people"]
+        assert pre["columns"][0]["missing"]["value"] == pytest.approx(want, rel=1e-12)
+        assert pre["train_rows"] == len(train)

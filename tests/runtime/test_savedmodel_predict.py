@@ -239,3 +239,18 @@ def test_horizontal_predict_is_the_aggregated_model(tmp_path: Path) -> None:
 
     none = cli("predict", str(build), "--model", str(tmp_path / "run"), "--trust-dir", str(trust))
     assert none.exit_code == EXIT_INPUT and "bank1.clicks, bank2.clicks" in none.stderr
+
+
+def test_a_synchronous_parameter_server_serves_the_global_models_logits(tmp_path: Path) -> None:
+    """Its plan has the model but not the loss (the workers compute it); its export used to stop the run
+    (the shipped horizontal_dlrm pipeline ended with exit 1 at export)."""
+    from fldsl.runtime.savedmodel import _outputs
+
+    from fldsl.api import compile_pipeline
+    from fldsl.artifacts import Plan, Policy, load_model, node_dir
+
+    pipelines = Path(__file__).resolve().parents[2] / "pipelines"
+    build = compile_pipeline(pipelines / "horizontal_dlrm.flp", tmp_path / "b").build_dir
+    plan = load_model(Plan, node_dir(build, "hub.ps") / "plan.json")
+    policy = load_model(Policy, node_dir(build, "hub.ps") / "policy.json")
+    assert plan.loss is None and _outputs(plan, policy) == {"logits": "logits"}
