@@ -259,9 +259,9 @@ def _bank_file(path: Path, seed: int, shift: float, rows: int = 240) -> None:
     spend = rng.normal(100 + shift, 20, rows)
     region = rng.integers(0, 6, rows)
     y = ((spend - 100 - shift) / 20 + (region % 2) * 1.5 + rng.normal(0, 0.5, rows) > 0.75).astype(int)
-    lines = ["id,y,spend,region"] + [
-        f"{path.stem}-{i},{y[i]},{'' if i % 9 == 0 else f'{spend[i]:.2f}'},{'?' if i % 11 == 0 else f'r{region[i]}'}"
-        for i in range(rows)]
+    cash = ["" if i % 9 == 0 else f"{spend[i]:.2f}" for i in range(rows)]
+    place = ["?" if i % 11 == 0 else f"r{region[i]}" for i in range(rows)]
+    lines = ["id,y,spend,region"] + [f"{path.stem}-{i},{y[i]},{cash[i]},{place[i]}" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n")
 
 
