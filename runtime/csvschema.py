@@ -259,7 +259,8 @@ def check_schemas(specs: Sequence[DataSpec], base_dir: Path | str | None = None)
 class ColumnDescription:
     name: str
     type: ColumnType | None  # None: not declarable (see ``reason``)
-    reason: str | None = None  # e.g. "text values ('red' at line 3): categorical columns are not supported"
+    reason: str | None = None  # why not declarable, e.g. "'inf' at line 3 is not finite"
+    options: str = ""  # the line's options to declare, e.g. 'missing: "?" mean' or "vocabulary: top 12"
 
 
 @dataclass
@@ -291,22 +292,37 @@ def describe_csv(path: Path | str, *, id_column: str | None, label_column: str |
                             f.line_no[i])
     if not f.rows:
         raise DataError("no data rows after the header", f.name, 1)
-    out: list[ColumnDescription] = []
-    for j, name in enumerate(f.header):
-        if name in (id_column, label_column):
-            continue
-        cells = [r[j] for r in f.rows]
-        numeric_bad = _bad_rows(cells, "numeric")
-        if numeric_bad:
-            i = numeric_bad[0]
-            why = value_problem(cells[i], "numeric")
-            reason = f"{why} at line {f.line_no[i]}"
-            if why is not None and why.endswith("is not a number"):
-                reason += ": text columns are categorical, not supported yet (issue #12)"
-            out.append(ColumnDescription(name, None, reason))
-            continue
-        out.append(ColumnDescription(name, "integer" if not _bad_rows(cells, "integer") else "numeric"))
+    out = [_describe_column(name, [r[j] for r in f.rows], f.line_no)
+           for j, name in enumerate(f.header) if name not in (id_column, label_column)]
     return CsvDescription(str(path), len(f.rows), out)
+
+
+MAX_VOCABULARY = 100  # what describe proposes for a text column at most (the block can say more)
+
+
+def _describe_column(name: str, cells: list[str], line_no: list[int]) -> ColumnDescription:
+    """One column's declaration: a number type where its values are numbers (``missing:`` where some cells
+    are empty, or all hold one placeholder such as ``?``), else ``category`` with a vocabulary of its
+    values (at most MAX_VOCABULARY); not declarable where numbers are not finite."""
+    present = [k for k, c in enumerate(cells) if c.strip()]
+    if not present:
+        return ColumnDescription(name, None, "every cell is empty")
+    texts = [k for k in present if value_problem(cells[k], "numeric") is not None
+             and (value_problem(cells[k], "numeric") or "").endswith("is not a number")]
+    placeholders = {cells[k].strip() for k in texts}
+    numbers = [k for k in present if k not in set(texts)]
+    if texts and not (len(placeholders) == 1 and len(texts) * 2 <= len(present)):
+        distinct = len({cells[k].strip() for k in present})
+        return ColumnDescription(name, "category", options=f"vocabulary: top {min(distinct, MAX_VOCABULARY)}")
+    bad = _bad_rows([cells[k] for k in numbers], "numeric")
+    if bad:
+        i = numbers[bad[0]]
+        return ColumnDescription(name, None, f"{value_problem(cells[i], 'numeric')} at line {line_no[i]}")
+    kind: ColumnType = "integer" if not _bad_rows([cells[k] for k in numbers], "integer") else "numeric"
+    if texts:  # one placeholder for "unknown" (FATE and UCI files use "?")
+        token = json.dumps(next(iter(placeholders)), ensure_ascii=False)
+        return ColumnDescription(name, kind, options=f"missing: {token} mean")
+    return ColumnDescription(name, kind, options="missing: mean" if len(present) < len(cells) else "")
 
 
 def round_up_rows(n: int) -> int:

@@ -141,12 +141,15 @@ def describe(file: Path, id_column: str, label_column: str | None, name: str | N
              exact_rows: bool) -> None:
     """Print the declaration of FILE, a csv file with a header, with its schema block, to paste into a
     party of the pipeline: every column but the id and label, in header order, typed `integer` (every value a
-    whole number) or `numeric` (every value a finite number); names that are not identifiers quoted.
+    whole number) or `numeric` (every value a finite number), with `missing: mean` where cells are empty
+    (`missing: "?" mean` where one placeholder such as `?` stands for unknown), or `category` with
+    `vocabulary: top K` (K = its distinct values, at most 100) for text; names that are not identifiers
+    quoted.
     `rows <=` is the file's row count rounded up to two significant digits (569 -> 570, 50,123 -> 51,000),
     room for a file that grows a little; --exact-rows prints the count itself. Columns that cannot be
-    declared (text: categorical columns are not supported yet; empty or non-finite values) are left out,
-    each named in a comment in the block and on stderr. The node checks its file against the block when it
-    starts, with the same rules, so a block printed here passes for this file."""
+    declared (non-finite numbers, every cell empty) are left out, each named in a comment in the block and
+    on stderr. The fills and vocabulary are suggestions: scaling is yours to add. The node checks its file
+    against the block when it starts, with the same rules, so a block printed here passes for this file."""
     from fldsl.runtime.csvschema import describe_csv, round_up_rows
     from fldsl.runtime.data import DataError
 
@@ -169,18 +172,20 @@ def describe(file: Path, id_column: str, label_column: str | None, name: str | N
     call = f"csv({_string(str(file))}, id: {_column(id_column)}{label})"
     lines = [f"data {name or _dataset_name(file)} = {call} {{",
              f"  rows <= {bound}  # {desc.rows:,} row{'s' if desc.rows != 1 else ''} in {file.name}{how}"]
+    # One line per run of columns with the same type and options, in header order (the feature order).
     run: list[str] = []
-    run_type: str | None = None
+    run_key: tuple[str, str] | None = None
     for col in desc.columns:
         if col.type is None:
             continue
-        if col.type != run_type and run:
-            lines += _typed_line(run_type or "", run)
+        key = (col.type, col.options)
+        if key != run_key and run and run_key is not None:
+            lines += _typed_line(*run_key, run)
             run = []
-        run_type = col.type
+        run_key = key
         run.append(_column(col.name))
-    if run:
-        lines += _typed_line(run_type or "", run)
+    if run and run_key is not None:
+        lines += _typed_line(*run_key, run)
     skipped = [c for c in desc.columns if c.type is None]
     for c in skipped:
         lines.append(f"  # not declared: {_column(c.name)}: {c.reason}")
@@ -207,9 +212,9 @@ def _dataset_name(file: Path) -> str:
     return stem if _NAME.fullmatch(stem) else f"d_{stem}"
 
 
-def _typed_line(ctype: str, names: list[str]) -> list[str]:
-    """``  numeric a, b, c`` wrapped at WRAP columns, continuation lines aligned after the type (newlines are
-    whitespace in a .flp file)."""
+def _typed_line(ctype: str, options: str, names: list[str]) -> list[str]:
+    """``  numeric a, b, c  OPTIONS`` wrapped at WRAP columns, continuation lines aligned after the type
+    (newlines are whitespace in a .flp file); the options follow the last column."""
     indent = " " * (2 + len(ctype) + 1)
     out: list[str] = []
     line = f"  {ctype} "
@@ -219,5 +224,10 @@ def _typed_line(ctype: str, names: list[str]) -> list[str]:
             out.append(line.rstrip())
             line = indent
         line += piece + " "
+    if options:
+        if len(line) + len(options) > WRAP:
+            out.append(line.rstrip())
+            line = indent
+        line += " " + options
     out.append(line.rstrip())
     return out

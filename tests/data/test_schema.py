@@ -67,7 +67,8 @@ def test_every_problem_in_one_report_with_line_and_column(tmp_path: Path) -> Non
         f"{f}:1:1: the header has no column `agee` (declared numeric); did you mean `age`?",
         f"{f}:5:1: expected 5 columns (as in the header), found 4",
         f"{f}:4:3: empty label in column `y`",
-        f"{f}:3:5: column `age` (numeric): empty value (and 1 row more in this column)",
+        f"{f}:3:5: column `age` (numeric): empty value; if 'x' marks a missing value, declare "
+        '`missing: "x" mean` (or `median`, `constant N`) on its line (and 1 row more in this column)',
         f"{f}:3:6: column `hours-per-week` (numeric): 'abc' is not a number (and 1 row more in this column)",
         f"{f}:3:10: column `kids` (integer): '2.5' is not a whole number",
         f"{f}:5:1: row 4 is past the declared bound `rows <= 3` (the file has 5 rows); raise the bound in "
@@ -123,11 +124,9 @@ def test_describe_infers_types_in_header_order(tmp_path: Path) -> None:
     p.write_text('id,y,age,"hours-per-week",kids,colour,gaps\n1,0,30,40.5,2,red,1\n2,1,41,38,0,blue,\n')
     d = describe_csv(p, id_column="id", label_column="y")
     assert d.rows == 2
-    assert [(c.name, c.type) for c in d.columns] == [("age", "integer"), ("hours-per-week", "numeric"),
-                                                     ("kids", "integer"), ("colour", None), ("gaps", None)]
-    assert d.columns[3].reason == ("'red' is not a number at line 2: text columns are categorical, "
-                                   "not supported yet (issue #12)")
-    assert d.columns[4].reason == "empty value at line 3"
+    assert [(c.name, c.type, c.options) for c in d.columns] == [
+        ("age", "integer", ""), ("hours-per-week", "numeric", ""), ("kids", "integer", ""),
+        ("colour", "category", "vocabulary: top 2"), ("gaps", "integer", "missing: mean")]
     with pytest.raises(DataError, match="no label column `Y` in the header; did you mean `y`"):
         describe_csv(p, id_column="id", label_column="Y")
 
@@ -135,3 +134,59 @@ def test_describe_infers_types_in_header_order(tmp_path: Path) -> None:
 def test_round_up_rows() -> None:
     assert [round_up_rows(n) for n in (7, 99, 100, 569, 8000, 30000, 50123, 123456)] == [
         7, 99, 100, 570, 8000, 30000, 51000, 130000]
+
+
+def test_described_categories_and_missing_values_compile_as_printed(tmp_path: Path) -> None:
+    """What `data describe` prints for a messy file (empty cells, a "?" placeholder, text) is a block the
+    compiler takes as it is, without the file."""
+    from click.testing import CliRunner
+
+    from fldsl.api import compile_pipeline
+    from fldsl.cli import main
+
+    p = tmp_path / "guest.csv"
+    rows = [f"{i},{i % 2},{'' if i % 7 == 0 else 20 + i % 50},{['BSc', 'MSc', 'PhD'][i % 3]},"
+            f"{'?' if i % 5 == 0 else i * 1.5}" for i in range(60)]
+    p.write_text("id,y,age,edu,income\n" + "\n".join(rows) + "\n")
+    res = CliRunner().invoke(main, ["data", "describe", str(p), "--label", "y", "--name", "patients"])
+    assert res.exit_code == 0, res.output
+    block = res.stdout
+    assert "integer age  missing: mean" in block and "category edu  vocabulary: top 3" in block
+    assert 'numeric income  missing: "?" mean' in block
+    flp = tmp_path / "p.flp"
+    flp.write_text(f"""pipeline described
+use std.models.{{dense, concat}}
+party guest {{
+  node trainer
+  {block.strip().replace(chr(10), chr(10) + "  ")}
+}}
+party host {{
+  node trainer
+  data other = csv("host.csv", id: id) {{
+    rows <= 60
+    numeric h
+  }}
+}}
+partition vertical {{
+  align guest.patients, host.other on id using psi.ecdh
+}}
+model {{
+  at host: act = dense(other.features, units: [4])
+  at guest: logits = dense(concat(patients.features, act), units: [2])
+  loss softmax_cross_entropy(logits, patients.label)
+}}
+train {{
+  epochs: 1
+  batch_size: 8
+  optimizer: sgd(learning_rate: 0.1)
+}}
+trust {{
+  attestation sim
+  allow host -> guest: act
+  allow guest -> host: grad(act)
+}}
+""")
+    p.unlink()  # compiled without the file, from the printed block alone
+    result = compile_pipeline(flp, tmp_path / "build")
+    plan = (result.build_dir / "nodes" / "guest.trainer" / "plan.json").read_text()
+    assert '"category"' in plan and "vocabulary" in plan

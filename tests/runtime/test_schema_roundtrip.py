@@ -67,12 +67,10 @@ def test_describe_paste_compile_without_files_and_train(tmp_path: Path,
     assert bank == ('data people = csv("data/bank.csv", id: id, label: income) {\n'
                     "  rows <= 160  # 160 rows in bank.csv\n"
                     '  integer age\n  numeric "hours-per-week"\n}\n')
-    # The text column is left out, said in the block and on stderr; the rows are rounded up to 2 digits.
+    # The text column is a category with a vocabulary of its values, one-hot encoded by the node.
     assert shop == ('data baskets = csv("data/shop.csv", id: id) {\n'
                     "  rows <= 160  # 160 rows in shop.csv\n"
-                    "  numeric spend\n  integer kids\n"
-                    "  # not declared: note: 'n0' is not a number at line 2: text columns are categorical, "
-                    "not supported yet (issue #12)\n}\n")
+                    "  numeric spend\n  integer kids\n  category note  vocabulary: top 3\n}\n")
     flp = tmp_path / "census.flp"
     flp.write_text(PIPELINE.format(bank=bank.strip().replace("\n", "\n  "),
                                    shop=shop.strip().replace("\n", "\n  ")))
