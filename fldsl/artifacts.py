@@ -146,10 +146,10 @@ class DataSpec(_Model):
     """A data set this node reads. Columns are resolved at compile time (patterns like ``x*`` expanded)."""
 
     name: str  # dataset name in the pipeline, e.g. "impressions"
-    reader: Literal["csv", "criteo", "wide_n_deep"]
-    # csv: without a schema block, the absolute path the compiler found; with one, the path as declared
-    # (after ``${param}`` substitution, relative to the node's working folder), identical on every machine.
-    # Either may be rebound on the node's machine at run time.
+    reader: Literal["csv", "parquet", "criteo", "wide_n_deep"]
+    # csv / parquet: without a schema block, the absolute path the compiler found; with one, the path as
+    # declared (after ``${param}`` substitution, relative to the node's working folder), identical on every
+    # machine. Either may be rebound on the node's machine at run time.
     path: str | None = None
     params: dict[str, JSON] = Field(default_factory=dict)  # generators: rows, seed, part, parts, ...
     id_column: str | None = None

@@ -240,14 +240,29 @@ def check_csv_schema(spec: DataSpec, path: Path | str) -> None:
 
 
 def check_schemas(specs: Sequence[DataSpec], base_dir: Path | str | None = None) -> None:
-    """Check every csv data set of a plan that declares a schema (what a node can run before it connects
-    to anyone); relative paths resolve against ``base_dir`` as in ``load_dataset``."""
+    """Check every csv or Parquet data set of a plan that declares a schema (what a node can run before it
+    connects to anyone); relative paths resolve against ``base_dir`` as in ``load_dataset``.
+
+    A csv file is read by pyarrow first; only if that read finds anything off does the exact check run, so
+    the report (every problem, ``file:line:column``) is the exact one while a clean file of millions of rows
+    is checked in seconds. The checked Arrow table is handed to ``load_dataset`` (data.remember_checked),
+    which then does not read the file again."""
+    from fldsl.runtime import arrowread
+    from fldsl.runtime.data import FILE_READERS, remember_checked
+
     for spec in specs:
-        if spec.reader == "csv" and spec.columns is not None and spec.path:
+        if spec.reader in FILE_READERS and spec.columns is not None and spec.path:
             path = Path(spec.path)
             if base_dir is not None and not path.is_absolute():
                 path = Path(base_dir) / path
-            check_csv_schema(spec, path)
+            if spec.reader == "parquet":
+                remember_checked(spec, path, arrowread.read_parquet_arrow(spec, path, every_declared=True))
+                continue
+            table = arrowread.read_csv_arrow(spec, path, every_declared=True)
+            if table is None:
+                check_csv_schema(spec, path)
+            else:
+                remember_checked(spec, path, table)
 
 
 # ---------------------------------------------------------------------------------------------------------

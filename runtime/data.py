@@ -17,10 +17,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from fldsl.artifacts import DataSpec
+
+if TYPE_CHECKING:  # pyarrow is imported where a file is read, not by every user of Table
+    import pyarrow as pa
 
 
 class DataError(Exception):
@@ -242,21 +246,88 @@ def _numbers(cells: list[tuple[str, ...]], names: list[str], file: str, line_no:
 # ---------------------------------------------------------------------------------------------------------
 
 
+Engine = Literal["arrow", "python"]
+
+# Readers of a party's own file: bindable with --data, relocated into the enclave's data mount, checked
+# against a schema block when the node starts.
+FILE_READERS = ("csv", "parquet")
+
+# Arrow tables the node's start-up check (csvschema.check_schemas) has read and checked, keyed by data set
+# and (path, size, mtime): ``load_dataset`` converts them instead of reading the file a second time.
+_CHECKED: dict[tuple[str, tuple[str, int, int]], pa.Table] = {}
+
+
+def remember_checked(spec: DataSpec, path: Path, table: pa.Table) -> None:
+    from fldsl.runtime.arrowread import file_key
+
+    _CHECKED.clear()  # at most one file's table held at a time: a node reads its data sets one by one
+    _CHECKED[(spec.name, file_key(path))] = table
+
+
+def _take_checked(spec: DataSpec, path: Path) -> pa.Table | None:
+    from fldsl.runtime.arrowread import file_key
+
+    try:
+        return _CHECKED.pop((spec.name, file_key(path)), None)
+    except OSError:
+        return None
+
+
+def _read_file(spec: DataSpec, path: Path, label_rule: LabelRule | None, engine: Engine) -> Table:
+    """A csv or Parquet data set as ``load_dataset`` returns it, before the field selection."""
+    from fldsl.runtime import arrowread, preprocess
+
+    label_dtype = spec.fields["label"].dtype if "label" in spec.fields else "int64"
+    # Missing values, scaling, categories: the columns are read raw; the node fits their preprocessing on
+    # its training rows once it knows them (preprocess.fit_tables) and only then has `features`.
+    raw = preprocess.needs_fit(spec)
+    every = spec.columns is not None  # a schema: every declared column is checked, selected or not
+    if spec.reader == "parquet":
+        at = _take_checked(spec, path)
+        if at is None:
+            at = arrowread.read_parquet_arrow(spec, path, every_declared=every)
+        return arrowread.to_table(spec, at, label_dtype=label_dtype, label_rule=label_rule, raw=raw,
+                                  where=str(path))
+    if engine == "arrow":
+        at = _take_checked(spec, path)
+        if at is None:
+            at = arrowread.read_csv_arrow(spec, path, every_declared=every)
+        if at is not None:
+            try:
+                return arrowread.to_table(spec, at, label_dtype=label_dtype, label_rule=label_rule,
+                                          raw=raw, where="")
+            except arrowread.Fallback:
+                pass  # a label outside the loss's classes: the exact reader names each row's line
+    # The exact reader: every problem with its line and column.
+    if spec.columns is not None:  # a declared schema: every problem with the file, before any row is used
+        from fldsl.runtime.csvschema import check_csv_schema
+
+        check_csv_schema(spec, path)
+    if raw:
+        table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column, feature_columns=[],
+                         label_dtype=label_dtype, label_rule=label_rule, raw_columns=spec.feature_columns)
+        table.fields.pop("features", None)
+        table.raw = preprocess.raw_columns(spec, table.raw)
+        return table
+    return read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
+                    feature_columns=spec.feature_columns, label_dtype=label_dtype, label_rule=label_rule)
+
+
 def relocate_csv(specs: Sequence[DataSpec], root: str) -> list[DataSpec]:
-    """``specs`` with every csv path replaced by ``<root>/<file name of the plan's path>``.
+    """``specs`` with every csv (and Parquet) path replaced by ``<root>/<file name of the plan's path>``.
 
     Inside an enclave the plan's host path is not mounted: a node reads its csv files from its data mount,
-    by file name. Two csv data sets of one node with the same file name would silently read one file, so
-    that is refused."""
+    by file name. Two csv/Parquet data sets of one node with the same file name would silently read one
+    file, so that is refused."""
     out: list[DataSpec] = []
     seen: dict[str, str] = {}
     for spec in specs:
-        if spec.reader != "csv":
+        if spec.reader not in FILE_READERS:
             out.append(spec)
             continue
         name = Path(spec.path or "").name
         if not name:
-            raise DataError(f"data set `{spec.name}`: csv reader without a file name")
+            raise DataError(f"data set `{spec.name}`: {spec.reader} reader without a file name")
         if name in seen:
             raise DataError(f"data sets `{seen[name]}` and `{spec.name}` both read a file named {name}: "
                             f"inside the enclave both would be {root}/{name}; rename one of the files")
@@ -266,43 +337,27 @@ def relocate_csv(specs: Sequence[DataSpec], root: str) -> list[DataSpec]:
 
 
 def load_dataset(spec: DataSpec, base_dir: Path | str | None = None,
-                 label_rule: LabelRule | None = None) -> Table:
+                 label_rule: LabelRule | None = None, engine: Engine = "arrow") -> Table:
     """Read or generate ``spec`` and return the fields it declares (all available ones if none declared).
     ``label_rule``: the classes the loss accepts (for the data set holding the loss's label); every label
-    outside them is a DataError naming each row (a csv's by ``file:line:column``, a generator's by number)."""
+    outside them is a DataError naming each row (a csv's by ``file:line:column``, a Parquet file's or a
+    generator's by row number). ``engine``: ``"arrow"`` reads csv with pyarrow and falls back to the exact
+    reader for any file it cannot vouch for; ``"python"`` is the exact reader alone (benchmarks, tests)."""
     from fldsl.runtime import datagen
 
     fields = spec.fields
-    if spec.reader == "csv":
+    if spec.reader in FILE_READERS:
         if not spec.path:
-            raise DataError(f"data set `{spec.name}`: csv reader without a path")
+            raise DataError(f"data set `{spec.name}`: {spec.reader} reader without a path")
         path = Path(spec.path)
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
-        if spec.columns is not None:  # a declared schema: every problem with the file, before any row is used
-            from fldsl.runtime.csvschema import check_csv_schema
-
-            check_csv_schema(spec, path)
-        label_dtype = fields["label"].dtype if "label" in fields else "int64"
-        from fldsl.runtime import preprocess
-
-        if preprocess.needs_fit(spec):
-            # Missing values, scaling, categories: read the columns raw; the node fits their preprocessing
-            # on its training rows once it knows them (preprocess.fit_tables) and only then has `features`.
-            table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
-                             feature_columns=[], label_dtype=label_dtype, label_rule=label_rule,
-                             raw_columns=spec.feature_columns)
-            table.fields.pop("features", None)
-            table.raw = preprocess.raw_columns(spec, table.raw)
-        else:
-            table = read_csv(path, id_column=spec.id_column, label_column=spec.label_column,
-                             feature_columns=spec.feature_columns, label_dtype=label_dtype,
-                             label_rule=label_rule)
+        table = _read_file(spec, path, label_rule, engine)
     elif spec.reader in ("criteo", "wide_n_deep"):
         table = datagen.generate(spec.reader, spec.params, where=f"data set `{spec.name}`")
     else:  # pragma: no cover - pydantic restricts the literal
         raise DataError(f"data set `{spec.name}`: unknown reader `{spec.reader}`")
-    if label_rule is not None and spec.reader != "csv" and "label" in table.fields:
+    if label_rule is not None and spec.reader not in FILE_READERS and "label" in table.fields:
         bad = _bad_labels(table.fields["label"], label_rule)
         if bad.size:
             y = table.fields["label"].reshape(-1)

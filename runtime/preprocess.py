@@ -44,7 +44,7 @@ class PreprocessError(DataError):
 def needs_fit(spec: DataSpec) -> bool:
     """Whether ``spec``'s features need a transform fitted on the training rows before the model sees them
     (any selected column with ``missing:``, ``scale:`` or of type ``category``)."""
-    if spec.reader != "csv" or spec.columns is None:
+    if spec.reader not in ("csv", "parquet") or spec.columns is None:
         return False
     selected = set(spec.feature_columns)
     return any(c.fitted for c in spec.columns if c.name in selected)

@@ -364,6 +364,19 @@ READERS: dict[str, ReaderSignature] = {
         None,
         "a CSV file with a header: `features` float32[B, n] from `columns` (glob patterns), `label`",
     ),
+    # Parquet: the same arguments and fields; the compiler reads the footer (column names, row count) where
+    # there is no schema block.
+    "parquet": ReaderSignature(
+        "parquet",
+        (
+            Param("path", "str"),
+            Param("id", "name", "id"),
+            Param("label", "name", None),
+            Param("columns", "list[str]", ["*"]),
+        ),
+        None,
+        "a Parquet file: `features` float32[B, n] from `columns` (glob patterns), `label`",
+    ),
     "criteo": ReaderSignature(
         "criteo",
         (
