@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", dest="data_bindings", action="append", default=[], metavar="NAME=PATH",
                    help="read data set NAME (csv) from PATH on this machine instead of the path in the plan; "
                    "repeatable (a party binds its own files where they live)")
+    p.add_argument("--predict", type=Path, default=None, metavar="MODEL",
+                   help="score new rows instead of training (vertical: split over the attested channel): "
+                   "MODEL is this node's sealed SavedModel pack (<node>_model.savedmodel.sealed, opened with "
+                   "its own sealing key), a run folder holding it, or a folder `fldsl model decrypt` wrote")
+    p.add_argument("--predict-out", type=Path, default=None, metavar="CSV",
+                   help="--predict, label owner: where `id,score` goes (default <run-dir>/scores.csv)")
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--recv-timeout", type=float, default=300.0)
     return p.parse_args(argv)
@@ -329,6 +335,17 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     backend, roots = _backend(args, manifest, me, [p.id for p in plan.peers])
     digest = pins.digest()
     identity = make_identity(backend, node_id=args.node, pins_digest=digest)
+    predicting: dict[str, Any] | None = None
+    if args.predict is not None:  # the node's own model, checked against its plan before any peer is met
+        from fldsl.runtime.predict import PredictError, open_node_model, predict_plan
+
+        progress.emit("phase", name="model", detail=str(args.predict))
+        try:
+            part = open_node_model(Path(args.predict), plan, backend.sealing_key())
+        except PredictError as e:
+            raise NodeError(str(e), EXIT_TRUST if e.exit_code == EXIT_TRUST else EXIT_INPUT) from None
+        plan = predict_plan(plan)
+        predicting = {"part": part, "out": args.predict_out or args.run_dir / "scores.csv"}
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
     verifier = PeerVerifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
@@ -376,18 +393,27 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         # Checkpoints are always sealed, whatever at_rest says: they hold the model.
         # Bound to the pins digest: it changes with any plan, policy or measurement of the deployment, so
         # another pipeline's checkpoints (same node ids) are refused, naming both digests.
-        store = CheckpointStore(args.run_dir / "checkpoints" / args.node, node_id=args.node,
-                                key=backend.sealing_key(), pipeline_digest=digest)
+        store = None if predicting is not None else CheckpointStore(
+            args.run_dir / "checkpoints" / args.node, node_id=args.node, key=backend.sealing_key(),
+            pipeline_digest=digest)
         ctx = RoleContext(plan=plan, policy=policy, links=links, progress=progress, store=store,
                           run_dir=args.run_dir, seal_key=backend.sealing_key(), stop=stop,
                           recv_timeout_s=args.recv_timeout, allow_rollback=args.allow_rollback)
         ctx.mark_links()
+        main_fn = role_main(plan)
+        if predicting is not None:
+            from fldsl.runtime.roles import predict as predict_role
+
+            ctx.cache["predict"] = predicting
+            main_fn = predict_role.run
         restarts = 0
         while True:
             try:
-                result = role_main(plan)(ctx)
+                result = main_fn(ctx)
                 break
             except PeerRestarted as e:
+                if predicting is not None:  # nothing to resume: the peer lost its half of the alignment
+                    raise NodeError(f"{e.peer} restarted during prediction; start every node again") from None
                 # The peer process was restarted (it re-attested with a fresh key): run the role again;
                 # it agrees on a checkpoint with the peer, rolls back to it and drops stale messages.
                 restarts += 1

@@ -52,7 +52,8 @@ class Part:
         n = len(next(iter(feeds.values())))
         chunks: dict[str, list[np.ndarray]] = {}
         for lo in range(0, max(n, 1), BATCH):
-            args = {k: tf.constant(np.asarray(v[lo:lo + BATCH], dtype=self.inputs()[k]["dtype"]))
+            args = {k: tf.constant(v[lo:lo + BATCH].astype(str) if self.inputs()[k]["dtype"] == "string"
+                                   else np.asarray(v[lo:lo + BATCH], dtype=self.inputs()[k]["dtype"]))
                     for k, v in feeds.items()}
             for k, v in self.fn(**args).items():
                 chunks.setdefault(k, []).append(v.numpy())
@@ -152,6 +153,58 @@ def load_parts(folders: Mapping[str, Path], plans: Mapping[str, Plan]) -> dict[s
     return parts
 
 
+def open_node_model(source: Path, plan: Plan, seal_key: bytes) -> Part:
+    """One node's own part, for the split path (a node started with ``--predict SOURCE``): a folder ``fldsl
+    model decrypt`` wrote, the sealed pack ``<node>_model.savedmodel.sealed`` (opened with ``seal_key``, the
+    node's own sealing key, into memory only), or a run folder holding that pack. The card must be this
+    node's, trained from this plan."""
+    from fldsl.runtime.sealing import SealError, unseal_file
+
+    if plan.export is None:
+        raise PredictError(f"{plan.node} exports no model: nothing to predict with")
+    pack_name = f"{plan.export.replace('/', '_')}{sm.SUFFIX}.sealed"
+    if source.is_dir() and not (source / sm.CARD_FILE).is_file():
+        source = source / "models" / pack_name
+        if not source.is_file():
+            raise PredictError(f"{source}: no such file: {plan.node}'s sealed model is not in that run "
+                               "folder")
+    if source.is_dir():
+        card = _card(source)
+        loaded: Any = None
+    else:
+        try:
+            data = unseal_file(source, key=seal_key, node_id=plan.node, name=sm.export_name(plan.export))
+        except FileNotFoundError:
+            raise PredictError(f"{source}: no such file") from None
+        except SealError as e:
+            code = 2 if e.reason in {"not-sealed", "format"} else 3
+            raise PredictError(f"{source}: {e} (is it {plan.node}'s {pack_name}?)", code) from None
+        try:
+            card, loaded = sm.load_in_memory(data)
+        except sm.ModelPackError as e:
+            raise PredictError(f"{source}: {e}") from None
+    if card.get("node") != plan.node:
+        raise PredictError(f"{source}: the model of {card.get('node')}, not of {plan.node}")
+    if card.get("plan_digest") != sm.plan_digest(plan):
+        raise PredictError(f"{source}: the model of {plan.node} was trained from another plan than this "
+                           "build's (another pipeline, or a recompiled or changed one); use the build it was "
+                           "trained with")
+    if loaded is None:
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(str(source))
+        except Exception as e:  # TensorFlow raises many types for a damaged SavedModel
+            raise PredictError(f"{source}: not a loadable SavedModel: {e}") from None
+    return Part(plan.node, source, card, loaded.signatures[sm.SIGNATURE])
+
+
+def predict_plan(plan: Plan) -> Plan:
+    """The plan a predicting node reads its data with: new rows need no label column, and the training
+    file's `rows <= N` does not bound them (see :func:`prediction_spec`)."""
+    return plan.model_copy(update={"data": [prediction_spec(ds) for ds in plan.data]})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------------
@@ -193,18 +246,46 @@ def read_table(spec: DataSpec, path: str | None) -> Any:
             raise PredictError(f"data set `{spec.name}` is generated ({spec.reader}), not read from a file: "
                                f"give it without =PATH to score its generated rows")
         spec = spec.model_copy(update={"path": path})
+    spec = prediction_spec(spec)
+    try:
+        return load_dataset(spec)
+    except DataError as e:
+        raise PredictError(str(e)) from None
+
+
+def prediction_spec(spec: DataSpec) -> DataSpec:
+    """``spec`` as rows to score are read: without the label where the file has no label column, and
+    without the schema's row bound."""
     if spec.reader == "csv" and spec.label_column:
         header = _header(Path(spec.path or ""))
         if header is not None and spec.label_column not in header:
             fields = {k: v for k, v in spec.fields.items() if k != "label"}
             spec = spec.model_copy(update={"label_column": None, "fields": fields})
     # A declared schema's `rows <= N` bounds the training file, not the rows to score; the reader still
-    # checks every column the model reads, by file:line.
-    spec = spec.model_copy(update={"columns": None, "max_rows": None})
-    try:
-        return load_dataset(spec)
-    except DataError as e:
-        raise PredictError(str(e)) from None
+    # checks every column the model reads, by file:line. A data set with fitted preprocessing keeps its
+    # schema: its columns are read raw (missing cells, category text), for the SavedModel's raw input.
+    from fldsl.runtime.preprocess import needs_fit
+
+    keep = spec.columns if needs_fit(spec) else None
+    return spec.model_copy(update={"columns": keep, "max_rows": None})
+
+
+def raw_cells(table: Any, columns: Sequence[str]) -> np.ndarray:
+    """The string matrix ``[rows, len(columns)]`` a SavedModel with preprocessing takes, from a table read
+    raw (``Table.raw``: numbers as float64 with NaN where missing, category text with ``""`` where
+    missing): a missing number is an empty cell, a number its shortest exact text (parsed back exactly)."""
+    absent = [c for c in columns if c not in table.raw]
+    if absent:
+        raise PredictError(f"the rows have no raw column(s) {', '.join(absent)} that the model's "
+                           "preprocessing reads")
+    out = np.empty((len(table), len(columns)), dtype=object)
+    for j, c in enumerate(columns):
+        col = table.raw[c]
+        if col.dtype.kind == "f":
+            out[:, j] = ["" if np.isnan(v) else repr(v) for v in col.tolist()]
+        else:
+            out[:, j] = col.astype(str).tolist()
+    return out
 
 
 def _header(path: Path) -> list[str] | None:
@@ -222,6 +303,9 @@ def _feeds(part: Part, table: Any, rows: np.ndarray, dataset: str) -> dict[str, 
         if inp["source"] != "data":
             continue
         ds, _, fld = inp["ref"].partition(".")
+        if ds == dataset and inp.get("raw"):  # preprocessing inside the model: raw cells in
+            feeds[key] = raw_cells(table, inp["columns"])[rows]
+            continue
         if ds != dataset or fld not in table.fields:
             raise PredictError(f"the model of {part.node} reads `{inp['ref']}`, which data set `{dataset}` "
                                f"does not give (fields: {', '.join(sorted(table.fields))})")
@@ -333,3 +417,110 @@ def write_scores(pred: Prediction, out: Path | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vertical, split over the attested channel: one node process per party, as `fldsl run` starts them
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitRun:
+    """A split prediction: where the label owner wrote ``id,score``, how many rows, and the node run."""
+
+    scores: Path
+    rows: int
+    nodes: list[str]
+    run_dir: Path
+    result: Any  # fldsl.runtime.launcher.RunResult
+
+
+def node_models(sources: Sequence[Path], plans: Mapping[str, Plan]) -> dict[str, Path]:
+    """{node: what its ``--predict`` gets}: the folder among ``sources`` whose card is that node's (``fldsl
+    model decrypt`` output), else its sealed pack in a run folder among ``sources`` (the node opens it with
+    its own sealing key)."""
+    found: dict[str, Path] = {}
+    runs: list[Path] = []
+    for src in sources:
+        if (src / sm.CARD_FILE).is_file():
+            node = str(_card(src).get("node"))
+            if node in found:
+                raise PredictError(f"{src}: a second model of {node} (the first: {found[node]})")
+            found[node] = src
+        elif (src / "models").is_dir():
+            runs.append(src)
+        else:
+            raise PredictError(f"{src}: neither a decrypted model folder (no {sm.CARD_FILE}) nor a run "
+                               f"folder with models/*{sm.SUFFIX}.sealed")
+    unknown = sorted(set(found) - set(plans))
+    if unknown:
+        raise PredictError(f"the model of {unknown[0]}, which is not a node of this build "
+                           f"(nodes: {', '.join(plans)})")
+    for node, plan in plans.items():
+        if node in found or plan.export is None:
+            continue
+        name = f"{plan.export.replace('/', '_')}{sm.SUFFIX}.sealed"
+        packs = [r / "models" / name for r in runs if (r / "models" / name).is_file()]
+        if len(packs) > 1:
+            raise PredictError(f"two models of {node}: {packs[0]} and {packs[1]}")
+        if packs:
+            found[node] = packs[0]
+    missing = [n for n in plans if n not in found]
+    if missing:
+        raise PredictError(f"split prediction needs every node's model: none of {', '.join(missing)} among "
+                           f"the --model folders ({', '.join(map(str, sources))})")
+    return found
+
+
+def predict_split(build: Path, sources: Sequence[Path], data: Sequence[str], *, out: Path | None,
+                  trust_dir: Path = Path(".fldsl/trust"), runs_root: Path = Path("runs"),
+                  run_dir: Path | None = None, display: Any = None) -> SplitRun:
+    """Vertical prediction split over the attested channel (``fldsl.runtime.roles.predict``): every node of
+    the build as its own process on this machine, each with its own model (:func:`node_models`) and data
+    (``--data PARTY.DATASET=PATH`` goes to the node of that party), exactly as ``fldsl run`` starts them,
+    in ``run_dir`` (default ``runs_root/<pipeline>/predict/<time>/``); the label owner writes ``id,score``
+    to ``out`` (default ``<run dir>/scores.csv``). Nodes' failures
+    come back as a :class:`PredictError` with the run's exit code (2 input, 3 trust, 1 other)."""
+    from fldsl.runtime import launcher as L
+
+    plans = load_plans(build)
+    roles = {p.role for p in plans.values()}
+    if not roles <= {"vertical.active", "vertical.passive"} or "vertical.active" not in roles:
+        raise PredictError("the split path is for vertical pipelines (one label owner, passive parties); "
+                           "horizontal and distributed models score locally")
+    models = node_models(sources, plans)
+    node_args: dict[str, list[str]] = {n: ["--predict", str(models[n].resolve())] for n in plans}
+    for key, path in parse_bindings(data).items():
+        spec = _spec_of(plans, key)
+        party = key.split(".")[0]
+        node = next(n for n, p in plans.items() if p.party == party and spec in p.data)
+        if path is not None:
+            if spec.reader != "csv":
+                raise PredictError(f"data set `{spec.name}` is generated ({spec.reader}), not read from a "
+                                   "file: give it without =PATH to score its generated rows")
+            if not Path(path).is_file():
+                raise PredictError(f"--data {key}: {path}: no such file")
+            node_args[node] += ["--data", f"{spec.name}={Path(path).resolve()}"]
+    try:
+        ids = L.node_ids(build)
+        if run_dir is None:
+            run_dir = L.new_run_dir(runs_root / L.pipeline_name(build, ids), "predict")
+    except L.LaunchError as e:
+        raise PredictError(str(e), e.exit_code) from None
+    target = (out if out is not None else run_dir / "scores.csv").resolve()
+    active = next(n for n, p in plans.items() if p.role == "vertical.active")
+    node_args[active] += ["--predict-out", str(target)]
+    try:
+        result = L.run_pipeline(build, run_dir=run_dir, trust_dir=trust_dir, display=display,
+                                node_args=node_args)
+    except L.LaunchError as e:
+        raise PredictError(str(e), e.exit_code) from None
+    if result.exit_code != 0:
+        failed = [st for st in result.nodes.values() if st.exit_code not in (0, None)]
+        first = next((st for st in failed if st.exit_code == result.exit_code), None) or \
+            (failed[0] if failed else None)
+        why = f"{first.id}: {first.error}" if first is not None else "interrupted"
+        raise PredictError(f"split prediction failed: {why} (logs: {run_dir / 'logs'})", result.exit_code)
+    done = result.nodes[active].done or {}
+    rows = int((done.get("predicted") or {}).get("rows", 0))
+    return SplitRun(target, rows, [active, *(n for n in plans if n != active)], run_dir, result)

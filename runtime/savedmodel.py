@@ -27,9 +27,14 @@ Signature ``serving_default``:
   exactly ``fldsl.stdlib.tf.scores``) and ``logits``. A passive party of a vertical split: its activations,
   one output per tensor it sends (e.g. ``act1``), which are the label owner's inputs of the same name.
 
-Preprocessing: none is fitted by the pipeline today, so the signature takes the raw feature values the
-reader produces. When fitted transforms land in the plan, they belong in :func:`_serving_function`, applied
-to ``values`` before the segment (the hook is marked there) and listed under ``preprocessing`` in the card.
+Preprocessing: a data set whose schema block fits transforms (missing values, scaling, categories;
+``fldsl.runtime.preprocess``) takes its **raw cells** instead: its ``features`` input is a string matrix
+``[rows, k]``, one column per declared feature column in the plan's order (the card's ``columns``, and
+``"raw": true``), each cell as the csv holds it (an empty cell or the declared token is missing). The
+serving function applies the node's fitted statistics in TensorFlow (:func:`tf_preprocess`, the same
+arithmetic as ``preprocess.apply``: fill, scale and the indicator in float64, one-hot by vocabulary or
+FarmHash bucket) before the model's ops, so ``tf.saved_model.load`` scores raw rows exactly as training saw
+them; the statistics are the card's ``preprocessing``.
 
 Why ``ram://``: inside an enclave the run folder is on the untrusted host; TensorFlow's in-memory file system
 keeps the plaintext SavedModel in enclave memory until it is sealed.
@@ -135,7 +140,8 @@ def _outputs(plan: Plan, policy: Policy) -> dict[str, str]:
 def model_card(plan: Plan, policy: Policy, specs: Mapping[str, TensorSpec], refs: Sequence[str],
                outputs: Mapping[str, str], *, metrics: Mapping[str, Any] | None,
                history: Sequence[Mapping[str, Any]] | None, deployment_digest: str | None,
-               holdout_rows: int | None) -> dict[str, Any]:
+               holdout_rows: int | None,
+               preprocessing: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The card: what the model is, where each input comes from, and what the run measured."""
     datasets = {ds.name: ds for ds in plan.data}
     inputs: dict[str, Any] = {}
@@ -147,6 +153,8 @@ def model_card(plan: Plan, policy: Policy, specs: Mapping[str, TensorSpec], refs
             entry["source"] = "data"
             if ds is not None and fld == "features" and ds.feature_columns:
                 entry["columns"] = list(ds.feature_columns)
+                if preprocessing and ds_name in preprocessing:  # raw cells in (module docstring)
+                    entry.update(dtype="string", shape=[None, len(ds.feature_columns)], raw=True)
         else:
             senders = sorted({f.src for f in policy.flows if f.dst == plan.node and f.tensor == ref})
             entry["source"] = senders[0] if len(senders) == 1 else senders
@@ -189,7 +197,9 @@ def model_card(plan: Plan, policy: Policy, specs: Mapping[str, TensorSpec], refs
         "metrics": dict(metrics or {}),
         "history": [dict(h) for h in history or []],
         "holdout_scores": {"file": HOLDOUT_FILE, "rows": holdout_rows} if holdout_rows is not None else None,
-        "preprocessing": None,  # none fitted yet (module docstring)
+        # The statistics fitted on this node's training rows, per data set (fldsl.preprocessing/1), applied
+        # inside the serving function; null where none is declared.
+        "preprocessing": {k: dict(v) for k, v in preprocessing.items()} if preprocessing else None,
     }
 
 
@@ -204,17 +214,69 @@ def _score_meaning(plan: Plan) -> str:
     return "P(class 1)"
 
 
+def tf_preprocess(tf: Any, fitted: Mapping[str, Any], cells: Any) -> Any:
+    """The float32 feature matrix ``[rows, width]`` of the string matrix ``cells`` (one column per fitted
+    column, in order) under ``fitted`` (``fldsl.preprocessing/1``): ``preprocess.apply`` in TensorFlow,
+    from the csv text, with the reader's conventions (cells stripped; empty or the token is missing)."""
+    blocks = []
+    for i, e in enumerate(fitted["columns"]):
+        x = tf.strings.strip(cells[:, i])
+        token = (e.get("missing") or {}).get("token")
+        miss = tf.equal(x, "")
+        if token is not None:
+            miss = tf.logical_or(miss, tf.equal(x, str(token)))
+        lo, hi = int(e["columns"][0]), int(e["columns"][1])
+        if e["type"] == "category":
+            x = tf.where(miss, tf.constant(""), x)
+            if "vocabulary" in e:
+                other = int(e["other_column"])
+                vocab = [str(v) for v in e["vocabulary"]]
+                if vocab:
+                    hit = tf.equal(x[:, None], tf.constant(vocab)[None, :])
+                    first = tf.argmax(tf.cast(hit, tf.int32), axis=1, output_type=tf.int64)
+                    pos = tf.where(tf.reduce_any(hit, axis=1), first, tf.constant(other, tf.int64))
+                else:
+                    pos = tf.fill(tf.shape(x), tf.constant(other, tf.int64))
+            else:
+                pos = tf.strings.to_hash_bucket_fast(x, int(e["hash_buckets"]))
+            blocks.append(tf.one_hot(pos, hi - lo, dtype=tf.float32))
+            continue
+        v = tf.strings.to_number(tf.where(miss, tf.constant("0"), x), out_type=tf.float64)
+        if "missing" in e:
+            v = tf.where(miss, tf.constant(float(e["missing"]["value"]), tf.float64), v)
+        else:
+            tf.debugging.assert_equal(tf.reduce_any(miss), False, message=(
+                f"column `{e['name']}` has a missing value and no `missing:` fill"))
+        sc = e.get("scale")
+        if sc is not None:
+            if sc["kind"] == "clip":
+                v = tf.clip_by_value(v, float(sc["lo"]), float(sc["hi"]))
+            else:
+                v = (v - float(sc["offset"])) / float(sc["divisor"])
+        blocks.append(tf.cast(v, tf.float32)[:, None])
+        if "missing" in e and e["missing"]["indicator"]:
+            blocks.append(tf.cast(miss, tf.float32)[:, None])
+    return tf.concat(blocks, axis=1) if blocks else tf.zeros([tf.shape(cells)[0], 0], tf.float32)
+
+
 def _serving_function(tf: Any, segment: Any, plan: Plan, refs: Sequence[str], specs: Mapping[str, TensorSpec],
-                      outputs: Mapping[str, str]) -> Any:
+                      outputs: Mapping[str, str],
+                      preprocessing: Mapping[str, Mapping[str, Any]] | None = None) -> Any:
     from fldsl.stdlib.tf import scores as tf_scores
 
+    fitted = dict(preprocessing or {})
+    # ref -> the fitted transforms of its data set, for the `<data set>.features` of a fitted data set
+    raw = {r: fitted[r.partition(".")[0]] for r in refs
+           if r.partition(".")[2] == "features" and r.partition(".")[0] in fitted}
     keys = [input_key(r) for r in refs]
-    sig = [tf.TensorSpec([None, *specs[r].shape[1:]], tf.as_dtype(specs[r].dtype), name=k)
+    sig = [tf.TensorSpec([None, len(raw[r]["columns"])], tf.string, name=k) if r in raw else
+           tf.TensorSpec([None, *specs[r].shape[1:]], tf.as_dtype(specs[r].dtype), name=k)
            for r, k in zip(refs, keys, strict=True)]
 
     def serve(*args: Any) -> dict[str, Any]:
         values = dict(zip(refs, args, strict=True))
-        # Preprocessing hook: fitted transforms (fill, scale, vocabulary) go here, applied to `values`.
+        for ref, fit in raw.items():  # raw cells -> the features the model trained on
+            values[ref] = tf_preprocess(tf, fit, values[ref])
         out = segment(values, training=False)
         result = {}
         for key, tensor in outputs.items():
@@ -231,11 +293,14 @@ def _serving_function(tf: Any, segment: Any, plan: Plan, refs: Sequence[str], sp
 def build_pack(plan: Plan, policy: Policy, weights: Sequence[np.ndarray], *,
                specs: Mapping[str, TensorSpec] | None = None, metrics: Mapping[str, Any] | None = None,
                history: Sequence[Mapping[str, Any]] | None = None, deployment_digest: str | None = None,
-               holdout: tuple[Sequence[Any], np.ndarray] | None = None) -> bytes:
+               holdout: tuple[Sequence[Any], np.ndarray] | None = None,
+               preprocessing: Mapping[str, Mapping[str, Any]] | None = None) -> bytes:
     """The tar (module docstring) of this node's part with ``weights`` (in ``weight_names`` order).
 
     ``specs``: the segment's input specs where the plan cannot give them (the horizontal aggregator builds
-    its model from its workers' specs); ``holdout``: (ids, logits) of the label owner's last evaluation."""
+    its model from its workers' specs); ``holdout``: (ids, logits) of the label owner's last evaluation;
+    ``preprocessing``: ``{data set: fitted}`` of this node (``ctx.cache["preprocessing"]``), applied inside
+    the serving function to the data set's raw cells."""
     import tensorflow as tf
     from fldsl.runtime.roles.common import input_specs
     from fldsl.stdlib.tf import build_segment
@@ -251,14 +316,16 @@ def build_pack(plan: Plan, policy: Policy, weights: Sequence[np.ndarray], *,
     outputs = _outputs(plan, policy)
     root = tf.Module()
     root.segment_variables = list(segment.variables)  # tracked: the SavedModel must own every variable
-    root.serve = _serving_function(tf, segment, plan, refs, segment.specs, outputs)
+    fitted = {k: v for k, v in (preprocessing or {}).items() if f"{k}.features" in refs}
+    root.serve = _serving_function(tf, segment, plan, refs, segment.specs, outputs, fitted)
     holdout_csv = None
     if holdout is not None and plan.loss is not None:
         ids, logits = holdout
         holdout_csv = scores_csv(list(ids), scores_np(plan.loss.op, logits))
     card = model_card(plan, policy, segment.specs, refs, outputs, metrics=metrics, history=history,
                       deployment_digest=deployment_digest,
-                      holdout_rows=len(holdout[0]) if holdout_csv is not None and holdout else None)
+                      holdout_rows=len(holdout[0]) if holdout_csv is not None and holdout else None,
+                      preprocessing=fitted)
     base = f"ram://fldsl-export-{secrets.token_hex(8)}"
     try:
         tf.saved_model.save(root, base, signatures={SIGNATURE: root.serve})
@@ -348,6 +415,52 @@ def unpack(data: bytes | bytearray | memoryview, dst: Path) -> dict[str, Any]:
         raise
 
 
+def load_in_memory(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], Any]:
+    """(card, loaded SavedModel) of a pack, unpacked into TensorFlow's in-memory file system only: a node
+    scoring with its sealed model never writes the plaintext model to the host's disk."""
+    import tensorflow as tf
+
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:")
+        members = tar.getmembers()
+    except tarfile.TarError as e:
+        raise ModelPackError(f"not a model pack: {e}") from None
+    if sum(m.size for m in members) > MAX_PACK_BYTES:
+        raise ModelPackError(f"the pack expands to more than {MAX_PACK_BYTES:,} bytes")
+    names = {m.name for m in members}
+    if CARD_FILE not in names or "saved_model.pb" not in names:
+        raise ModelPackError(f"not a model pack: no {CARD_FILE} / saved_model.pb")
+    base = f"ram://fldsl-model-{secrets.token_hex(8)}"
+    try:
+        card: dict[str, Any] | None = None
+        for m in members:
+            parts = Path(m.name).parts
+            if (not (m.isfile() or m.isdir()) or Path(m.name).is_absolute() or not parts
+                    or any(p in ("..", "") for p in parts)):
+                raise ModelPackError(f"not a model pack: member {m.name!r} is not a plain file inside the "
+                                     "pack")
+            if m.isdir():
+                tf.io.gfile.makedirs(f"{base}/{m.name}")
+                continue
+            src = tar.extractfile(m)
+            assert src is not None
+            blob = src.read()
+            if m.name == CARD_FILE:
+                try:
+                    card = json.loads(blob)
+                except ValueError as e:
+                    raise ModelPackError(f"unreadable model card: {e}") from None
+            tf.io.gfile.makedirs(f"{base}/{Path(m.name).parent}".rstrip("/."))
+            with tf.io.gfile.GFile(f"{base}/{m.name}", "wb") as g:
+                g.write(blob)
+        if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+            raise ModelPackError(f"not a {CARD_FORMAT} card")
+        return card, tf.saved_model.load(base)
+    finally:
+        if tf.io.gfile.exists(base):
+            tf.io.gfile.rmtree(base)
+
+
 def read_card(folder: Path) -> dict[str, Any]:
     path = folder / CARD_FILE
     try:
@@ -374,7 +487,7 @@ def export_pack(ctx: Any, weights: Sequence[np.ndarray], *, specs: Mapping[str, 
 
     digest = ctx.store.pipeline_digest if ctx.store is not None else None
     data = build_pack(plan, ctx.policy, weights, specs=specs, metrics=metrics, history=history,
-                      deployment_digest=digest, holdout=holdout)
+                      deployment_digest=digest, holdout=holdout, preprocessing=ctx.cache.get("preprocessing"))
     name = export_name(plan.export)
     safe = plan.export.replace("/", "_") + SUFFIX
     dst = ctx.run_dir / "models" / f"{safe}.sealed"

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,7 +98,7 @@ def test_the_run_exports_savedmodel_packs_with_cards(vertical: dict[str, Path]) 
 
 def test_vertical_predict_equals_the_runs_holdout_scores(vertical: dict[str, Path]) -> None:
     out = vertical["root"] / "scores.csv"
-    res = cli("predict", str(vertical["build"]), "--model", str(vertical["run"]),
+    res = cli("predict", "--local", str(vertical["build"]), "--model", str(vertical["run"]),
               "--trust-dir", str(vertical["trust"]), "-o", str(out))
     assert res.exit_code == EXIT_OK, res.output + res.stderr
     got, want = _read_scores(out.read_text()), _holdout(vertical)
@@ -119,7 +121,7 @@ def test_new_rows_by_column_name_without_labels(vertical: dict[str, Path]) -> No
         for r in rows:
             if r["example_id"] in want:
                 w.writerow([*(r[c] for c in cols), r["example_id"]])
-    res = cli("predict", str(vertical["build"]), "--model", str(vertical["run"]), "--trust-dir",
+    res = cli("predict", "--local", str(vertical["build"]), "--model", str(vertical["run"]), "--trust-dir",
               str(vertical["trust"]), "--data", f"shop.conversions={new}")
     assert res.exit_code == EXIT_OK, res.output + res.stderr
     got = _read_scores(res.stdout)
@@ -159,7 +161,8 @@ def test_decrypted_savedmodels_load_with_plain_tensorflow(vertical: dict[str, Pa
     np.testing.assert_allclose(scores, [want[i] for i in ids], rtol=1e-5, atol=1e-6)
 
     # The decrypted folders are what `fldsl predict --model` takes too.
-    res = cli("predict", str(vertical["build"]), "--model", str(shop_dir), "--model", str(media_dir))
+    res = cli("predict", "--local", str(vertical["build"]), "--model", str(shop_dir), "--model",
+              str(media_dir))
     assert res.exit_code == EXIT_OK, res.stderr
     got = _read_scores(res.stdout)
     np.testing.assert_allclose([got[i] for i in ids], [want[i] for i in ids], rtol=1e-5, atol=1e-6)
@@ -175,7 +178,8 @@ def test_decrypted_savedmodels_load_with_plain_tensorflow(vertical: dict[str, Pa
 
 def test_predict_input_errors_exit_2_and_tampering_3(vertical: dict[str, Path]) -> None:
     root, build = vertical["root"], vertical["build"]
-    base = ["predict", str(build), "--model", str(vertical["run"]), "--trust-dir", str(vertical["trust"])]
+    base = ["predict", "--local", str(build), "--model", str(vertical["run"]), "--trust-dir",
+            str(vertical["trust"])]
     res = cli(*base, "--data", "shop.nope=x.csv")
     assert res.exit_code == EXIT_INPUT and "--data shop.nope: not a data set" in res.stderr
     res = cli(*base, "--data", "media.impressions=x.csv")
@@ -193,7 +197,7 @@ def test_predict_input_errors_exit_2_and_tampering_3(vertical: dict[str, Path]) 
 
     shutil.copytree(build, other / build.name)
     buildkit.recompile_plan(other / build.name, MEDIA, lambda p: setattr(p.train, "seed", 99))
-    res = cli("predict", str(other / build.name), "--model", str(vertical["run"]), "--trust-dir",
+    res = cli("predict", "--local", str(other / build.name), "--model", str(vertical["run"]), "--trust-dir",
               str(vertical["trust"]))
     assert res.exit_code == EXIT_INPUT and "another plan" in res.stderr
 
@@ -204,7 +208,7 @@ def test_predict_input_errors_exit_2_and_tampering_3(vertical: dict[str, Path]) 
     blob = bytearray(pack.read_bytes())
     blob[-40] ^= 1
     pack.write_bytes(bytes(blob))
-    res = cli("predict", str(build), "--model", str(run2), "--trust-dir", str(vertical["trust"]))
+    res = cli("predict", "--local", str(build), "--model", str(run2), "--trust-dir", str(vertical["trust"]))
     assert res.exit_code == EXIT_TRUST and res.stdout == ""
 
 
@@ -254,3 +258,159 @@ def test_a_synchronous_parameter_server_serves_the_global_models_logits(tmp_path
     plan = load_model(Plan, node_dir(build, "hub.ps") / "plan.json")
     policy = load_model(Policy, node_dir(build, "hub.ps") / "policy.json")
     assert plan.loss is None and _outputs(plan, policy) == {"logits": "logits"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing inside the SavedModel, and the split path over the attested channel
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _census(root: Path, rows: int = 600) -> Path:
+    """test_preprocess's census pipeline (empty cells, `?` tokens, string categories, 3 classes), small."""
+    from test_preprocess import PIPELINE, _write_data
+
+    _write_data(root / "data", rows)
+    flp = root / "census.flp"
+    flp.write_text(PIPELINE.replace("epochs: 8", "epochs: 2"))
+    return _compile(flp, root / "build")
+
+
+def _compile(flp: Path, out: Path) -> Path:
+    """Compile with the code as it is now: the simulated measurement pins the installed code, which other
+    work in the same checkout may change between tests."""
+    from fldsl.api import compile_pipeline
+    from fldsl.measurement import code_digest
+
+    code_digest.cache_clear()
+    return compile_pipeline(flp, out).build_dir
+
+
+def _until_code_settles(fn: Any) -> Any:
+    """``fn(attempt)`` again (at most 3 times) while it fails because the code changed under it (the peers
+    then refuse each other's measurement: exit 3)."""
+    from fldsl.measurement import code_digest
+
+    for attempt in range(3):
+        code_digest.cache_clear()
+        before = code_digest()
+        result = fn(attempt)
+        if getattr(result, "exit_code", 0) != EXIT_TRUST or code_digest.__wrapped__() == before:
+            return result
+    return result
+
+
+def _class_scores(text: str) -> dict[str, list[float]]:
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["id", "score_0", "score_1", "score_2"], rows[0]
+    return {r[0]: [float(x) for x in r[1:]] for r in rows[1:]}
+
+
+def _csv_cells(path: Path, ids: list[str], columns: list[str]) -> np.ndarray:
+    """The csv's own cells (text as written: empty, `?`, categories) of ``columns`` for ``ids``."""
+    rows = {r["id"]: r for r in csv.DictReader(path.open())}
+    return np.array([[rows[i][c] for c in columns] for i in ids], dtype=object).astype(str)
+
+
+def test_savedmodel_applies_the_fitted_preprocessing_to_raw_rows(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    monkeypatch.chdir(tmp_path)
+    build = _census(tmp_path)
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    for node, r in res.items():
+        assert not isinstance(r, BaseException), f"{node}: {r!r}"
+    folders = {}
+    for node in ("bank.n", "shop.n"):
+        data = sealing.unseal_file(tmp_path / "run" / "models" / f"{node}_model{sm.SUFFIX}.sealed",
+                                   key=memlink.KEY, node_id=node, name=sm.export_name(f"{node}/model"))
+        folders[node] = tmp_path / node
+        sm.unpack(data, folders[node])
+    bank_card = sm.read_card(folders["bank.n"])
+    want = _class_scores((folders["bank.n"] / sm.HOLDOUT_FILE).read_text())
+    ids = list(want)
+
+    # The card records the statistics the run fitted (the same as the weights export's member).
+    npz = np.load(io.BytesIO(bytes(sealing.unseal_file(
+        tmp_path / "run" / "models" / "bank.n_model.sealed", key=memlink.KEY, node_id="bank.n",
+        name="bank.n/model"))))
+    assert bank_card["preprocessing"] == json.loads(npz["preprocessing"].tobytes())
+    inp = bank_card["signature"]["inputs"]["people_features"]
+    assert inp["dtype"] == "string" and inp["raw"] and inp["columns"] == ["age", "capital-gain", "education"]
+
+    # Plain TensorFlow on the files' own text: empty cells, `?`, category names, unscaled numbers.
+    bank_cells = _csv_cells(tmp_path / "data" / "bank.csv", ids, inp["columns"])
+    shop_cols = sm.read_card(folders["shop.n"])["signature"]["inputs"]["baskets_features"]["columns"]
+    shop_cells = _csv_cells(tmp_path / "data" / "shop.csv", ids, shop_cols)
+    assert (bank_cells == "").any() and (bank_cells == "?").any() and (shop_cells == "").any()
+    shop_fn = tf.saved_model.load(str(folders["shop.n"])).signatures["serving_default"]
+    bank_fn = tf.saved_model.load(str(folders["bank.n"])).signatures["serving_default"]
+    a = shop_fn(baskets_features=tf.constant(shop_cells))["a"]
+    got = bank_fn(people_features=tf.constant(bank_cells), a=a)["scores"].numpy()
+    np.testing.assert_allclose(got, [want[i] for i in ids], rtol=1e-5, atol=1e-6)
+
+    # fldsl predict --local reads the same raw files and gives the same scores.
+    out = cli("predict", str(build), "--local", "--model", str(folders["bank.n"]), "--model",
+              str(folders["shop.n"]))
+    assert out.exit_code == EXIT_OK, out.stderr
+    scored = _class_scores(out.stdout)
+    np.testing.assert_allclose([scored[i] for i in ids], [want[i] for i in ids], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_split_predict_over_the_attested_channel_equals_the_runs_holdout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real node processes over real gRPC and TLS: training, then `fldsl predict` with each party's node
+    opening its own sealed model; the label owner's `id,score` equals the run's holdout scores id for id."""
+    import shutil
+
+    from fldsl.runtime.launcher import run_pipeline, tail
+
+    monkeypatch.chdir(tmp_path)
+    _census(tmp_path, rows=400)
+    flp, trust = tmp_path / "census.flp", tmp_path / "trust"
+    run = _until_code_settles(lambda k: run_pipeline(_compile(flp, tmp_path / f"build{k}"),
+                                                     run_dir=tmp_path / f"run{k}", trust_dir=trust))
+    assert run.exit_code == 0, [(n, s.error, tail(s.log_path)) for n, s in run.nodes.items()]
+    shutil.move(run.run_dir, tmp_path / "run")
+    data = sealing.unseal_file(tmp_path / "run" / "models" / f"bank.n_model{sm.SUFFIX}.sealed",
+                               key=(trust / "bank" / "sealing.key").read_bytes(), node_id="bank.n",
+                               name=sm.export_name("bank.n/model"))
+    want = _class_scores(sm.unpack(data, tmp_path / "bank-model") and
+                         (tmp_path / "bank-model" / sm.HOLDOUT_FILE).read_text())
+
+    # New rows for the label owner: only the holdout ids, columns shuffled, no label column.
+    rows = list(csv.DictReader((tmp_path / "data" / "bank.csv").open()))
+    cols = ["education", "id", "capital-gain", "age"]
+    new = tmp_path / "new_bank.csv"
+    with new.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows([r[c] for c in cols] for r in rows if r["id"] in want)
+    out = tmp_path / "scores.csv"
+    res = _until_code_settles(lambda k: cli(
+        "predict", str(_compile(flp, tmp_path / f"pbuild{k}")), "--model", str(tmp_path / "run"),
+        "--trust-dir", str(trust), "--data", f"bank.people={new}", "-o", str(out),
+        "--run-dir", str(tmp_path / f"predict{k}")))
+    pdir = sorted(tmp_path.glob("predict*"))[-1]
+    logs = {p.name: p.read_text()[-2000:] for p in (pdir / "logs").glob("*.log")}
+    assert res.exit_code == EXIT_OK, (res.stderr, logs)
+    assert "split over the attested channel" in res.stderr
+    got = _class_scores(out.read_text())
+    assert list(got) == list(want) or set(got) == set(want)
+    for i, s in want.items():
+        np.testing.assert_allclose(got[i], s, rtol=1e-5, atol=1e-6, err_msg=i)
+    # What crossed: the psi, holdout (row positions), control and activation flows, and nothing else.
+    events = [json.loads(x) for x in (pdir / "metrics.jsonl").read_text().splitlines()]
+    sent = {k for e in events if e.get("event") == "done" for k in e.get("bytes_sent", {})}
+    assert any(":a" in k or k.endswith("a") for k in sent)
+    assert not any("grad" in k or "label" in k for k in sent), sent
+
+    # A model of another pipeline (here: the same nodes recompiled with another seed) is refused by the
+    # node before it meets any peer, naming it; exit 2.
+    (tmp_path / "census2.flp").write_text(flp.read_text().replace("seed: 5", "seed: 6"))
+    other = _compile(tmp_path / "census2.flp", tmp_path / "other")
+    res = cli("predict", str(other), "--model", str(tmp_path / "run"), "--trust-dir", str(trust),
+              "--run-dir", str(tmp_path / "refused"))
+    assert res.exit_code == EXIT_INPUT, res.stderr
+    assert "trained from another plan" in res.stderr, res.stderr
