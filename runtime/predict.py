@@ -2,10 +2,11 @@
 
 Horizontal and distributed pipelines: one model (the aggregator's export) scores one data set locally.
 
-Vertical pipelines, **owner-side path**: every part's decrypted SavedModel is in this one process; each
-passive part computes its activations for the ids all parts' files share, and the label owner's part turns
-them into scores (``id,score``, in the label owner's row order). Nothing crosses a network here; the split
-path, where each party's node computes its part over the attested channel, is not built yet.
+Vertical pipelines, **split path** (:func:`predict_split`, the default of ``fldsl predict``): every node runs
+as its own process with its own model and data and they score over the attested channel
+(``fldsl.runtime.roles.predict``). **Owner-side path** (:func:`predict`, ``--local``): every part's SavedModel
+is in this one process; each passive part computes its activations for the ids all parts' files share, and
+the label owner's part turns them into scores (``id,score``, in the label owner's row order).
 
 Every expected problem is a :class:`PredictError` with a user-facing message and the exit code (2: input,
 3: a sealed pack that does not authenticate).
