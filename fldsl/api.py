@@ -73,28 +73,53 @@ def compile_pipeline(
     params: Mapping[str, str] | None = None,
     target: str | None = None,
     owner_keys: Mapping[str, str] | None = None,
+    *,
+    party: str | None = None,
+    expose: str | None = None,
+    addresses: str | Path | None = None,
+    image: str | None = None,
 ) -> CompileResult:
     """Check and emit ``build/<pipeline>/`` (or ``out_dir``); ``target`` ("kubernetes" or "compose") also
-    writes ``deploy/`` (see :mod:`fldsl.compiler.deploy`). ``owner_keys``: party -> the model owner's
+    writes ``deploy/<target>/<party>/`` for ``party`` (every party without one), with ``expose``
+    (kubernetes: clusterip, nodeport, loadbalancer), the parties' agreed ``addresses`` file and the
+    ``image`` the nodes run (see :mod:`fldsl.compiler.deploy`). ``owner_keys``: party -> the model owner's
     public key PEM; the party's exporting nodes also write their model encrypted to it
     (``Plan.export_recipient``)."""
     from fldsl.compiler.emit import emit
 
     path = Path(path)
+    if target is None:
+        given = [f for f, v in (("--party", party), ("--expose", expose), ("--addresses", addresses),
+                                ("--image", image)) if v is not None]
+        if given:
+            raise FldslError([Diagnostic("error", f"{', '.join(given)} only with --target kubernetes|compose",
+                                         str(path))])
     source = _read_source(path)
     program = check_source(source, str(path), params, path.resolve().parent)
     if owner_keys:
         program.set_owner_keys(_owner_keys(program, owner_keys, str(path)))
+    deploy = None
+    if target is not None:  # checked before anything is written
+        from fldsl.compiler.deploy import DeployError, deploy_options
+
+        try:
+            deploy = deploy_options(program, target, party=party, expose=expose, addresses=addresses,
+                                    image=image)
+        except DeployError as e:
+            raise FldslError([Diagnostic("error", str(e), str(path), hint=e.hint)]) from None
     out = Path(out_dir) if out_dir is not None else Path("build") / program.pipeline
     try:
         result = emit(program, source, out, str(path))
-        if target is not None:
+        if deploy is not None:
             from fldsl.compiler.deploy import DeployError, write_deploy
 
             try:
-                result.files = sorted([*result.files, *write_deploy(program, result.build_dir, target)])
+                deployed = write_deploy(program, result.build_dir, deploy, digest=result.digest)
             except DeployError as e:
-                raise FldslError([Diagnostic("error", f"--target {target}: {e}", str(path))]) from None
+                raise FldslError([Diagnostic("error", str(e), str(path), hint=e.hint)]) from None
+            result.files = sorted([*result.files, *deployed.files])
+            notes = [Diagnostic("warning", n, str(path)) for n in deployed.notes]
+            result.warnings = [*result.warnings, *notes]
         return result
     except EmitError as e:
         raise FldslError([Diagnostic("error", str(e), str(path))]) from None

@@ -50,8 +50,20 @@ from fldsl.diagnostics import FldslError
     "--target",
     type=click.Choice(["kubernetes", "compose"]),
     default=None,
-    help="Also write deployment files under deploy/ (one container per node).",
+    help="Also write deployment files: deploy/<target>/<party>/, one folder per party (one container per "
+    "node; docs/deploy.md).",
 )
+@click.option("--party", default=None, metavar="PARTY",
+              help="--target: write this party's folder only (default: every party's).")
+@click.option("--expose", type=click.Choice(["clusterip", "nodeport", "loadbalancer"]), default=None,
+              help="--target kubernetes: the type of each node's Service (default clusterip: peers in the "
+              "same cluster only).")
+@click.option("--addresses", "addresses_file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="--target: the addresses file the parties agreed on ({node: {host, port, bootstrap_port, "
+              "egress_cidrs?}}): where this party's nodes reach the other parties' (default: all in one "
+              "cluster, or on one docker host).")
+@click.option("--image", default=None, metavar="IMAGE",
+              help="--target: the image the nodes run (default fldsl:<version>, built by the Dockerfile).")
 def command(
     file: str,
     out_dir: str | None,
@@ -60,13 +72,26 @@ def command(
     entrypoint: str | None,
     owner_key_items: tuple[str, ...],
     target: str | None,
+    party: str | None,
+    expose: str | None,
+    addresses_file: str | None,
+    image: str | None,
 ) -> None:
     """Compile a .flp pipeline into per-node plans, policies, pins and Gramine manifests."""
     from fldsl.api import compile_pipeline
 
+    if target is None:
+        given = [f for f, v in (("--party", party), ("--expose", expose), ("--addresses", addresses_file),
+                                ("--image", image)) if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only with --target kubernetes|compose")
+    elif expose is not None and target != "kubernetes":
+        raise click.UsageError("--expose only with --target kubernetes (compose publishes the ports the "
+                               "other parties reach)")
     owner_keys = _read_owner_keys(owner_key_items)
     try:
-        result = compile_pipeline(file, out_dir, parse_sets(sets), target, owner_keys)
+        result = compile_pipeline(file, out_dir, parse_sets(sets), target, owner_keys, party=party,
+                                  expose=expose, addresses=addresses_file, image=image)
     except FldslError as e:
         print_diagnostics(e)
         sys.exit(EXIT_INPUT)
@@ -90,9 +115,16 @@ def command(
     click.echo(f"  pipeline.json  ({len(result.files)} files)")
     for n in nodes:
         click.echo(f"  nodes/{n}/  plan.json policy.json pins.json manifest (.template, .toml)")
-    deploy = [f for f in result.files if f.startswith("deploy/")]
-    if deploy:
-        click.echo(f"  deploy ({target}): {', '.join(deploy)}")
+    folders: dict[str, list[str]] = {}
+    for f in result.files:
+        if f.startswith("deploy/"):
+            folder, _, name = f.rpartition("/")
+            folders.setdefault(folder, []).append(name)
+    for folder, names in folders.items():
+        click.echo(f"  {folder}/  {' '.join(names)}")
+    if folders:
+        click.echo(f"  deploy each party's folder as its header says (docs/deploy.md); the digest "
+                   f"{result.digest[:12]} must be the same at every party")
     if sign_key is not None:
         click.echo(f"  signed with {sign_key}: pins hold the real MRENCLAVE/MRSIGNER")
         for s in signed:

@@ -78,7 +78,8 @@ def test_compile_target(tmp_path: Path) -> None:
         ["compile", str(PIPELINES / "vertical_wide_deep.flp"), "-o", str(tmp_path), "--target", "compose"],
     )
     assert r.exit_code == 0, r.output
-    assert "deploy (compose): deploy/addresses.json, deploy/compose/docker-compose.yml" in r.output
+    assert "deploy/compose/media/  addresses.json compose.yaml" in r.output
+    assert "deploy/compose/shop/  addresses.json compose.yaml" in r.output
     r = CliRunner().invoke(
         main, ["compile", str(PIPELINES / "vertical_wide_deep.flp"), "-o", str(tmp_path), "--target", "nomad"]
     )
