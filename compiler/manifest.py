@@ -7,10 +7,13 @@ Two stages, so that every rendering of a node describes the same enclave:
    is machine independent.
 2. :func:`render_stage2` fills what depends on the machine the node runs on: the interpreter, Gramine's
    runtime folder and the computed list of files that interpreter needs (:mod:`fldsl.compiler.enclave_files`).
-   ``fldsl compile`` renders it for this machine (``<node>.manifest.toml``: its bytes are the node's
-   simulated measurement when it runs without an enclave); ``fldsl compile --sign`` renders it for the
-   entrypoint and gives the result to ``gramine-manifest`` (defaults, schema check, file hashes) and
-   ``gramine-sgx-sign`` (``compiler/sign.py``).
+   ``fldsl compile`` renders it for a *reference* machine (:data:`PORTABLE_ENCLAVE`: no host's interpreter
+   or files), so that every party compiling the same pipeline on its own machine gets the same bytes and
+   digest (``<node>.manifest.toml``: its bytes, with the installed fldsl code, are the node's simulated
+   measurement when it runs without an enclave). ``fldsl compile --sign`` renders it for the entrypoint
+   and gives the result to ``gramine-manifest`` (defaults, schema check, file hashes) and
+   ``gramine-sgx-sign`` (``compiler/sign.py``): an enclave's files are its measurement, so a signed build
+   is the signing machine's (under SGX every party runs the same image).
 
 Paths inside the enclave are fixed (``/fldsl/node``, ``/fldsl/run``, ...); on the host every URI is relative
 to the node's working folder, so a build can be moved and signed anywhere.
@@ -267,10 +270,27 @@ def render_local(template: str, interpreter: str | None = None) -> str:
     return render_stage2(template, files)
 
 
+# The reference machine an unsigned build's manifest is rendered for: a system Python and Gramine at their
+# Debian paths, only the interpreter listed. What a node does is fixed by the template (argv, plan and
+# policy hashes, thread caps) and the fldsl code, which the simulated measurement covers; which
+# interpreter a party installed where is not, or two parties compiling on their own machines would never
+# agree on a digest.
+PORTABLE_ENCLAVE = EnclaveFiles(entrypoint="/usr/bin/python3", mounts=["/lib/x86_64-linux-gnu", "/usr"],
+                                trusted=["/usr/bin/python3"], distributions=[])
+PORTABLE_ARCH_LIBDIR = "/lib/x86_64-linux-gnu"
+
+
+def render_portable(template: str) -> str:
+    """The template rendered for :data:`PORTABLE_ENCLAVE`: the same bytes on every machine."""
+    return render_stage2(template, PORTABLE_ENCLAVE, gramine_pkglibdir=LOCAL_GRAMINE_PKGLIBDIR,
+                         arch_libdir=PORTABLE_ARCH_LIBDIR)
+
+
 def render_node_manifest(inputs: ManifestInputs) -> RenderedManifest:
-    """The node's Gramine template and the same manifest rendered for this machine (deterministic)."""
+    """The node's Gramine template and the same manifest rendered for the reference machine (byte-identical
+    on any machine; ``--sign`` renders the template again for the enclave's real interpreter)."""
     template = render_template(inputs)
-    return RenderedManifest(template=template, toml=render_local(template))
+    return RenderedManifest(template=template, toml=render_portable(template))
 
 
 def lint_context_for(inputs: ManifestInputs) -> LintContext:

@@ -104,18 +104,44 @@ def test_toml_has_the_fldsl_node_key_set(rendered):
     trusted = doc["sgx"]["trusted_files"]
     assert {"uri": "file:node/plan.json", "sha256": PLAN_SHA} in trusted
     assert {"uri": "file:node/policy.json", "sha256": POLICY_SHA} in trusted
-    # The interpreter and the fldsl code the node imports are measured, file by file, each once.
+    assert doc["sgx"]["allowed_files"][:6] == [
+        "file:node/pins.json", "file:node/trainer.manifest", "file:node/trainer.sig",
+        "file:run/addresses.json", "file:run/checkpoints/media.trainer/", "file:run/models/"]
+
+
+def test_compile_renders_for_the_reference_machine_so_every_party_gets_the_same_bytes(
+        rendered, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two parties compile on their own machines: no host's interpreter, venv or library path may reach the
+    unsigned build, or they would never agree on a digest."""
+    import sys
+
+    from fldsl.compiler import manifest as M
+
+    inputs, _template, toml = rendered
+    assert tomllib.loads(toml)["libos"]["entrypoint"] == "/usr/bin/python3"
+    assert sys.prefix not in toml and sys.executable not in toml
+    monkeypatch.setattr(sys, "executable", "/opt/elsewhere/bin/python3")
+    monkeypatch.setattr(M, "local_arch_libdir", lambda: "/lib/aarch64-linux-gnu")
+    assert render_node_manifest(inputs).toml == toml
+
+
+def test_the_local_rendering_lists_every_file_of_this_interpreter(rendered):
+    """What `--sign` renders for an entrypoint: the interpreter and the fldsl code the node imports are
+    measured, file by file, each once."""
+    from fldsl.compiler.manifest import render_local
+
     import fldsl
 
+    _, template, _toml = rendered
+    doc = tomllib.loads(render_local(template))
+    entry = doc["libos"]["entrypoint"]
+    trusted = doc["sgx"]["trusted_files"]
     names = [t for t in trusted if isinstance(t, str)]
     assert "file:" + entry in names
     assert "file:" + str(Path(fldsl.__file__).resolve().parent / "artifacts.py") in names
     assert len(names) == len(set(names))
     assert not any(n.endswith((".pyc", ".h")) or "/tests/" in n for n in names)
     assert 1000 < len(names) <= 15000
-    assert doc["sgx"]["allowed_files"][:6] == [
-        "file:node/pins.json", "file:node/trainer.manifest", "file:node/trainer.sig",
-        "file:run/addresses.json", "file:run/checkpoints/media.trainer/", "file:run/models/"]
 
 
 def test_sim_trust_files_in_the_manifest_are_the_runtimes():
