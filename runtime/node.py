@@ -257,7 +257,7 @@ def bind_data(plan: Plan, bindings: list[str]) -> Plan:
             known = ", ".join(sorted(by_name)) or "none"
             raise NodeError(f"--data {name}: {plan.node} reads no data set `{name}` (its data sets: {known})",
                             EXIT_INPUT)
-        if spec.reader != "csv":
+        if spec.reader not in ("csv", "parquet"):
             raise NodeError(f"--data {name}: data set `{name}` is generated ({spec.reader}), not read from a "
                             "file", EXIT_INPUT)
         if name in paths:
@@ -274,7 +274,7 @@ def provision_data(args: argparse.Namespace, plan: Plan, identity: LocalIdentity
     """The plan to run: as it is, or, under Gramine with csv data, the plan reading its csv files from the
     encrypted mount, once the data key is installed (fetched from the key service with the node's attested
     RA-TLS identity, which the service verifies as a peer would)."""
-    if args.runner != "gramine" or not any(ds.reader == "csv" for ds in plan.data):
+    if args.runner != "gramine" or not any(ds.reader in ("csv", "parquet") for ds in plan.data):
         return plan
     from fldsl.runtime.data import relocate_csv
     from fldsl.runtime.keyservice import fetch_key, install_gramine_key
@@ -286,7 +286,7 @@ def provision_data(args: argparse.Namespace, plan: Plan, identity: LocalIdentity
                                             timeout=args.connect_timeout))
     log.info("data key installed (from %s); reading csv data from %s", address, ENCLAVE_DATA_DIR)
     for spec in data:
-        if spec.reader == "csv":
+        if spec.reader in ("csv", "parquet"):
             _check_protected(spec)
     return plan.model_copy(update={"data": data})
 
