@@ -218,7 +218,7 @@ def test_a_schema_block_on_a_generator_is_refused() -> None:
         check_source(src, "demo.flp")
     (d,) = ei.value.errors
     assert (d.line, d.column, d.message, d.hint) == (
-        9, 86, "a schema block describes a csv file; `wide_n_deep(...)` generates its own columns",
+        9, 86, "a schema block describes a csv or Parquet file; `wide_n_deep(...)` generates its own columns",
         "remove the block")
 
 
