@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from . import fldsl_pb2 as pb
 from . import handshake
-from .errors import TransportError
+from .errors import TransportError, cannot_listen
 from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
 
 log = logging.getLogger("fldsl.transport.bootstrap")
@@ -252,9 +252,9 @@ class BootstrapServer:
         try:
             bound = self._server.add_insecure_port(target)
         except RuntimeError as e:
-            raise TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
+            raise cannot_listen(host, port, str(e)) from None
         if bound == 0:
-            raise TransportError(f"cannot listen on {target} (port in use?)")
+            raise cannot_listen(host, port)
         return bound
 
     async def _challenge(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:

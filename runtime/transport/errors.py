@@ -7,6 +7,26 @@ class TransportError(Exception):
     """Base class: the link cannot do what was asked (peer unreachable, stream broken, timeout)."""
 
 
+def cannot_listen(host: str, port: int, detail: str = "") -> TransportError:
+    """Why a node cannot bind ``host:port``, said the way an operator can act on it: the address is not one
+    of this machine's (a --listen or addresses.json `listen` meant for another host), or the port is taken."""
+    import errno
+    import socket
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    why = "the port is in use, or binding it is not allowed"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+    except socket.gaierror:
+        why = f"`{host}` is not an address this machine can resolve"
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            why = (f"`{host}` is not an address of this machine: listen on one of its own addresses, or "
+                   "0.0.0.0 for all (--listen, or `listen` in addresses.json)")
+    return TransportError(f"cannot listen on {target}: {why}" + (f" ({detail})" if detail else ""))
+
+
 class FrameError(TransportError):
     """Bytes on the wire are not a well-formed frame (truncated, bad dtype/shape/size bookkeeping)."""
 

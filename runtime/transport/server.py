@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .bootstrap import BootstrapServer, HelloPolicy, HelloService, RefusalNote
-from .errors import TransportError
+from .errors import cannot_listen
 from .identity import LocalIdentityLike, PeerVerifierLike
 from .link import MAX_STREAMS_PER_PEER
 
@@ -165,9 +165,9 @@ class NodeServer:
         try:
             bound = server.add_secure_port(target, creds)
         except RuntimeError as e:
-            raise TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
+            raise cannot_listen(host, port, str(e)) from None
         if bound == 0:
-            raise TransportError(f"cannot listen on {target} (port in use?)")
+            raise cannot_listen(host, port)
         return bound
 
     def start(self) -> None:
