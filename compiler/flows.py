@@ -4,8 +4,8 @@ Information flow: every tensor carries the private sources it depends on (``part
 the path it took through the model). A flow that moves a value to another party needs an ``allow`` rule
 naming that tensor; ``grad(X)`` — the gradient of a cut tensor, returned by the label owner — always
 carries the label. Protocol flows (PSI messages authorised by the ``align`` statement, the stratified
-holdout authorised by ``validation:``, iteration control and scalar metrics) need no rule and say so in
-their ``rule`` field. A violation is reported with the path, e.g.
+holdout authorised by ``validation:``, iteration control and the workers' holdout summaries) need no
+rule and say so in their ``rule`` field. A violation is reported with the path, e.g.
 ``shop.conversions.label → loss → grad(act1) → media (no allow rule)``.
 """
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 HEADER_BYTES = 4096  # allowance for framing, names, dtype/shape metadata
 CONTROL_BYTES = 64 * 1024
 PSI_BYTES_PER_ID = 96  # an encoded curve point plus framing
+# Equal score bins over [0, 1] of the holdout summaries' histograms: the aggregator's AUC is within
+# sum_b P_b N_b / (2 P N) of the exact one (fldsl.stdlib.tf.metrics.binned_auc), 1/1000-wide bins keep that
+# small for any reasonably spread score, and a binary summary stays under 28 KiB.
+METRIC_BINS = 1000
 
 
 def bound(n: int) -> int:
@@ -103,10 +107,32 @@ class FlowBuilder:
         for s, d in ((a, b), (b, a)):
             self.add("control", "control", s, d, CONTROL_BYTES, rule="(protocol) iteration start/commit")
 
-    def metrics(self, worker: str, server: str) -> None:
+    def metrics(self, worker: str, server: str, source: str) -> None:
+        """A worker's holdout summary to its aggregator, once per epoch (layout: fldsl.stdlib.tf.metrics):
+        float64[1 + 2K, METRIC_BINS] of counts and sums, K class curves (0 without `auc`, 1 binary, C for
+        C > 2 classes). It is derived from the worker's labels (``source``) but aggregated over its holdout
+        rows, so it is a protocol flow like iteration control: no allow rule, and the rule text says what
+        it carries. Its fixed spec lets the receiver's flow guard refuse any other shape or size."""
+        k = self.metric_curves()
+        spec = TensorSpec(shape=[1 + 2 * k, METRIC_BINS], dtype="float64")
+        what = f", {k} class score histogram pair(s) of {METRIC_BINS} bins" if k else ""
         self.add(
-            "metrics", "metrics", worker, server, CONTROL_BYTES, rule="(protocol) scalar training metrics"
+            "metrics",
+            "metrics",
+            worker,
+            server,
+            bound(spec.nbytes(1)),
+            spec=spec,
+            rule=f"(protocol) epoch summary of {source}: holdout row, loss and correct-row totals, training "
+            f"loss sum{what}; no rows or per-row labels",
         )
+
+    def metric_curves(self) -> int:
+        """K of the holdout summary: AUC needs a (positives, negatives) histogram pair per class curve."""
+        if self.c.loss.op == "mse" or "auc" not in self.train.metrics:
+            return 0
+        classes = self.c.logits_t.spec.shape[-1] or 1
+        return 1 if classes <= 2 else classes
 
     def one_node(self, party: str, why: str) -> str | None:
         p = self.c.parties[party]
@@ -438,7 +464,7 @@ class FlowBuilder:
                 rule=rule,
             )
             self.control(w, server)
-            self.metrics(w, server)
+            self.metrics(w, server, src_w)
 
     # --- distributed -----------------------------------------------------------------------------------
     def _shard_source(self) -> str:

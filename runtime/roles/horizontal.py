@@ -54,6 +54,7 @@ from fldsl.runtime.roles.common import (
     CheckpointWriter,
     Meter,
     PeerLimitExceeded,
+    PeerProtocolError,
     RoleContext,
     RoleError,
     announce_training,
@@ -74,7 +75,7 @@ from fldsl.runtime.roles.common import (
 )
 from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
 
-from fldsl.artifacts import Plan, TensorSpec
+from fldsl.artifacts import Flow, Plan, TensorSpec
 
 # Step key (+ the agreed step) of the weights the server sends each worker after a resume. Far above
 # CTRL_ROLLBACK + n (common.py's key map) and below EVAL_BASE; keyed by step so that a copy left unread by an
@@ -485,6 +486,8 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     opt = make_optimizer(plan.train.optimizer) if sync else None
     grad_in = {w: ctx.flow(w, plan.node, ("gradients", "weights")).id for w in workers}
     weights_out = {w: ctx.flow(plan.node, w, ("weights",)).id for w in workers}
+    found = [_summary_flow(ctx, w, plan.node) for w in workers]
+    summary_flows = [f for f in found if f is not None] if all(found) else []
 
     if opt is not None:
         @tf.function(reduce_retracing=True)
@@ -496,10 +499,12 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     # Sync: the model and the optimiser stay (the server applies the averaged gradients).
     start = 0
     weights: list[np.ndarray] | None = None
+    history: list[dict[str, Any]] = []  # the combined metrics of each epoch so far
     if resume is not None:
         ckpt = ctx.store.load(resume)
         restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
+        history = list(ckpt.meta.get("history", []))
         weights = model.get_weights()
         del ckpt
         # Worker checkpoints hold no weights: every worker continues from these.
@@ -553,18 +558,28 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         if now - last_emit > 0.25 or r + 1 == rounds:
             ctx.progress.emit("step", step=r + 1, total=rounds, examples_per_s=meter.rate)
             last_emit = now
+        if summary_flows and ((r + 1) % rounds_per_epoch == 0 or r + 1 == rounds):
+            # The workers send their summaries right after this round's weights (before they checkpoint),
+            # so waiting here holds nobody up, and this epoch's metrics are in the checkpoint below.
+            epoch = (r + 1 + rounds_per_epoch - 1) // rounds_per_epoch
+            metrics = _combined_metrics(ctx, summary_flows, r)
+            history.append({"epoch": epoch, **metrics})
+            report_epoch(ctx, epoch, metrics)
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
             # The optimiser state (sync) is copied now (the next step changes it); the weights are not written
             # to until the next round's first fold, which waits for this write first.
             arrays_now = training_arrays(weights, opt, variables)
-            writer.submit(lambda r=r, a=arrays_now: save_checkpoint(ctx, r + 1, a, {}))
+            meta = {"history": list(history)}
+            writer.submit(lambda r=r, a=arrays_now, m=meta: save_checkpoint(ctx, r + 1, a, m))
             del arrays_now
     writer.wait()
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
         assert model is not None
         weights = model.get_weights()
-    export_model(ctx, weights, names, specs=specs)  # the server's model inputs: the workers' specs
-    return {"metrics": {}, "examples_per_s": meter.rate, "steps": rounds}
+    last = history[-1] if history else {}
+    # The server's model inputs are the workers' specs; its card carries the combined metrics.
+    export_model(ctx, weights, names, specs=specs, metrics=last, history=history)
+    return {"metrics": last, "history": history, "examples_per_s": meter.rate, "steps": rounds}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -637,6 +652,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     send_flow = ctx.flow(plan.node, srv, ("gradients",) if sync else ("weights",)).id
     recv_flow = ctx.flow(srv, plan.node, ("weights",)).id
     link = ctx.links[srv]
+    summary_flow = _summary_flow(ctx, plan.node, srv)
     own_refs = model.input_refs
     names = model.weight_names
     srv_shapes = [tuple(v.shape) for v in variables]
@@ -678,6 +694,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     start = 0
     local_cursor = 0  # fedavg: local steps taken so far (drives the local batch order)
     history: list[dict[str, Any]] = []
+    epoch_losses: list[float] = []  # a mid-epoch checkpoint's batch losses of the epoch so far
     if resume is not None:
         ckpt = ctx.store.load(resume)
         if opt is not None:
@@ -685,6 +702,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         start = ckpt.step
         local_cursor = int(ckpt.meta.get("local_cursor", 0))
         history = list(ckpt.meta.get("history", []))
+        epoch_losses = [float(x) for x in ckpt.meta.get("epoch_losses", [])]
         # The weights come from the server (module docstring: worker checkpoints hold none).
         key = RESUME_WEIGHTS + resume
         received = ctx.wait(lambda t: link.recv_arrays(recv_flow, key, t), srv)
@@ -697,7 +715,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     local_spe = max(1, math.ceil(n / b))
     meter = Meter()
     last_emit = 0.0
-    losses: list[float] = []
+    losses: list[float] = epoch_losses  # the epoch's training batch losses (train_loss, the summary)
     for r in range(start, rounds):
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, r)
@@ -740,18 +758,26 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         if (r + 1) % rpe == 0 or r + 1 == rounds:
             # train_loss: the mean training loss since the last epoch end; loss (and auc, ...): the holdout's.
             metrics: dict[str, Any] = {"train_loss": float(np.mean(losses))} if losses else {}
-            losses = []
+            epoch_losses, losses = losses, []
+            logits, labels = None, labels_all[:0]
             if test_table is not None:
                 labels = test_table.fields[label_field]
-                metrics.update(_eval(plan, predict, inputs_for(test_table, None), labels))
+                logits = _holdout_logits(plan, predict, inputs_for(test_table, None), len(labels))
             elif len(hold_rows):
-                metrics.update(_eval(plan, predict, inputs_for(table, hold_rows), labels_all[hold_rows]))
+                labels = labels_all[hold_rows]
+                logits = _holdout_logits(plan, predict, inputs_for(table, hold_rows), len(labels))
+            if logits is not None:
+                metrics.update(score_metrics(plan.loss.op, plan.train.metrics, logits, labels))
+            if summary_flow is not None:  # after the round's weights, before this worker's checkpoint
+                _send_summary(ctx, summary_flow, r, logits, labels, epoch_losses)
             epoch = (r + 1 + rpe - 1) // rpe
             history.append({"epoch": epoch, **metrics})
             report_epoch(ctx, epoch, metrics)
         if is_checkpoint_step(plan, r + 1, rpe):
             state = get_opt_state(opt, variables) if opt is not None else {}
-            save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history})
+            # The epoch's batch losses so far too: resumed mid-epoch, train_loss still covers the whole epoch.
+            save_checkpoint(ctx, r + 1, state, {"local_cursor": local_cursor, "history": history,
+                                                "epoch_losses": list(losses)})
     ctx.collect_landed()  # the server's notice of the last checkpoint (workers save in this thread)
     export_model(ctx, model.get_weights(), model.weight_names, metrics=history[-1] if history else {},
                  history=history)
@@ -837,11 +863,78 @@ def _drop_copies(link: Any, flow: str, key: int) -> None:
             return
 
 
-def _eval(plan: Plan, predict, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+def _holdout_logits(plan: Plan, predict: Callable[[dict[str, Any]], Any], inputs: dict[str, np.ndarray],
+                    n: int) -> np.ndarray | None:
+    """The model's logits for the ``n`` holdout (or test) rows, in evaluation batches; None when n is 0."""
     b = max(plan.train.batch_size, 1024)
-    n = len(labels)
     logits = [predict({k: v[i:i + b] for k, v in inputs.items()}).numpy() for i in range(0, n, b)]
-    if not logits:
-        return {}
-    return score_metrics(plan.loss.op, plan.train.metrics, np.concatenate(logits), labels)
+    return np.concatenate(logits) if logits else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the aggregator's metrics: every worker's holdout summary, combined (layout: fldsl.stdlib.tf.metrics)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _summary_flow(ctx: RoleContext, worker: str, server: str) -> Flow | None:
+    """The worker's `metrics` flow to the aggregator when it carries holdout summaries (a float64[1 + 2K,
+    bins] spec). None for a build compiled before the summaries, whose flow had no spec: then neither side
+    sends or waits for one, and the aggregator reports no holdout metrics, as before."""
+    for f in ctx.policy.flows:
+        if f.src == worker and f.dst == server and f.kind == "metrics":
+            spec = f.spec
+            if spec is not None and spec.dtype == "float64" and len(spec.shape) == 2 \
+                    and all(isinstance(d, int) and d > 0 for d in spec.shape):
+                return f
+    return None
+
+
+def _summary_shape(flow: Flow) -> tuple[int, int]:
+    assert flow.spec is not None
+    rows, bins = flow.spec.shape
+    assert rows is not None and bins is not None
+    return rows, bins
+
+
+def _send_summary(ctx: RoleContext, flow: Flow, r: int, logits: np.ndarray | None, labels: np.ndarray,
+                  train_losses: list[float]) -> None:
+    """A worker's epoch summary, sent under the epoch's last round ``r`` (also with no holdout rows: the
+    aggregator waits for every worker's)."""
+    from fldsl.stdlib.tf import metrics as M
+
+    plan = ctx.plan
+    assert plan.loss is not None
+    if logits is None:
+        logits, labels = np.zeros((0, 1)), labels[:0]
+    try:
+        summary = M.holdout_summary(plan.loss.op, logits, labels, _summary_shape(flow), train_losses)
+    except ValueError as e:
+        raise RoleError(f"{plan.node}: {e}; recompile the pipeline (`fldsl compile`)") from None
+    ctx.links[flow.dst].send_arrays(flow.id, r, [summary])
+
+
+def _recv_summary(ctx: RoleContext, flow: Flow, r: int) -> np.ndarray:
+    """Worker ``flow.src``'s summary of the epoch ending at round ``r``, checked before it is used: a
+    message that is not exactly one well-formed summary of the flow's shape is refused naming the worker
+    (exit code 3), as an upload of the wrong shape is. The flow guard has already bounded its size."""
+    from fldsl.stdlib.tf import metrics as M
+
+    w = flow.src
+    arrays = ctx.wait(lambda t: ctx.links[w].recv_arrays(flow.id, r, t), w)
+    why = f"{len(arrays)} arrays, not one summary" if len(arrays) != 1 else \
+        M.summary_problem(np.asarray(arrays[0]), _summary_shape(flow))
+    if why is not None:
+        raise PeerProtocolError(f"{w} sent a malformed metrics message for the epoch ending at round {r}: "
+                                f"{why}; refusing it")
+    return np.asarray(arrays[0])
+
+
+def _combined_metrics(ctx: RoleContext, flows: list[Flow], r: int) -> dict[str, Any]:
+    """The model's metrics over all the workers' holdout rows (docs/language.md, "Training"): loss and
+    accuracy exact, auc from the binned histograms (within the bound binned_auc gives)."""
+    from fldsl.stdlib.tf import metrics as M
+
+    summaries = [_recv_summary(ctx, f, r) for f in flows]
+    metrics, _ = M.combine_summaries(ctx.plan.train.metrics, summaries)
+    return metrics
 

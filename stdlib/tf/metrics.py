@@ -155,3 +155,145 @@ class ScoreAccumulator:
         if "accuracy" in names:
             out["accuracy"] = accuracy(y, s)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Holdout summaries: what a horizontal / distributed worker sends its aggregator on the `metrics` flow
+# ---------------------------------------------------------------------------------------------------------
+#
+# One float64 array of shape [1 + 2K, bins] (the compiler fixes the shape in the flow's spec, so the
+# transport's flow guard enforces it too):
+#
+#   row 0         [holdout rows, holdout loss sum, correct rows, train-loss sum, train batches, 0, ...]
+#   row 1 + 2k    histogram of class k's score over the rows labelled k (binary: P(class 1), label 1)
+#   row 2 + 2k    histogram of the same score over every other row
+#
+# K = 0 when AUC is not asked for (or the loss is mse), 1 for a binary classifier, C for C > 2 classes;
+# the histograms have `bins` equal bins over [0, 1]. The compiler chooses both (compiler/flows.py,
+# METRIC_BINS) and writes them into the flow's spec; the workers and the aggregator read them from there.
+# Everything in it is a count or a sum over the rows: no id, row or per-row label. It does tell how a
+# worker's holdout scores are distributed per class (to 1/bins), which the flow's rule text says.
+
+SUMMARY_HEAD = 5  # the used cells of row 0
+
+
+def _bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Monotone binning of scores in [0, 1] (a higher score never lands in a lower bin, so only pairs in
+    one bin can be misordered). NaN goes to the top bin: the exact AUC (np.unique) sorts NaN last."""
+    s = np.asarray(scores, dtype=np.float64)
+    idx = np.floor(np.clip(np.nan_to_num(s, nan=1.0), 0.0, 1.0) * bins)
+    return np.minimum(idx, bins - 1).astype(np.int64)
+
+
+def holdout_summary(loss_op: str, logits: np.ndarray, labels: np.ndarray, shape: tuple[int, int],
+                    train_losses: list[float] | tuple[float, ...] = ()) -> np.ndarray:
+    """A worker's summary (layout above) of its holdout ``logits`` / ``labels`` and the epoch's training
+    batch losses. ``shape`` is the flow's [1 + 2K, bins]; a model whose class count does not give that K is
+    refused with ValueError (the plan and the model disagree)."""
+    rows_k, bins = int(shape[0]), int(shape[1])
+    k = (rows_k - 1) // 2
+    if rows_k < 1 or rows_k % 2 != 1 or bins < SUMMARY_HEAD:
+        raise ValueError(f"a holdout summary cannot have shape {list(shape)}")
+    y = np.asarray(labels).reshape(-1)
+    out = np.zeros((rows_k, bins), np.float64)
+    n = int(y.size)
+    out[0, 3] = float(np.sum(train_losses)) if len(train_losses) else 0.0
+    out[0, 4] = float(len(train_losses))
+    if n == 0:
+        return out
+    out[0, 0] = n
+    # loss_value is the float64 mean; times n it is the sum the aggregator divides by the total rows.
+    out[0, 1] = loss_value(loss_op, logits, y) * n
+    if loss_op == "mse":
+        if k:
+            raise ValueError("an mse model has no class scores to histogram")
+        return out
+    s = class_scores(loss_op, logits)
+    pred = s.argmax(axis=1) if s.ndim == 2 else (s >= 0.5).astype(np.int64)  # as accuracy()
+    yi = y.astype(np.int64)
+    out[0, 2] = float(np.sum(pred == yi))
+    if k == 0:
+        return out
+    width = 1 if s.ndim == 1 else s.shape[1]
+    if (k == 1) != (s.ndim == 1) or (s.ndim == 2 and width != k):
+        raise ValueError(f"the flow's summary holds {k} class curve(s), the model scores {width} class(es)")
+    for c in range(k):
+        score, pos = (s, yi == 1) if s.ndim == 1 else (s[:, c], yi == c)
+        idx = _bin_index(score, bins)
+        out[1 + 2 * c] = np.bincount(idx[pos], minlength=bins)
+        out[2 + 2 * c] = np.bincount(idx[~pos], minlength=bins)
+    return out
+
+
+def summary_problem(summary: np.ndarray, shape: tuple[int, int]) -> str | None:
+    """Why ``summary`` is not a well-formed summary of ``shape`` (None: it is). Checked by the aggregator
+    before it uses one: counts are non-negative integers below 2**53 (exact in float64), correct <= rows,
+    and every class curve counts each holdout row exactly once (positives + negatives = rows; with C > 2
+    classes the positives of all classes add up to the rows too). The loss sum may be any float (a diverged
+    model's loss is inf or NaN, and reporting that is the point)."""
+    a = np.asarray(summary)
+    if a.dtype != np.float64 or tuple(a.shape) != tuple(shape):
+        return f"float64{list(shape)} expected, got {a.dtype}{list(a.shape)}"
+    counts = np.concatenate([a[0, [0, 2, 4]], a[0, SUMMARY_HEAD:], a[1:].reshape(-1)])
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(counts != np.floor(counts)) \
+            or np.any(counts >= 2.0 ** 53):
+        return "counts must be non-negative whole numbers"
+    if np.any(a[0, SUMMARY_HEAD:] != 0):
+        return "row 0 holds values past its 5 used cells"
+    n = a[0, 0]
+    if a[0, 2] > n:
+        return f"{int(a[0, 2])} correct rows of {int(n)}"
+    k = (a.shape[0] - 1) // 2
+    for c in range(k):
+        if a[1 + 2 * c].sum() + a[2 + 2 * c].sum() != n:
+            return f"class curve {c} counts {int(a[1 + 2 * c].sum() + a[2 + 2 * c].sum())} rows of {int(n)}"
+    if k > 1 and sum(a[1 + 2 * c].sum() for c in range(k)) != n:
+        return "the class curves' positives do not add up to the rows"
+    return None
+
+
+def binned_auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """(AUC, bound) from histograms of the positives' and the negatives' scores over the same monotone bins:
+    pairs in different bins are ordered exactly, pairs in one bin count one half (as ties). The exact AUC of
+    the scores is within ``bound = sum_b pos_b * neg_b / (2 * P * N)`` of it: each same-bin pair is off by
+    at most one half. (NaN, NaN) without both positives and negatives."""
+    p = np.asarray(pos, dtype=np.float64)
+    q = np.asarray(neg, dtype=np.float64)
+    n_pos, n_neg = float(p.sum()), float(q.sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan, math.nan
+    below = np.cumsum(q) - q  # negatives in lower bins
+    wins = float(np.sum(p * (below + 0.5 * q)))
+    same = float(np.sum(p * q))
+    return wins / (n_pos * n_neg), same / (2.0 * n_pos * n_neg)
+
+
+def combine_summaries(wanted: list[str] | tuple[str, ...],
+                      summaries: list[np.ndarray]) -> tuple[dict[str, float], float]:
+    """The model's metrics over every worker's holdout rows from their summaries, and the AUC's bound
+    (:func:`binned_auc`; 0 when no AUC): ``loss`` (sum / rows) and ``accuracy`` (correct / rows) are exact,
+    ``auc`` is binned (macro one-vs-rest over the classes with both positives and negatives for C > 2,
+    whose bound is the mean of the classes' bounds). ``train_loss`` is the mean over all the workers' training
+    batches of the epoch."""
+    if not summaries:
+        return {}, 0.0
+    total = np.sum(summaries, axis=0)
+    out: dict[str, float] = {}
+    if total[0, 4] > 0:
+        out["train_loss"] = float(total[0, 3] / total[0, 4])
+    n = float(total[0, 0])
+    if n == 0:
+        return out, 0.0
+    out["loss"] = float(total[0, 1] / n)
+    # The aggregator's plan has no loss; it needs none: an mse pipeline cannot ask for auc or accuracy (a
+    # check-time error) and its summaries hold no class curves.
+    bound = 0.0
+    k = (total.shape[0] - 1) // 2
+    if "auc" in wanted and k:
+        pairs = [binned_auc(total[1 + 2 * c], total[2 + 2 * c]) for c in range(k)]
+        present = [(a, b) for a, b in pairs if not math.isnan(a)]
+        out["auc"] = float(np.mean([a for a, _ in present])) if present else math.nan
+        bound = float(np.mean([b for _, b in present])) if present else 0.0
+    if "accuracy" in wanted:
+        out["accuracy"] = float(total[0, 2] / n)
+    return out, bound

@@ -47,6 +47,14 @@ def flow(src: str, dst: str, tensor: str, kind: str, s: TensorSpec | None = None
                 max_bytes=max_bytes, rule=f"allow {src.split('.')[0]} -> {dst.split('.')[0]}: {tensor}")
 
 
+def summary_flow(worker: str, server: str, curves: int = 1) -> Flow:
+    """A worker's holdout summary flow as the compiler emits it (compiler/flows.py, FlowBuilder.metrics)."""
+    from fldsl.compiler.flows import METRIC_BINS, bound
+
+    s = spec([1 + 2 * curves, METRIC_BINS], "float64")
+    return flow(worker, server, "metrics", "metrics", s, bound(s.nbytes(1)))
+
+
 def control_pair(a: str, b: str) -> list[Flow]:
     return [flow(a, b, "control", "control", None, 4 << 20), flow(b, a, "control", "control", None, 4 << 20)]
 
@@ -248,8 +256,11 @@ def _mlp_ops(ds: str, n_features: int, units: list[int], party: str) -> list[OpC
 
 def horizontal_build(root: Path, *, workers: int = 2, rows: int = 300, mode: str = "sync",
                      epochs: int = 2, batch: int = 32, every_steps: int | None = None,
-                     checkpoint_every: int | None = None, lr: float = 0.05, seed: int = 1) -> Path:
-    """Workers with CSV-free generated data: criteo parts, a small dense model on the 13 dense features."""
+                     checkpoint_every: int | None = None, lr: float = 0.05, seed: int = 1,
+                     summaries: bool = False) -> Path:
+    """Workers with CSV-free generated data: criteo parts, a small dense model on the 13 dense features.
+    ``summaries``: with the compiler's `metrics` flows (holdout summaries for the server's combined
+    metrics)."""
     server = "hub.ps"
     wids = [f"bank{i}.worker" for i in range(1, workers + 1)]
     train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
@@ -272,6 +283,7 @@ def horizontal_build(root: Path, *, workers: int = 2, rows: int = 300, mode: str
         up = "gradients" if mode == "sync" else "weights"
         flows += [flow(w, server, up, up if mode == "sync" else "weights"),
                   flow(server, w, "weights", "weights"), *control_pair(server, w)]
+        flows += [summary_flow(w, server)] if summaries else []
     plans.append(Plan(pipeline="horizontal_test", node=server, party="hub", role="horizontal.server",
                       peers=[PeerRef(id=w, party=w.split(".")[0], dial=False) for w in wids], data=[],
                       model=ops, loss=loss, train=train, aggregation=agg, tasks=[], export=f"{server}/model"))
@@ -279,7 +291,7 @@ def horizontal_build(root: Path, *, workers: int = 2, rows: int = 300, mode: str
 
 
 def distributed_build(root: Path, *, workers: int = 2, rows: int = 400, epochs: int = 1, batch: int = 32,
-                      seed: int = 1) -> Path:
+                      seed: int = 1, summaries: bool = False) -> Path:
     chief, server = "owner.chief", "cloud.ps"
     wids = [f"cloud.worker{i}" for i in range(1, workers + 1)]
     train = TrainSpec(epochs=epochs, batch_size=batch, seed=seed,
@@ -305,6 +317,7 @@ def distributed_build(root: Path, *, workers: int = 2, rows: int = 400, epochs: 
         flows += [flow(chief, w, "shard", "data"), *control_pair(chief, w),
                   flow(w, server, "gradients", "gradients"), flow(server, w, "weights", "weights"),
                   *control_pair(server, w)]
+        flows += [summary_flow(w, server)] if summaries else []
     plans.append(Plan(pipeline="distributed_test", node=server, party="cloud", role="distributed.server",
                       peers=[PeerRef(id=w, party="cloud", dial=False) for w in wids], data=[], model=ops,
                       loss=loss, train=train, aggregation=agg, sharding=sharding, tasks=[],
