@@ -45,7 +45,7 @@ from fldsl.compiler.ir import IRNode, Program
 from fldsl.compiler.manifest import ManifestInputs
 
 from fldsl import __version__
-from fldsl.artifacts import dump_json
+from fldsl.artifacts import FILE_READERS, dump_json
 from fldsl.diagnostics import did_you_mean
 
 TARGETS = ("kubernetes", "compose")
@@ -287,9 +287,9 @@ def _cross_party(d: Party, node: IRNode) -> bool:
 
 
 def _csv_data(program: Program, node: IRNode) -> list[tuple[str, str]]:
-    """(data set name, path) of the node's csv files."""
+    """(data set name, path) of the node's data files (csv or Parquet)."""
     return sorted((ds.spec.name, ds.spec.path) for ds in program.datasets
-                  if ds.party == node.party and ds.spec.name in node.data and ds.spec.reader == "csv"
+                  if ds.party == node.party and ds.spec.name in node.data and ds.spec.reader in FILE_READERS
                   and ds.spec.path)
 
 

@@ -142,6 +142,11 @@ class ColumnSpec(_Model):
         return self.type == "category" or self.missing is not None or self.scale is not None
 
 
+# The readers of a party's own files (the others generate their rows): what a node binds with --data, checks
+# against a declared schema, mounts into its enclave and scores new rows from.
+FILE_READERS = ("csv", "parquet")
+
+
 class DataSpec(_Model):
     """A data set this node reads. Columns are resolved at compile time (patterns like ``x*`` expanded)."""
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from fldsl.artifacts import DataSpec
+from fldsl.artifacts import FILE_READERS, DataSpec
 
 if TYPE_CHECKING:  # pyarrow is imported where a file is read, not by every user of Table
     import pyarrow as pa
@@ -250,7 +250,6 @@ Engine = Literal["arrow", "python"]
 
 # Readers of a party's own file: bindable with --data, relocated into the enclave's data mount, checked
 # against a schema block when the node starts.
-FILE_READERS = ("csv", "parquet")
 
 # Arrow tables the node's start-up check (csvschema.check_schemas) has read and checked, keyed by data set
 # and (path, size, mtime): ``load_dataset`` converts them instead of reading the file a second time.

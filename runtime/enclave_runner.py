@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from fldsl.artifacts import Pins, Plan, load_model, node_dir
+from fldsl.artifacts import FILE_READERS, Pins, Plan, load_model, node_dir
 
 Enclave = Literal["none", "gramine-direct", "gramine-sgx"]
 ENCLAVES: tuple[Enclave, ...] = ("none", "gramine-direct", "gramine-sgx")
@@ -140,7 +140,7 @@ def changed_trusted_files(build_dir: Path, ids: list[str]) -> list[str]:
 def csv_files(build_dir: Path, nid: str) -> list[str]:
     """The file names a node opens under /fldsl/data: those of its plan's csv paths."""
     plan = load_model(Plan, node_dir(build_dir, nid) / "plan.json")
-    return [Path(ds.path or "").name for ds in plan.data if ds.reader in ("csv", "parquet")]
+    return [Path(ds.path or "").name for ds in plan.data if ds.reader in FILE_READERS]
 
 
 def check_data_inputs(build_dir: Path, ids: list[str], enclave: Enclave, data_dirs: dict[str, Path],

@@ -245,6 +245,8 @@ def bind_data(plan: Plan, bindings: list[str]) -> Plan:
     it); which data sets exist, and their columns, are fixed by the measured plan."""
     if not bindings:
         return plan
+    from fldsl.artifacts import FILE_READERS
+
     by_name = {ds.name: ds for ds in plan.data}
     paths: dict[str, str] = {}
     for item in bindings:
@@ -257,7 +259,7 @@ def bind_data(plan: Plan, bindings: list[str]) -> Plan:
             known = ", ".join(sorted(by_name)) or "none"
             raise NodeError(f"--data {name}: {plan.node} reads no data set `{name}` (its data sets: {known})",
                             EXIT_INPUT)
-        if spec.reader not in ("csv", "parquet"):
+        if spec.reader not in FILE_READERS:
             raise NodeError(f"--data {name}: data set `{name}` is generated ({spec.reader}), not read from a "
                             "file", EXIT_INPUT)
         if name in paths:
@@ -274,7 +276,9 @@ def provision_data(args: argparse.Namespace, plan: Plan, identity: LocalIdentity
     """The plan to run: as it is, or, under Gramine with csv data, the plan reading its csv files from the
     encrypted mount, once the data key is installed (fetched from the key service with the node's attested
     RA-TLS identity, which the service verifies as a peer would)."""
-    if args.runner != "gramine" or not any(ds.reader in ("csv", "parquet") for ds in plan.data):
+    from fldsl.artifacts import FILE_READERS
+
+    if args.runner != "gramine" or not any(ds.reader in FILE_READERS for ds in plan.data):
         return plan
     from fldsl.runtime.data import relocate_csv
     from fldsl.runtime.keyservice import fetch_key, install_gramine_key

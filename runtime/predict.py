@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from fldsl.runtime import savedmodel as sm
 
-from fldsl.artifacts import ArtifactError, DataSpec, Plan, load_model
+from fldsl.artifacts import FILE_READERS, ArtifactError, DataSpec, Plan, load_model
 
 BATCH = 8192  # rows per signature call: bounds memory for large files
 
@@ -243,7 +243,7 @@ def read_table(spec: DataSpec, path: str | None) -> Any:
     from fldsl.runtime.data import DataError, load_dataset
 
     if path is not None:
-        if spec.reader != "csv":
+        if spec.reader not in FILE_READERS:
             raise PredictError(f"data set `{spec.name}` is generated ({spec.reader}), not read from a file: "
                                f"give it without =PATH to score its generated rows")
         spec = spec.model_copy(update={"path": path})
@@ -496,7 +496,7 @@ def predict_split(build: Path, sources: Sequence[Path], data: Sequence[str], *, 
         party = key.split(".")[0]
         node = next(n for n, p in plans.items() if p.party == party and spec in p.data)
         if path is not None:
-            if spec.reader != "csv":
+            if spec.reader not in FILE_READERS:
                 raise PredictError(f"data set `{spec.name}` is generated ({spec.reader}), not read from a "
                                    "file: give it without =PATH to score its generated rows")
             if not Path(path).is_file():

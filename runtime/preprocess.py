@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from fldsl.runtime.data import DataError
 
-from fldsl.artifacts import ColumnSpec, DataSpec
+from fldsl.artifacts import FILE_READERS, ColumnSpec, DataSpec
 
 FORMAT = "fldsl.preprocessing/1"
 MISSING_CATEGORY = ""  # what a missing category value becomes (a category of its own)
@@ -44,7 +44,7 @@ class PreprocessError(DataError):
 def needs_fit(spec: DataSpec) -> bool:
     """Whether ``spec``'s features need a transform fitted on the training rows before the model sees them
     (any selected column with ``missing:``, ``scale:`` or of type ``category``)."""
-    if spec.reader not in ("csv", "parquet") or spec.columns is None:
+    if spec.reader not in FILE_READERS or spec.columns is None:
         return False
     selected = set(spec.feature_columns)
     return any(c.fitted for c in spec.columns if c.name in selected)
