@@ -303,7 +303,8 @@ def lint_context_for(inputs: ManifestInputs) -> LintContext:
         # Outputs are sealed by the node (fldsl.runtime.sealing) before they reach run/, not by a Gramine
         # encrypted mount: the mount's MRENCLAVE key does not exist under gramine-direct.
         output_paths=[],
-        output_dirs=[f"file:run/checkpoints/{inputs.node_id}/", "file:run/models/"],
+        output_dirs=[f"file:run/checkpoints/{inputs.node_id}/", "file:run/models/",
+                     f"file:run/tensorboard/{inputs.node_id}/"],
     )
 
 

@@ -610,17 +610,27 @@ def report_epoch(ctx: RoleContext, epoch: int, metrics: dict[str, Any]) -> None:
     from tensorflow.python.ops import summary_ops_v2
 
     writer = ctx.cache.get("tensorboard")
-    if writer is None:  # one writer per process, kept across role re-runs (a new one opens a new file)
-        logdir = ctx.run_dir / "tensorboard" / ctx.node
-        logdir.mkdir(parents=True, exist_ok=True)
-        writer = ctx.cache["tensorboard"] = summary_ops_v2.create_file_writer_v2(str(logdir))
-    scalar = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    with writer.as_default():
-        for name, value in sorted(metrics.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                summary_ops_v2.write(name, tf.constant(float(value), tf.float32), step=epoch, metadata=scalar)
-    writer.flush()  # visible while the run lasts, and complete if the node is killed
+    if writer is False:  # could not write before: said once, training goes on
+        return
+    # A copy of numbers the progress events already carry: a folder the node cannot write (a read-only
+    # run folder, an enclave's manifest without it) costs the curves, never the run.
+    try:
+        if writer is None:  # one writer per process, kept across role re-runs (a new one opens a new file)
+            logdir = ctx.run_dir / "tensorboard" / ctx.node
+            logdir.mkdir(parents=True, exist_ok=True)
+            writer = ctx.cache["tensorboard"] = summary_ops_v2.create_file_writer_v2(str(logdir))
+        scalar = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        with writer.as_default():
+            for name, value in sorted(metrics.items()):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    summary_ops_v2.write(name, tf.constant(float(value), tf.float32), step=epoch,
+                                         metadata=scalar)
+        writer.flush()  # visible while the run lasts, and complete if the node is killed
+    except (OSError, tf.errors.OpError) as e:
+        ctx.cache["tensorboard"] = False
+        log.warning("TensorBoard curves are not written (%s: %s); the metrics are in metrics.jsonl",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
 
 # ---------------------------------------------------------------------------------------------------------

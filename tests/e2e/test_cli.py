@@ -39,7 +39,8 @@ def test_demo_pipeline_runs_and_learns(tmp_path: Path) -> None:
     assert run_dir.resolve().is_relative_to((tmp_path / "runs" / "vertical_wide_deep").resolve())
     assert (run_dir / "metrics.jsonl").stat().st_size > 0
     assert sorted(p.name for p in (run_dir / "models").iterdir()) == [
-        "media.trainer_model.sealed", "shop.trainer_model.sealed"]
+        "media.trainer_model.savedmodel.sealed", "media.trainer_model.sealed",
+        "shop.trainer_model.savedmodel.sealed", "shop.trainer_model.sealed"]
 
 
 def test_refused_run_prints_the_failing_node_and_exits_3(tmp_path: Path) -> None:

@@ -46,3 +46,15 @@ def test_epoch_metrics_are_written_as_tensorboard_scalars(tmp_path: Path, kind: 
         assert set(got) == set(want)
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_tensorboard_folder_the_node_cannot_write_costs_the_curves_not_the_run(tmp_path: Path) -> None:
+    """Inside an enclave whose manifest lacked the folder, the writer's PermissionDenied ended every node
+    with an internal error; the curves are a copy of metrics the node reports anyway."""
+    build = buildkit.vertical_build(tmp_path, rows=300, epochs=2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("not a folder")
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    for node, r in res.items():
+        assert not isinstance(r, BaseException), f"{node}: {r!r}"
+    assert len(res["shop.trainer"]["history"]) == 2
