@@ -133,7 +133,7 @@ def _fmt_bytes(n: float) -> str:
 
 RUNNERS = {"none": "no enclave (plain processes)", "gramine-direct": "Gramine LibOS (gramine-direct, no SGX)",
            "gramine-sgx": "SGX enclaves (gramine-sgx)"}
-SIM_CLAIM = "the compiled plan and code ran with this deployment's keys; not isolation from the host"
+SIM_CLAIM = "the compiled plan and code ran with each party's own keys; not isolation from the host"
 
 
 def print_summary(console: Any, result: Any) -> None:
