@@ -13,7 +13,6 @@ most N rows. Every problem is listed in one :class:`SchemaMismatch`, each as ``f
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fldsl.runtime.data import DataError
+from fldsl.runtime.data import DataError, read_csv_text
 from fldsl.runtime.preprocess import missing_mask
 
 from fldsl.artifacts import ColumnSpec, ColumnType, DataSpec
@@ -130,24 +129,7 @@ class _Csv:
 
 def _read(path: Path, what: str) -> _Csv:
     name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        hint = "" if path.is_absolute() else f" (a relative path is looked up from {Path.cwd()})"
-        raise DataError(f"no such file{hint}: {what}", name) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, not a CSV file", name) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", name) from None
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror}", name) from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError("empty file: expected a header line", name, 1)
-    try:
-        parsed = list(csv.reader(lines))
-    except csv.Error as e:
-        raise DataError(f"malformed CSV: {e}", name) from None
+    lines, parsed = read_csv_text(path, what)
     header = [h.strip() for h in parsed[0]]
     line_no = [i + 1 for i, r in enumerate(parsed) if i > 0 and r]
     rows = [r for i, r in enumerate(parsed) if i > 0 and r]

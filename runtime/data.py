@@ -99,18 +99,15 @@ MAX_LABELS_LISTED = 20
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_csv(path: Path | str, *, id_column: str | None, label_column: str | None,
-             feature_columns: Sequence[str], label_dtype: str = "int64",
-             label_rule: LabelRule | None = None, raw_columns: Sequence[str] = ()) -> Table:
-    """Read a CSV with a header; see the module docstring for the error contract. With ``label_rule``,
-    every label outside its classes is reported at once, as ``file:line:column``. ``raw_columns``: columns
-    returned as their cells (text, in ``Table.raw``) rather than parsed as numeric features."""
-    path = Path(path)
+def read_csv_text(path: Path, what: str = "") -> tuple[list[str], list[list[str]]]:
+    """A CSV file's text lines and parsed rows (the header first), every failure a DataError naming the file:
+    the one reading of a party's CSV that the exact reader and the schema check share."""
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError("no such file", name) from None
+        hint = "" if path.is_absolute() else f" (a relative path is looked up from {Path.cwd()})"
+        raise DataError(f"no such file{hint}" + (f": {what}" if what else ""), name) from None
     except IsADirectoryError:
         raise DataError("is a directory, not a CSV file", name) from None
     except UnicodeDecodeError as e:
@@ -124,6 +121,18 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
         parsed = list(csv.reader(lines))
     except csv.Error as e:
         raise DataError(f"malformed CSV: {e}", name) from None
+    return lines, parsed
+
+
+def read_csv(path: Path | str, *, id_column: str | None, label_column: str | None,
+             feature_columns: Sequence[str], label_dtype: str = "int64",
+             label_rule: LabelRule | None = None, raw_columns: Sequence[str] = ()) -> Table:
+    """Read a CSV with a header; see the module docstring for the error contract. With ``label_rule``,
+    every label outside its classes is reported at once, as ``file:line:column``. ``raw_columns``: columns
+    returned as their cells (text, in ``Table.raw``) rather than parsed as numeric features."""
+    path = Path(path)
+    name = str(path)
+    _, parsed = read_csv_text(path)
     header = [h.strip() for h in parsed[0]]
     col = {}
     for j, h in enumerate(header):
