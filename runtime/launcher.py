@@ -56,6 +56,7 @@ class NodeState:
     history: list[dict[str, Any]] = field(default_factory=list)
     done: dict[str, Any] | None = None
     error: str | None = None
+    error_code: int | None = None  # the exit code the node said it would use (its error event)
     exit_code: int | None = None
     restarting: bool = False
     restarts: int = 0
@@ -248,6 +249,8 @@ class Launcher:
                 st.phase = "done"
             elif kind == "error":
                 st.error = str(ev.get("message"))
+                code = ev.get("code")
+                st.error_code = code if isinstance(code, int) else None
                 st.phase = "failed"
             if self._metrics is not None:
                 self._metrics.write(json.dumps(ev, sort_keys=True) + "\n")
@@ -374,7 +377,9 @@ class Launcher:
             return EXIT_INTERRUPTED, True
         if failed is not None:
             self.first_failure = failed
-            codes = [st.exit_code for st in self.nodes.values()]
+            # What each node said it would exit with counts too: a node stopped by the launcher while it
+            # wound down (after its peers saw the streams close and failed first) still said why.
+            codes = [c for st in self.nodes.values() for c in (st.exit_code, st.error_code)]
             # The cause over its consequences: a trust refusal, else a node's bad input (its data), else a
             # failure; the peers of the failed node usually end a moment later with "closed the link".
             for code in (EXIT_TRUST, EXIT_INPUT):

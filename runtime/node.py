@@ -439,9 +439,31 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         transport.close(flush_timeout=10.0)
         transport = None
         return result
+    except BaseException as e:
+        # Say why before the streams close: the peers fail as soon as they notice, and the launcher stops
+        # this node then; it must already know the cause (a bad input, a trust refusal), not only theirs.
+        raise _report(e, progress) from e
     finally:
         if transport is not None:
             transport.close(flush_timeout=1.0)
+
+
+class _Reported(Exception):
+    """A failure whose error event was already emitted (``code``: the exit code it announced)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _report(exc: BaseException, progress: Progress) -> _Reported:
+    code, message = _classify(exc)
+    if code == EXIT_FAILED and message.startswith("internal error"):
+        log.error("node failed", exc_info=exc)
+    else:
+        log.error("%s", message)
+    progress.emit("error", message=message, code=code)
+    return _Reported(code)
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
@@ -523,14 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = run_node(args, progress, stop)
+    except _Reported as r:
+        return r.code
     except BaseException as e:  # every failure becomes an exit code + one clear line
-        code, message = _classify(e)
-        if code == EXIT_FAILED and message.startswith("internal error"):
-            log.exception("node failed")
-        else:
-            log.error("%s", message)
-        progress.emit("error", message=message, code=code)
-        return code
+        return _report(e, progress).code
     progress.emit("done", **result)
     return EXIT_OK
 

@@ -105,11 +105,14 @@ def root_failure(result: Any) -> Any:
     first = getattr(result, "first_failure", None)
     if first is None:
         return None
+    def said(st: Any, code: int) -> bool:  # exited with it, or announced it before it was stopped
+        return code in (st.exit_code, getattr(st, "error_code", None))
+
     for code in (EXIT_TRUST, EXIT_INPUT):
-        if first.exit_code == code:
+        if said(first, code):
             return first
         for _, st in sorted(result.nodes.items()):
-            if st.exit_code == code and st.error:
+            if said(st, code) and st.error:
                 return st
     return first
 
@@ -117,7 +120,7 @@ def root_failure(result: Any) -> Any:
 def run_exit_code(result: Any) -> int:
     """``fldsl run``'s exit code: the launcher's (0, 1, 3, 130), except that a failed run whose cause is a
     node's bad input (its data; node exit 2) exits 2, as the README's table says."""
-    codes = [st.exit_code for st in result.nodes.values()]
+    codes = [c for st in result.nodes.values() for c in (st.exit_code, getattr(st, "error_code", None))]
     if result.exit_code == EXIT_RUN_FAILED and EXIT_INPUT in codes:
         return EXIT_INPUT
     return int(result.exit_code)
