@@ -6,7 +6,9 @@ unpacked into a folder that ``tf.saved_model.load`` opens (fldsl.runtime.savedmo
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -85,43 +87,42 @@ def decrypt(
     else:
         if node_id is None or name is None:
             raise click.UsageError("a sealed model needs --node and --name")
-        # Each party seals with its own key: only the sealing node's party can open what it wrote.
-        key_file = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
         _unseal(sealed, out, key_file, node_id, name, min_version)
 
 
-def _unseal(sealed: Path, output: Path, key_file: Path, node_id: str, name: str, min_version: int | None
-            ) -> None:
-    from fldsl.runtime.sealing import SealError, unseal_file
-
+def _sealing_key(key_file: Path | None, node_id: str) -> bytes:
+    # Each party seals with its own key: only the sealing node's party can open what it wrote.
+    path = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
     try:
-        key = key_file.read_bytes()
+        return path.read_bytes()
     except OSError as e:
-        click.echo(f"error: cannot read key file {key_file}: {e.strerror}", err=True)
+        click.echo(f"error: cannot read key file {path}: {e.strerror}", err=True)
         sys.exit(EXIT_INPUT)
-    try:
-        header = unseal_file(sealed, output, key=key, node_id=node_id, name=name, min_version=min_version)
-    except SealError as e:
-        click.echo(f"error: {sealed}: {e}", err=True)
-        sys.exit(EXIT_INPUT if e.reason in {"bad-key", "not-sealed", "format"} else EXIT_TRUST)
-    except OSError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_INPUT)
-    total = getattr(header, "total_length", None)
-    click.echo(f"decrypted {sealed} -> {output} ({total} bytes, version {getattr(header, 'version', '?')})")
 
 
-def _decrypt_owner(src: Path, output: Path, owner_key: Path, node_id: str | None, name: str | None) -> None:
-    from fldsl.runtime.owner_export import MAX_PEM, OwnerExportError, OwnerKeyError, decrypt_file
+def _owner_pem(owner_key: Path) -> bytes:
+    from fldsl.runtime.owner_export import MAX_PEM
 
     try:
         with open(owner_key, "rb") as f:
-            pem = f.read(MAX_PEM + 1)
+            return f.read(MAX_PEM + 1)
     except OSError as e:
         click.echo(f"error: cannot read owner key {owner_key}: {e.strerror}", err=True)
         sys.exit(EXIT_INPUT)
+
+
+@contextlib.contextmanager
+def _refusals(src: Path, owner_key: Path | None = None) -> Iterator[None]:
+    """A sealed or owner-encrypted file that does not open: exit 2 for what is malformed or the wrong key's,
+    3 for what fails authentication (tampered, rolled back)."""
+    from fldsl.runtime.owner_export import OwnerExportError, OwnerKeyError
+    from fldsl.runtime.sealing import SealError
+
     try:
-        header = decrypt_file(src, output, private_pem=pem, node_id=node_id, name=name)
+        yield
+    except SealError as e:
+        click.echo(f"error: {src}: {e}", err=True)
+        sys.exit(EXIT_INPUT if e.reason in {"bad-key", "not-sealed", "format"} else EXIT_TRUST)
     except OwnerKeyError as e:
         click.echo(f"error: {owner_key}: {e}", err=True)
         sys.exit(EXIT_INPUT)
@@ -131,6 +132,25 @@ def _decrypt_owner(src: Path, output: Path, owner_key: Path, node_id: str | None
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_INPUT)
+
+
+def _unseal(sealed: Path, output: Path, key_file: Path | None, node_id: str, name: str,
+            min_version: int | None) -> None:
+    from fldsl.runtime.sealing import unseal_file
+
+    key = _sealing_key(key_file, node_id)
+    with _refusals(sealed):
+        header = unseal_file(sealed, output, key=key, node_id=node_id, name=name, min_version=min_version)
+    total = getattr(header, "total_length", None)
+    click.echo(f"decrypted {sealed} -> {output} ({total} bytes, version {getattr(header, 'version', '?')})")
+
+
+def _decrypt_owner(src: Path, output: Path, owner_key: Path, node_id: str | None, name: str | None) -> None:
+    from fldsl.runtime.owner_export import decrypt_file
+
+    pem = _owner_pem(owner_key)
+    with _refusals(src, owner_key):
+        header = decrypt_file(src, output, private_pem=pem, node_id=node_id, name=name)
     click.echo(f"decrypted {src} -> {output} ({header.length} bytes, exported by {header.node} as "
                f"{header.name}, {header.alg})")
 
@@ -164,41 +184,20 @@ def _decrypt_pack(src: Path, out: Path, key_file: Path | None, owner_key: Path |
                    "to put it inside)", err=True)
         sys.exit(EXIT_INPUT)
     if owner_key is not None:
-        from fldsl.runtime.owner_export import MAX_PEM, OwnerExportError, OwnerKeyError, decrypt_bytes
+        from fldsl.runtime.owner_export import decrypt_bytes
 
-        try:
-            with open(owner_key, "rb") as f:
-                pem = f.read(MAX_PEM + 1)
+        pem = _owner_pem(owner_key)
+        with _refusals(src, owner_key):
             header, data = decrypt_bytes(src, private_pem=pem, node_id=node_id, name=name)
-        except OSError as e:
-            click.echo(f"error: cannot read {e.filename}: {e.strerror}", err=True)
-            sys.exit(EXIT_INPUT)
-        except OwnerKeyError as e:
-            click.echo(f"error: {owner_key}: {e}", err=True)
-            sys.exit(EXIT_INPUT)
-        except OwnerExportError as e:
-            click.echo(f"error: {src}: {e}", err=True)
-            sys.exit(EXIT_INPUT if e.reason == "format" else EXIT_TRUST)
         who = f"exported by {header.node} as {header.name}, {header.alg}"
     else:
-        from fldsl.runtime.sealing import SealError, unseal_file
+        from fldsl.runtime.sealing import unseal_file
 
         if node_id is None or name is None:
             raise click.UsageError("a sealed model needs --node and --name")
-        key_file = key_file or Path(".fldsl/trust") / node_id.split(".", 1)[0] / "sealing.key"
-        try:
-            key = key_file.read_bytes()
-        except OSError as e:
-            click.echo(f"error: cannot read key file {key_file}: {e.strerror}", err=True)
-            sys.exit(EXIT_INPUT)
-        try:
+        key = _sealing_key(key_file, node_id)
+        with _refusals(src):
             data = bytes(unseal_file(src, key=key, node_id=node_id, name=name, min_version=min_version))
-        except SealError as e:
-            click.echo(f"error: {src}: {e}", err=True)
-            sys.exit(EXIT_INPUT if e.reason in {"bad-key", "not-sealed", "format"} else EXIT_TRUST)
-        except OSError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_INPUT)
         who = f"sealed by {node_id} as {name}"
     try:
         card = unpack(data, out)
