@@ -103,32 +103,26 @@ def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str =
     return build
 
 
-def recompile_policy(build: Path, node: str, edit: Any) -> None:
-    """Change one node's policy consistently, as a compile would: new manifest, new pins everywhere."""
+def _recompile(build: Path, node: str, file: str, model: Any, edit: Any) -> None:
+    """Change one node's plan or policy as a compile would: new manifest, new pins everywhere."""
     d = node_dir(build, node)
-    policy = Policy.model_validate_json((d / "policy.json").read_bytes())
-    edit(policy)
-    (d / "policy.json").write_text(dump_json(policy))
+    doc = model.model_validate_json((d / file).read_bytes())
+    edit(doc)
+    (d / file).write_text(dump_json(doc))
     rehash_manifest(build, node)
     toml = next(d.glob("*.manifest.toml")).read_bytes()
     pins = Pins.model_validate_json((d / "pins.json").read_bytes())
     pins.nodes[node].mr_enclave = [sim_mr_enclave(toml, code_digest.__wrapped__())]
     for nd in (build / "nodes").iterdir():
         (nd / "pins.json").write_text(dump_json(pins))
+
+
+def recompile_policy(build: Path, node: str, edit: Any) -> None:
+    _recompile(build, node, "policy.json", Policy, edit)
 
 
 def recompile_plan(build: Path, node: str, edit: Any) -> None:
-    """Change one node's plan consistently, as a compile would: new manifest, new pins everywhere."""
-    d = node_dir(build, node)
-    plan = Plan.model_validate_json((d / "plan.json").read_bytes())
-    edit(plan)
-    (d / "plan.json").write_text(dump_json(plan))
-    rehash_manifest(build, node)
-    toml = next(d.glob("*.manifest.toml")).read_bytes()
-    pins = Pins.model_validate_json((d / "pins.json").read_bytes())
-    pins.nodes[node].mr_enclave = [sim_mr_enclave(toml, code_digest.__wrapped__())]
-    for nd in (build / "nodes").iterdir():
-        (nd / "pins.json").write_text(dump_json(pins))
+    _recompile(build, node, "plan.json", Plan, edit)
 
 
 def rehash_manifest(build: Path, node: str) -> None:
