@@ -165,9 +165,9 @@ def ensure_trust(trust_dir: Path, ids: list[str]) -> list[str]:
 
 def party_trust_dir(trust_dir: Path, nid: str) -> Path:
     """The trust folder a node is given: its own party's, never the whole trust root."""
-    from fldsl.runtime.attestation.parties import party_of
+    from fldsl.runtime.attestation.parties import party_folder, party_of
 
-    return trust_dir / party_of(nid)
+    return party_folder(trust_dir, party_of(nid))
 
 
 def node_command(build_dir: Path, nid: str, addresses: Path, run_dir: Path, trust_dir: Path,
