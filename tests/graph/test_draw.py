@@ -44,8 +44,8 @@ def test_dot_labels_cross_enclave_flows_with_tensor_and_shape_and_the_rule_on_ho
     dot = to_dot(_scene(graph))
     assert ('"media.trainer/send:act1" -> "shop.trainer/recv:act1" [label="act1\\nfloat32[B,64]", '
             'tooltip="act1\\nfloat32[B,64]\\nallowed by: allow media -> shop: act1"') in dot
-    assert 'label="grad(act1)\\nfloat32[B,64]", tooltip="grad(act1)\\nfloat32[B,64]\\nallowed by: allow shop -> ' \
-        'media: grad(act1)"' in dot
+    assert ('label="grad(act1)\\nfloat32[B,64]", '
+            'tooltip="grad(act1)\\nfloat32[B,64]\\nallowed by: allow shop -> media: grad(act1)"') in dot
     assert draw.RED not in dot  # no violations, nothing red
 
 
