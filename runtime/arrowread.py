@@ -23,6 +23,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +34,15 @@ from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, Table, _
 
 from fldsl.artifacts import ColumnSpec, DataSpec
 
+if TYPE_CHECKING:
+    from fldsl.runtime.data import RawColumn
+
 # Bytes below 0x20 other than tab: Python's str.splitlines breaks lines at \n \r \x0b \x0c \x1c \x1d \x1e,
 # and str.strip removes \x1c-\x1f, where Arrow does neither. A text cell holding one is left to the exact
 # reader (it is rare, and the exact reader defines what such a file means).
+# Bytes either Python's str.strip or Arrow's utf8_trim_whitespace may take off an ASCII cell.
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20]] = True
 _CONTROL = np.ones(256, dtype=bool)
 _CONTROL[0x20:] = False
 _CONTROL[0x09] = False
@@ -183,8 +190,10 @@ def _trim(col: pa.ChunkedArray) -> pa.ChunkedArray:
     a csv fall back before this), ``str.strip`` cell by cell on the rare chunk with other characters."""
     chunks = []
     for chunk in col.chunks:
-        if _data_bytes(chunk).max(initial=0) < 0x80:
-            chunks.append(pc.utf8_trim_whitespace(chunk))
+        data = _data_bytes(chunk)
+        if data.max(initial=0) < 0x80:
+            # Most columns have no space at all: one table lookup instead of a trimmed copy of the column.
+            chunks.append(pc.utf8_trim_whitespace(chunk) if _SPACE[data].any() else chunk)
         else:
             cells = chunk.to_pylist()
             chunks.append(pa.array([None if v is None else v.strip() for v in cells], pa.string()))
@@ -247,17 +256,23 @@ def read_parquet_arrow(spec: DataSpec, path: Path, *, every_declared: bool = Fal
     if problems:
         raise SchemaMismatch(spec.name, name, problems)
     try:
-        table = pq.read_table(path, columns=list(dict.fromkeys(c.name for c in cols)), use_threads=True)
+        # pre_buffer off: a fifth less peak memory at the same speed (bench/data_load.py, 1M rows).
+        table = pq.read_table(path, columns=list(dict.fromkeys(c.name for c in cols)), use_threads=True,
+                              pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"cannot read the Parquet file ({e})", name) from None
     n = table.num_rows
     if n == 0:
         raise DataError("the Parquet file has no rows", name)
+    # Each column is let go of once checked: holding the file's table and the checked copies together
+    # (a filled category, a number cast to float64) would double the peak.
+    read = {name: table.column(name) for name in table.column_names}
+    del table
     out: dict[str, pa.ChunkedArray] = {}
     for c in cols:
         if c.name in out:
             continue
-        col = table.column(c.name)
+        col = read.pop(c.name)
         if pa.types.is_dictionary(col.type):
             col = col.cast(col.type.value_type)
         got = _parquet_column(col, c, name, problems)
@@ -293,10 +308,11 @@ def _parquet_column(col: pa.ChunkedArray, c: _Col, file: str, problems: list[str
             return None
         as_text = _trim(col.cast(pa.string()))
         if c.kind == "category":
-            missing = pc.is_null(as_text)
+            # A null cell stays null: the missing category, which preprocessing reads as "" (filling
+            # every column here would copy all of them). Only a declared token has to be replaced.
             if c.token is not None:
-                missing = pc.or_(missing, pc.equal(as_text, c.token))
-            return pc.if_else(missing, "", as_text)
+                return pc.if_else(pc.equal(as_text, c.token), pa.scalar(None, pa.string()), as_text)
+            return as_text
         bad = _rows_at(pc.or_kleene(pc.is_null(as_text), pc.equal(as_text, "")))
         if bad.size:
             _report(problems, file, c, bad, "missing id")
@@ -358,11 +374,13 @@ def to_table(spec: DataSpec, at: pa.Table, *, label_dtype: str, label_rule: Labe
             fields["label"] = y.astype(np.float32 if label_dtype == "float32" else np.float64)
     cols = _columns(spec, every_declared=False)
     features = [c for c in cols[(1 if spec.id_column else 0) + (1 if spec.label_column else 0):]]
-    raw_out: dict[str, np.ndarray] = {}
+    raw_out: dict[str, RawColumn] = {}
     if raw:
         for c in features:
             col = at.column(c.name)
-            raw_out[c.name] = _text(col) if c.kind == "category" else _floats(col, nan=True)
+            # Categories stay the Arrow strings they were parsed as (missing ones already ""):
+            # preprocess.apply dictionary-encodes them; numpy text would cost 4 bytes a character.
+            raw_out[c.name] = _categories(col) if c.kind == "category" else _floats(col, nan=True)
     else:
         out = np.empty((n, len(features)), dtype=np.float32)
         for j, c in enumerate(features):
@@ -382,6 +400,12 @@ def _label_error(spec: DataSpec, y: np.ndarray, bad: np.ndarray, rule: LabelRule
     i = int(np.flatnonzero(y != np.round(y))[0])
     raise DataError(f"row {i + 1}: label `{spec.label_column}` must be a whole number (a class), got "
                     f"{y[i].item()!r}", where)
+
+
+def _categories(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A category column as plain Arrow strings; a missing value is ``""`` or null (the missing category
+    either way: preprocess reads null as ``""``)."""
+    return col.cast(pa.string()) if not pa.types.is_string(col.type) else col
 
 
 def _floats(col: pa.ChunkedArray, nan: bool = False) -> np.ndarray:

@@ -282,10 +282,11 @@ def raw_cells(table: Any, columns: Sequence[str]) -> np.ndarray:
     out = np.empty((len(table), len(columns)), dtype=object)
     for j, c in enumerate(columns):
         col = table.raw[c]
-        if col.dtype.kind == "f":
+        if isinstance(col, np.ndarray) and col.dtype.kind == "f":
             out[:, j] = ["" if np.isnan(v) else repr(v) for v in col.tolist()]
-        else:
-            out[:, j] = col.astype(str).tolist()
+        else:  # category text: numpy (the exact reader) or Arrow (the Arrow readers)
+            out[:, j] = ["" if v is None else v for v in col.to_pylist()] if hasattr(col, "to_pylist") \
+                else col.astype(str).tolist()
     return out
 
 

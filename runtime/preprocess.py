@@ -23,15 +23,18 @@ own: counted for the vocabulary like any other, hashed like any other.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fldsl.runtime.data import DataError
 
 from fldsl.artifacts import FILE_READERS, ColumnSpec, DataSpec
+
+if TYPE_CHECKING:
+    from fldsl.runtime.data import RawColumn
 
 FORMAT = "fldsl.preprocessing/1"
 MISSING_CATEGORY = ""  # what a missing category value becomes (a category of its own)
@@ -89,14 +92,14 @@ def raw_columns(spec: DataSpec, cells: Mapping[str, Sequence[str]]) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def fit(spec: DataSpec, raw: Mapping[str, np.ndarray], train_rows: np.ndarray) -> dict[str, Any]:
+def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray) -> dict[str, Any]:
     """The fitted transforms of ``spec``'s features, from the training rows ``train_rows`` of ``raw`` only
     (format ``fldsl.preprocessing/1``, documented in docs/language.md; JSON-able, deterministic)."""
     rows = np.asarray(train_rows, dtype=np.int64)
     columns: list[dict[str, Any]] = []
     start = 0
     for c in feature_specs(spec):
-        x = raw[c.name][rows]
+        x = raw[c.name].take(rows)  # numpy array or Arrow column (the Arrow readers' categories)
         entry: dict[str, Any] = {"name": c.name, "type": c.type, "columns": [start, start + c.width]}
         if c.type == "category":
             entry["missing"] = {"token": c.missing.token if c.missing is not None else None}
@@ -146,13 +149,51 @@ def _scale(c: ColumnSpec, x: np.ndarray) -> dict[str, Any]:
     return {"kind": c.scale.kind, "offset": offset, "divisor": spread if spread > 0 else 1.0}
 
 
-def _vocabulary(values: np.ndarray, k: int) -> list[str]:
-    """The k most frequent values, most frequent first, ties by value (deterministic)."""
-    counts = Counter(values.tolist())
-    return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+def _vocabulary(values: RawColumn, k: int) -> list[str]:
+    """The k most frequent values, most frequent first, ties by value (deterministic). Counted by Arrow
+    (one hash pass, no Python object per cell); only the distinct values are ordered in Python."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(_arrow_text(values))
+    merged: dict[str, int] = {}  # null and "" are both the missing category
+    for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
+        key = MISSING_CATEGORY if v is None else v
+        merged[key] = merged.get(key, 0) + n
+    return [v for _, v in heapq.nsmallest(k, ((-n, v) for v, n in merged.items()))]
 
 
-def apply(fitted: Mapping[str, Any], raw: Mapping[str, np.ndarray]) -> np.ndarray:
+def _arrow_text(values: RawColumn) -> Any:
+    """A category column as one Arrow string array: the Arrow readers keep it as Arrow (the cells never
+    become numpy text: 4 bytes a character and seconds per million rows), the exact reader hands numpy
+    text."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(np.asarray(values, dtype=str), pa.string())
+
+
+def category_positions(e: Mapping[str, Any], x: RawColumn) -> np.ndarray:
+    """Each row's one-hot position in the column's block: its vocabulary index (or ``other_column``), or
+    its hash bucket. Both work on the distinct values only: the cells are dictionary-encoded by Arrow and
+    each distinct value is looked up (or hashed) once."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(_arrow_text(x), null_encoding="encode")
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    distinct = [MISSING_CATEGORY if v is None else v for v in encoded.dictionary.to_pylist()]
+    if "vocabulary" in e:
+        index = {v: i for i, v in enumerate(e["vocabulary"])}
+        other = int(e["other_column"])
+        lut = np.fromiter((index.get(v, other) for v in distinct), dtype=np.int64, count=len(distinct))
+    else:
+        lut = _hash_buckets(distinct, int(e["hash_buckets"]))
+    return lut[codes] if codes.size else np.zeros(0, dtype=np.int64)
+
+
+def apply(fitted: Mapping[str, Any], raw: Mapping[str, RawColumn]) -> np.ndarray:
     """The float32 feature matrix [rows, width] of ``raw`` under ``fitted`` (what :func:`fit` returned)."""
     names = [str(e["name"]) for e in fitted["columns"]]
     absent = [n for n in names if n not in raw]
@@ -165,13 +206,7 @@ def apply(fitted: Mapping[str, Any], raw: Mapping[str, np.ndarray]) -> np.ndarra
         lo = int(e["columns"][0])
         x = raw[e["name"]]
         if e["type"] == "category":
-            if "vocabulary" in e:
-                index = {v: i for i, v in enumerate(e["vocabulary"])}
-                other = int(e["other_column"])
-                pos = np.fromiter((index.get(v, other) for v in x.tolist()), dtype=np.int64, count=n)
-            else:
-                pos = _hash_buckets(x, int(e["hash_buckets"]))
-            out[np.arange(n), lo + pos] = 1.0
+            out[np.arange(n), lo + category_positions(e, x)] = 1.0
             continue
         x = np.asarray(x, dtype=np.float64)
         miss = np.isnan(x)
@@ -191,12 +226,12 @@ def apply(fitted: Mapping[str, Any], raw: Mapping[str, np.ndarray]) -> np.ndarra
     return out
 
 
-def _hash_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
-    if values.size == 0:
+def _hash_buckets(values: Sequence[str], buckets: int) -> np.ndarray:
+    if not len(values):
         return np.zeros(0, dtype=np.int64)
     import tensorflow as tf
 
-    return tf.strings.to_hash_bucket_fast(values.astype(str).tolist(), buckets).numpy().astype(np.int64)
+    return tf.strings.to_hash_bucket_fast(list(values), buckets).numpy().astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,6 +271,7 @@ __all__ = [
     "FORMAT",
     "PreprocessError",
     "apply",
+    "category_positions",
     "feature_specs",
     "fit",
     "fit_tables",

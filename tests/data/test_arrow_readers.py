@@ -41,8 +41,18 @@ def _same(a: Table, b: Table) -> None:
         assert a.fields[k].dtype == b.fields[k].dtype, k
         np.testing.assert_array_equal(a.fields[k], b.fields[k])
     for k in a.raw:
-        assert a.raw[k].dtype.kind == b.raw[k].dtype.kind, k
-        np.testing.assert_array_equal(a.raw[k], b.raw[k])
+        x, y = _raw_values(a.raw[k]), _raw_values(b.raw[k])
+        assert x.dtype.kind == y.dtype.kind, k
+        np.testing.assert_array_equal(x, y)
+
+
+def _raw_values(col: object) -> np.ndarray:
+    """A raw column as numpy: the Arrow readers keep category columns as Arrow strings (a missing value
+    null or ""), the exact reader as numpy text (""); the cells must be the same."""
+    to_pylist = getattr(col, "to_pylist", None)
+    if to_pylist is None:
+        return np.asarray(col)
+    return np.asarray(["" if v is None else v for v in to_pylist()], dtype=str)  # null: the missing category
 
 
 def _both(spec: DataSpec, rule: LabelRule | None = None) -> tuple[Table | str, Table | str]:
@@ -82,7 +92,8 @@ def test_schema_file_same_arrays_and_read_by_arrow(tmp_path: Path) -> None:
     assert isinstance(fast, Table) and isinstance(exact, Table)
     _same(fast, exact)
     assert fast.ids.tolist() == ["u1", "u2", "u3", "u4", "u5"]
-    assert fast.raw["edu"].tolist() == ["HS-grad", "", "Bachelors", "", "Ünïcode"]  # token and empty: ""
+    # the token and the empty cell are both ""
+    assert _raw_values(fast.raw["edu"]).tolist() == ["HS-grad", "", "Bachelors", "", "Ünïcode"]
     np.testing.assert_array_equal(fast.raw["age"], [39, np.nan, np.nan, 52, 27])
 
 
@@ -225,7 +236,48 @@ def test_parquet_compiles_and_loads_like_the_same_csv(tmp_path: Path) -> None:
     pacsv.write_csv(t, c)
     _same(got, load_dataset(spec.model_copy(update={"reader": "csv", "path": str(c)}),
                             label_rule=LabelRule(2, "binary"), engine="python"))
-    assert got.raw["edu"].tolist()[:4] == [v if v != "?" else "" for v in t.column("edu").to_pylist()[:4]]
+    want = [v if v != "?" else "" for v in t.column("edu").to_pylist()[:4]]
+    assert _raw_values(got.raw["edu"]).tolist()[:4] == want
+
+
+def test_arrow_categories_fit_and_transform_like_the_exact_readers_text(tmp_path: Path) -> None:
+    """The Arrow readers keep category columns as Arrow strings (a Parquet null stays null); fitted and
+    applied, they give the features the exact reader's numpy text gives: null, "" and the token are one
+    missing category, counted together for the vocabulary and hashed alike."""
+    from fldsl.runtime import preprocess
+
+    rows = 300
+    rng = np.random.default_rng(11)
+    edu = np.array(["HS", "Bachelors", "Masters", "?", ""])[rng.integers(0, 5, rows)].astype(object)
+    edu[::9] = None  # a Parquet null: the third spelling of "missing"
+    p = tmp_path / "people.parquet"
+    pq.write_table(pa.table({"id": [f"u{i}" for i in range(rows)], "y": rng.integers(0, 2, rows),
+                             "edu": pa.array(edu.tolist(), pa.string()),
+                             "job": [f"j{v}" for v in rng.integers(0, 40, rows)]}), p)
+    columns = [ColumnSpec(name="edu", type="category", missing=MissingSpec(token="?"), vocabulary=2),
+               ColumnSpec(name="job", type="category", hash_buckets=8)]
+    spec = _spec(p, columns, ["edu", "job"], reader="parquet")
+    spec = spec.model_copy(update={"fields": {**spec.fields, "features": TensorSpec(
+        shape=[None, sum(c.width for c in columns)], dtype="float32")}})
+    got = load_dataset(spec, label_rule=LabelRule(2, "binary"))
+    assert got.raw["edu"].null_count > 0  # kept as Arrow, nulls and all
+    c = tmp_path / "people.csv"
+    with c.open("w", encoding="utf-8") as f:
+        f.write("id,y,edu,job\n")
+        t = pq.read_table(p).to_pylist()
+        f.writelines(f"{r['id']},{r['y']},{r['edu'] or ''},{r['job']}\n" for r in t)
+    exact = load_dataset(spec.model_copy(update={"reader": "csv", "path": str(c)}),
+                         label_rule=LabelRule(2, "binary"), engine="python")
+    assert isinstance(exact.raw["edu"], np.ndarray)
+    train = np.arange(0, rows, 2)
+    fitted = preprocess.fit(spec, got.raw, train)
+    assert fitted == preprocess.fit(spec, exact.raw, train)
+    counts: dict[str, int] = {}
+    for v in edu[train]:
+        key = "" if v in (None, "?") else v
+        counts[key] = counts.get(key, 0) + 1
+    assert fitted["columns"][0]["vocabulary"] == sorted(counts, key=lambda k: (-counts[k], k))[:2]
+    np.testing.assert_array_equal(preprocess.apply(fitted, got.raw), preprocess.apply(fitted, exact.raw))
 
 
 def test_parquet_without_a_block_reads_the_footer(tmp_path: Path) -> None:
@@ -309,6 +361,6 @@ def test_benchmark_tiny_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     fast, exact = _both(spec, LabelRule(2, "binary"))
     assert isinstance(fast, Table) and isinstance(exact, Table)
     _same(fast, exact)
-    assert fast.raw["C1"].dtype == np.dtype("<U8") and (fast.raw["C1"] == "").any()
+    assert _raw_values(fast.raw["C1"]).dtype == np.dtype("<U8") and (_raw_values(fast.raw["C1"]) == "").any()
     assert np.isnan(fast.raw["I1"]).any()
     _same(load_dataset(bench.schema_spec(tmp_path / "criteo_3000.parquet", 3000, "parquet")), fast)  # type: ignore[attr-defined]
