@@ -108,6 +108,7 @@ class Checker:
         self.poisoned: set[str] = set()  # tensors whose definition failed: uses are not reported again
         self.schemas: dict[int, list[ColumnSpec] | None] = {}  # schema block (by identity) -> its columns
         self.vocabularies: list[ast.Span] = []  # `vocabulary:` options (refused in horizontal pipelines)
+        self.medians: list[ast.Span] = []  # `missing: median` fills (refused in horizontal pipelines)
 
     # --- reporting -------------------------------------------------------------------------------------
     def error(self, span: ast.Span | None, message: str, hint: str | None = None) -> None:
@@ -710,6 +711,8 @@ class Checker:
                     continue
                 out["missing"] = MissingSpec(token=token, fill=opt.fill.value, value=value,  # type: ignore[arg-type]
                                              indicator=opt.indicator is not None)
+                if opt.fill.value == "median":
+                    self.medians.append(opt.fill.span)
             elif isinstance(opt, ast.ScaleOpt):
                 if not numeric:
                     bad(opt.span, "`scale:` is for numeric and integer columns; a category becomes one-hot "
@@ -755,7 +758,8 @@ class Checker:
     def check_fitted_vocabularies(self) -> None:
         """``vocabulary:`` is fitted on the training rows of the node holding the column. In a horizontal
         pipeline that is every worker, each with its own rows: column j of the one-hot would be another
-        value at each worker, under one shared model. Refused; hashing needs no fit."""
+        value at each worker, under one shared model. Refused; hashing needs no fit. A median fill cannot be
+        pooled (flows.horizontal's `stats` flow carries sums, not values): refused too."""
         if self.scenario != "horizontal":
             return
         for span in sorted(set(self.vocabularies), key=lambda s: (s.line, s.column)):
@@ -763,6 +767,11 @@ class Checker:
                        "choose its own most frequent values, so a one-hot column would mean a different "
                        "value at each worker under one shared model",
                        "use `hash: N buckets` (the same buckets at every worker, nothing to fit)")
+        for span in sorted(set(self.medians), key=lambda s: (s.line, s.column)):
+            self.error(span, "`median` is not available in a horizontal pipeline: the workers pool "
+                       "counts, means and spreads of their training values at the aggregator (the `stats` "
+                       "flow), from which the mean of all of them follows exactly, but not the median",
+                       "use `mean` or `constant N`")
 
     def _rows_bound(self, block: ast.SchemaBlock, env: Env) -> int | None:
         if not block.rows:
@@ -1454,7 +1463,7 @@ class Checker:
                 ok = False
         else:
             name = tp.ref.text
-            specials = ("gradients", "weights", "shard")
+            specials = ("gradients", "weights", "shard", "stats")
             if name not in self.tensors and name not in specials:
                 if len(tp.ref.parts) == 2 and any(
                     tp.ref.parts[0].value in p.datasets for p in self.parties.values()

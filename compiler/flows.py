@@ -20,6 +20,7 @@ from fldsl.stdlib.signatures import fmt_spec
 
 from fldsl.artifacts import (
     _DTYPE_SIZE,
+    POOLED_STATS,
     AggregationSpec,
     AlignmentSpec,
     Flow,
@@ -394,6 +395,7 @@ class FlowBuilder:
             weighting="mean" if part.reduce is not None and part.reduce.value == "mean" else "examples",
         )
         self._ps_flows(workers, server, "gradients" if not fedavg else "weights", part.span)
+        self._stats_flows(workers, server, part.span)
         worker_data: dict[str, list[str]] = {}
         for w in workers:
             pname = w.split(".")[0]
@@ -465,6 +467,33 @@ class FlowBuilder:
             )
             self.control(w, server)
             self.metrics(w, server, src_w)
+
+    def _stats_flows(self, workers: list[str], server: str, span: ast.Span) -> None:
+        """Horizontal preprocessing: each worker sends the statistics of its pooled training columns
+        (``ColumnSpec.pooled``: float64[k, len(POOLED_STATS)], counts, means, spreads, ranges; no row) to
+        the aggregator, which sends every worker the merge, so all fit what central training would fit.
+        They are derived from a party's columns, so both directions need an allow rule for `stats`."""
+        c = self.c
+        ds = c.label_t.name.split(".")[0]
+        first = c.parties[workers[0].split(".")[0]].datasets.get(ds) if workers else None
+        if first is None:
+            return
+        by_name = {col.name: col for col in first.spec.columns or []}
+        k = sum(1 for name in first.spec.feature_columns if name in by_name and by_name[name].pooled)
+        if k == 0:
+            return
+        spec = TensorSpec(shape=[k, len(POOLED_STATS)], dtype="float64")
+        srv_party = server.split(".")[0]
+        for w in workers:
+            wp = w.split(".")[0]
+            intra = wp == srv_party
+            other = next((x.split(".")[0] for x in workers if x != w), wp)
+            rule = f"(intra-party {wp})" if intra else ""
+            self.add("stats", "stats", w, server, bound(spec.nbytes(1)), spec=spec, span=span, rule=rule,
+                     path=None if intra else [f"{wp}.{ds} columns", "training statistics", srv_party])
+            self.add("stats", "stats", server, w, bound(spec.nbytes(1)), spec=spec, span=span, rule=rule,
+                     path=None if intra else [f"{other}.{ds} columns", "training statistics",
+                                              f"{server} merge", "stats", wp])
 
     # --- distributed -----------------------------------------------------------------------------------
     def _shard_source(self) -> str:

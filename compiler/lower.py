@@ -178,6 +178,7 @@ def _worker(t: _Tasks, p: Program, n: IRNode) -> None:
             t.recv(f, sorted(n.input_specs), fields=fields)
     else:
         _read(t, p, n)
+        _pooled_fit(t, p, n, agg.server)
     _forward(t, p, n)
     t.add("loss", p.loss.op, [p.loss.logits, p.loss.label], ["loss"])
     fedavg = agg.mode == "fedavg"
@@ -212,9 +213,29 @@ def _worker(t: _Tasks, p: Program, n: IRNode) -> None:
     _finish(t, p, n, export=False)
 
 
+def _pooled_fit(t: _Tasks, p: Program, n: IRNode, server: str) -> None:
+    """Horizontal preprocessing with pooled statistics (flows._stats_flows): send this worker's, receive
+    the merge, fit. Nothing when the pipeline pools none."""
+    up = _flows(p, src=n.id, dst=server, kind="stats")
+    if not up:
+        return
+    t.send(up[0], ["stats"])
+    for f in _flows(p, src=server, dst=n.id, kind="stats"):
+        t.recv(f, ["pooled_stats"])
+    t.add("fit", "preprocessing", ["pooled_stats"], ["features"], pooled=True)
+
+
 def _server(t: _Tasks, p: Program, n: IRNode) -> None:
     agg = p.aggregation
     assert agg is not None
+    stats = []
+    for f in _flows(p, dst=n.id, kind="stats"):
+        t.recv(f, [f"stats@{f.src}"])
+        stats.append(f"stats@{f.src}")
+    if stats:
+        t.add("aggregate", "stats", stats, ["pooled_stats"], merge="count-mean-m2")
+        for f in _flows(p, src=n.id, kind="stats"):
+            t.send(f, ["pooled_stats"])
     up = "weights" if agg.mode == "fedavg" else "gradients"
     ins = []
     for f in _flows(p, dst=n.id, tensor=up):

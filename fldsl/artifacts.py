@@ -76,7 +76,9 @@ class Flow(_Model):
 
     id: str  # stable id, e.g. "media.trainer->shop.trainer:act1"
     tensor: str  # logical tensor name: "act1", "grad(act1)", "gradients", "weights", "shard", "psi"
-    kind: Literal["activation", "gradient", "gradients", "weights", "data", "psi", "metrics", "control"]
+    kind: Literal[
+        "activation", "gradient", "gradients", "weights", "data", "psi", "metrics", "stats", "control",
+    ]
     src: str  # node id "party.node"
     dst: str  # node id
     spec: TensorSpec | None = None  # None for structured payloads (weights lists, PSI sets)
@@ -86,6 +88,10 @@ class Flow(_Model):
 
 
 ColumnType = Literal["numeric", "integer", "category"]
+# A pooled column's row in a horizontal `stats` message (float64): the count of its present training
+# values, their mean and sum of squared deviations (M2), min and max (0 when the count is 0), and the
+# count of its missing training cells. Enough to merge exactly (Chan et al.'s pairwise update), and no row.
+POOLED_STATS = ("present", "mean", "m2", "min", "max", "missing")
 COLUMN_TYPES: tuple[ColumnType, ...] = ("numeric", "integer", "category")
 
 
@@ -134,6 +140,16 @@ class ColumnSpec(_Model):
         if self.type == "category":
             return (self.vocabulary + 1) if self.vocabulary is not None else int(self.hash_buckets or 0)
         return 1 + int(self.missing is not None and self.missing.indicator)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether horizontal workers pool this column's statistics at the aggregator (a numeric column
+        filled with its mean or scaled `standard` / `minmax`): one row of :data:`POOLED_STATS` fields each
+        in the `stats` flow, so every worker fits the same transform, the one central training would fit."""
+        if self.type == "category":
+            return False
+        return (self.missing is not None and self.missing.fill == "mean") or \
+            (self.scale is not None and self.scale.kind in ("standard", "minmax"))
 
     @property
     def fitted(self) -> bool:
@@ -265,7 +281,7 @@ class Task(_Model):
     id: str  # e.g. "media.trainer/forward:act1"
     kind: Literal[
         "read", "align", "shard", "forward", "send", "recv", "loss", "backward", "apply",
-        "aggregate", "checkpoint", "export", "evaluate",
+        "aggregate", "checkpoint", "export", "evaluate", "fit",
     ]
     inputs: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)

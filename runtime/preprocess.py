@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fldsl.runtime.data import DataError
 
-from fldsl.artifacts import FILE_READERS, ColumnSpec, DataSpec
+from fldsl.artifacts import FILE_READERS, POOLED_STATS, ColumnSpec, DataSpec
 
 if TYPE_CHECKING:
     from fldsl.runtime.data import RawColumn
@@ -92,13 +92,67 @@ def raw_columns(spec: DataSpec, cells: Mapping[str, Sequence[str]]) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray) -> dict[str, Any]:
-    """The fitted transforms of ``spec``'s features, from the training rows ``train_rows`` of ``raw`` only
-    (format ``fldsl.preprocessing/1``, documented in docs/language.md; JSON-able, deterministic)."""
+def pooled_columns(spec: DataSpec) -> list[ColumnSpec]:
+    """The feature columns whose statistics horizontal workers pool (``ColumnSpec.pooled``), in order: the
+    rows of a ``stats`` message."""
+    return [c for c in feature_specs(spec) if c.pooled]
+
+
+def local_stats(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray) -> np.ndarray:
+    """This worker's ``stats`` message: float64[pooled columns, len(POOLED_STATS)], one row per pooled
+    column over its training rows (present count, mean, M2, min, max, missing count; docs/language.md)."""
     rows = np.asarray(train_rows, dtype=np.int64)
+    cols = pooled_columns(spec)
+    out = np.zeros((len(cols), len(POOLED_STATS)), dtype=np.float64)
+    for i, c in enumerate(cols):
+        x = np.asarray(raw[c.name].take(rows), dtype=np.float64)
+        seen = x[~np.isnan(x)]
+        if seen.size:
+            mean = float(np.mean(seen))
+            out[i] = (seen.size, mean, float(np.sum((seen - mean) ** 2)), seen.min(), seen.max(), 0.0)
+        out[i, 5] = x.size - seen.size
+    return out
+
+
+def merge_stats(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The workers' ``stats`` messages merged into the statistics of all their training rows together
+    (Chan, Golub and LeVeque's pairwise update of count, mean and M2; min/max over parts with values).
+    Merged in the order given (the aggregator's worker order), so every worker gets the same bytes."""
+    out = np.zeros_like(parts[0], dtype=np.float64)
+    for part in parts:
+        for i in range(out.shape[0]):
+            out[i] = _merge_row(out[i], part[i])
+    return out
+
+
+def _merge_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = a[0], b[0]
+    if nb == 0:
+        return np.array([na, a[1], a[2], a[3], a[4], a[5] + b[5]])
+    if na == 0:
+        return np.array([nb, b[1], b[2], b[3], b[4], a[5] + b[5]])
+    n = na + nb
+    delta = b[1] - a[1]
+    return np.array([n, a[1] + delta * nb / n, a[2] + b[2] + delta * delta * na * nb / n,
+                     min(a[3], b[3]), max(a[4], b[4]), a[5] + b[5]])
+
+
+def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray,
+        pooled: np.ndarray | None = None) -> dict[str, Any]:
+    """The fitted transforms of ``spec``'s features, from the training rows ``train_rows`` of ``raw`` only
+    (format ``fldsl.preprocessing/1``, documented in docs/language.md; JSON-able, deterministic).
+    ``pooled`` (horizontal: :func:`merge_stats` of every worker's :func:`local_stats`) replaces this node's
+    own statistics of the pooled columns: every worker then fits what central training would."""
+    rows = np.asarray(train_rows, dtype=np.int64)
+    pooled_rows = {c.name: i for i, c in enumerate(pooled_columns(spec))} if pooled is not None else {}
     columns: list[dict[str, Any]] = []
     start = 0
     for c in feature_specs(spec):
+        if c.name in pooled_rows:
+            assert pooled is not None
+            columns.append(_fit_pooled(c, pooled[pooled_rows[c.name]], [start, start + c.width]))
+            start += c.width
+            continue
         x = raw[c.name].take(rows)  # numpy array or Arrow column (the Arrow readers' categories)
         entry: dict[str, Any] = {"name": c.name, "type": c.type, "columns": [start, start + c.width]}
         if c.type == "category":
@@ -123,6 +177,32 @@ def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray) ->
         start += c.width
     return {"format": FORMAT, "dataset": spec.name, "train_rows": int(rows.size), "width": start,
             "columns": columns}
+
+
+def _fit_pooled(c: ColumnSpec, stats: np.ndarray, span: list[int]) -> dict[str, Any]:
+    """A pooled column's entry from the merged statistics (the same keys :func:`fit` writes)."""
+    present, mean, m2, lo, hi, missing = (float(v) for v in stats)
+    entry: dict[str, Any] = {"name": c.name, "type": c.type, "columns": span}
+    filled = stats
+    if c.missing is not None:
+        value = (mean if present else 0.0) if c.missing.fill == "mean" else float(c.missing.value or 0.0)
+        entry["missing"] = {"token": c.missing.token, "fill": c.missing.fill, "value": value,
+                            "indicator": c.missing.indicator}
+        if missing:  # the filled cells join the values the scale is fitted on
+            filled = _merge_row(np.array([present, mean, m2, lo, hi, 0.0]),
+                                np.array([missing, value, 0.0, value, value, 0.0]))
+    if c.scale is not None:
+        if c.scale.kind == "clip":
+            entry["scale"] = {"kind": "clip", "lo": c.scale.lo, "hi": c.scale.hi}
+        else:
+            n, mu, sq, mn, mx = (float(v) for v in filled[:5])
+            if c.scale.kind == "standard":
+                offset, spread = (mu, float(np.sqrt(sq / n))) if n else (0.0, 0.0)
+            else:
+                offset, spread = (mn, mx - mn) if n else (0.0, 0.0)
+            entry["scale"] = {"kind": c.scale.kind, "offset": offset,
+                              "divisor": spread if spread > 0 else 1.0}
+    return entry
 
 
 def _fill_value(c: ColumnSpec, seen: np.ndarray) -> float:
@@ -240,10 +320,12 @@ def _hash_buckets(values: Sequence[str], buckets: int) -> np.ndarray:
 
 
 def fit_tables(data: Sequence[DataSpec], tables: dict[str, Any], train_rows: Mapping[str, np.ndarray],
-               apply_to: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+               apply_to: Mapping[str, str] | None = None,
+               pooled: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Fit the preprocessing of every data set in ``train_rows`` that needs one, on those rows of its table,
     and replace the table's raw columns with its ``features``. ``apply_to`` names further data sets
-    transformed with another's fitted statistics (a horizontal worker's test set: ``{test: train}``).
+    transformed with another's fitted statistics (a horizontal worker's test set: ``{test: train}``);
+    ``pooled`` gives a data set's merged horizontal statistics (:func:`fit`).
     Returns ``{data set: fitted}`` (empty when nothing needed fitting)."""
     specs = {s.name: s for s in data}
     fitted: dict[str, dict[str, Any]] = {}
@@ -251,7 +333,7 @@ def fit_tables(data: Sequence[DataSpec], tables: dict[str, Any], train_rows: Map
         spec, table = specs.get(name), tables.get(name)
         if spec is None or table is None or not needs_fit(spec) or not getattr(table, "raw", None):
             continue
-        fitted[name] = fit(spec, table.raw, rows)
+        fitted[name] = fit(spec, table.raw, rows, (pooled or {}).get(name))
         table.fields["features"] = apply(fitted[name], table.raw)
         table.raw = {}
     for name, source in sorted((apply_to or {}).items()):
@@ -275,8 +357,11 @@ __all__ = [
     "feature_specs",
     "fit",
     "fit_tables",
+    "local_stats",
+    "merge_stats",
     "missing_mask",
     "needs_fit",
+    "pooled_columns",
     "raw_columns",
     "to_bytes",
 ]

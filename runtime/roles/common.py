@@ -796,13 +796,14 @@ def blob_channel(ctx: RoleContext, peer: str, kind: str, base: int = PSI_BASE
 
 
 def fit_preprocessing(ctx: RoleContext, tables: dict[str, Any], train_rows: dict[str, np.ndarray],
-                      apply_to: dict[str, str] | None = None) -> dict[str, Any]:
+                      apply_to: dict[str, str] | None = None,
+                      pooled: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Fit the schema blocks' preprocessing (missing values, scaling, categories) on this node's training
     rows of each data set and make the tables' ``features``; kept in ``ctx.cache["preprocessing"]`` for the
     exported model. A no-op for data sets without any (fldsl.runtime.preprocess)."""
     from fldsl.runtime.preprocess import fit_tables
 
-    fitted = fit_tables(ctx.plan.data, tables, train_rows, apply_to)
+    fitted = fit_tables(ctx.plan.data, tables, train_rows, apply_to, pooled)
     if fitted:
         ctx.cache["preprocessing"] = fitted
         if ctx.plan.export is None:  # a node without a model export (a horizontal worker): seal the fit alone

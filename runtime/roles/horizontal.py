@@ -82,6 +82,11 @@ from fldsl.artifacts import Flow, Plan, TensorSpec
 # interrupted agreement can never be taken for another step's weights.
 RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
 
+# The one message of each `stats` flow (its own flow: no other message shares it). A copy a restarted
+# worker's previous process left unread is the same bytes (same rows, same statistics), so taking it
+# instead of the new one changes nothing.
+STATS_KEY = 0
+
 # FedAvg pieces: at most PIECE_BYTES each (a few transport chunks: small enough to overlap the directions,
 # large enough that per-message costs stay negligible). Piece p of round r travels under
 # PIECE_BASE + r * PIECE_STRIDE + p: below CTRL_BASE and apart from the plain step keys of other flows.
@@ -456,6 +461,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     ctx.progress.emit("phase", name="resume")
     resume = ctx.agree_resume(plan.node, workers)
 
+    _merge_stats(ctx, workers)
     infos = {w: _worker_info(ctx, w) for w in workers}
     specs = infos[workers[0]][1]
     for w in workers[1:]:
@@ -626,11 +632,13 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         pos = {str(i): k for k, i in enumerate(ids.tolist())}
         train_rows = np.array([pos[str(i)] for i in tr], dtype=np.int64)
         hold_rows = np.array([pos[str(i)] for i in ho], dtype=np.int64)
-    # Each worker fits the declared preprocessing on its own training rows (nothing is sent for it); a
+    # Each worker fits the declared preprocessing on its training rows: on its own, or, for the columns
+    # whose statistics the workers pool (the `stats` flows), on the aggregator's merge of everybody's. A
     # test set is transformed with the training set's statistics.
     test_name = plan.train.validation.test_data
+    pooled = _pool_stats(ctx, srv, train_ds, table, train_rows)
     fit_preprocessing(ctx, tables, {train_ds: train_rows},
-                      {test_name: train_ds} if test_table is not None and test_name else None)
+                      {test_name: train_ds} if test_table is not None and test_name else None, pooled=pooled)
 
     if specs is None:
         specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}
@@ -874,6 +882,54 @@ def _holdout_logits(plan: Plan, predict: Callable[[dict[str, Any]], Any], inputs
 # ---------------------------------------------------------------------------------------------------------
 # the aggregator's metrics: every worker's holdout summary, combined (layout: fldsl.stdlib.tf.metrics)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _stats_flows(ctx: RoleContext, src: str, dst: str) -> list[Flow]:
+    return [f for f in ctx.policy.flows if f.src == src and f.dst == dst and f.kind == "stats"]
+
+
+def _recv_stats(ctx: RoleContext, flow: Flow) -> np.ndarray:
+    """A `stats` message, checked: the flow guard fixed its dtype and shape; the values must be statistics
+    (finite, whole non-negative counts, min <= max where there are values) or the sender is refused."""
+    x = ctx.wait(lambda t: ctx.links[flow.src].recv(flow.id, STATS_KEY, t), flow.src)
+    counts = x[:, [0, 5]] if x.ndim == 2 and x.shape[1] == 6 else None
+    bad = counts is None or not np.isfinite(x).all() or (counts < 0).any() \
+        or (counts != np.round(counts)).any() or (x[:, 2] < 0).any() \
+        or ((x[:, 0] > 0) & (x[:, 3] > x[:, 4])).any()
+    if bad:
+        raise PeerLimitExceeded(f"{flow.src} sent preprocessing statistics that are not statistics (a count "
+                                "that is negative or not whole, a negative spread, min above max, or a value "
+                                "that is not finite): refusing", peer=flow.src)
+    return x
+
+
+def _pool_stats(ctx: RoleContext, srv: str, train_ds: str, table: Any,
+                train_rows: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Worker: send the statistics of this worker's pooled training columns, get the merge back (None: the
+    pipeline pools none)."""
+    from fldsl.runtime.preprocess import local_stats
+
+    up, down = _stats_flows(ctx, ctx.node, srv), _stats_flows(ctx, srv, ctx.node)
+    if not up or not down:
+        return None
+    spec = next(d for d in ctx.plan.data if d.name == train_ds)
+    ctx.progress.emit("phase", name="pool statistics")
+    ctx.links[srv].send(up[0].id, STATS_KEY, local_stats(spec, table.raw, train_rows))
+    return {train_ds: _recv_stats(ctx, down[0])}
+
+
+def _merge_stats(ctx: RoleContext, workers: list[str]) -> None:
+    """Server: merge the workers' statistics (in the plan's worker order: every worker gets the same
+    bytes) and send the merge to each. Nothing when the pipeline pools none."""
+    from fldsl.runtime.preprocess import merge_stats
+
+    ups = [f for w in workers for f in _stats_flows(ctx, w, ctx.node)]
+    if not ups:
+        return
+    merged = merge_stats([_recv_stats(ctx, f) for f in ups])
+    for w in workers:
+        for f in _stats_flows(ctx, ctx.node, w):
+            ctx.links[w].send(f.id, STATS_KEY, merged)
 
 
 def _summary_flow(ctx: RoleContext, worker: str, server: str) -> Flow | None:

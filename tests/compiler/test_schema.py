@@ -298,7 +298,10 @@ model {
   loss softmax_cross_entropy(logits, people.label)
 }
 train { epochs: 1  batch_size: 8 }
-trust { allow bank -> hub.ps: gradients  allow hub.ps -> bank: weights }
+trust {
+  allow bank -> hub.ps: gradients  allow hub.ps -> bank: weights
+  allow bank -> hub.ps: stats  allow hub.ps -> bank: stats
+}
 """
     with pytest.raises(FldslError) as ei:
         check_source(src, "h.flp")

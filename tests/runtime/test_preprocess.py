@@ -270,19 +270,12 @@ def _spend_mean(path: Path, train_ids: set[str]) -> float:
     return float(np.mean([float(r[2]) for r in rows if r[0] in train_ids and r[2]]))
 
 
-def test_horizontal_workers_fit_on_their_own_training_rows(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Horizontal: each worker fits its columns' statistics on its own training rows; nothing is sent for
-    it (the flows are those of a pipeline without preprocessing)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    _bank_file(tmp_path / "data/bank1.csv", 1, 0.0)
-    _bank_file(tmp_path / "data/bank2.csv", 2, 50.0)  # another population: another mean
-    src = f"""pipeline h
+def _horizontal_source(trust: str, block: str = BLOCK) -> str:
+    return f"""pipeline h
 use std.models.{{mlp, dense}}
 party bank[1..2] {{
   node worker
-  data people = csv("data/bank{{i}}.csv", id: id, label: y) {BLOCK}
+  data people = csv("data/bank{{i}}.csv", id: id, label: y) {block}
 }}
 party hub {{ node ps }}
 partition horizontal over bank aggregate at hub.ps every epoch with fedavg
@@ -294,25 +287,81 @@ train {{
   epochs: 6  batch_size: 32  validation: 0.25  seed: 2  metrics: [loss, auc]
   optimizer: adam(learning_rate: 0.01)
 }}
-trust {{ allow bank -> hub.ps: weights  allow hub.ps -> bank: weights }}
+trust {{ {trust} }}
 """
-    (tmp_path / "h.flp").write_text(src)
+
+
+POOLING = ("allow bank -> hub.ps: weights  allow hub.ps -> bank: weights\n"
+           "  allow bank -> hub.ps: stats  allow hub.ps -> bank: stats")
+
+
+def _train_rows(path: Path) -> tuple[set[str], list[list[str]]]:
+    rows = [r.split(",") for r in path.read_text().splitlines()[1:]]
+    ids = np.array([r[0] for r in rows])
+    train_ids, _ = stratified_split(ids, np.array([int(r[1]) for r in rows]), 0.25, 2)
+    return set(train_ids.tolist()), rows
+
+
+def test_horizontal_workers_pool_statistics_and_fit_what_central_training_fits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Horizontal: the workers send the statistics of their training columns (counts, means, spreads; the
+    declared `stats` flow) to the aggregator and fit on its merge: every worker's fill value and scale
+    are those of all the workers' training rows together, as central training would fit them, although
+    the two banks' populations differ."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    _bank_file(tmp_path / "data/bank1.csv", 1, 0.0)
+    _bank_file(tmp_path / "data/bank2.csv", 2, 50.0)  # another population: another mean
+    (tmp_path / "h.flp").write_text(_horizontal_source(POOLING))
     build = compile_pipeline(tmp_path / "h.flp", tmp_path / "build").build_dir
+    policy = json.loads((build / "nodes" / "hub.ps" / "policy.json").read_text())
+    stats = [f for f in policy["flows"] if f["kind"] == "stats"]
+    assert len(stats) == 4 and all(f["spec"]["shape"] == [1, 6] for f in stats)  # one pooled column: spend
     res = memlink.run_in_threads(build, tmp_path / "run")
     for node, r in res.items():
         assert not isinstance(r, BaseException), f"{node}: {r!r}"
+    spend: list[float] = []
+    for k in (1, 2):
+        train, rows = _train_rows(tmp_path / f"data/bank{k}.csv")
+        spend += [float(r[2]) for r in rows if r[0] in train and r[2]]
+        missing = sum(1 for r in rows if r[0] in train and not r[2])
+        spend += [float("nan")] * missing
+    x = np.array(spend)
+    mean = float(np.nanmean(x))
+    filled = np.where(np.isnan(x), mean, x)
     for k in (1, 2):
         node = f"bank{k}.worker"
         assert res[node]["metrics"]["auc"] > 0.75, res[node]["history"]
         pre = _sealed_fit(tmp_path / "run", node)["people"]
-        rows = (tmp_path / f"data/bank{k}.csv").read_text().splitlines()[1:]
-        ids = np.array([r.split(",")[0] for r in rows])
-        y = np.array([int(r.split(",")[1]) for r in rows])
-        train_ids, _ = stratified_split(ids, y, 0.25, 2)
-        spend = pre["columns"][0]
-        assert spend["missing"]["value"] == pytest.approx(_spend_mean(tmp_path / f"data/bank{k}.csv",
-                                                                      set(train_ids.tolist())), rel=1e-12)
-        assert pre["width"] == 2 + 16 and pre["train_rows"] == len(train_ids)
+        col = pre["columns"][0]
+        assert col["missing"]["value"] == pytest.approx(mean, rel=1e-12)
+        assert col["scale"]["offset"] == pytest.approx(float(filled.mean()), rel=1e-12)
+        assert col["scale"]["divisor"] == pytest.approx(float(filled.std()), rel=1e-12)
+        assert pre["width"] == 2 + 16
+        assert pre["train_rows"] == len(_train_rows(tmp_path / f"data/bank{k}.csv")[0])
+    assert _sealed_fit(tmp_path / "run", "bank1.worker")["people"]["columns"][0] == \
+        _sealed_fit(tmp_path / "run", "bank2.worker")["people"]["columns"][0]
+
+
+def test_horizontal_pooling_needs_an_allow_rule_and_refuses_a_median(tmp_path: Path) -> None:
+    """The pooled statistics are derived from each bank's columns: without `allow ... : stats` the check
+    names the flow and the rule to add; a median fill cannot be pooled and is refused where declared."""
+    from fldsl.api import check
+    from fldsl.diagnostics import FldslError
+
+    p = tmp_path / "h.flp"
+    p.write_text(_horizontal_source("allow bank -> hub.ps: weights  allow hub.ps -> bank: weights"))
+    with pytest.raises(FldslError) as e:
+        check(p, {})
+    text = str(e.value) + "".join(d.message + (d.hint or "") for d in e.value.diagnostics)
+    assert "`stats` would carry `bank1.people columns` to `hub`" in text
+    assert "add `allow bank -> hub: stats` to the trust block" in text
+    p.write_text(_horizontal_source(POOLING, BLOCK.replace("missing: mean", "missing: median")))
+    with pytest.raises(FldslError) as e:
+        check(p, {})
+    median = [d for d in e.value.diagnostics if "`median` is not available" in d.message]
+    assert len(median) == 1 and median[0].line == 7 and median[0].hint == "use `mean` or `constant N`"
+    assert p.read_text().splitlines()[6][median[0].column - 1:].startswith("median")
 
 
 def test_distributed_chief_fits_on_the_rows_its_workers_train_on(tmp_path: Path,
