@@ -164,7 +164,15 @@ class HashOpt:
     span: Span
 
 
-ColumnOption = MissingOpt | ScaleOpt | VocabularyOpt | HashOpt
+@dataclass
+class BucketizeOpt:
+    """``bucketize: [b1, b2, ...]`` (numeric / integer: one-hot of the bucket between boundaries)."""
+
+    bounds: Expr
+    span: Span
+
+
+ColumnOption = MissingOpt | ScaleOpt | VocabularyOpt | HashOpt | BucketizeOpt
 
 
 @dataclass

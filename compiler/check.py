@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import fnmatch
 import hashlib
+import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -671,7 +673,7 @@ class Checker:
 
         for opt in cd.options:
             word = {ast.MissingOpt: "missing", ast.ScaleOpt: "scale", ast.VocabularyOpt: "vocabulary",
-                    ast.HashOpt: "hash"}[type(opt)]
+                    ast.HashOpt: "hash", ast.BucketizeOpt: "bucketize"}[type(opt)]
             if type(opt) in seen:
                 prev = seen[type(opt)]
                 bad(opt.span, f"`{word}:` is given twice on one line",
@@ -736,6 +738,10 @@ class Checker:
                 if k is not None:
                     out["vocabulary"] = k
                     self.vocabularies.append(opt.span)
+            elif isinstance(opt, ast.BucketizeOpt):
+                bounds = self._bucket_bounds(opt, ctype, env, bad)
+                if bounds is not None:
+                    out["buckets"] = bounds
             else:
                 if numeric:
                     bad(opt.span, f"`hash:` is for `category` columns, not `{ctype}` ones",
@@ -744,6 +750,9 @@ class Checker:
                 n = count(opt.buckets, "the number of hash buckets", MAX_VOCABULARY)
                 if n is not None:
                     out["hash_buckets"] = n
+        if ok and "buckets" in out and "scale" in out:
+            bad(cd.span, "a line takes `bucketize:` or `scale:`, not both: the bucket's one-hot replaces the "
+                "value, so a scale would change nothing", "keep one")
         if ok and ctype == "category":
             if "vocabulary" in out and "hash_buckets" in out:
                 bad(cd.span, "a category line takes `vocabulary:` or `hash:`, not both",
@@ -754,6 +763,28 @@ class Checker:
                     "number of feature columns it becomes is declared, so every party compiles the same "
                     "model", f"e.g. `category {cols} vocabulary: top 100`")
         return out if ok else None
+
+    def _bucket_bounds(self, opt: ast.BucketizeOpt, ctype: str, env: Env,
+                       bad: Callable[[ast.Span, str, str | None], None]) -> list[float] | None:
+        """``bucketize: [b1, ..., bk]``: k strictly increasing finite boundaries (k + 1 one-hot columns:
+        below b1, [b1, b2), ..., at or above bk; nothing fitted)."""
+        if ctype == "category":
+            bad(opt.span, "`bucketize:` is for numeric and integer columns; a category is already one-hot",
+                "remove `bucketize:` from this line")
+            return None
+        v = evaluate(opt.bounds, "list[float]", env, "the bucket boundaries", self.report)
+        if v is BAD:  # reported by evaluate (the check fails on it)
+            return None
+        bounds = [float(x) for x in v]
+        if not 1 <= len(bounds) <= MAX_VOCABULARY:
+            bad(opt.bounds.span, f"`bucketize:` needs between 1 and {MAX_VOCABULARY:,} boundaries, got "
+                f"{len(bounds)}", "e.g. `bucketize: [18, 30, 50]`")
+            return None
+        if any(not math.isfinite(b) for b in bounds) or any(b >= c for b, c in itertools.pairwise(bounds)):
+            bad(opt.bounds.span, "the bucket boundaries must be finite and strictly increasing, got "
+                f"[{', '.join(f'{b:g}' for b in bounds)}]", None)
+            return None
+        return bounds
 
     def check_fitted_vocabularies(self) -> None:
         """``vocabulary:`` is fitted on the training rows of the node holding the column. In a horizontal

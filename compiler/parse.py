@@ -193,6 +193,9 @@ class _ToAst(Transformer[Token, ast.Module]):
     def hash_opt(self, meta: Any, c: list[Any]) -> ast.HashOpt:
         return ast.HashOpt(c[0], _span_meta(meta))
 
+    def bucketize_opt(self, meta: Any, c: list[Any]) -> ast.BucketizeOpt:
+        return ast.BucketizeOpt(c[0], _span_meta(meta))
+
     def schema_block(self, meta: Any, c: list[Any]) -> ast.SchemaBlock:
         return ast.SchemaBlock(
             [i for i in c if isinstance(i, ast.RowsBound)],

@@ -123,23 +123,25 @@ class ColumnSpec(_Model):
     scale: ScaleSpec | None = None
     vocabulary: int | None = None  # category: the k most frequent training values, plus one other column
     hash_buckets: int | None = None  # category: one-hot of a hash of the value into N buckets
+    buckets: list[float] | None = None  # numeric/integer: one-hot of the bucket between these boundaries
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Plain columns serialise as before preprocessing existed: plans (and measurements) keep their bytes.
         data = handler(self)
-        for k in ("missing", "scale", "vocabulary", "hash_buckets"):
+        for k in ("missing", "scale", "vocabulary", "hash_buckets", "buckets"):
             if data.get(k) is None:
                 data.pop(k, None)
         return data
 
     @property
     def width(self) -> int:
-        """The feature columns this column becomes: 1 (+1 with a missing indicator); a category k + 1 with
-        ``vocabulary: top k``, N with ``hash: N buckets``."""
+        """The feature columns this column becomes: 1, or k + 1 with ``bucketize:`` k boundaries (+1 with a
+        missing indicator); a category k + 1 with ``vocabulary: top k``, N with ``hash: N buckets``."""
         if self.type == "category":
             return (self.vocabulary + 1) if self.vocabulary is not None else int(self.hash_buckets or 0)
-        return 1 + int(self.missing is not None and self.missing.indicator)
+        value = len(self.buckets) + 1 if self.buckets is not None else 1
+        return value + int(self.missing is not None and self.missing.indicator)
 
     @property
     def pooled(self) -> bool:
@@ -155,7 +157,8 @@ class ColumnSpec(_Model):
     def fitted(self) -> bool:
         """Whether reading this column needs statistics of the training rows or a transform (anything but a
         plain numeric/integer column)."""
-        return self.type == "category" or self.missing is not None or self.scale is not None
+        return self.type == "category" or self.missing is not None or self.scale is not None \
+            or self.buckets is not None
 
 
 # The readers of a party's own files (the others generate their rows): what a node binds with --data, checks

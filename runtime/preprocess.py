@@ -12,7 +12,8 @@ fitted statistics are written, as the JSON-able dict :func:`fit` returns, into t
 The feature matrix is the selected columns in declaration order, each expanded in place:
 
 - numeric / integer: ``[value]``, or ``[value, missing]`` with ``indicator`` (1.0 where the cell was missing);
-  the value is filled, then scaled.
+  the value is filled, then scaled; with ``bucketize: [b1..bk]`` the value becomes the k + 1 one-hot columns
+  of its bucket (``searchsorted(bounds, value, side="right")``), then the indicator.
 - category with ``vocabulary: top k``: k + 1 one-hot columns, one per vocabulary value (most frequent
   first) and a last one for every other value; with ``hash: N buckets``: N one-hot columns, the value's
   bucket ``tf.strings.to_hash_bucket_fast(value, N)`` (FarmHash64 mod N; nothing fitted).
@@ -173,6 +174,8 @@ def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray,
                 filled = x
             if c.scale is not None:
                 entry["scale"] = _scale(c, filled)
+            if c.buckets is not None:
+                entry["buckets"] = list(c.buckets)
         columns.append(entry)
         start += c.width
     return {"format": FORMAT, "dataset": spec.name, "train_rows": int(rows.size), "width": start,
@@ -202,6 +205,8 @@ def _fit_pooled(c: ColumnSpec, stats: np.ndarray, span: list[int]) -> dict[str, 
                 offset, spread = (mn, mx - mn) if n else (0.0, 0.0)
             entry["scale"] = {"kind": c.scale.kind, "offset": offset,
                               "divisor": spread if spread > 0 else 1.0}
+    if c.buckets is not None:
+        entry["buckets"] = list(c.buckets)
     return entry
 
 
@@ -300,9 +305,14 @@ def apply(fitted: Mapping[str, Any], raw: Mapping[str, RawColumn]) -> np.ndarray
                 x = np.clip(x, float(sc["lo"]), float(sc["hi"]))
             else:
                 x = (x - float(sc["offset"])) / float(sc["divisor"])
-        out[:, lo] = x
+        width = 1
+        if "buckets" in e:  # one-hot of the bucket: below b1, [b1, b2), ..., at or above bk
+            width = len(e["buckets"]) + 1
+            out[np.arange(n), lo + np.searchsorted(np.asarray(e["buckets"], np.float64), x, side="right")] = 1
+        else:
+            out[:, lo] = x
         if "missing" in e and e["missing"]["indicator"]:
-            out[:, lo + 1] = miss
+            out[:, lo + width] = miss
     return out
 
 

@@ -253,7 +253,12 @@ def tf_preprocess(tf: Any, fitted: Mapping[str, Any], cells: Any) -> Any:
                 v = tf.clip_by_value(v, float(sc["lo"]), float(sc["hi"]))
             else:
                 v = (v - float(sc["offset"])) / float(sc["divisor"])
-        blocks.append(tf.cast(v, tf.float32)[:, None])
+        if "buckets" in e:  # preprocess.apply's searchsorted(side="right"): the count of bounds <= v
+            bounds = tf.constant([float(b) for b in e["buckets"]], tf.float64)
+            pos = tf.reduce_sum(tf.cast(v[:, None] >= bounds[None, :], tf.int64), axis=1)
+            blocks.append(tf.one_hot(pos, len(e["buckets"]) + 1, dtype=tf.float32))
+        else:
+            blocks.append(tf.cast(v, tf.float32)[:, None])
         if "missing" in e and e["missing"]["indicator"]:
             blocks.append(tf.cast(miss, tf.float32)[:, None])
     return tf.concat(blocks, axis=1) if blocks else tf.zeros([tf.shape(cells)[0], 0], tf.float32)

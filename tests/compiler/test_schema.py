@@ -329,3 +329,54 @@ def test_a_party_family_reports_its_block_once() -> None:
     errors = _errors(src)
     assert [e for e in errors if "declared twice" in e[2]] == [
         (16, 20, "column `spend` is declared twice", "first declared at line 16, column 13; remove one")]
+
+
+BUCKETS = """\
+pipeline b
+use std.models.{mlp, dense}
+party bank[1..2] {
+  node worker
+  data people = csv("people.csv", id: id, label: y) {
+    rows <= 100
+    integer age  missing: mean indicator  bucketize: [18, 30, 50]
+    category town hash: 16 buckets
+  }
+}
+party hub { node ps }
+partition horizontal over bank aggregate at hub.ps every step
+model {
+  logits = dense(mlp(people.features, units: [4]), units: [4, 2])
+  loss softmax_cross_entropy(logits, people.label)
+}
+train { epochs: 1  batch_size: 8 }
+trust {
+  allow bank -> hub.ps: gradients  allow hub.ps -> bank: weights
+  allow bank -> hub.ps: stats  allow hub.ps -> bank: stats
+}
+"""
+
+
+def test_bucketize_is_a_one_hot_of_declared_boundaries() -> None:
+    ok = check_source(BUCKETS, "b.flp")
+    people = next(d for d in ok.datasets if d.spec.name == "people")
+    age = next(c for c in people.spec.columns or [] if c.name == "age")
+    assert age.buckets == [18.0, 30.0, 50.0] and age.width == 4 + 1
+    assert people.spec.fields["features"].shape == [None, 5 + 16]
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("bucketize: [30, 18]", "the bucket boundaries must be finite and strictly increasing, got [30, 18]"),
+    ("bucketize: []", "`bucketize:` needs between 1 and"),
+    ("bucketize: [18]  scale: standard", "a line takes `bucketize:` or `scale:`, not both"),
+])
+def test_bucketize_errors(option: str, message: str) -> None:
+    with pytest.raises(FldslError) as ei:
+        check_source(BUCKETS.replace("bucketize: [18, 30, 50]", option), "b.flp")
+    assert any(message in d.message and d.line == 7 for d in ei.value.errors), ei.value.errors
+
+
+def test_bucketize_is_for_numbers() -> None:
+    with pytest.raises(FldslError) as ei:
+        check_source(BUCKETS.replace("hash: 16 buckets", "hash: 16 buckets  bucketize: [1]"), "b.flp")
+    assert [d.message for d in ei.value.errors] == [
+        "`bucketize:` is for numeric and integer columns; a category is already one-hot"]

@@ -266,12 +266,16 @@ def test_a_synchronous_parameter_server_serves_the_global_models_logits(tmp_path
 
 
 def _census(root: Path, rows: int = 600) -> Path:
-    """test_preprocess's census pipeline (empty cells, `?` tokens, string categories, 3 classes), small."""
+    """test_preprocess's census pipeline (empty cells, `?` tokens, string categories, 3 classes), small,
+    with one column bucketized."""
     from test_preprocess import PIPELINE, _write_data
 
     _write_data(root / "data", rows)
     flp = root / "census.flp"
-    flp.write_text(PIPELINE.replace("epochs: 8", "epochs: 2"))
+    # visits bucketized here (one-hot of [<2, 2-5, 5-10, >=10]): the SavedModel's TensorFlow buckets must
+    # match preprocess.apply's, which trained the model.
+    src = PIPELINE.replace("epochs: 8", "epochs: 2").replace("scale: clip(0, 20)", "bucketize: [2, 5, 10]")
+    flp.write_text(src)
     return _compile(flp, root / "build")
 
 
