@@ -23,7 +23,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -449,10 +449,60 @@ def _text(col: pa.ChunkedArray) -> np.ndarray:
     return out
 
 
+def describe_parquet(path: Path, *, id_column: str | None, label_column: str | None) -> Any:
+    """``fldsl data describe`` for a Parquet file: the same :class:`CsvDescription` as ``describe_csv``,
+    from the file's column types and values: integers (and floats that are all whole) ``integer``, other
+    floats ``numeric`` (``missing: mean`` where some are null), text ``category`` with a vocabulary of its
+    values (null is the missing category), anything else not declarable (its reason says why)."""
+    import pyarrow.parquet as pq
+    from fldsl.runtime.csvschema import MAX_VOCABULARY, ColumnDescription, CsvDescription
+
+    from fldsl.diagnostics import did_you_mean
+
+    name = str(path)
+    try:
+        table = pq.read_table(path, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"not a readable Parquet file ({e})", name) from None
+    header = list(table.column_names)
+    for col, what in ((id_column, "id"), (label_column, "label")):
+        if col and col not in header:
+            best = did_you_mean(col, header)
+            shown = f"; did you mean `{best}`?" if best else f" (it has: {', '.join(header)})"
+            raise DataError(f"no {what} column `{col}`{shown}", name)
+    if table.num_rows == 0:
+        raise DataError("the Parquet file has no rows", name)
+    out: list[ColumnDescription] = []
+    for col_name in header:
+        if col_name in (id_column, label_column):
+            continue
+        col = table.column(col_name)
+        t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        if col.null_count == len(col):
+            out.append(ColumnDescription(col_name, None, "every cell is null"))
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            distinct = pc.count_distinct(col.cast(pa.string())).as_py()
+            out.append(ColumnDescription(col_name, "category",
+                                         options=f"vocabulary: top {min(distinct, MAX_VOCABULARY)}"))
+        elif pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t):
+            full = col.cast(pa.float64())
+            x = pc.drop_null(full)
+            if not pc.all(pc.is_finite(x)).as_py():
+                row = int(_rows_at(pc.fill_null(pc.invert(pc.is_finite(full)), False))[0]) + 1
+                out.append(ColumnDescription(col_name, None, f"a value that is not finite in row {row}"))
+                continue
+            whole = pc.all(pc.equal(x, pc.floor(x))).as_py()
+            out.append(ColumnDescription(col_name, "integer" if whole else "numeric",
+                                         options="missing: mean" if col.null_count else ""))
+        else:
+            out.append(ColumnDescription(col_name, None, f"it holds {t}: neither numbers nor text"))
+    return CsvDescription(name, table.num_rows, out)
+
+
 def file_key(path: Path) -> tuple[str, int, int]:
     """(path, size, mtime): a checked read is reused only for the same, unchanged file."""
     st = os.stat(path)
     return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
 
 
-__all__ = ["Fallback", "file_key", "read_csv_arrow", "read_parquet_arrow", "to_table"]
+__all__ = ["Fallback", "describe_parquet", "file_key", "read_csv_arrow", "read_parquet_arrow", "to_table"]

@@ -139,7 +139,8 @@ WRAP = 100  # columns per line of the printed block (continuation lines align af
               "digits.")
 def describe(file: Path, id_column: str, label_column: str | None, name: str | None,
              exact_rows: bool) -> None:
-    """Print the declaration of FILE, a csv file with a header, with its schema block, to paste into a
+    """Print the declaration of FILE, a csv file with a header (or a Parquet file: `.parquet`, `.pq`, typed
+    from its column types and values), with its schema block, to paste into a
     party of the pipeline: every column but the id and label, in header order, typed `integer` (every value a
     whole number) or `numeric` (every value a finite number), with `missing: mean` where cells are empty
     (`missing: "?" mean` where one placeholder such as `?` stands for unknown), or `category` with
@@ -160,8 +161,14 @@ def describe(file: Path, id_column: str, label_column: str | None, name: str | N
         click.echo(f"error: --name {name!r} is not a name (letters, digits and _, not starting with a digit)",
                    err=True)
         sys.exit(EXIT_INPUT)
+    parquet = file.suffix.lower() in (".parquet", ".pq")
     try:
-        desc = describe_csv(file, id_column=id_column, label_column=label_column)
+        if parquet:
+            from fldsl.runtime.arrowread import describe_parquet
+
+            desc = describe_parquet(file, id_column=id_column, label_column=label_column)
+        else:
+            desc = describe_csv(file, id_column=id_column, label_column=label_column)
     except DataError as e:
         hint = " (name the id column with --id COL)" if f"no id column `{id_column}`" in str(e) else ""
         click.echo(f"error: {e}{hint}", err=True)
@@ -169,7 +176,7 @@ def describe(file: Path, id_column: str, label_column: str | None, name: str | N
     bound = desc.rows if exact_rows else round_up_rows(desc.rows)
     how = "" if bound == desc.rows else ", rounded up"
     label = f", label: {_column(label_column)}" if label_column is not None else ""
-    call = f"csv({_string(str(file))}, id: {_column(id_column)}{label})"
+    call = f"{'parquet' if parquet else 'csv'}({_string(str(file))}, id: {_column(id_column)}{label})"
     lines = [f"data {name or _dataset_name(file)} = {call} {{",
              f"  rows <= {bound}  # {desc.rows:,} row{'s' if desc.rows != 1 else ''} in {file.name}{how}"]
     # One line per run of columns with the same type and options, in header order (the feature order).

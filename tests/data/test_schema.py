@@ -190,3 +190,60 @@ trust {{
     result = compile_pipeline(flp, tmp_path / "build")
     plan = (result.build_dir / "nodes" / "guest.trainer" / "plan.json").read_text()
     assert '"category"' in plan and "vocabulary" in plan
+
+
+def test_describe_a_parquet_file_then_its_block_checks_the_file(tmp_path: Path) -> None:
+    """`data describe x.parquet` types the columns from the file (integers, floats with nulls, text with
+    nulls, a column of infinities left out by row) and prints a `parquet(...)` declaration; compiled, the
+    node's start-up check passes on the same file and reads it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+    from fldsl.runtime.csvschema import check_schemas
+    from fldsl.runtime.data import load_dataset
+
+    from fldsl.api import compile_pipeline
+    from fldsl.artifacts import Plan, load_model
+    from fldsl.cli import main
+
+    n = 80
+    age = np.arange(n, dtype=float) + 18
+    age[::9] = np.nan
+    p = tmp_path / "guest.parquet"
+    pq.write_table(pa.table({
+        "id": [f"u{i}" for i in range(n)], "y": np.arange(n) % 2,
+        "age": pa.array(age, mask=np.isnan(age)), "visits": np.arange(n) % 7,
+        "edu": pa.array([None if i % 11 == 0 else ["BSc", "MSc", "PhD"][i % 3] for i in range(n)]),
+        "odd": np.where(np.arange(n) == 5, np.inf, 1.0)}), p)
+    res = CliRunner().invoke(main, ["data", "describe", str(p), "--label", "y", "--name", "patients"])
+    assert res.exit_code == 0, res.output
+    block = res.stdout
+    assert block.startswith(f'data patients = parquet("{p}", id: id, label: y) {{')
+    assert "integer age  missing: mean" in block and "integer visits\n" in block
+    assert "category edu  vocabulary: top 3" in block
+    assert "# not declared: odd: a value that is not finite in row 6" in block
+    flp = tmp_path / "p.flp"
+    flp.write_text(f"""pipeline described
+use std.models.{{dense}}
+party bank[1..2] {{
+  node worker
+  {block.strip().replace(chr(10), chr(10) + "  ").replace("vocabulary: top 3", "hash: 4 buckets")}
+}}
+party hub {{ node ps }}
+partition horizontal over bank aggregate at hub.ps every step
+model {{
+  logits = dense(patients.features, units: [2])
+  loss softmax_cross_entropy(logits, patients.label)
+}}
+train {{ epochs: 1  batch_size: 8 }}
+trust {{
+  allow bank -> hub.ps: gradients  allow hub.ps -> bank: weights
+  allow bank -> hub.ps: stats  allow hub.ps -> bank: stats
+}}
+""")
+    build = compile_pipeline(flp, tmp_path / "build").build_dir
+    spec = load_model(Plan, build / "nodes" / "bank1.worker" / "plan.json").data[0]
+    assert spec.reader == "parquet"
+    check_schemas([spec])
+    assert len(load_dataset(spec)) == n
