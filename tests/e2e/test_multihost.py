@@ -1,8 +1,8 @@
 """One party per host: each party in its own network namespace (its own address), with a folder holding only
 the build it compiled itself without anyone's data, its own data and its own trust material, started with the
 documented per-party command (`fldsl run BUILD --node ... --listen ... --data ...`). The run must end with the
-model of the single-host run; killing one party's node and starting it again must resume and end with that
-model too.
+model of the single-host run, and each party's `fldsl predict --node` from its own host must give the run's
+holdout scores; killing one party's node and starting it again must resume and end with that model too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,21 +295,25 @@ class _Node:
         return done[-1]
 
 
-def _run_lan(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | None = None
-             ) -> dict[str, _Node]:
+After = Callable[[dict[str, "_Node"], dict[str, netns.Host]], None]
+
+
+def _run_lan(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | None = None,
+             after: After | None = None) -> dict[str, _Node]:
     from fldsl.measurement import code_digest
 
     for attempt in range(3):  # retried only if the checkout's code changed meanwhile (sim measurement)
         before = code_digest.__wrapped__()
         try:
-            return _run_lan_once(tmp / f"try{attempt}", reference, kill_at)
+            return _run_lan_once(tmp / f"try{attempt}", reference, kill_at, after)
         except AssertionError:
             if code_digest.__wrapped__() == before or attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_lan_once(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | None) -> dict[str, _Node]:
+def _run_lan_once(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int] | None,
+                  after: After | None = None) -> dict[str, _Node]:
     sc: Scenario = reference["scenario"]
     with netns.lan(list(sc.nodes)) as hosts:
         folders = _party_folders(tmp, reference, hosts)
@@ -329,6 +334,8 @@ def _run_lan_once(tmp: Path, reference: dict[str, Any], kill_at: tuple[str, int]
             for n in nodes.values():
                 rc = n.wait(timeout=300)
                 assert rc == 0, f"{n.party}: exit {rc}\n{n.log.read_text()[-4000:]}"
+            if after is not None:
+                after(nodes, hosts)
         finally:
             for n in nodes.values():
                 n.kill()
@@ -356,9 +363,57 @@ def _assert_same_model(nodes: dict[str, _Node], reference: dict[str, Any]) -> No
     assert ref_auc > 0.75  # the data carry signal: the run learned
 
 
+def _predict_across_hosts(nodes: dict[str, _Node], hosts: dict[str, netns.Host]) -> None:
+    """After training: each party scores with `fldsl predict BUILD --node ...` from its own host, with its
+    own sealed model and rows; the label owner's `id,score` csv equals the training run's holdout scores,
+    id for id (vertical only: horizontal prediction is local)."""
+    from fldsl.runtime import savedmodel as sm
+    from fldsl.runtime import sealing
+
+    sc = next(iter(nodes.values())).sc
+    if sc.pipeline != "lan_vertical":
+        return
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for party, n in nodes.items():
+        argv = [*FLDSL, "predict", f"build/{sc.pipeline}", "--node", n.node, "--model", "run",
+                "--run-dir", "predict", "--trust-dir", "trust", "--addresses", "addresses.json",
+                "--listen", hosts[party].address, "--connect-timeout", "60"]
+        for name, file in sc.data[party].items():
+            argv += ["--data", f"{name}=mine/{file}"]
+        if n.node == sc.label_node:
+            argv += ["-o", "scores.csv"]
+        with open(n.folder / "predict.stderr", "w") as err:
+            procs[party] = subprocess.Popen(hosts[party].command(argv), cwd=n.folder,
+                                            stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        for party, proc in procs.items():
+            rc = proc.wait(timeout=240)
+            err_text = (nodes[party].folder / "predict.stderr").read_text()[-3000:]
+            assert rc == 0, f"{party} predict: exit {rc}\n{err_text}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    label = next(n for n in nodes.values() if n.node == sc.label_node)
+    key = (label.folder / "trust" / label.party / "sealing.key").read_bytes()
+    pack = sealing.unseal_file(label.folder / "run" / "models" / f"{label.node}_model{sm.SUFFIX}.sealed",
+                               key=key, node_id=label.node, name=sm.export_name(f"{label.node}/model"))
+    sm.unpack(pack, label.folder / "model")
+    want = _scores((label.folder / "model" / sm.HOLDOUT_FILE).read_text())
+    got = _scores((label.folder / "scores.csv").read_text())
+    assert want and set(want) <= set(got)
+    for i, s in want.items():
+        np.testing.assert_allclose(got[i], s, rtol=1e-5, atol=1e-6, err_msg=i)
+
+
+def _scores(text: str) -> dict[str, list[float]]:
+    rows = [r.split(",") for r in text.strip().splitlines()]
+    return {r[0]: [float(x) for x in r[1:]] for r in rows[1:]}
+
+
 def test_each_party_on_its_own_host_trains_the_single_host_model(tmp_path: Path, reference: dict) -> None:
     sc: Scenario = reference["scenario"]
-    nodes = _run_lan(tmp_path, reference)
+    nodes = _run_lan(tmp_path, reference, after=_predict_across_hosts)
     _assert_same_model(nodes, reference)
     for party, node in nodes.items():
         # Nothing of another party's reached this party's folder: its csv files, its trust secrets.
