@@ -37,7 +37,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED, parse_sets
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, EXIT_RUN_FAILED, output, parse_sets
 
 MODES = ("native", "plain", "attested", "flower")
 FEDERATED = ("plain", "attested")
@@ -725,7 +725,7 @@ def command(flp: Path, sets: tuple[str, ...], as_json: bool, reps: int, steps: i
     (root / "results.json").write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     failures = [r for r in results if not r.ok]
     if as_json:
-        click.echo(json.dumps(doc, sort_keys=True, indent=2))
+        output.emit(EXIT_RUN_FAILED if failures else EXIT_OK, **doc)
     else:
         print_table(console, f"fldsl bench {flp.name} — {reps} rep(s), results in {root}", summary, failures,
                     chosen)
