@@ -1,4 +1,5 @@
-"""Maps the top-level folders of DESIGN §8 into the single ``fldsl.*`` import namespace.
+"""Maps the top-level folders (README.md "Layout": grammar/ compiler/ runtime/ stdlib/ ...) into the single
+``fldsl.*`` import namespace.
 
 pyproject.toml holds the metadata; this file exists only because setuptools' declarative config cannot
 discover sub-packages under a remapped ``package-dir``.

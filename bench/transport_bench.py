@@ -2,7 +2,7 @@
 
     /work/venv/bin/python bench/transport_bench.py [--reps 5] [--mib-per-rep 128] [--tensor-mib 4]
 
-Sender = this process, receiver = a child process (as in reference/baseline_perf.md finding D/E: one
+Sender = this process, receiver = a child process (one
 stream, the client streams without waiting for acks). Both configurations run interleaved in every rep
 and use the same kind of certificates (sim RA-TLS, P-256):
 

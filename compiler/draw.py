@@ -116,10 +116,7 @@ def short_measurement(hex_value: str, kind: str = "simulated") -> str:
 
 
 def format_spec(spec: TensorSpec | None) -> str | None:
-    if spec is None:
-        return None
-    dims = ",".join("B" if d is None else str(d) for d in spec.shape)
-    return f"{spec.dtype}[{dims}]"
+    return None if spec is None else spec.text(compact=True)
 
 
 def _party_of(node_id: str) -> str:

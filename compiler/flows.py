@@ -105,7 +105,10 @@ class FlowBuilder:
 
     def control(self, a: str, b: str) -> None:
         for s, d in ((a, b), (b, a)):
-            self.add("control", "control", s, d, CONTROL_BYTES, rule="(protocol) iteration start/commit")
+            # What it carries: the roles' JSON control messages (resume agreement, restarts, step
+            # acknowledgements, schedules), not iteration markers.
+            self.add("control", "control", s, d, CONTROL_BYTES,
+                     rule="(protocol) run control: resume, restarts, acknowledgements (JSON)")
 
     def metrics(self, worker: str, server: str, source: str) -> None:
         """A worker's holdout summary to its aggregator, once per epoch (layout: fldsl.stdlib.tf.metrics):

@@ -1,6 +1,6 @@
 """The file formats fldsl writes: the only contract between the compiler and the runtime.
 
-Data flows one way (DESIGN §4, §6): the compiler writes these files into ``build/<pipeline>/``; the runtime
+Data flows one way (ARCHITECTURE.md): the compiler writes these files into ``build/<pipeline>/``; the runtime
 reads them and never imports the parser. Every file is a pydantic model serialised with :func:`dump_json`
 (sorted keys, 2-space indent, trailing newline) so the same input gives byte-identical artifacts.
 
@@ -60,6 +60,13 @@ class TensorSpec(_Model):
 
     shape: list[int | None]
     dtype: DType
+
+    def text(self, *, compact: bool = False) -> str:
+        """The pipeline language's spelling, ``float32[batch, 64]`` (``float32[B,64]`` compact, for graph
+        labels): the one formatter of the compiler's, the graph's and the transport guard's messages."""
+        if compact:
+            return f"{self.dtype}[{','.join('B' if d is None else str(d) for d in self.shape)}]"
+        return f"{self.dtype}[{', '.join('batch' if d is None else str(d) for d in self.shape)}]"
 
     def nbytes(self, batch: int) -> int:
         n = 1

@@ -1,8 +1,8 @@
 """Simulated enclave measurement: what the compiler pins and what a sim-attested node reports.
 
-Real MRENCLAVE is a hash over the enclave's pages and the signed manifest (reference/gramine.md §3.2) and
-can only be computed on the deployment host by ``gramine-sgx-sign``. Without SGX we compute a *simulated*
-measurement with the same coverage that matters for trust:
+Real MRENCLAVE is a hash over the enclave's pages and the signed manifest (Intel SDM vol. 3D,
+"ECREATE/EADD/EEXTEND") and can only be computed on the deployment host by ``gramine-sgx-sign``. Without SGX
+we compute a *simulated* measurement with the same coverage that matters for trust:
 
     mr_enclave_sim = SHA-256( "fldsl-sim-mrenclave/1\\0"
                               ‖ canonical bytes of the node's rendered manifest (.manifest.toml)
@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 SIM_DOMAIN = b"fldsl-sim-mrenclave/1\0"
 SIM_GRAMINE_DOMAIN = b"fldsl-sim-mrenclave/gramine/1\0"
@@ -86,3 +88,13 @@ def sim_mr_enclave_gramine(signed_manifest: bytes) -> str:
     the manifest alone covers the code: no separate code digest. The real MRENCLAVE (what gramine-sgx
     reports) is computed by gramine-sgx-sign from the same file and pinned beside it."""
     return hashlib.sha256(SIM_GRAMINE_DOMAIN + signed_manifest).hexdigest()
+
+
+def mr_signer_of(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> bytes:
+    """MRSIGNER = SHA-256 of the 384-byte little-endian RSA-3072 modulus of the enclave signing key (what
+    ``gramine-sgx-sign`` reports and SGX puts in every report): pinned by the compiler (``--sign``) and
+    reported by the sim backend, so it lives here, with MRENCLAVE."""
+    pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    if pub.key_size != 3072:
+        raise ValueError(f"enclave signing key must be RSA-3072, got RSA-{pub.key_size}")
+    return hashlib.sha256(pub.public_numbers().n.to_bytes(384, "little")).digest()

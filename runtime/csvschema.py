@@ -25,8 +25,7 @@ from fldsl.runtime.preprocess import missing_mask
 
 from fldsl.artifacts import ColumnSpec, ColumnType, DataSpec
 from fldsl.diagnostics import did_you_mean
-
-EXIT_INPUT = 2  # README "Exit codes": bad data rows are an input error
+from fldsl.exitcodes import EXIT_INPUT  # bad data rows are an input error
 
 
 class SchemaMismatch(DataError):

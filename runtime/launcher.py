@@ -27,8 +27,9 @@ from fldsl.runtime.enclave_runner import Enclave
 from fldsl.runtime.progress import parse_line
 
 from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
+from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
+from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GRACE_S = 10.0
 
 

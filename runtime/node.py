@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +33,13 @@ if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad inpu
 
     from fldsl.artifacts import DataSpec, Plan
 
-EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
-EXIT_INPUT = 2
+from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
+from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
+
 MAX_REJOINS = 10  # a peer restarting more often than this in one run is crashing, or abusing rejoins
 # How long past the connect deadline the node waits for the transport's own verdict on a peer (its last
 # Hello attempt, up to 10 s, plus its longest back-off, 2 s).
 VERDICT_GRACE_S = 15.0
-NODE_DIR_URI = "file:node/"  # = fldsl.compiler.manifest.NODE_DIR_URI
 # The manifest's encrypted mount (node.manifest.template.j2): { path = "/fldsl/data", uri = "file:data",
 # key_name = "data" }.
 ENCLAVE_DATA_DIR = "/fldsl/data"
@@ -113,19 +112,14 @@ def manifest_path(ndir: Path, args: argparse.Namespace | None = None) -> Path:
 
 
 def listed_hashes(toml_text: str, where: Path) -> dict[str, str]:
-    """``{file name: sha256}`` of the node files the manifest lists as trusted (same reading as
-    ``fldsl.compiler.manifest.trusted_node_files``; re-implemented: the runtime never imports the
-    compiler)."""
+    """``{file name: sha256}`` of the node files the manifest lists as trusted: the compiler's own reader
+    (fldsl.trusted_files), so the node refuses whatever the compiler would (fails closed, exit 3)."""
+    from fldsl.trusted_files import TrustedFilesError, trusted_node_files
+
     try:
-        doc = tomllib.loads(toml_text)
-    except tomllib.TOMLDecodeError as e:
-        raise NodeError(f"{where}: not valid TOML: {e}", EXIT_TRUST) from None
-    out: dict[str, str] = {}
-    for entry in doc.get("sgx", {}).get("trusted_files", []) or []:
-        if isinstance(entry, dict) and isinstance(entry.get("uri"), str) and \
-                entry["uri"].startswith(NODE_DIR_URI) and isinstance(entry.get("sha256"), str):
-            out[entry["uri"][len(NODE_DIR_URI):]] = entry["sha256"].lower()
-    return out
+        return trusted_node_files(toml_text)
+    except TrustedFilesError as e:
+        raise NodeError(f"{where}: {e}; recompile the pipeline", EXIT_TRUST) from None
 
 
 def check_artifacts(ndir: Path, args: argparse.Namespace | None = None) -> bytes:

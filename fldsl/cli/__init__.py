@@ -19,12 +19,17 @@ from typing import Any, TextIO
 
 import click
 
-EXIT_OK = 0
-EXIT_RUN_FAILED = 1
-EXIT_INPUT = 2
-EXIT_TRUST = 3
-EXIT_ENV = 4
-EXIT_INTERRUPTED = 130
+from fldsl.exitcodes import (  # re-exported: the commands import them from here
+    EXIT_ENV,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_TRUST,
+)
+
+__all__ = ["EXIT_ENV", "EXIT_INPUT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_TRUST", "main",
+           "parse_sets"]
 
 
 def parse_sets(values: tuple[str, ...]) -> dict[str, str]:

@@ -29,7 +29,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from fldsl.runtime.attestation import _crypto
+from fldsl.runtime.attestation import crypto
 from fldsl.runtime.attestation.backend import AttestationError
 from fldsl.runtime.attestation.sim import FILES, SimDeployment, trust_init
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -145,7 +145,7 @@ def init_party(root: Path, party: str) -> tuple[SimDeployment, PartyIdentity]:
             raise AttestationError(f"{ident_path}: does not match {d / FILES['root_cert']} (edited, or the "
                                    "keys were replaced); remove identity.json to write it anew")
     else:
-        _crypto.write_public(ident_path, ident.dump())
+        crypto.write_public(ident_path, ident.dump())
         dep.created.append(IDENTITY_FILE)
     (d / PEERS_DIR).mkdir(mode=0o755, exist_ok=True)
     return dep, ident
@@ -177,7 +177,7 @@ def add_peer(folder: Path, ident: PartyIdentity, *, replace: bool = False) -> st
         dst.unlink()
         state = "replaced"
     try:
-        _crypto.write_public(dst, ident.dump())
+        crypto.write_public(dst, ident.dump())
     except FileExistsError:  # another launcher pinned it meanwhile: fine if it pinned the same identity
         if load_identity(dst) != ident:
             raise AttestationError(

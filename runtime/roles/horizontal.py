@@ -422,8 +422,8 @@ def _worker_info(ctx: RoleContext, w: str) -> tuple[int, dict[str, TensorSpec]]:
         for ref, spec in specs.items():
             want = planned.get(ref)
             if want is None or want.shape != spec.shape:
-                allowed = f"{want.dtype}{want.shape}" if want is not None else "not an input of the plan"
-                raise PeerLimitExceeded(f"{w} announces input {ref} as {spec.dtype}{spec.shape}, but the "
+                allowed = want.text() if want is not None else "not an input of the plan"
+                raise PeerLimitExceeded(f"{w} announces input {ref} as {spec.text()}, but the "
                                         f"plan allows {allowed}: refusing", peer=w)
     return rows, specs
 

@@ -1,4 +1,4 @@
-"""The attested gRPC transport (DESIGN §5 "Attested gRPC", §6).
+"""The attested gRPC transport (ARCHITECTURE.md, "Transport"; docs/trust.md).
 
 Bootstrap attestation (``Hello`` exchanges RA-TLS certificates, each side verifies the other with the
 trust layer's ``PeerVerifier``) → mutual TLS pinned to exactly the verified certificates → one policed

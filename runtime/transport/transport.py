@@ -1,4 +1,4 @@
-"""``Transport``: a node's attested links to all its peers (DESIGN §5 "Attested gRPC").
+"""``Transport``: a node's attested links to all its peers (ARCHITECTURE.md, "Transport").
 
 Connection set-up, for a peer this node dials (``PeerRef.dial``; the proofs are in ``handshake.py``):
 

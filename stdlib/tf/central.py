@@ -3,7 +3,7 @@
 This is what quality tests and ``fldsl bench`` compare a federated run against. It uses exactly the pieces
 the runtime uses (``build_segment``, ``loss_fn``, ``make_optimizer``, ``epoch_batches``,
 ``stratified_split``), a custom ``tf.function`` step over numpy batches (no tf.data iterator is ever
-created: baseline_perf.md finding A) and a fixed seed, so two calls with the same arguments give the same
+created: BENCHMARKS.md, profiles) and a fixed seed, so two calls with the same arguments give the same
 result.
 """
 

@@ -446,10 +446,28 @@ def test_validator_only_returns_findings_on_mutated_manifests(data):
 
 
 def test_runtime_reads_the_same_hashes_as_the_renderer_wrote(rendered):
-    # The runtime re-implements the reading (it never imports the compiler); both must agree.
-    node = pytest.importorskip("fldsl.runtime.node", reason="the runtime node module is not in this checkout")
+    from fldsl.runtime import node
+
     _, _template, toml = rendered
     assert node.listed_hashes(toml, __import__("pathlib").Path("m.toml")) == trusted_node_files(toml)
+
+
+@pytest.mark.parametrize("toml", [
+    'sgx.trusted_files = [{ uri = "file:node/plan.json", sha256 = "ZZ" }]',
+    'sgx.trusted_files = [{ uri = "file:node/plan.json", sha256 = 5 }]',
+    f'sgx.trusted_files = [{{ uri = "file:node/plan.json", sha256 = "{PLAN_SHA}" }},'
+    f' {{ uri = "file:node/plan.json", sha256 = "{POLICY_SHA}" }}]',
+    'sgx.trusted_files = "file:node/plan.json"',
+])
+def test_runtime_refuses_what_the_compiler_rejects(toml):
+    """The node's reader was a laxer copy: it skipped a malformed hash and let a second entry win."""
+    from fldsl.runtime import node
+
+    with pytest.raises(ManifestError):
+        trusted_node_files(toml)
+    with pytest.raises(node.NodeError) as e:
+        node.listed_hashes(toml, __import__("pathlib").Path("m.toml"))
+    assert e.value.code == node.EXIT_TRUST
 
 
 def test_stage2_supplies_every_template_variable(rendered):

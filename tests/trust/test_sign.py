@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fldsl.compiler.sign import GramineMissing, SignError, sign_build
-from fldsl.runtime.attestation._crypto import mr_signer_of, private_pem
+from fldsl.runtime.attestation.crypto import private_pem
 
 from fldsl.artifacts import (
     AttestationRequirement,
@@ -24,7 +24,7 @@ from fldsl.artifacts import (
     dump_json,
     load_model,
 )
-from fldsl.measurement import sim_mr_enclave_gramine
+from fldsl.measurement import mr_signer_of, sim_mr_enclave_gramine
 
 FAKES = Path(__file__).parent / "fake_gramine"
 NODES = {"media.trainer": ("media", 7, 2), "shop.trainer": ("shop", 7, 2)}
@@ -229,7 +229,7 @@ def test_isv_values_must_match_the_trust_block(build, fake_tools, key):
 
 
 def test_fake_tool_json_shape_matches_gramine(build, fake_tools, key):
-    """Guard the fake itself: the JSON keys are the ones gramine.md §3.4 lists."""
+    """Guard the fake itself: the JSON keys are the ones gramine-sgx-sign's --output JSON has."""
     sign_build(build, key, entrypoint="/x", arch_libdir="/lib")
     import subprocess
 
