@@ -48,9 +48,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from fldsl.runtime.roles.common import (
-    CTRL_BASE,
-    CTRL_INFO,
-    CTRL_SCHEDULE,
     CheckpointWriter,
     Meter,
     PeerLimitExceeded,
@@ -74,20 +71,20 @@ from fldsl.runtime.roles.common import (
     with_checkpoint_writer,
 )
 from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
+from fldsl.runtime.transport import keys
 
 from fldsl.artifacts import Flow, Plan, TensorSpec
 
-# Step key (+ the agreed step) of the weights the server sends each worker after a resume. Far above
-# CTRL_ROLLBACK + n (common.py's key map) and below EVAL_BASE; keyed by step so that a copy left unread by an
-# interrupted agreement can never be taken for another step's weights.
-RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
+# The weights the server sends each worker after a resume travel under keys.resume_weights(agreed step):
+# keyed by step so that a copy left unread by an interrupted agreement is never taken for another step's.
+INFO_KEY = keys.control(keys.Control.INFO)  # worker -> server: its rows and input specs
+SCHEDULE_KEY = keys.control(keys.Control.SCHEDULE)  # server -> worker: steps per epoch, rounds
 
 # FedAvg pieces: at most PIECE_BYTES each (a few transport chunks: small enough to overlap the directions,
-# large enough that per-message costs stay negligible). Piece p of round r travels under
-# PIECE_BASE + r * PIECE_STRIDE + p: below CTRL_BASE and apart from the plain step keys of other flows.
+# large enough that per-message costs stay negligible). Piece p of round r travels under keys.piece(r, p),
+# apart from the plain step keys of other flows.
 PIECE_BYTES = 8 << 20
-PIECE_BASE = 1 << 48
-PIECE_STRIDE = 1 << 16
+MAX_PIECES = keys.LAYOUT[keys.Namespace.PIECE].index_limit
 
 
 class Seg(NamedTuple):
@@ -121,13 +118,9 @@ def piece_layout(shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int],
         pieces += [[Seg(i, (lo, min(lo + per, shape[0])))] for lo in range(0, shape[0], per)]
     if cur or not pieces:
         pieces.append(cur)
-    if len(pieces) > PIECE_STRIDE:
-        raise RoleError(f"the model needs {len(pieces)} pieces of {limit} bytes; at most {PIECE_STRIDE}")
+    if len(pieces) > MAX_PIECES:
+        raise RoleError(f"the model needs {len(pieces)} pieces of {limit} bytes; at most {MAX_PIECES}")
     return pieces
-
-
-def piece_key(r: int, p: int) -> int:
-    return PIECE_BASE + r * PIECE_STRIDE + p
 
 
 def _seg_shape(shapes: Sequence[tuple[int, ...]], s: Seg) -> tuple[int, ...]:
@@ -142,7 +135,7 @@ def _seg_view(arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray], s: Seg) -
 
 def _piece_keys(n: int) -> Callable[[int], list[int]]:
     """ctx.step_keys for FedAvg: round k's piece keys (stale ones are dropped after a peer restarts)."""
-    return lambda k: [k, *(piece_key(k, p) for p in range(n))]
+    return lambda k: [k, *(keys.piece(k, p) for p in range(n))]
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -364,7 +357,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
     coefs: list[float] = []
     avg.reset()
     for p, piece in enumerate(layout):
-        key = piece_key(r, p)
+        key = keys.piece(r, p)
         for k, w in enumerate(workers):
             arrays = ctx.wait(lambda t, w=w, key=key: ctx.links[w].recv_arrays(grad_in[w], key, t), w)
             parts, count = _parse_piece(arrays, piece, shapes, names, w, r, p)
@@ -409,7 +402,7 @@ def _worker_info(ctx: RoleContext, w: str) -> tuple[int, dict[str, TensorSpec]]:
     """A worker's row count and input specs, checked. The server builds its model from these specs, so where
     the plan names the inputs (the compiler's aggregate task), a worker cannot widen them: a wider input
     would make every weight matrix it feeds, and the server's memory, grow with the announcement."""
-    info = ctx.recv_json(w, CTRL_INFO)
+    info = ctx.recv_json(w, INFO_KEY)
     try:
         rows, raw = info["rows"], info["specs"]
         if type(rows) is not int or rows < 0 or not isinstance(raw, dict):
@@ -475,7 +468,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         local = [agg.every_steps] * len(workers)
     rounds_per_epoch = spe if agg.mode == "sync" else max(1, rounds // plan.train.epochs)
     for w, n_local in zip(workers, local, strict=True):
-        ctx.send_json(w, CTRL_SCHEDULE, {"steps_per_epoch": spe, "rounds": rounds, "local_steps": n_local,
+        ctx.send_json(w, SCHEDULE_KEY, {"steps_per_epoch": spe, "rounds": rounds, "local_steps": n_local,
                                          "rounds_per_epoch": rounds_per_epoch})
 
     model = build_segment(plan.model, specs, seed=plan.train.seed)
@@ -508,7 +501,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         weights = model.get_weights()
         del ckpt
         # Worker checkpoints hold no weights: every worker continues from these.
-        key, sent = RESUME_WEIGHTS + resume, weights
+        key, sent = keys.resume_weights(resume), weights
         _send_all(pool, [lambda w=w: ctx.links[w].send_arrays(weights_out[w], key, sent) for w in workers])
     if not sync:
         if weights is None:
@@ -636,9 +629,9 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}
     refs = {r for op in plan.model for r in op.inputs if r.startswith(f"{train_ds}.")}
     specs = {k: v for k, v in specs.items() if k in refs}
-    ctx.send_json(srv, CTRL_INFO, {"rows": len(train_rows),
+    ctx.send_json(srv, INFO_KEY, {"rows": len(train_rows),
                                    "specs": {k: v.model_dump(mode="json") for k, v in sorted(specs.items())}})
-    sched = ctx.recv_json(srv, CTRL_SCHEDULE)
+    sched = ctx.recv_json(srv, SCHEDULE_KEY)
     rounds, local_steps = int(sched["rounds"]), int(sched["local_steps"])
     spe, rpe = int(sched["steps_per_epoch"]), int(sched["rounds_per_epoch"])
     if after_setup is not None:
@@ -704,7 +697,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         history = list(ckpt.meta.get("history", []))
         epoch_losses = [float(x) for x in ckpt.meta.get("epoch_losses", [])]
         # The weights come from the server (module docstring: worker checkpoints hold none).
-        key = RESUME_WEIGHTS + resume
+        key = keys.resume_weights(resume)
         received = ctx.wait(lambda t: link.recv_arrays(recv_flow, key, t), srv)
         model.set_weights(received)
         del received
@@ -810,13 +803,13 @@ def _exchange_pieces(ctx: RoleContext, r: int, layout: list[list[Seg]], variable
                 # the variable then; if something did, TensorFlow would copy on write, not corrupt it.
                 held[s.var] = np.asarray(variables[s.var].read_value())
             out.append(_seg_view(held, s))
-        link.send_arrays(send_flow, piece_key(r, p), [*out, count])
+        link.send_arrays(send_flow, keys.piece(r, p), [*out, count])
         del out
         for s in piece:
             if last_piece[s.var] == p:
                 del held[s.var]
     for p, piece in enumerate(layout):
-        key = piece_key(r, p)
+        key = keys.piece(r, p)
         arrays = ctx.wait(lambda t, key=key: link.recv_arrays(recv_flow, key, t), srv)
         parts, _ = _parse_piece(arrays, piece, shapes, names, srv, r, p)
         for s, a in zip(piece, parts, strict=True):

@@ -26,8 +26,6 @@ from typing import Any
 import numpy as np
 from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
-    CTRL_ALIGN,
-    CTRL_BASE,
     PeerLimitExceeded,
     RoleContext,
     RoleError,
@@ -39,8 +37,10 @@ from fldsl.runtime.roles.common import (
     unpack_arrays,
 )
 from fldsl.runtime.roles.vertical import _align_peer, _rows_of
+from fldsl.runtime.transport import keys
 
-CTRL_PREDICT = CTRL_BASE + 7  # both ways: "this node is predicting"
+CTRL_PREDICT = keys.control(keys.Control.PREDICT)  # both ways: "this node is predicting"
+ALIGN_KEY = keys.control(keys.Control.ALIGN)  # active -> passive: the rows to score (vertical's _align_peer)
 HELLO = {"mode": "predict"}
 
 
@@ -101,7 +101,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     for p in passives:
         where = {i: k for k, i in enumerate(pairwise[p])}
         positions = np.array([where[i] for i in final], dtype=np.int64)
-        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), CTRL_ALIGN, pack_arrays({"rows": positions}))
+        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), ALIGN_KEY, pack_arrays({"rows": positions}))
     ctx.progress.emit("aligned", rows=len(final), train=0, holdout=len(final))
     if not final:
         raise RoleError(f"{ctx.node}: the parties' rows have no id in common: nothing to score")
@@ -150,7 +150,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
     pair = _align_peer(ctx, active, ids, leader=False)
     what = "the rows to score"
     limit = limit_for(1, 8 * len(pair))
-    bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), CTRL_ALIGN, limit,
+    bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), ALIGN_KEY, limit,
                                         what), active, limit=limit, what=what)
     positions = bundle.get("rows")
     if (sorted(bundle) != ["rows"] or positions is None or positions.ndim != 1

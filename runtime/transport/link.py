@@ -36,6 +36,7 @@ from .errors import (
     TransportError,
 )
 from .guard import FlowGuard, WireSpec
+from .keys import STEP_LIMIT
 
 if TYPE_CHECKING:
     from fldsl.artifacts import Flow
@@ -175,9 +176,9 @@ _MAX_OPEN_ASSEMBLIES = 16
 BUDGET_STEPS = 4
 BUDGET_FLOOR = 64 << 20
 MESSAGE_CHARGE = 4096
-# Role keys below this are training steps (fldsl.runtime.roles.common: FedAvg pieces, control and evaluation
-# keys are 2**48 and above); the highest one read says where the role is, in a refusal.
-_STEP_KEYS = 1 << 48
+# Role keys below this are training steps (fldsl.runtime.transport.keys); the highest one read says where the
+# role is, in a refusal.
+_STEP_KEYS = STEP_LIMIT
 
 
 # Exchange streams a peer may open (acceptor side). A genuine dialer opens one stream at a time, and the next
