@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad inpu
     from fldsl.runtime.attestation.ratls import LocalIdentity
     from fldsl.runtime.progress import Progress
     from fldsl.runtime.transport import Addresses
+    from fldsl.runtime.transport.channel import ChannelSecurity
 
     from fldsl.artifacts import DataSpec, Plan
 
@@ -296,7 +298,11 @@ def _preload_tensorflow() -> None:
         log.debug("background TensorFlow import failed", exc_info=True)
 
 
-def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> dict[str, Any]:
+def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
+             security: ChannelSecurity | None = None, verifier_for: Callable[..., Any] | None = None,
+             ) -> dict[str, Any]:
+    """The node. ``security`` and ``verifier_for`` (PeerVerifier's signature) default to the attested
+    mutual TLS and the pins' verifier; only a Python caller can pass others (main's docstring)."""
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
     from fldsl.runtime.checkpoint import CheckpointStore
@@ -345,7 +351,8 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         plan = predict_plan(plan)
         predicting = {"part": part, "out": args.predict_out or args.run_dir / "scores.csv"}
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
-    verifier = PeerVerifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
+    make_verifier = verifier_for or PeerVerifier
+    verifier = make_verifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
     plan = provision_data(args, plan, identity, addresses, progress)
     from fldsl.runtime.csvschema import check_schemas
@@ -360,7 +367,8 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
 
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
                           verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
-                          renew_identity=renew, listen_host=_listen_host(args, addresses))
+                          renew_identity=renew, listen_host=_listen_host(args, addresses),
+                          **({"security": security} if security is not None else {}))
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
@@ -516,7 +524,10 @@ def _in_gramine() -> bool:
     return Path("/dev/attestation").exists()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, security: ChannelSecurity | None = None,
+         verifier_for: Callable[..., Any] | None = None) -> int:
+    """``python -m fldsl.runtime.node``. The keywords exist for the bench's plain mode (fldsl.bench.node),
+    which measures the node without attestation and TLS: no flag or file of the node reaches them."""
     # Before TensorFlow is imported anywhere: quiet C++ logs, and keep oneDNN from printing its banner.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_node(args, progress, stop)
+        result = run_node(args, progress, stop, security, verifier_for)
     except _Reported as r:
         return r.code
     except BaseException as e:  # every failure becomes an exit code + one clear line

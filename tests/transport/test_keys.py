@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
+import pytest
 from fldsl.runtime.roles import common
 from fldsl.runtime.transport import keys
 from fldsl.runtime.transport.keys import LAYOUT, Control, MessageKey, Namespace
@@ -12,7 +13,7 @@ from fldsl.runtime.transport.keys import LAYOUT, Control, MessageKey, Namespace
 def test_namespaces_do_not_overlap() -> None:
     spans = sorted((lay.base, lay.base + max(1, lay.round_limit) * (lay.round_stride or lay.index_limit))
                    for lay in LAYOUT.values())
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, spans
     assert spans[-1][1] <= 1 << 64  # the frame's step is a uint64
 
