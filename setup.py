@@ -3,6 +3,12 @@
 
 pyproject.toml holds the metadata; this file exists only because setuptools' declarative config cannot
 discover sub-packages under a remapped ``package-dir``.
+
+The links ``fldsl/compiler -> ../compiler`` (and runtime, stdlib, grammar, pipelines, bench -> ../benchkit)
+are for tools that read the source tree (mypy, ruff, editors): they resolve ``fldsl.compiler`` like any
+package. Installs do not use them: the mapping below is explicit, so an editable install imports the real
+folders (the files a Gramine manifest trusts, no symlinked paths) and a wheel copies them once; walking
+``fldsl/`` skips the links (find_packages would follow them and list every sub-package twice).
 """
 
 from pathlib import Path
@@ -24,9 +30,13 @@ OPTIONAL_ROOTS = {"fldsl.bench": "benchkit"}
 packages: list[str] = []
 package_dir: dict[str, str] = {}
 here = Path(__file__).resolve().parent
-for pkg, folder in {**ROOTS, **{p: f for p, f in OPTIONAL_ROOTS.items() if (here / f).is_dir()}}.items():
+roots = {**ROOTS, **{p: f for p, f in OPTIONAL_ROOTS.items() if (here / f).is_dir()}}
+# fldsl/compiler etc. are the tool links (module docstring): their packages come from their own folders.
+linked = [p.split(".", 1)[1] for p in (*ROOTS, *OPTIONAL_ROOTS) if p != "fldsl"]
+for pkg, folder in roots.items():
     package_dir[pkg] = folder
     packages.append(pkg)
-    packages += [f"{pkg}.{sub}" for sub in find_packages(folder)]
+    skip = [*linked, *(f"{n}.*" for n in linked)] if pkg == "fldsl" else []
+    packages += [f"{pkg}.{sub}" for sub in find_packages(folder, exclude=skip)]
 
 setup(packages=packages, package_dir=package_dir)

@@ -92,7 +92,7 @@ class _ToAst(Transformer[Token, ast.Module]):
     def ref(self, meta: Any, c: list[Token]) -> ast.Ref:
         return ast.Ref([_name(t) for t in c], _span_meta(meta))
 
-    def list(self, meta: Any, c: list[Any]) -> ast.ListExpr:
+    def list_expr(self, meta: Any, c: list[Any]) -> ast.ListExpr:
         return ast.ListExpr([x for x in c if x is not None], _span_meta(meta))
 
     def binop(self, meta: Any, c: list[Any]) -> ast.BinOp:
@@ -137,7 +137,7 @@ class _ToAst(Transformer[Token, ast.Module]):
         parts = [_name(t) for t in c if isinstance(t, Token)]
         return ast.UseDecl(parts, names, _span_meta(meta))
 
-    def range(self, meta: Any, c: list[Token]) -> ast.Range:
+    def index_range(self, meta: Any, c: list[Token]) -> ast.Range:
         lo, hi = _number(c[0]), _number(c[2])
         for n in (lo, hi):
             if n.kind != "int":

@@ -29,6 +29,11 @@ SIM_GRAMINE_DOMAIN = b"fldsl-sim-mrenclave/gramine/1\0"
 CODE_SUFFIXES = (".py", ".lark", ".j2", ".flp", ".proto")
 
 
+# Folders under fldsl/ that are not fldsl's own modules: in a wheel, the sub-packages installed there (walked
+# under their own names) and the bench; in a checkout, the links to the top-level folders (setup.py).
+_NOT_FLDSL_ROOT = frozenset({"compiler", "runtime", "stdlib", "grammar", "pipelines", "bench"})
+
+
 def package_root() -> Path:
     import fldsl
 
@@ -60,11 +65,12 @@ def code_digest() -> str:
         for f in sorted(root.rglob("*")):
             if not f.is_file() or f.suffix not in CODE_SUFFIXES or "__pycache__" in f.parts:
                 continue
-            # Sub-packages are walked again under their own name; count each file once, under the
-            # deepest package name that owns it.
+            # Sub-packages are walked under their own name; count each file once, under the deepest
+            # package name that owns it, and the bench (fldsl.bench) never: it is not a node's code.
             rel = f.relative_to(root).as_posix()
+            if name == "fldsl" and f.relative_to(root).parts[0] in _NOT_FLDSL_ROOT:
+                continue
             entries.append((f"{name}:{rel}", hashlib.sha256(f.read_bytes()).hexdigest()))
-    # A file under fldsl/ is never also under compiler/ etc. because the folders are siblings on disk.
     h = hashlib.sha256()
     for rel, digest in sorted(set(entries)):
         h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
