@@ -37,9 +37,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from fldsl.runtime.transport import Addresses, NodeAddress, Transport, load_addresses, save_addresses
 
 from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pins, Policy, TensorSpec
+from fldsl.runtime.transport import Addresses, NodeAddress, Transport, load_addresses, save_addresses
 
 A, B = "media.trainer", "shop.trainer"
 ROWS_PER_MIB = 1024 * 1024 // (16 * 4)

@@ -128,6 +128,7 @@ class WorkerTrainer:
 
         configure_tf()  # the same thread pools as a fldsl node
         import tensorflow as tf
+
         from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
 
         d = node_dir(build, node)

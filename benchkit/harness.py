@@ -95,9 +95,8 @@ def compile_for_bench(flp: Path, params: dict[str, str], out: Path, steps: int |
 
     Everything else (model, data, seed, batch size, trust) is the pipeline's own. The build is measured
     as compiled, so nodes accept it like any other."""
-    from fldsl.compiler.emit import emit
-
     from fldsl.api import _read_source, check_source
+    from fldsl.compiler.emit import emit
 
     source = _read_source(flp)
     program = check_source(source, str(flp), params, flp.resolve().parent)
@@ -304,9 +303,8 @@ def fedavg_rounds(plan: Any, steps: list[tuple[float, int]], rates: list[float]
 
 def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: int,
                   trust_dir: Path) -> ModeResult:
-    from fldsl.runtime.launcher import Launcher, tail
-
     from fldsl.artifacts import Plan, load_model, node_dir
+    from fldsl.runtime.launcher import Launcher, tail
 
     harness.prepare(rep_dir)
     timing = Timing(harness, mode, rep_dir)

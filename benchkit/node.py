@@ -134,9 +134,8 @@ class PlainChannels:
 
 def run_native(build: Path) -> dict[str, Any]:
     """Train the build's model centrally; time to first step counted from the harness' spawn."""
-    from fldsl.stdlib.tf import central
-
     from fldsl.artifacts import Plan, load_model
+    from fldsl.stdlib.tf import central
 
     t0 = float(os.environ.get(T0_ENV) or time.time())
     plans = [load_model(Plan, p) for p in sorted((build / "nodes").glob("*/plan.json"))]

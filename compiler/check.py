@@ -20,11 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fldsl.compiler import ast
-from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
-from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe, evaluate
-from fldsl.stdlib import signatures as sig
-
 from fldsl.artifacts import (
     COLUMN_TYPES,
     ColumnSpec,
@@ -38,7 +33,11 @@ from fldsl.artifacts import (
     TrainSpec,
     ValidationSpec,
 )
+from fldsl.compiler import ast
+from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
+from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe, evaluate
 from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean, suggest, suggest_in
+from fldsl.stdlib import signatures as sig
 
 STD_MODULES = {"std.models": sorted(sig.OPS)}
 MAX_FAMILY = 256

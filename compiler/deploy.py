@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fldsl import __version__
+from fldsl.artifacts import FILE_READERS, dump_json
 from fldsl.compiler import lower
 from fldsl.compiler.ir import IRNode, Program
 from fldsl.compiler.manifest import ManifestInputs
-
-from fldsl import __version__
-from fldsl.artifacts import FILE_READERS, dump_json
 from fldsl.diagnostics import did_you_mean
 
 TARGETS = ("kubernetes", "compose")

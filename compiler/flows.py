@@ -14,10 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fldsl.compiler import ast
-from fldsl.compiler.ir import IRNode
-from fldsl.stdlib.signatures import fmt_spec
-
 from fldsl.artifacts import (
     _DTYPE_SIZE,
     AggregationSpec,
@@ -27,6 +23,9 @@ from fldsl.artifacts import (
     TensorSpec,
     TrainSpec,
 )
+from fldsl.compiler import ast
+from fldsl.compiler.ir import IRNode
+from fldsl.stdlib.signatures import fmt_spec
 
 if TYPE_CHECKING:
     from fldsl.compiler.check import Checker, Rule, Tensor

@@ -32,10 +32,10 @@ import sysconfig
 import tomllib
 from typing import Any, Literal
 
-from fldsl.compiler.enclave_files import EnclaveFiles
-from fldsl.compiler.manifest_check import LintContext
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from fldsl.compiler.enclave_files import EnclaveFiles
+from fldsl.compiler.manifest_check import LintContext
 from fldsl.trusted_files import NODE_DIR_URI, TrustedFilesError
 from fldsl.trusted_files import PLAIN_FILE_NAME as _FILE_NAME
 from fldsl.trusted_files import SHA256_HEX as _SHA256

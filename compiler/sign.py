@@ -30,13 +30,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fldsl.compiler.enclave_files import (
-    EnclaveFiles,
-    EnclaveFilesError,
-    enclave_files,
-    with_dcap_verification,
-)
-from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
 
 from fldsl.artifacts import (
     ArtifactError,
@@ -48,6 +41,13 @@ from fldsl.artifacts import (
     load_model,
     sha256_hex,
 )
+from fldsl.compiler.enclave_files import (
+    EnclaveFiles,
+    EnclaveFilesError,
+    enclave_files,
+    with_dcap_verification,
+)
+from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
 from fldsl.measurement import mr_signer_of, sim_mr_enclave_gramine
 
 TOOLS = ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view")

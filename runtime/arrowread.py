@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from fldsl.runtime.csvschema import SchemaMismatch
-from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, Table, _bad_labels, _label_problem
 
 from fldsl.artifacts import ColumnSpec, DataSpec
+from fldsl.runtime.csvschema import SchemaMismatch
+from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, Table, _bad_labels, _label_problem
 
 # Bytes below 0x20 other than tab: Python's str.splitlines breaks lines at \n \r \x0b \x0c \x1c \x1d \x1e,
 # and str.strip removes \x1c-\x1f, where Arrow does neither. A text cell holding one is left to the exact

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fldsl.runtime.data import DataError, read_csv_text
-from fldsl.runtime.preprocess import missing_mask
 
 from fldsl.artifacts import ColumnSpec, ColumnType, DataSpec
 from fldsl.diagnostics import did_you_mean
 from fldsl.exitcodes import EXIT_INPUT  # bad data rows are an input error
+from fldsl.runtime.data import DataError, read_csv_text
+from fldsl.runtime.preprocess import missing_mask
 
 
 class SchemaMismatch(DataError):

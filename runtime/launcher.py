@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fldsl.runtime import enclave_runner
-from fldsl.runtime.enclave_runner import Enclave
-from fldsl.runtime.progress import parse_line
-
 from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
 from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
 from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
+from fldsl.runtime import enclave_runner
+from fldsl.runtime.enclave_runner import Enclave
+from fldsl.runtime.progress import parse_line
 
 GRACE_S = 10.0
 

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad input) before heavy imports
+    from fldsl.artifacts import DataSpec, Plan
     from fldsl.runtime.attestation.ratls import LocalIdentity
     from fldsl.runtime.progress import Progress
     from fldsl.runtime.transport import Addresses
     from fldsl.runtime.transport.channel import ChannelSecurity
-
-    from fldsl.artifacts import DataSpec, Plan
 
 from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
 from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
@@ -303,14 +302,13 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
              ) -> dict[str, Any]:
     """The node. ``security`` and ``verifier_for`` (PeerVerifier's signature) default to the attested
     mutual TLS and the pins' verifier; only a Python caller can pass others (main's docstring)."""
+    from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
     from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
     from fldsl.runtime.transport import Transport, load_addresses
-
-    from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
 
     check_interpreter()
     ndir = Path(args.node_dir) if args.node_dir is not None else node_dir(args.build, args.node)
@@ -469,6 +467,7 @@ def _report(exc: BaseException, progress: Progress) -> _Reported:
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
+    from fldsl.artifacts import ArtifactError
     from fldsl.runtime.attestation.backend import AttestationError
     from fldsl.runtime.checkpoint import CheckpointError
     from fldsl.runtime.data import DataError
@@ -476,8 +475,6 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     from fldsl.runtime.roles.common import Interrupted, RoleError
     from fldsl.runtime.sealing import SealError
     from fldsl.runtime.transport import FlowRefused, TransportError, is_trust_failure
-
-    from fldsl.artifacts import ArtifactError
 
     if isinstance(exc, NodeError):
         return exc.code, str(exc)

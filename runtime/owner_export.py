@@ -35,8 +35,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from fldsl.runtime.sealing import atomic_output
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fldsl.runtime.sealing import atomic_output
 
 MAGIC = b"FLDSLOX1"
 FORMAT = "fldsl.owner-export/1"

@@ -29,9 +29,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from fldsl.runtime.data import DataError
 
 from fldsl.artifacts import FILE_READERS, ColumnSpec, DataSpec
+from fldsl.runtime.data import DataError
 
 FORMAT = "fldsl.preprocessing/1"
 MISSING_CATEGORY = ""  # what a missing category value becomes (a category of its own)

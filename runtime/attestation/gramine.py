@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from fldsl.runtime.attestation import qvl
 from fldsl.runtime.attestation.backend import AttestationError, Verdict
 from fldsl.runtime.attestation.quote import Quote, QuoteError

@@ -29,10 +29,11 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
 from fldsl.runtime.attestation import crypto
 from fldsl.runtime.attestation.backend import AttestationError
 from fldsl.runtime.attestation.sim import FILES, SimDeployment, trust_init
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 IDENTITY_FILE = "identity.json"
 PEERS_DIR = "peers"

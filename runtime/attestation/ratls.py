@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fldsl.runtime.attestation import _der
 from fldsl.runtime.attestation.backend import AttestationBackend
 from fldsl.runtime.attestation.quote import Quote, QuoteError

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
 from fldsl.runtime.attestation.backend import AttestationError
 
 SIGSTRUCT_SIZE = 1808

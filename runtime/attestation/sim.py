@@ -33,6 +33,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from fldsl.artifacts import Identity
+from fldsl.measurement import mr_signer_of, sim_mr_enclave, sim_mr_enclave_gramine
 from fldsl.runtime.attestation import crypto
 from fldsl.runtime.attestation.backend import AttestationError, Verdict
 from fldsl.runtime.attestation.quote import (
@@ -47,9 +50,6 @@ from fldsl.runtime.attestation.quote import (
     build_quote,
     make_report_body,
 )
-
-from fldsl.artifacts import Identity
-from fldsl.measurement import mr_signer_of, sim_mr_enclave, sim_mr_enclave_gramine
 
 ROOT_CN = "fldsl SIMULATED SGX Root CA — not Intel"
 PCK_CN = "fldsl SIMULATED SGX PCK Certificate — not Intel"

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from fldsl.artifacts import TensorSpec
 from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.common import (
     RoleContext,
@@ -28,8 +30,6 @@ from fldsl.runtime.roles.common import (
     unpack_arrays,
 )
 from fldsl.runtime.transport import keys
-
-from fldsl.artifacts import TensorSpec
 
 # The compiler sizes the shard flow for a worker's whole shard (its rows times the fields' bytes, plus 16
 # bytes a row for the id). Ids travel as fixed-width unicode, 4 bytes a character, so the shard a worker

@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from fldsl.artifacts import Flow, Plan, TensorSpec
 from fldsl.runtime.roles.common import (
     CheckpointWriter,
     Meter,
@@ -72,8 +74,6 @@ from fldsl.runtime.roles.common import (
 )
 from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
 from fldsl.runtime.transport import keys
-
-from fldsl.artifacts import Flow, Plan, TensorSpec
 
 # The weights the server sends each worker after a resume travel under keys.resume_weights(agreed step):
 # keyed by step so that a copy left unread by an interrupted agreement is never taken for another step's.
@@ -441,6 +441,7 @@ def server(ctx: RoleContext) -> dict[str, Any]:
 
 def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor) -> dict[str, Any]:
     import tensorflow as tf
+
     from fldsl.stdlib.tf import build_segment, make_optimizer
 
     plan = ctx.plan
@@ -594,6 +595,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     """Train as a worker on ``tables``; ``specs`` (distributed: derived from the received shard) overrides
     the input specs of the plan's data sets."""
     import tensorflow as tf
+
     from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
     from fldsl.stdlib.tf.optim import unique_rows
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
     PeerLimitExceeded,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from fldsl.bench.flower import (
     examples_after,
     fedavg_workers,
@@ -27,7 +28,6 @@ from fldsl.bench.harness import (
     round_overhead,
     summarise,
 )
-
 from fldsl.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

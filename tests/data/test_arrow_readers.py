@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fldsl.runtime import arrowread
-from fldsl.runtime.csvschema import SchemaMismatch, check_schemas
-from fldsl.runtime.data import DataError, LabelRule, Table, load_dataset
 
 from fldsl.api import compile_pipeline
 from fldsl.artifacts import ColumnSpec, DataSpec, MissingSpec, Plan, TensorSpec, load_model
+from fldsl.runtime import arrowread
+from fldsl.runtime.csvschema import SchemaMismatch, check_schemas
+from fldsl.runtime.data import DataError, LabelRule, Table, load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

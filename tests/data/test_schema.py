@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fldsl.artifacts import ColumnSpec, DataSpec, TensorSpec
 from fldsl.runtime.csvschema import (
     SchemaMismatch,
     check_csv_schema,
@@ -16,8 +18,6 @@ from fldsl.runtime.csvschema import (
     value_problem,
 )
 from fldsl.runtime.data import DataError, load_dataset
-
-from fldsl.artifacts import ColumnSpec, DataSpec, TensorSpec
 
 
 def _spec(path: Path | str, columns: list[tuple[str, str]], max_rows: int = 100,

@@ -7,6 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from fldsl.compiler.manifest import (
     ManifestError,
     ManifestInputs,
@@ -17,10 +21,6 @@ from fldsl.compiler.manifest import (
     trusted_node_files,
 )
 from fldsl.compiler.manifest_check import LintContext, validate_manifest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
-
 from fldsl.measurement import sim_mr_enclave
 
 PLAN_SHA = "a1" * 32
@@ -128,9 +128,8 @@ def test_compile_renders_for_the_reference_machine_so_every_party_gets_the_same_
 def test_the_local_rendering_lists_every_file_of_this_interpreter(rendered):
     """What `--sign` renders for an entrypoint: the interpreter and the fldsl code the node imports are
     measured, file by file, each once."""
-    from fldsl.compiler.manifest import render_local
-
     import fldsl
+    from fldsl.compiler.manifest import render_local
 
     _, template, _toml = rendered
     doc = tomllib.loads(render_local(template))

@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pins, Policy, TensorSpec
+from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 A = "media.trainer"
 B = "shop.trainer"

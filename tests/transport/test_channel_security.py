@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from fldsl.bench.node import NoAttestationVerifier, PlainChannels
 from fldsl.runtime.transport.channel import MutualTls
 

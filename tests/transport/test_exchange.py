@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.transport import RecvTimeout, TransportError
 
 from .conftest import A, B, Pair

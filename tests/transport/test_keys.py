@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from fldsl.runtime.roles import common
 from fldsl.runtime.transport import keys
 from fldsl.runtime.transport.keys import LAYOUT, Control, MessageKey, Namespace

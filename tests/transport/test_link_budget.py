@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from fldsl.artifacts import TensorSpec
 from fldsl.runtime.transport import FlowRefused, codec
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport.errors import ReceiveBudgetExceeded
 from fldsl.runtime.transport.guard import FlowGuard
 from fldsl.runtime.transport.link import MESSAGE_CHARGE, Outbox, PeerLink, StatsBook, Stream, receive_budget
-
-from fldsl.artifacts import TensorSpec
 
 from .conftest import A, B, flow, policy_for
 

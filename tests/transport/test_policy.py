@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import FlowGuard, FlowRefused, TransportError
-from fldsl.runtime.transport.guard import WireSpec
 
 from fldsl.artifacts import TensorSpec
+from fldsl.runtime.transport import FlowGuard, FlowRefused, TransportError
+from fldsl.runtime.transport.guard import WireSpec
 
 from .conftest import A, B, Trust, flow, pair_flows, policy_for, start_pair
 

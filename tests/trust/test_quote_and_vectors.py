@@ -10,12 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
 from fldsl.runtime.attestation import qvl, ratls
 from fldsl.runtime.attestation.quote import INTEL_QE_VENDOR_ID, SIM_QE_VENDOR_ID, Quote, QuoteError
 from fldsl.runtime.attestation.sim import verify_sim_quote
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier, check_identity
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 from .conftest import MR_A, VECTORS
 

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 
 import pytest
+
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
 from fldsl.runtime.attestation import crypto, qvl, ratls
 from fldsl.runtime.attestation.quote import (
     INTEL_QE_VENDOR_ID,
@@ -20,8 +22,6 @@ from fldsl.runtime.attestation.quote import (
     make_report_body,
 )
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 from .conftest import MR_A
 
