@@ -12,13 +12,14 @@ rule and say so in their ``rule`` field. A violation is reported with the path, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fldsl.artifacts import (
     _DTYPE_SIZE,
     AggregationSpec,
     AlignmentSpec,
     Flow,
+    Role,
     ShardingSpec,
     TensorSpec,
     TrainSpec,
@@ -30,6 +31,11 @@ from fldsl.stdlib.signatures import fmt_spec
 if TYPE_CHECKING:
     from fldsl.compiler.check import Checker, Rule, Tensor
 
+# (worker, server) roles of the parameter-server scenarios.
+_PS_ROLES: dict[str, tuple[Role, Role]] = {
+    "horizontal": ("horizontal.worker", "horizontal.server"),
+    "distributed": ("distributed.worker", "distributed.server"),
+}
 HEADER_BYTES = 4096  # allowance for framing, names, dtype/shape metadata
 CONTROL_BYTES = 64 * 1024
 PSI_BYTES_PER_ID = 96  # an encoded curve point plus framing
@@ -508,7 +514,8 @@ class FlowBuilder:
         self._whole_model_nodes("distributed", workers, server, {})
 
     def _whole_model_nodes(
-        self, scenario: str, workers: list[str], server: str, worker_data: dict[str, list[str]]
+        self, scenario: Literal["horizontal", "distributed"], workers: list[str], server: str,
+        worker_data: dict[str, list[str]],
     ) -> None:
         """Parameter-server scenarios: every worker runs the whole model and the loss; the server holds the
         same variables (it applies the aggregated update)."""
@@ -518,11 +525,11 @@ class FlowBuilder:
         specs[c.label_t.name] = c.label_t.spec
         for w in workers:
             self.nodes.append(
-                IRNode(id=w, party=w.split(".")[0], role=f"{scenario}.worker", data=worker_data.get(w, []),
+                IRNode(id=w, party=w.split(".")[0], role=_PS_ROLES[scenario][0], data=worker_data.get(w, []),
                        ops=all_ops, input_specs=specs, has_loss=True)
             )
         self.nodes.append(
-            IRNode(id=server, party=server.split(".")[0], role=f"{scenario}.server", ops=all_ops,
+            IRNode(id=server, party=server.split(".")[0], role=_PS_ROLES[scenario][1], ops=all_ops,
                    input_specs=specs)
         )
 

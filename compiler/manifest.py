@@ -201,7 +201,7 @@ def render_template(inputs: ManifestInputs) -> str:
     ctx["sim_trust_files"] = SIM_TRUST_FILES
     # Sorted so the manifest does not depend on the order the caller listed the files in.
     ctx["node_files"] = sorted(inputs.node_files, key=lambda f: f.uri)
-    return _stage1_env().get_template(_TEMPLATE).render(**ctx)
+    return str(_stage1_env().get_template(_TEMPLATE).render(**ctx))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -245,6 +245,7 @@ def _unknown(full: str, name: str, siblings: list[str], out: list[Finding]) -> N
         _err(out, "deprecated-key", full, f"`{full}` {DEPRECATED[full]}")
         return
     hint = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    suggestion: str | None
     if hint:
         suggestion = _join(full.rsplit(".", 1)[0], hint[0]) if "." in full else hint[0]
     else:

@@ -497,7 +497,8 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
             hint or _OPTION_FORMS.get(frozenset(e.expected)),
         )
     if isinstance(e, UnexpectedCharacters):
-        ch = source[e.pos_in_stream] if 0 <= e.pos_in_stream < len(source) else ""
+        pos = e.pos_in_stream
+        ch = source[pos] if pos is not None and 0 <= pos < len(source) else ""
         if ch == '"':
             msg = "unterminated string (strings are one line, in double quotes)"
         elif ch.isprintable() and ch.strip():
@@ -509,8 +510,8 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
         line, col = _end_position(source)
         msg = f"unexpected end of file; expected {_expected_words(set(e.expected), prev)}"
         return Diagnostic("error", msg, file, line, col)
-    line, col = getattr(e, "line", None), getattr(e, "column", None)
-    return Diagnostic("error", f"syntax error: {e}", file, line, col)
+    at_line, at_col = getattr(e, "line", None), getattr(e, "column", None)
+    return Diagnostic("error", f"syntax error: {e}", file, at_line, at_col)
 
 
 MAX_DEPTH = 200  # far beyond any real pipeline; keeps the recursive passes well inside Python's stack

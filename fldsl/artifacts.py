@@ -33,14 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-PLAN_FORMAT = "fldsl.plan/1"
-POLICY_FORMAT = "fldsl.policy/1"
-PINS_FORMAT = "fldsl.pins/1"
-PIPELINE_FORMAT = "fldsl.pipeline/1"
+PLAN_FORMAT: Final = "fldsl.plan/1"
+POLICY_FORMAT: Final = "fldsl.policy/1"
+PINS_FORMAT: Final = "fldsl.pins/1"
+PIPELINE_FORMAT: Final = "fldsl.pipeline/1"
 
 DType = Literal["float32", "float64", "int32", "int64", "bool", "string", "bytes"]
 JSON = Any
@@ -128,7 +128,7 @@ class ColumnSpec(_Model):
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Plain columns serialise as before preprocessing existed: plans (and measurements) keep their bytes.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         for k in ("missing", "scale", "vocabulary", "hash_buckets"):
             if data.get(k) is None:
                 data.pop(k, None)
@@ -178,7 +178,7 @@ class DataSpec(_Model):
     def _omit_no_schema(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for declared schemas, so plans (and measurements) of csv data sets whose header is
         # read at compile time, and of generators, keep the bytes they had before schema blocks existed.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.columns is None:
             data.pop("columns", None)
         if self.max_rows is None:
@@ -217,13 +217,16 @@ class ValidationSpec(_Model):
     test_data: str | None = None  # dataset name holding a separate test split (horizontal)
 
 
+MetricName = Literal["loss", "auc", "accuracy"]
+
+
 class TrainSpec(_Model):
     epochs: int
     batch_size: int
     optimizer: OptimizerSpec
     seed: int = 0
     checkpoint_every_steps: int | None = None  # None = only at epoch end
-    metrics: list[Literal["loss", "auc", "accuracy"]] = Field(default_factory=lambda: ["loss"])
+    metrics: list[MetricName] = Field(default_factory=lambda: list[MetricName](["loss"]))
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     steps_per_epoch: int | None = None  # computed by the runtime when None
     # Vertical only: how many steps a passive party may run ahead of the gradients it has applied. 0 = exact
@@ -235,7 +238,7 @@ class TrainSpec(_Model):
     def _omit_default_pipeline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only when set, so plans (and their measurements) of pipelines that do not use it keep
         # the bytes they had before the setting existed.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.pipeline == 0:
             data.pop("pipeline", None)
         return data
@@ -326,7 +329,7 @@ class Plan(_Model):
     @model_serializer(mode="wrap")
     def _omit_unset_recipient(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only when set, so plans (and measurements) without an owner key keep their bytes.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.export_recipient is None:
             data.pop("export_recipient", None)
         return data
@@ -377,7 +380,7 @@ class Identity(_Model):
     @model_serializer(mode="wrap")
     def _omit_unsigned_sim(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for signed builds, so unsigned pin tables keep their bytes (and digests).
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.sim_mr_enclave is None:
             data.pop("sim_mr_enclave", None)
         return data

@@ -53,7 +53,8 @@ def _package_dirs() -> list[tuple[str, Path]]:
             mod = importlib.import_module(name)
         except ImportError:
             continue
-        out.append((name, Path(mod.__file__).resolve().parent))
+        if mod.__file__ is not None:  # a namespace package has none: nothing of ours to measure
+            out.append((name, Path(mod.__file__).resolve().parent))
     return out
 
 

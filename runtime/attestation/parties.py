@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -37,7 +37,7 @@ from fldsl.runtime.attestation.sim import FILES, SimDeployment, trust_init
 
 IDENTITY_FILE = "identity.json"
 PEERS_DIR = "peers"
-IDENTITY_FORMAT = "fldsl.party-identity/1"
+IDENTITY_FORMAT: Final = "fldsl.party-identity/1"
 MAX_IDENTITY_BYTES = 64 << 10  # a root certificate and a few names; anything larger is not an identity
 _PARTY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # the grammar's identifiers: a party name is one
 
