@@ -429,7 +429,8 @@ def to_html(scene: Scene, svg: str | None = None) -> str:
             cls = ' class="violation"' if edge.violation else ""
             rule = f"VIOLATION: {edge.violation}" if edge.violation else (edge.rule or "")
             parts.append(f"<tr{cls}><td>{e(edge.tensor or '')}</td><td>{e(edge.src)}</td>"
-                         f"<td>{e(edge.dst)}</td><td>{e(format_spec(edge.spec) or '')}</td><td>{e(rule)}</td></tr>")
+                         f"<td>{e(edge.dst)}</td><td>{e(format_spec(edge.spec) or '')}</td>"
+                         f"<td>{e(rule)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
