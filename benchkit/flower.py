@@ -234,8 +234,8 @@ class WorkerTrainer:
                   for i in range(0, len(labels), b)]
         if logits:
             assert self.plan.loss is not None
-            metrics.update(score_metrics(self.plan.loss.op, self.plan.train.metrics, np.concatenate(logits),
-                                         labels))
+            wanted = list[str](self.plan.train.metrics)
+            metrics.update(score_metrics(self.plan.loss.op, wanted, np.concatenate(logits), labels))
         return metrics
 
 

@@ -343,7 +343,7 @@ def run_federated(harness: Harness, mode: str, build: Path, rep_dir: Path, rep: 
     res.timeline = {k: round(v, 3) for k, v in sorted(timing.events.get(slowest, {}).items(),
                                                         key=lambda kv: kv[1])}
     res.steps = max(timing.steps[n][-1][1] for n in owners)
-    fedavg = [n for n in owners if plans[n].aggregation is not None and plans[n].aggregation.mode == "fedavg"]
+    fedavg = [n for n in owners if (agg := plans[n].aggregation) is not None and agg.mode == "fedavg"]
     if fedavg:
         walls: list[float] = []
         busy: list[float] = []
@@ -608,9 +608,9 @@ def print_table(console: Any, title: str, summary: dict[str, Any], failures: lis
                           f"{_fmt(fl.get('overhead_vs_plain'), '.2f', 'x')} plain", highlight=False)
         tl = summary[m].get("timeline") or {}
         if tl:
-            shown = [(k.removeprefix("phase:"), v) for k, v in sorted(tl.items(), key=lambda kv: kv[1])
+            marks = [(k.removeprefix("phase:"), v) for k, v in sorted(tl.items(), key=lambda kv: kv[1])
                      if k in ("started", "connected", "aligned", "step") or k.startswith("phase:")]
-            steps = ", ".join(f"{k} {v:.1f}" for k, v in shown)
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in marks)
             console.print(f"{m} start-up (s after spawn): {steps}", highlight=False)
     for f in failures:
         console.print(f"[red]{f.mode} rep {f.rep} failed: {f.error}", highlight=False)

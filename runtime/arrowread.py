@@ -234,16 +234,16 @@ def read_parquet_arrow(spec: DataSpec, path: Path, *, every_declared: bool = Fal
         raise DataError(f"not a Parquet file ({e})", name) from None
     problems: list[str] = []
     present = list(schema.names)
-    for c in dict.fromkeys(x.name for x in cols):
-        if c not in present:
+    for wanted in dict.fromkeys(x.name for x in cols):
+        if wanted not in present:
             from fldsl.diagnostics import did_you_mean
 
-            best = did_you_mean(c, present)
+            best = did_you_mean(wanted, present)
             shown = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "")
-            problems.append(f"{name}: the file has no column `{c}`"
+            problems.append(f"{name}: the file has no column `{wanted}`"
                             + (f"; did you mean `{best}`?" if best else f"; it has: {shown}"))
-        elif present.count(c) > 1:
-            problems.append(f"{name}: column `{c}` appears twice")
+        elif present.count(wanted) > 1:
+            problems.append(f"{name}: column `{wanted}` appears twice")
     if problems:
         raise SchemaMismatch(spec.name, name, problems)
     try:

@@ -191,12 +191,12 @@ def check_csv_schema(spec: DataSpec, path: Path | str) -> None:
         more = f" (and {_rows(len(bad) - 1)} more in this column)" if len(bad) > 1 else ""
         problems.append(f"{_position(f, i, j)}: {message}{more}")
 
-    for name, what in ((spec.id_column, "id"), (spec.label_column, "label")):
-        if name and name in col:
-            j = col[name]
+    for key_column, what in ((spec.id_column, "id"), (spec.label_column, "label")):
+        if key_column and key_column in col:
+            j = col[key_column]
             empty = [k for k, i in enumerate(good) if not f.rows[i][j].strip()]
             if empty:
-                first_of(empty, j, f"empty {what} in column `{name}`")
+                first_of(empty, j, f"empty {what} in column `{key_column}`")
     for c in spec.columns:
         if c.name not in col or c.type == "category":  # a category takes any text; empty is its own value
             continue

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
 from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
@@ -227,7 +227,7 @@ class Launcher:
         self.data_dirs = data_dirs or {}  # node id -> host folder of its encrypted csv files (enclave runs)
         self.key_services = key_services or {}  # node id -> HOST:PORT of its data owner's key service
         self._lock = threading.Lock()
-        self._metrics = None
+        self._metrics: TextIO | None = None
         self._changed = threading.Event()
 
     # -- events ---------------------------------------------------------------------------------------------

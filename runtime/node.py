@@ -309,6 +309,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
     from fldsl.runtime.roles import role_main
     from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
     from fldsl.runtime.transport import Transport, load_addresses
+    from fldsl.runtime.transport.channel import MUTUAL_TLS
 
     check_interpreter()
     ndir = Path(args.node_dir) if args.node_dir is not None else node_dir(args.build, args.node)
@@ -363,10 +364,11 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
     def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
         return make_identity(backend, node_id=args.node, pins_digest=digest)
 
-    transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
-                          verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
-                          renew_identity=renew, listen_host=_listen_host(args, addresses),
-                          **({"security": security} if security is not None else {}))
+    transport = Transport(
+        node_id=args.node, policy=policy, peers=plan.peers, identity=identity, verifier=verifier,
+        addresses=addresses, connect_timeout_s=args.connect_timeout, renew_identity=renew,
+        listen_host=_listen_host(args, addresses), security=security or MUTUAL_TLS)
+    closed = False  # closed with the full flush on success; the finally below closes it on any failure
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
@@ -437,14 +439,14 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
         result["owner_exports"] = dict(ctx.owner_exports)
         # Let the peers read what we sent last before our end of the streams goes away.
         transport.close(flush_timeout=10.0)
-        transport = None
+        closed = True
         return result
     except BaseException as e:
         # Say why before the streams close: the peers fail as soon as they notice, and the launcher stops
         # this node then; it must already know the cause (a bad input, a trust refusal), not only theirs.
         raise _report(e, progress) from e
     finally:
-        if transport is not None:
+        if not closed:
             transport.close(flush_timeout=1.0)
 
 

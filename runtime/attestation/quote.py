@@ -94,9 +94,9 @@ def make_report_body(
     ):
         if len(value) != size:
             raise QuoteError(f"{name} must be {size} bytes, got {len(value)}")
-    for name, value in (("isv_prod_id", isv_prod_id), ("isv_svn", isv_svn)):
-        if not 0 <= value <= 0xFFFF:
-            raise QuoteError(f"{name} must fit in 16 bits, got {value}")
+    for name, number in (("isv_prod_id", isv_prod_id), ("isv_svn", isv_svn)):
+        if not 0 <= number <= 0xFFFF:
+            raise QuoteError(f"{name} must fit in 16 bits, got {number}")
     raw = bytearray(BODY_SIZE)
     raw[0:16] = cpu_svn
     struct.pack_into("<I", raw, 16, misc_select)

@@ -142,7 +142,8 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
     if not tables:  # the worker's plan may name the chief's data sets only through the model inputs
         names = sorted({k.split("/", 1)[0] for k in bundle if k != PREPROCESSING})
         tables = {n: _table_from(bundle, n, sh.chief) for n in names}
-    specs = {f"{name}.{fld}": TensorSpec(shape=[None, *arr.shape[1:]], dtype=str(arr.dtype))
+    specs = {f"{name}.{fld}": TensorSpec.model_validate({"shape": [None, *arr.shape[1:]],
+                                                          "dtype": str(arr.dtype)})
              for name, t in tables.items() for fld, arr in t.fields.items()}
     return horizontal.worker(ctx, tables, specs)
 

@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -359,7 +360,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
     for p, piece in enumerate(layout):
         key = keys.piece(r, p)
         for k, w in enumerate(workers):
-            arrays = ctx.wait(lambda t, w=w, key=key: ctx.links[w].recv_arrays(grad_in[w], key, t), w)
+            arrays = ctx.wait(partial(ctx.links[w].recv_arrays, grad_in[w], key), w)
             parts, count = _parse_piece(arrays, piece, shapes, names, w, r, p)
             del arrays
             if p == 0:
@@ -378,8 +379,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
                     avg._fold_one(view, part, coefs[k])
             del parts  # the upload piece's buffer
         out = [*(_seg_view(acc, s) for s in piece), np.array([sum(counts)], np.int64)]
-        _send_all(pool, [lambda w=w, key=key, out=out: ctx.links[w].send_arrays(weights_out[w], key, out)
-                         for w in workers])
+        _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], key, out) for w in workers])
     return sum(counts)
 
 
@@ -495,6 +495,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     weights: list[np.ndarray] | None = None
     history: list[dict[str, Any]] = []  # the combined metrics of each epoch so far
     if resume is not None:
+        assert ctx.store is not None  # a resume step comes from the store
         ckpt = ctx.store.load(resume)
         restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
@@ -503,7 +504,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         del ckpt
         # Worker checkpoints hold no weights: every worker continues from these.
         key, sent = keys.resume_weights(resume), weights
-        _send_all(pool, [lambda w=w: ctx.links[w].send_arrays(weights_out[w], key, sent) for w in workers])
+        _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], key, sent) for w in workers])
     if not sync:
         if weights is None:
             weights = model.get_weights()
@@ -527,13 +528,14 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, r)
         if not sync:
+            assert weights is not None  # FedAvg: the accumulator, set above
             total = _fedavg_round(ctx, r, layout, weights, shapes, names, avg, agg.weighting == "examples",
                                   (grad_in, weights_out), pool, first_arrival)
         else:
             avg.reset()
             total = 0
             for k, w in enumerate(workers):
-                arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
+                arrays = ctx.wait(partial(ctx.links[w].recv_arrays, grad_in[w], r), w)
                 parts, count = _parse_upload(arrays, shapes, names, w, r)
                 del arrays
                 total += count
@@ -545,8 +547,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
             assert opt is not None and model is not None
             apply(_server_grads(tf, avg, opt.sparse_is_exact()))
             weights = model.get_weights()
-            _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
-                             for w in workers])
+            _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], r, weights) for w in workers])
         meter.stop(total)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
@@ -562,9 +563,10 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
             # The optimiser state (sync) is copied now (the next step changes it); the weights are not written
             # to until the next round's first fold, which waits for this write first.
+            assert weights is not None  # both modes have set it by the end of a round
             arrays_now = training_arrays(weights, opt, variables)
             meta = {"history": list(history)}
-            writer.submit(lambda r=r, a=arrays_now, m=meta: save_checkpoint(ctx, r + 1, a, m))
+            writer.submit(partial(save_checkpoint, ctx, r + 1, arrays_now, meta))
             del arrays_now
     writer.wait()
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
@@ -584,7 +586,8 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
 def _split_tables(plan: Plan, tables: dict[str, Any]) -> tuple[str, Any, Any | None]:
     train_ds, _ = label_ref(plan)
     if train_ds not in tables:
-        raise RoleError(f"{plan.node}: the loss reads `{plan.loss.label}` but this node holds "
+        label = plan.loss.label if plan.loss is not None else "a label"
+        raise RoleError(f"{plan.node}: the loss reads `{label}` but this node holds "
                         f"{', '.join(sorted(tables)) or 'no data'}")
     test_name = plan.train.validation.test_data
     return train_ds, tables[train_ds], tables.get(test_name) if test_name else None
@@ -600,6 +603,9 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     from fldsl.stdlib.tf.optim import unique_rows
 
     plan = ctx.plan
+    loss_spec = plan.loss
+    if loss_spec is None:  # the compiler gives every worker the loss; a plan without one is not a worker's
+        raise RoleError(f"{plan.node}: a worker's plan has no loss; recompile the pipeline")
     agg = _agg(plan)
     srv = agg.server
     ctx.progress.emit("phase", name="resume")
@@ -659,7 +665,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     def grad_step(inputs, labels):
         with tf.GradientTape() as tape:
             out = model(inputs, training=True)
-            value = loss(out[plan.loss.logits], labels)
+            value = loss(out[loss_spec.logits], labels)
         grads = tape.gradient(value, variables)
         # Embedding tables: (indices, rows summed per index); everything else dense.
         return value, [unique_rows(g) if isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g)
@@ -670,13 +676,13 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         def local_step(inputs, labels):
             with tf.GradientTape() as tape:
                 out = model(inputs, training=True)
-                value = loss(out[plan.loss.logits], labels)
+                value = loss(out[loss_spec.logits], labels)
             opt.apply(tape.gradient(value, variables), variables)
             return value
 
     @tf.function(reduce_retracing=True)
     def predict(inputs):
-        return model(inputs, training=False)[plan.loss.logits]
+        return model(inputs, training=False)[loss_spec.logits]
 
     def inputs_for(t: Any, rows: np.ndarray | None) -> dict[str, np.ndarray]:
         out = {}
@@ -691,6 +697,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     history: list[dict[str, Any]] = []
     epoch_losses: list[float] = []  # a mid-epoch checkpoint's batch losses of the epoch so far
     if resume is not None:
+        assert ctx.store is not None  # a resume step comes from the store
         ckpt = ctx.store.load(resume)
         if opt is not None:
             set_opt_state(opt, variables, ckpt.arrays)
@@ -737,7 +744,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             meter.stop(0)
             link.send_arrays(send_flow, r, upload)
             del upload
-            weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
+            weights = ctx.wait(partial(link.recv_arrays, recv_flow, r), srv)
             meter.start()
             model.set_weights(weights)
             del weights  # the received buffer; kept, it would stay alive through the next step
@@ -762,7 +769,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
                 labels = labels_all[hold_rows]
                 logits = _holdout_logits(plan, predict, inputs_for(table, hold_rows), len(labels))
             if logits is not None:
-                metrics.update(score_metrics(plan.loss.op, plan.train.metrics, logits, labels))
+                metrics.update(score_metrics(loss_spec.op, list[str](plan.train.metrics), logits, labels))
             if summary_flow is not None:  # after the round's weights, before this worker's checkpoint
                 _send_summary(ctx, summary_flow, r, logits, labels, epoch_losses)
             epoch = (r + 1 + rpe - 1) // rpe
@@ -812,7 +819,7 @@ def _exchange_pieces(ctx: RoleContext, r: int, layout: list[list[Seg]], variable
                 del held[s.var]
     for p, piece in enumerate(layout):
         key = keys.piece(r, p)
-        arrays = ctx.wait(lambda t, key=key: link.recv_arrays(recv_flow, key, t), srv)
+        arrays = ctx.wait(partial(link.recv_arrays, recv_flow, key), srv)
         parts, _ = _parse_piece(arrays, piece, shapes, names, srv, r, p)
         for s, a in zip(piece, parts, strict=True):
             v = variables[s.var]
@@ -930,6 +937,6 @@ def _combined_metrics(ctx: RoleContext, flows: list[Flow], r: int) -> dict[str, 
     from fldsl.stdlib.tf import metrics as M
 
     summaries = [_recv_summary(ctx, f, r) for f in flows]
-    metrics, _ = M.combine_summaries(ctx.plan.train.metrics, summaries)
+    metrics, _ = M.combine_summaries(list[str](ctx.plan.train.metrics), summaries)
     return metrics
 

@@ -20,6 +20,7 @@ No labels are read or sent, no gradient flows, no checkpoint is written.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
         ctx.check_stop()
         feeds = {key: v[idx] for key, v in own.items()}
         for p, f in recv_flows:
-            got = ctx.wait(lambda t, p=p, f=f, k=k: ctx.links[p].recv(f.id, k, t), p)
+            got = ctx.wait(partial(ctx.links[p].recv, f.id, k), p)
             feeds[sm.input_key(f.tensor)] = _rows_of(p, f.id, f"the activations of batch {k}", got, len(idx))
         scores.append(part(feeds)["scores"])
         ctx.progress.emit("step", step=k + 1, total=-(-len(final) // plan.train.batch_size))
@@ -129,8 +130,8 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = sm.scores_csv(final, np.concatenate(scores))
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # scores derive from the labels
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    with os.fdopen(fd, "w", encoding="utf-8") as scores_file:
+        scores_file.write(text)
     ctx.progress.emit("predicted", rows=len(final), path=str(out))
     return {"metrics": {}, "predicted": {"rows": len(final), "path": str(out)}, "steps": len(scores)}
 

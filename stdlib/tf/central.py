@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from fldsl.artifacts import LossSpec, OpCall, Plan, TensorSpec, TrainSpec
+from fldsl.artifacts import DType, LossSpec, OpCall, Plan, TensorSpec, TrainSpec
 from fldsl.stdlib.tf.batching import epoch_batches
 from fldsl.stdlib.tf.losses import loss_fn, scores
 from fldsl.stdlib.tf.metrics import ScoreAccumulator
 from fldsl.stdlib.tf.optim import make_optimizer
 from fldsl.stdlib.tf.segment import Segment, build_segment
 
-_NP_TO_DTYPE = {d: d for d in ("float32", "float64", "int32", "int64", "bool")}
+_NP_TO_DTYPE: dict[str, DType] = {"float32": "float32", "float64": "float64", "int32": "int32",
+                                  "int64": "int64", "bool": "bool"}
 
 
 @dataclass

@@ -213,6 +213,11 @@ class Op:
 
     variables: list[tf.Variable]
 
+    def __init__(self, call: OpCall, specs: list[TensorSpec], seed: int) -> None:
+        """Every op is built from its call, its input specs and the seed (the segment does it); this base
+        holds no variables."""
+        self.variables = []
+
     def __call__(self, inputs: list[tf.Tensor], training: bool) -> tf.Tensor:  # pragma: no cover
         raise NotImplementedError
 

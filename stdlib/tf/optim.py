@@ -18,14 +18,14 @@ slot as numpy arrays, in ``build`` order, so checkpoints restore the optimiser e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import tensorflow as tf
 
 from fldsl.artifacts import OptimizerSpec
 
-Grad = tf.Tensor | tf.IndexedSlices | None
+Grad: TypeAlias = "tf.Tensor | tf.IndexedSlices | None"
 
 
 class OptimizerError(ValueError):
