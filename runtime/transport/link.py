@@ -170,8 +170,8 @@ _MAX_OPEN_ASSEMBLIES = 16
 # read at most a step or two ahead; without a bound, a peer sending messages nobody reads (far-future steps)
 # grows this node's memory until it dies. So each link may hold, unread, BUDGET_STEPS messages of every flow
 # from that peer at the flow's policy size (bulk transfers, the PSI sets, a data shard, the alignment
-# positions, are each sized by the compiler to fit their flow's maximum) plus a floor; every held message or
-# iteration marker counts at least MESSAGE_CHARGE bytes (its bookkeeping), so a flood of tiny ones is bounded
+# positions, are each sized by the compiler to fit their flow's maximum) plus a floor; every held message
+# counts at least MESSAGE_CHARGE bytes (its bookkeeping), so a flood of tiny ones is bounded
 # too. A peer that exceeds it is refused: the link fails closed, as for any policy violation.
 BUDGET_STEPS = 4
 BUDGET_FLOOR = 64 << 20
