@@ -54,11 +54,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    from fldsl.api import compile_pipeline
     from fldsl.compiler.sign import sign_build
     from fldsl.runtime.attestation.sim import trust_init
     from fldsl.runtime.launcher import run_pipeline
-
-    from fldsl.api import compile_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="fldsl-enclave-bench-"))
     trust = work / "trust"

@@ -82,6 +82,7 @@ def bench_csv(rows: int, cols: int, reps: int) -> list[dict]:
     from pathlib import Path
 
     import numpy as np
+
     from fldsl.runtime.data import read_csv
 
     x = np.random.default_rng(0).standard_normal((rows, cols))

@@ -2,7 +2,7 @@
 
     /work/venv/bin/python bench/transport_bench.py [--reps 5] [--mib-per-rep 128] [--tensor-mib 4]
 
-Sender = this process, receiver = a child process (as in reference/baseline_perf.md finding D/E: one
+Sender = this process, receiver = a child process (one
 stream, the client streams without waiting for acks). Both configurations run interleaved in every rep
 and use the same kind of certificates (sim RA-TLS, P-256):
 
@@ -37,9 +37,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from fldsl.runtime.transport import Addresses, NodeAddress, Transport, load_addresses, save_addresses
 
 from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pins, Policy, TensorSpec
+from fldsl.runtime.transport import Addresses, NodeAddress, Transport, load_addresses, save_addresses
 
 A, B = "media.trainer", "shop.trainer"
 ROWS_PER_MIB = 1024 * 1024 // (16 * 4)

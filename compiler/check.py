@@ -22,11 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fldsl.compiler import ast
-from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
-from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe, evaluate
-from fldsl.stdlib import signatures as sig
-
 from fldsl.artifacts import (
     COLUMN_TYPES,
     ColumnSpec,
@@ -40,7 +35,11 @@ from fldsl.artifacts import (
     TrainSpec,
     ValidationSpec,
 )
+from fldsl.compiler import ast
+from fldsl.compiler.ir import IRDataset, IRParty, IRTrust, Program
+from fldsl.compiler.values import BAD, PARAM_TYPES, Env, convert_param, describe, evaluate
 from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean, suggest, suggest_in
+from fldsl.stdlib import signatures as sig
 
 STD_MODULES = {"std.models": sorted(sig.OPS)}
 MAX_FAMILY = 256
@@ -377,11 +376,12 @@ class Checker:
                 p = params[i]
             else:
                 positional = False
-                p = next((q for q in params if q.name == a.name.value), None)
-                if p is None:
+                named = next((q for q in params if q.name == a.name.value), None)
+                if named is None:
                     self.unknown_in(a.name.span, what, "parameter", a.name.value, names)
                     ok = False
                     continue
+                p = named
             if p.name in out:
                 self.error(a.span, f"parameter `{p.name}` of {what} is given twice")
                 ok = False
@@ -626,7 +626,7 @@ class Checker:
                     ok = False
                     continue
                 first[name] = col.span
-                out.append(ColumnSpec(name=name, type=ctype, **options))  # type: ignore[arg-type]
+                out.append(ColumnSpec(name=name, type=ctype, **options))
         if ok and not block.columns:
             self.error(
                 block.span,
@@ -682,7 +682,7 @@ class Checker:
             seen[type(opt)] = opt.span
             if isinstance(opt, ast.MissingOpt):
                 token = str(opt.token.value) if opt.token is not None else None
-                if (opt.token is not None and token is not None and token != token.strip()) or token == "":
+                if opt.token is not None and token is not None and (token != token.strip() or token == ""):
                     bad(opt.token.span, f"missing-value token {json.dumps(token)} is empty or starts or "
                         "ends with a space",
                         "cells are compared without surrounding spaces, and an empty cell is always missing")
@@ -1158,8 +1158,8 @@ class Checker:
                 "add e.g. `loss softmax_cross_entropy(logits, ds.label)`",
             )
             raise _Fatal
-        for extra in losses[1:]:
-            self.error(extra.span, "only one `loss` is allowed")
+        for extra_loss in losses[1:]:
+            self.error(extra_loss.span, "only one `loss` is allowed")
         self.loss_stmt = losses[0]
         self.check_loss(losses[0])
 

@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fldsl import __version__
+from fldsl.artifacts import FILE_READERS, dump_json
 from fldsl.compiler import lower
 from fldsl.compiler.ir import IRNode, Program
 from fldsl.compiler.manifest import ManifestInputs
-
-from fldsl import __version__
-from fldsl.artifacts import FILE_READERS, dump_json
 from fldsl.diagnostics import did_you_mean
 
 TARGETS = ("kubernetes", "compose")
@@ -158,7 +157,8 @@ def load_agreed_addresses(path: Path, program: Program) -> dict[str, PeerAddress
     for nid, a in addrs.root.items():
         if a.port == 0 or a.bootstrap_port == 0:
             raise DeployError(f"--addresses {path}: {nid}: port 0 (a free one) only works on one machine")
-        auto = (_ip_cidr(a.host),) if _ip_cidr(a.host) else ()
+        cidr = _ip_cidr(a.host)
+        auto: tuple[str, ...] = (cidr,) if cidr else ()
         out[nid] = PeerAddress(a.host, a.port, a.bootstrap_port, a.key_service, egress.get(nid, auto))
     return out
 

@@ -116,10 +116,7 @@ def short_measurement(hex_value: str, kind: str = "simulated") -> str:
 
 
 def format_spec(spec: TensorSpec | None) -> str | None:
-    if spec is None:
-        return None
-    dims = ",".join("B" if d is None else str(d) for d in spec.shape)
-    return f"{spec.dtype}[{dims}]"
+    return None if spec is None else spec.text(compact=True)
 
 
 def _party_of(node_id: str) -> str:
@@ -204,8 +201,8 @@ def build_scene(
         enclave(x.dst)
 
     parties: dict[str, list[Enclave]] = {}
-    for e in sorted(enclaves.values(), key=lambda e: (e.party, e.id)):
-        parties.setdefault(e.party, []).append(e)
+    for encl in sorted(enclaves.values(), key=lambda en: (en.party, en.id)):
+        parties.setdefault(encl.party, []).append(encl)
     return Scene(title=title, parties=parties, edges=edges, loose=pending,
                  violations=sorted(violations, key=lambda v: (v.src, v.dst, v.tensor, v.message)))
 
@@ -428,11 +425,12 @@ def to_html(scene: Scene, svg: str | None = None) -> str:
     if crossing:
         parts.append("<h2>Flows</h2><table><tr><th>tensor</th><th>from</th><th>to</th><th>type</th>"
                      "<th>allowed by</th></tr>")
-        for x in crossing:
-            cls = ' class="violation"' if x.violation else ""
-            rule = f"VIOLATION: {x.violation}" if x.violation else (x.rule or "")
-            parts.append(f"<tr{cls}><td>{e(x.tensor or '')}</td><td>{e(x.src)}</td><td>{e(x.dst)}</td>"
-                         f"<td>{e(format_spec(x.spec) or '')}</td><td>{e(rule)}</td></tr>")
+        for edge in crossing:
+            cls = ' class="violation"' if edge.violation else ""
+            rule = f"VIOLATION: {edge.violation}" if edge.violation else (edge.rule or "")
+            parts.append(f"<tr{cls}><td>{e(edge.tensor or '')}</td><td>{e(edge.src)}</td>"
+                         f"<td>{e(edge.dst)}</td><td>{e(format_spec(edge.spec) or '')}</td>"
+                         f"<td>{e(rule)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

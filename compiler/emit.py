@@ -15,9 +15,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fldsl.compiler import lower
-from fldsl.compiler.ir import Program
-
 from fldsl.artifacts import (
     Identity,
     NodeSummary,
@@ -27,6 +24,8 @@ from fldsl.artifacts import (
     node_dir,
     sha256_hex,
 )
+from fldsl.compiler import lower
+from fldsl.compiler.ir import Program
 from fldsl.diagnostics import Diagnostic, FldslError
 from fldsl.measurement import sim_mr_enclave
 

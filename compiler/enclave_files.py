@@ -118,17 +118,24 @@ def _mount_roots(paths: list[str], pinned: list[str]) -> list[str]:
 def enclave_files(interpreter: str) -> EnclaveFiles:
     """The files an fldsl node needs when run by ``interpreter`` (cached per process)."""
     doc = _run_probe(interpreter)
-    files = [str(f) for f in doc.get("files", [])]  # type: ignore[union-attr]
+    files = [str(f) for f in _strings(doc.get("files", []))]
     entry = str(doc["executable"])
     real = str(doc["real_executable"])
     binaries = [real, *(f for f in files if _is_shared_object(f))]
     trusted = sorted(set(files) | set(shared_library_closure(binaries)) | {entry, real})
     return EnclaveFiles(
         entrypoint=entry,
-        mounts=_mount_roots(trusted, [str(m) for m in doc.get("mounts", [])]),  # type: ignore[union-attr]
+        mounts=_mount_roots(trusted, _strings(doc.get("mounts", []))),
         trusted=trusted,
-        distributions=[str(d) for d in doc.get("distributions", [])],  # type: ignore[union-attr]
+        distributions=_strings(doc.get("distributions", [])),
     )
+
+
+def _strings(value: object) -> list[str]:
+    """A JSON list of the probe's output as strings; anything else is a probe bug, said as one."""
+    if not isinstance(value, list):
+        raise ValueError(f"enclave probe: expected a list, got {type(value).__name__}")
+    return [str(v) for v in value]
 
 
 # What a node needs to verify real quotes (attestation dcap): Intel's QVL, the quote provider library it

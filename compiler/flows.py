@@ -12,11 +12,7 @@ rule and say so in their ``rule`` field. A violation is reported with the path, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from fldsl.compiler import ast
-from fldsl.compiler.ir import IRNode
-from fldsl.stdlib.signatures import fmt_spec
+from typing import TYPE_CHECKING, Literal
 
 from fldsl.artifacts import (
     _DTYPE_SIZE,
@@ -24,14 +20,23 @@ from fldsl.artifacts import (
     AggregationSpec,
     AlignmentSpec,
     Flow,
+    Role,
     ShardingSpec,
     TensorSpec,
     TrainSpec,
 )
+from fldsl.compiler import ast
+from fldsl.compiler.ir import IRNode
+from fldsl.stdlib.signatures import fmt_spec
 
 if TYPE_CHECKING:
     from fldsl.compiler.check import Checker, Rule, Tensor
 
+# (worker, server) roles of the parameter-server scenarios.
+_PS_ROLES: dict[str, tuple[Role, Role]] = {
+    "horizontal": ("horizontal.worker", "horizontal.server"),
+    "distributed": ("distributed.worker", "distributed.server"),
+}
 HEADER_BYTES = 4096  # allowance for framing, names, dtype/shape metadata
 CONTROL_BYTES = 64 * 1024
 PSI_BYTES_PER_ID = 96  # an encoded curve point plus framing
@@ -106,7 +111,10 @@ class FlowBuilder:
 
     def control(self, a: str, b: str) -> None:
         for s, d in ((a, b), (b, a)):
-            self.add("control", "control", s, d, CONTROL_BYTES, rule="(protocol) iteration start/commit")
+            # What it carries: the roles' JSON control messages (resume agreement, restarts, step
+            # acknowledgements, schedules), not iteration markers.
+            self.add("control", "control", s, d, CONTROL_BYTES,
+                     rule="(protocol) run control: resume, restarts, acknowledgements (JSON)")
 
     def metrics(self, worker: str, server: str, source: str) -> None:
         """A worker's holdout summary to its aggregator, once per epoch (layout: fldsl.stdlib.tf.metrics):
@@ -535,7 +543,8 @@ class FlowBuilder:
         self._whole_model_nodes("distributed", workers, server, {})
 
     def _whole_model_nodes(
-        self, scenario: str, workers: list[str], server: str, worker_data: dict[str, list[str]]
+        self, scenario: Literal["horizontal", "distributed"], workers: list[str], server: str,
+        worker_data: dict[str, list[str]],
     ) -> None:
         """Parameter-server scenarios: every worker runs the whole model and the loss; the server holds the
         same variables (it applies the aggregated update)."""
@@ -545,11 +554,11 @@ class FlowBuilder:
         specs[c.label_t.name] = c.label_t.spec
         for w in workers:
             self.nodes.append(
-                IRNode(id=w, party=w.split(".")[0], role=f"{scenario}.worker", data=worker_data.get(w, []),
+                IRNode(id=w, party=w.split(".")[0], role=_PS_ROLES[scenario][0], data=worker_data.get(w, []),
                        ops=all_ops, input_specs=specs, has_loss=True)
             )
         self.nodes.append(
-            IRNode(id=server, party=server.split(".")[0], role=f"{scenario}.server", ops=all_ops,
+            IRNode(id=server, party=server.split(".")[0], role=_PS_ROLES[scenario][1], ops=all_ops,
                    input_specs=specs)
         )
 

@@ -18,8 +18,8 @@ Two stages, so that every rendering of a node describes the same enclave:
 Paths inside the enclave are fixed (``/fldsl/node``, ``/fldsl/run``, ...); on the host every URI is relative
 to the node's working folder, so a build can be moved and signed anywhere.
 
-The runtime reads the rendered TOML back with :func:`trusted_node_files` (pure ``tomllib``; importing this
-module does not import the parser or TensorFlow).
+The runtime reads the rendered TOML back with :func:`fldsl.trusted_files.trusted_node_files`, the reader
+this module's :func:`trusted_node_files` wraps (pure ``tomllib``).
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ import sysconfig
 import tomllib
 from typing import Any, Literal
 
-from fldsl.compiler.enclave_files import EnclaveFiles
-from fldsl.compiler.manifest_check import LintContext
 from pydantic import BaseModel, ConfigDict, field_validator
 
-# The node's build folder, relative to its working folder on the host (the runner links it there); the
-# trusted uris of plan.json / policy.json live under it and the runtime finds them by this prefix (keep it
-# stable: it is part of the measurement).
-NODE_DIR_URI = "file:node/"
+from fldsl.compiler.enclave_files import EnclaveFiles
+from fldsl.compiler.manifest_check import LintContext
+from fldsl.trusted_files import NODE_DIR_URI, TrustedFilesError
+from fldsl.trusted_files import PLAIN_FILE_NAME as _FILE_NAME
+from fldsl.trusted_files import SHA256_HEX as _SHA256
+from fldsl.trusted_files import trusted_node_files as _read_trusted
 
 # Where the Debian/Ubuntu Gramine package puts its glibc runtime. The local rendering uses this fixed value
 # (a lookup would make the compile output depend on whether Gramine happens to be installed); --sign asks
@@ -49,8 +49,6 @@ LOCAL_GRAMINE_PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 _TEMPLATE = "node.manifest.template.j2"
 _NODE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PIPELINE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class ManifestError(Exception):
@@ -203,7 +201,7 @@ def render_template(inputs: ManifestInputs) -> str:
     ctx["sim_trust_files"] = SIM_TRUST_FILES
     # Sorted so the manifest does not depend on the order the caller listed the files in.
     ctx["node_files"] = sorted(inputs.node_files, key=lambda f: f.uri)
-    return _stage1_env().get_template(_TEMPLATE).render(**ctx)
+    return str(_stage1_env().get_template(_TEMPLATE).render(**ctx))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,25 +313,8 @@ def lint_context_for(inputs: ManifestInputs) -> LintContext:
 
 def trusted_node_files(toml_text: str) -> dict[str, str]:
     """File name → sha256 of every measured file of the node's build folder listed in a rendered manifest
-    (``{ uri = "file:/fldsl/node/plan.json", sha256 = ... }`` → ``{"plan.json": ...}``)."""
+    (the node's own reader, :func:`fldsl.trusted_files.trusted_node_files`, with the compiler's error)."""
     try:
-        doc = tomllib.loads(toml_text)
-    except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f"node manifest is not valid TOML: {e}") from e
-    entries = doc.get("sgx", {}).get("trusted_files", [])
-    if not isinstance(entries, list):
-        raise ManifestError("node manifest: sgx.trusted_files is not an array")
-    out: dict[str, str] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue  # a plain string entry is hashed at sign time: no hash to compare against here
-        uri, sha = entry.get("uri"), entry.get("sha256")
-        if not isinstance(uri, str) or not uri.startswith(NODE_DIR_URI):
-            continue
-        name = uri[len(NODE_DIR_URI):]
-        if not isinstance(sha, str) or not _SHA256.match(sha) or not _FILE_NAME.match(name):
-            raise ManifestError(f"node manifest: trusted file {uri!r} has no valid sha256")
-        if name in out:
-            raise ManifestError(f"node manifest: {uri!r} is listed twice in sgx.trusted_files")
-        out[name] = sha
-    return out
+        return _read_trusted(toml_text)
+    except TrustedFilesError as e:
+        raise ManifestError(str(e)) from e

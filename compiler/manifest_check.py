@@ -1,8 +1,9 @@
-"""Our own Gramine v1.9 manifest validator and fldsl's production lint (reference/gramine.md §1.4–§1.7).
+"""Our own Gramine v1.9 manifest validator and fldsl's production lint (Gramine v1.9's manifest documentation
+and its PAL's checks).
 
 Gramine is not installed where fldsl compiles, and its checker (graminelibos) is not on PyPI, so this
-module re-states the v1.9 schema (§1.6: unknown keys anywhere are errors), the PAL's runtime checks
-(§1.4: power-of-two enclave size, thread limits, ...) and the deprecation history (§1.5, each old key with
+module re-states the v1.9 schema (unknown keys anywhere are errors), the PAL's runtime checks
+(power-of-two enclave size, thread limits, ...) and the deprecation history (each old key with
 its replacement). It validates a manifest as ``gramine-manifest`` sees it, i.e. before defaults such as
 ``loader.entrypoint`` are injected.
 
@@ -197,7 +198,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Deprecated and removed keys (gramine.md §1.5): reported instead of "unknown key"
+# Deprecated and removed keys (Gramine's release notes): reported instead of "unknown key"
 # ---------------------------------------------------------------------------------------------------------
 
 _ENCRYPTED_MOUNT = (
@@ -244,6 +245,7 @@ def _unknown(full: str, name: str, siblings: list[str], out: list[Finding]) -> N
         _err(out, "deprecated-key", full, f"`{full}` {DEPRECATED[full]}")
         return
     hint = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    suggestion: str | None
     if hint:
         suggestion = _join(full.rsplit(".", 1)[0], hint[0]) if "." in full else hint[0]
     else:
@@ -257,7 +259,7 @@ def _unknown(full: str, name: str, siblings: list[str], out: list[Finding]) -> N
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The v1.9 schema (gramine.md §1.6) plus per-value formats (§1.7)
+# The v1.9 schema plus per-value formats
 # ---------------------------------------------------------------------------------------------------------
 
 _MOUNT_TYPES = ("chroot", "encrypted", "tmpfs", "untrusted_shm")
@@ -465,7 +467,7 @@ KNOWN_KEYS: list[str] = _known_keys(SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks across keys (gramine.md §1.4 runtime checks, §1.7)
+# Checks across keys (the PAL's runtime checks)
 # ---------------------------------------------------------------------------------------------------------
 
 

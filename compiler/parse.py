@@ -13,11 +13,11 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from fldsl.compiler import ast
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
+from fldsl.compiler import ast
 from fldsl.diagnostics import Diagnostic, FldslError, did_you_mean
 
 
@@ -92,7 +92,7 @@ class _ToAst(Transformer[Token, ast.Module]):
     def ref(self, meta: Any, c: list[Token]) -> ast.Ref:
         return ast.Ref([_name(t) for t in c], _span_meta(meta))
 
-    def list(self, meta: Any, c: list[Any]) -> ast.ListExpr:
+    def list_expr(self, meta: Any, c: list[Any]) -> ast.ListExpr:
         return ast.ListExpr([x for x in c if x is not None], _span_meta(meta))
 
     def binop(self, meta: Any, c: list[Any]) -> ast.BinOp:
@@ -137,7 +137,7 @@ class _ToAst(Transformer[Token, ast.Module]):
         parts = [_name(t) for t in c if isinstance(t, Token)]
         return ast.UseDecl(parts, names, _span_meta(meta))
 
-    def range(self, meta: Any, c: list[Token]) -> ast.Range:
+    def index_range(self, meta: Any, c: list[Token]) -> ast.Range:
         lo, hi = _number(c[0]), _number(c[2])
         for n in (lo, hi):
             if n.kind != "int":
@@ -500,7 +500,8 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
             hint or _OPTION_FORMS.get(frozenset(e.expected)),
         )
     if isinstance(e, UnexpectedCharacters):
-        ch = source[e.pos_in_stream] if 0 <= e.pos_in_stream < len(source) else ""
+        pos = e.pos_in_stream
+        ch = source[pos] if pos is not None and 0 <= pos < len(source) else ""
         if ch == '"':
             msg = "unterminated string (strings are one line, in double quotes)"
         elif ch.isprintable() and ch.strip():
@@ -512,8 +513,8 @@ def _syntax_diagnostic(e: UnexpectedInput, source: str, file: str) -> Diagnostic
         line, col = _end_position(source)
         msg = f"unexpected end of file; expected {_expected_words(set(e.expected), prev)}"
         return Diagnostic("error", msg, file, line, col)
-    line, col = getattr(e, "line", None), getattr(e, "column", None)
-    return Diagnostic("error", f"syntax error: {e}", file, line, col)
+    at_line, at_col = getattr(e, "line", None), getattr(e, "column", None)
+    return Diagnostic("error", f"syntax error: {e}", file, at_line, at_col)
 
 
 MAX_DEPTH = 200  # far beyond any real pipeline; keeps the recursive passes well inside Python's stack

@@ -1,7 +1,8 @@
 """``fldsl compile --sign KEY``: sign every node with Gramine and pin the real SGX identities.
 
-On the deployment host (gramine.md §3), per node directory: fldsl renders the node's template for the
-entrypoint interpreter (``fldsl.compiler.manifest.render_stage2``: that interpreter's computed file list and
+On the deployment host (docs/trust.md, "Inside Gramine"), per node directory: fldsl renders the node's
+template for the entrypoint interpreter (``fldsl.compiler.manifest.render_stage2``: that interpreter's
+computed file list and
 the installed Gramine's runtime), then, in a scratch folder where ``node/`` is the node directory::
 
     gramine-manifest X.rendered.toml node/X.manifest        (defaults, schema check, every file hashed)
@@ -29,14 +30,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fldsl.compiler.enclave_files import (
-    EnclaveFiles,
-    EnclaveFilesError,
-    enclave_files,
-    with_dcap_verification,
-)
-from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
-from fldsl.runtime.attestation._crypto import mr_signer_of
 
 from fldsl.artifacts import (
     ArtifactError,
@@ -48,7 +41,14 @@ from fldsl.artifacts import (
     load_model,
     sha256_hex,
 )
-from fldsl.measurement import sim_mr_enclave_gramine
+from fldsl.compiler.enclave_files import (
+    EnclaveFiles,
+    EnclaveFilesError,
+    enclave_files,
+    with_dcap_verification,
+)
+from fldsl.compiler.pycache import PYCACHE_DIR, PycacheError, build_pycache
+from fldsl.measurement import mr_signer_of, sim_mr_enclave_gramine
 
 TOOLS = ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view")
 TOOL_TIMEOUT_S = 600

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fldsl.compiler import ast
-
 from fldsl.diagnostics import did_you_mean
 
 BAD: Any = object()  # an argument that already produced a diagnostic

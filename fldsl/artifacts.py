@@ -1,6 +1,6 @@
 """The file formats fldsl writes: the only contract between the compiler and the runtime.
 
-Data flows one way (DESIGN §4, §6): the compiler writes these files into ``build/<pipeline>/``; the runtime
+Data flows one way (ARCHITECTURE.md): the compiler writes these files into ``build/<pipeline>/``; the runtime
 reads them and never imports the parser. Every file is a pydantic model serialised with :func:`dump_json`
 (sorted keys, 2-space indent, trailing newline) so the same input gives byte-identical artifacts.
 
@@ -33,14 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-PLAN_FORMAT = "fldsl.plan/1"
-POLICY_FORMAT = "fldsl.policy/1"
-PINS_FORMAT = "fldsl.pins/1"
-PIPELINE_FORMAT = "fldsl.pipeline/1"
+PLAN_FORMAT: Final = "fldsl.plan/1"
+POLICY_FORMAT: Final = "fldsl.policy/1"
+PINS_FORMAT: Final = "fldsl.pins/1"
+PIPELINE_FORMAT: Final = "fldsl.pipeline/1"
 
 DType = Literal["float32", "float64", "int32", "int64", "bool", "string", "bytes"]
 JSON = Any
@@ -60,6 +60,13 @@ class TensorSpec(_Model):
 
     shape: list[int | None]
     dtype: DType
+
+    def text(self, *, compact: bool = False) -> str:
+        """The pipeline language's spelling, ``float32[batch, 64]`` (``float32[B,64]`` compact, for graph
+        labels): the one formatter of the compiler's, the graph's and the transport guard's messages."""
+        if compact:
+            return f"{self.dtype}[{','.join('B' if d is None else str(d) for d in self.shape)}]"
+        return f"{self.dtype}[{', '.join('batch' if d is None else str(d) for d in self.shape)}]"
 
     def nbytes(self, batch: int) -> int:
         n = 1
@@ -128,7 +135,7 @@ class ColumnSpec(_Model):
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Plain columns serialise as before preprocessing existed: plans (and measurements) keep their bytes.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         for k in ("missing", "scale", "vocabulary", "hash_buckets", "buckets"):
             if data.get(k) is None:
                 data.pop(k, None)
@@ -190,7 +197,7 @@ class DataSpec(_Model):
     def _omit_no_schema(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for declared schemas, so plans (and measurements) of csv data sets whose header is
         # read at compile time, and of generators, keep the bytes they had before schema blocks existed.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.columns is None:
             data.pop("columns", None)
         if self.max_rows is None:
@@ -229,13 +236,16 @@ class ValidationSpec(_Model):
     test_data: str | None = None  # dataset name holding a separate test split (horizontal)
 
 
+MetricName = Literal["loss", "auc", "accuracy"]
+
+
 class TrainSpec(_Model):
     epochs: int
     batch_size: int
     optimizer: OptimizerSpec
     seed: int = 0
     checkpoint_every_steps: int | None = None  # None = only at epoch end
-    metrics: list[Literal["loss", "auc", "accuracy"]] = Field(default_factory=lambda: ["loss"])
+    metrics: list[MetricName] = Field(default_factory=lambda: list[MetricName](["loss"]))
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     steps_per_epoch: int | None = None  # computed by the runtime when None
     # Vertical only: how many steps a passive party may run ahead of the gradients it has applied. 0 = exact
@@ -247,7 +257,7 @@ class TrainSpec(_Model):
     def _omit_default_pipeline(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only when set, so plans (and their measurements) of pipelines that do not use it keep
         # the bytes they had before the setting existed.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.pipeline == 0:
             data.pop("pipeline", None)
         return data
@@ -338,7 +348,7 @@ class Plan(_Model):
     @model_serializer(mode="wrap")
     def _omit_unset_recipient(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only when set, so plans (and measurements) without an owner key keep their bytes.
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.export_recipient is None:
             data.pop("export_recipient", None)
         return data
@@ -389,7 +399,7 @@ class Identity(_Model):
     @model_serializer(mode="wrap")
     def _omit_unsigned_sim(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for signed builds, so unsigned pin tables keep their bytes (and digests).
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.sim_mr_enclave is None:
             data.pop("sim_mr_enclave", None)
         return data

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from fldsl.runtime.csvschema import SchemaMismatch
-from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, Table, _bad_labels, _label_problem
 
 from fldsl.artifacts import ColumnSpec, DataSpec
+from fldsl.runtime.csvschema import SchemaMismatch
+from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, Table, _bad_labels, _label_problem
 
 if TYPE_CHECKING:
     from fldsl.runtime.data import RawColumn
@@ -243,16 +243,16 @@ def read_parquet_arrow(spec: DataSpec, path: Path, *, every_declared: bool = Fal
         raise DataError(f"not a Parquet file ({e})", name) from None
     problems: list[str] = []
     present = list(schema.names)
-    for c in dict.fromkeys(x.name for x in cols):
-        if c not in present:
+    for wanted in dict.fromkeys(x.name for x in cols):
+        if wanted not in present:
             from fldsl.diagnostics import did_you_mean
 
-            best = did_you_mean(c, present)
+            best = did_you_mean(wanted, present)
             shown = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "")
-            problems.append(f"{name}: the file has no column `{c}`"
+            problems.append(f"{name}: the file has no column `{wanted}`"
                             + (f"; did you mean `{best}`?" if best else f"; it has: {shown}"))
-        elif present.count(c) > 1:
-            problems.append(f"{name}: column `{c}` appears twice")
+        elif present.count(wanted) > 1:
+            problems.append(f"{name}: column `{wanted}` appears twice")
     if problems:
         raise SchemaMismatch(spec.name, name, problems)
     try:
@@ -455,9 +455,9 @@ def describe_parquet(path: Path, *, id_column: str | None, label_column: str | N
     floats ``numeric`` (``missing: mean`` where some are null), text ``category`` with a vocabulary of its
     values (null is the missing category), anything else not declarable (its reason says why)."""
     import pyarrow.parquet as pq
-    from fldsl.runtime.csvschema import MAX_VOCABULARY, ColumnDescription, CsvDescription
 
     from fldsl.diagnostics import did_you_mean
+    from fldsl.runtime.csvschema import MAX_VOCABULARY, ColumnDescription, CsvDescription
 
     name = str(path)
     try:

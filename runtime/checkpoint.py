@@ -78,11 +78,11 @@ def encode(ckpt: Checkpoint) -> memoryview:
     # zipfile then records offsets from the start of the buffer; readers (decode's np.load on the slice
     # after the header) correct for the prepended bytes, as for any zip with a prefix, and payloads of the
     # earlier layout (archive written on its own) decode unchanged.
-    np.savez(buf, **ckpt.arrays)
+    np.savez(buf, **ckpt.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its allow_pickle
     return buf.getbuffer()
 
 
-def decode(data: bytes) -> Checkpoint:
+def decode(data: bytes | bytearray) -> Checkpoint:
     from fldsl.runtime.bundle import BundleError, read_npz
 
     if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 4:

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fldsl.runtime.data import DataError, read_csv_text
-from fldsl.runtime.preprocess import missing_mask
 
 from fldsl.artifacts import ColumnSpec, ColumnType, DataSpec
 from fldsl.diagnostics import did_you_mean
-
-EXIT_INPUT = 2  # README "Exit codes": bad data rows are an input error
+from fldsl.exitcodes import EXIT_INPUT  # bad data rows are an input error
+from fldsl.runtime.data import DataError, read_csv_text
+from fldsl.runtime.preprocess import missing_mask
 
 
 class SchemaMismatch(DataError):
@@ -192,12 +191,12 @@ def check_csv_schema(spec: DataSpec, path: Path | str) -> None:
         more = f" (and {_rows(len(bad) - 1)} more in this column)" if len(bad) > 1 else ""
         problems.append(f"{_position(f, i, j)}: {message}{more}")
 
-    for name, what in ((spec.id_column, "id"), (spec.label_column, "label")):
-        if name and name in col:
-            j = col[name]
+    for key_column, what in ((spec.id_column, "id"), (spec.label_column, "label")):
+        if key_column and key_column in col:
+            j = col[key_column]
             empty = [k for k, i in enumerate(good) if not f.rows[i][j].strip()]
             if empty:
-                first_of(empty, j, f"empty {what} in column `{name}`")
+                first_of(empty, j, f"empty {what} in column `{key_column}`")
     for c in spec.columns:
         if c.name not in col or c.type == "category":  # a category takes any text; empty is its own value
             continue

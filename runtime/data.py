@@ -176,8 +176,8 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
 
     fields: dict[str, np.ndarray] = {}
     if label_column:
-        raw = columns[col[label_column]]
-        for i, v in enumerate(raw):
+        cells = columns[col[label_column]]
+        for i, v in enumerate(cells):
             if not v.strip():
                 raise DataError(f"missing label in column `{label_column}`", name, line_no[i])
     wanted_cols = list(feature_columns) + ([label_column] if label_column else [])
@@ -186,18 +186,17 @@ def read_csv(path: Path | str, *, id_column: str | None, label_column: str | Non
     if label_column:
         y = values[:, -1]
         if label_rule is not None:
-            _check_labels(y, raw, label_rule, label_column, col[label_column] + 1, name, line_no)
+            _check_labels(y, cells, label_rule, label_column, col[label_column] + 1, name, line_no)
         if label_dtype in ("int32", "int64", "bool"):
             bad = np.flatnonzero(y != np.round(y))
             if bad.size:
                 i = int(bad[0])
-                raise DataError(f"label `{label_column}` must be a whole number (a class), got {raw[i]!r}",
+                raise DataError(f"label `{label_column}` must be a whole number (a class), got {cells[i]!r}",
                                 name, line_no[i])
             fields["label"] = y.astype(np.int64 if label_dtype != "int32" else np.int32)
         else:
             fields["label"] = y.astype(np.float32 if label_dtype == "float32" else np.float64)
-    raw = {c: np.array(columns[col[c]], dtype=str) for c in raw_columns}
-    return Table(ids=ids, fields=fields, raw=raw)
+    return Table(ids=ids, fields=fields, raw={c: np.array(columns[col[c]], dtype=str) for c in raw_columns})
 
 
 def _check_labels(y: np.ndarray, cells: Sequence[str], rule: LabelRule, column: str, column_no: int,

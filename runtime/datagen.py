@@ -21,6 +21,7 @@ import hashlib
 from typing import Any
 
 import numpy as np
+
 from fldsl.runtime.data import DataError, Table
 
 CRITEO_DENSE = 13

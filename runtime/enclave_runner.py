@@ -130,10 +130,11 @@ def changed_trusted_files(build_dir: Path, ids: list[str]) -> list[str]:
         got = dict(zip(paths, pool.map(_sha256_file, paths), strict=True))
     out = []
     for p in paths:
-        if got[p] is None:
+        have = got[p]
+        if have is None:
             out.append(f"{p} (missing or unreadable)")
-        elif got[p] != wanted[p]:
-            out.append(f"{p} (sha256 {got[p][:16]}…, signed {wanted[p][:16]}…)")
+        elif have != wanted[p]:
+            out.append(f"{p} (sha256 {have[:16]}…, signed {wanted[p][:16]}…)")
     return out
 
 

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from fldsl.runtime.attestation.ratls import LocalIdentity, parse_certificate
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
 
@@ -307,10 +308,9 @@ def verifier_from_build(build_dir: Path, node_ids: Sequence[str], trust_dir: Pat
     requirement), for the nodes in ``node_ids``; ``trust_dir`` is the service operator's party folder (its own
     root and its pinned peers'). Raises ``ArtifactError`` / ``AttestationError`` / ``ValueError`` with a
     user-facing message."""
+    from fldsl.artifacts import Pins, Policy, load_model, node_dir
     from fldsl.runtime.attestation.backend import AttestationError
     from fldsl.runtime.attestation.parties import party_of, sim_roots
-
-    from fldsl.artifacts import Pins, Policy, load_model, node_dir
 
     if not node_ids:
         raise ValueError("no node is granted a key")

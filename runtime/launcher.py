@@ -20,15 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TextIO
 
+from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
+from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
+from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
 from fldsl.runtime import enclave_runner
 from fldsl.runtime.enclave_runner import Enclave
 from fldsl.runtime.progress import parse_line
 
-from fldsl.artifacts import PipelineFile, Plan, load_model, node_dir
-
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 GRACE_S = 10.0
 
 
@@ -190,13 +190,30 @@ def node_env() -> dict[str, str]:
     return env
 
 
+class LaunchHooks(Protocol):
+    """What a Python caller (the bench, ``fldsl.bench.harness``) may change about a local run without
+    subclassing the launcher: the process each node starts as, and a look at every progress event."""
+
+    def node_command(self, node_id: str, command: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The command and environment that start ``node_id`` (given its ordinary ``command``); called right
+        before it starts. Not with an enclave: the signed manifest fixes the command there."""
+        ...
+
+    def on_event(self, node_id: str, event: dict[str, Any]) -> None:
+        """Every progress event of a node, as it arrives (before the launcher's own bookkeeping)."""
+        ...
+
+
 class Launcher:
     """Starts the nodes of a build dir and follows them until all end (or one fails)."""
 
     def __init__(self, build_dir: Path, *, run_dir: Path, trust_dir: Path, display: Any = None,
                  node_args: dict[str, list[str]] | None = None, enclave: Enclave = "none",
-                 data_dirs: dict[str, Path] | None = None, key_services: dict[str, str] | None = None
-                 ) -> None:
+                 data_dirs: dict[str, Path] | None = None, key_services: dict[str, str] | None = None,
+                 hooks: LaunchHooks | None = None) -> None:
+        if hooks is not None and enclave != "none":
+            raise LaunchError("launch hooks change a node's command line; an enclave's is signed")
+        self.hooks = hooks
         self.build_dir = build_dir.resolve()
         self.enclave: Enclave = enclave
         self.run_dir = run_dir.resolve()
@@ -210,12 +227,14 @@ class Launcher:
         self.data_dirs = data_dirs or {}  # node id -> host folder of its encrypted csv files (enclave runs)
         self.key_services = key_services or {}  # node id -> HOST:PORT of its data owner's key service
         self._lock = threading.Lock()
-        self._metrics = None
+        self._metrics: TextIO | None = None
         self._changed = threading.Event()
 
     # -- events ---------------------------------------------------------------------------------------------
 
     def _on_event(self, st: NodeState, ev: dict[str, Any]) -> None:
+        if self.hooks is not None:
+            self.hooks.on_event(st.id, ev)
         kind = ev.get("event")
         with self._lock:
             if kind == "phase":
@@ -284,16 +303,19 @@ class Launcher:
 
     def _spawn(self, st: NodeState) -> None:
         cwd: Path | None = None
+        env = node_env()
         if self.enclave == "none":
             cmd = node_command(self.build_dir, st.id, self.run_dir / "addresses.json", self.run_dir,
                                self.trust_dir, self.node_args.get(st.id))
+            if self.hooks is not None:
+                cmd, env = self.hooks.node_command(st.id, cmd)
         else:  # the manifest fixes the node's command line: nothing to pass but the manifest
             cmd, cwd = enclave_runner.prepare(self.build_dir, st.id, self.run_dir,
                                               party_trust_dir(self.trust_dir, st.id),
                                               self.enclave, self.data_dirs.get(st.id))
         err = open(st.log_path, "a", encoding="utf-8")  # type: ignore[arg-type]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                text=True, bufsize=1, env=node_env(), cwd=cwd)
+                                text=True, bufsize=1, env=env, cwd=cwd)
         err.close()
         st.proc = proc
         threading.Thread(target=self._reader, args=(st, proc), daemon=True, name=f"read-{st.id}").start()

@@ -23,24 +23,24 @@ import signal
 import sys
 import threading
 import time
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used: the node starts (and fails on bad input) before heavy imports
+    from fldsl.artifacts import DataSpec, Plan
     from fldsl.runtime.attestation.ratls import LocalIdentity
     from fldsl.runtime.progress import Progress
     from fldsl.runtime.transport import Addresses
+    from fldsl.runtime.transport.channel import ChannelSecurity
 
-    from fldsl.artifacts import DataSpec, Plan
+from fldsl.exitcodes import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TRUST
+from fldsl.exitcodes import EXIT_RUN_FAILED as EXIT_FAILED
 
-EXIT_OK, EXIT_FAILED, EXIT_TRUST, EXIT_INTERRUPTED = 0, 1, 3, 130
-EXIT_INPUT = 2
 MAX_REJOINS = 10  # a peer restarting more often than this in one run is crashing, or abusing rejoins
 # How long past the connect deadline the node waits for the transport's own verdict on a peer (its last
 # Hello attempt, up to 10 s, plus its longest back-off, 2 s).
 VERDICT_GRACE_S = 15.0
-NODE_DIR_URI = "file:node/"  # = fldsl.compiler.manifest.NODE_DIR_URI
 # The manifest's encrypted mount (node.manifest.template.j2): { path = "/fldsl/data", uri = "file:data",
 # key_name = "data" }.
 ENCLAVE_DATA_DIR = "/fldsl/data"
@@ -113,19 +113,14 @@ def manifest_path(ndir: Path, args: argparse.Namespace | None = None) -> Path:
 
 
 def listed_hashes(toml_text: str, where: Path) -> dict[str, str]:
-    """``{file name: sha256}`` of the node files the manifest lists as trusted (same reading as
-    ``fldsl.compiler.manifest.trusted_node_files``; re-implemented: the runtime never imports the
-    compiler)."""
+    """``{file name: sha256}`` of the node files the manifest lists as trusted: the compiler's own reader
+    (fldsl.trusted_files), so the node refuses whatever the compiler would (fails closed, exit 3)."""
+    from fldsl.trusted_files import TrustedFilesError, trusted_node_files
+
     try:
-        doc = tomllib.loads(toml_text)
-    except tomllib.TOMLDecodeError as e:
-        raise NodeError(f"{where}: not valid TOML: {e}", EXIT_TRUST) from None
-    out: dict[str, str] = {}
-    for entry in doc.get("sgx", {}).get("trusted_files", []) or []:
-        if isinstance(entry, dict) and isinstance(entry.get("uri"), str) and \
-                entry["uri"].startswith(NODE_DIR_URI) and isinstance(entry.get("sha256"), str):
-            out[entry["uri"][len(NODE_DIR_URI):]] = entry["sha256"].lower()
-    return out
+        return trusted_node_files(toml_text)
+    except TrustedFilesError as e:
+        raise NodeError(f"{where}: {e}; recompile the pipeline", EXIT_TRUST) from None
 
 
 def check_artifacts(ndir: Path, args: argparse.Namespace | None = None) -> bytes:
@@ -302,15 +297,19 @@ def _preload_tensorflow() -> None:
         log.debug("background TensorFlow import failed", exc_info=True)
 
 
-def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> dict[str, Any]:
+def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
+             security: ChannelSecurity | None = None, verifier_for: Callable[..., Any] | None = None,
+             ) -> dict[str, Any]:
+    """The node. ``security`` and ``verifier_for`` (PeerVerifier's signature) default to the attested
+    mutual TLS and the pins' verifier; only a Python caller can pass others (main's docstring)."""
+    from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
     from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
     from fldsl.runtime.transport import Transport, load_addresses
-
-    from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
+    from fldsl.runtime.transport.channel import MUTUAL_TLS
 
     check_interpreter()
     ndir = Path(args.node_dir) if args.node_dir is not None else node_dir(args.build, args.node)
@@ -351,7 +350,8 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         plan = predict_plan(plan)
         predicting = {"part": part, "out": args.predict_out or args.run_dir / "scores.csv"}
     progress.emit("attested", backend=backend.kind, simulated=backend.kind == "sim", runner=args.runner)
-    verifier = PeerVerifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
+    make_verifier = verifier_for or PeerVerifier
+    verifier = make_verifier(pins, policy.attestation, sim_roots=roots, own_pins_digest=digest)
     addresses = load_addresses(args.addresses)
     plan = provision_data(args, plan, identity, addresses, progress)
     from fldsl.runtime.csvschema import check_schemas
@@ -364,9 +364,11 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
         return make_identity(backend, node_id=args.node, pins_digest=digest)
 
-    transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
-                          verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
-                          renew_identity=renew, listen_host=_listen_host(args, addresses))
+    transport = Transport(
+        node_id=args.node, policy=policy, peers=plan.peers, identity=identity, verifier=verifier,
+        addresses=addresses, connect_timeout_s=args.connect_timeout, renew_identity=renew,
+        listen_host=_listen_host(args, addresses), security=security or MUTUAL_TLS)
+    closed = False  # closed with the full flush on success; the finally below closes it on any failure
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
@@ -437,14 +439,14 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         result["owner_exports"] = dict(ctx.owner_exports)
         # Let the peers read what we sent last before our end of the streams goes away.
         transport.close(flush_timeout=10.0)
-        transport = None
+        closed = True
         return result
     except BaseException as e:
         # Say why before the streams close: the peers fail as soon as they notice, and the launcher stops
         # this node then; it must already know the cause (a bad input, a trust refusal), not only theirs.
         raise _report(e, progress) from e
     finally:
-        if transport is not None:
+        if not closed:
             transport.close(flush_timeout=1.0)
 
 
@@ -467,6 +469,7 @@ def _report(exc: BaseException, progress: Progress) -> _Reported:
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
+    from fldsl.artifacts import ArtifactError
     from fldsl.runtime.attestation.backend import AttestationError
     from fldsl.runtime.checkpoint import CheckpointError
     from fldsl.runtime.data import DataError
@@ -474,8 +477,6 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     from fldsl.runtime.roles.common import Interrupted, RoleError
     from fldsl.runtime.sealing import SealError
     from fldsl.runtime.transport import FlowRefused, TransportError, is_trust_failure
-
-    from fldsl.artifacts import ArtifactError
 
     if isinstance(exc, NodeError):
         return exc.code, str(exc)
@@ -522,7 +523,10 @@ def _in_gramine() -> bool:
     return Path("/dev/attestation").exists()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, security: ChannelSecurity | None = None,
+         verifier_for: Callable[..., Any] | None = None) -> int:
+    """``python -m fldsl.runtime.node``. The keywords exist for the bench's plain mode (fldsl.bench.node),
+    which measures the node without attestation and TLS: no flag or file of the node reaches them."""
     # Before TensorFlow is imported anywhere: quiet C++ logs, and keep oneDNN from printing its banner.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -544,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_node(args, progress, stop)
+        result = run_node(args, progress, stop, security, verifier_for)
     except _Reported as r:
         return r.code
     except BaseException as e:  # every failure becomes an exit code + one clear line

@@ -28,18 +28,19 @@ import io
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Final, Literal
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from fldsl.runtime.sealing import atomic_output
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fldsl.runtime.sealing import atomic_output
+
 MAGIC = b"FLDSLOX1"
-FORMAT = "fldsl.owner-export/1"
+FORMAT: Final = "fldsl.owner-export/1"
 CHUNK = 1 << 20
 MAX_CHUNK = 64 << 20
 MAX_HEADER = 16 << 10

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fldsl.runtime import savedmodel as sm
 
 from fldsl.artifacts import FILE_READERS, ArtifactError, DataSpec, Plan, load_model
+from fldsl.runtime import savedmodel as sm
 
 BATCH = 8192  # rows per signature call: bounds memory for large files
 

@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fldsl.runtime.data import DataError
 
 from fldsl.artifacts import FILE_READERS, POOLED_STATS, ColumnSpec, DataSpec
+from fldsl.runtime.data import DataError
 
 if TYPE_CHECKING:
     from fldsl.runtime.data import RawColumn
@@ -60,7 +60,7 @@ def feature_specs(spec: DataSpec) -> list[ColumnSpec]:
     return [by_name[n] for n in spec.feature_columns]
 
 
-def missing_mask(cells: Sequence[str], token: str | None) -> np.ndarray:
+def missing_mask(cells: Sequence[str] | np.ndarray, token: str | None) -> np.ndarray:
     """True where a cell is missing: empty (after stripping spaces) or equal to ``token``."""
     stripped = np.char.strip(np.asarray(cells, dtype=str)) if len(cells) else np.zeros(0, dtype=str)
     mask = stripped == ""
@@ -69,7 +69,7 @@ def missing_mask(cells: Sequence[str], token: str | None) -> np.ndarray:
     return np.asarray(mask, dtype=bool)
 
 
-def raw_columns(spec: DataSpec, cells: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+def raw_columns(spec: DataSpec, cells: Mapping[str, Sequence[str] | np.ndarray]) -> dict[str, np.ndarray]:
     """The feature columns as read, from their csv cells (already checked against the schema):
     numeric/integer as float64 with NaN where missing, category as text with missing values ``""``."""
     out: dict[str, np.ndarray] = {}

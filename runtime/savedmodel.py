@@ -307,6 +307,7 @@ def build_pack(plan: Plan, policy: Policy, weights: Sequence[np.ndarray], *,
     ``preprocessing``: ``{data set: fitted}`` of this node (``ctx.cache["preprocessing"]``), applied inside
     the serving function to the data set's raw cells."""
     import tensorflow as tf
+
     from fldsl.runtime.roles.common import input_specs
     from fldsl.stdlib.tf import build_segment
 

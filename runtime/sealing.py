@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import os
 import struct
@@ -33,12 +34,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from fldsl.runtime.cpu import worker_count
 
 MAGIC = b"FLDSLSL1"
@@ -168,7 +170,7 @@ class _Source:
     """Chunks of the input as memoryviews: slices of an in-memory buffer, or reads into one reused buffer
     (fresh 1 MiB allocations per chunk cost more than AES-GCM itself)."""
 
-    def __init__(self, data: memoryview | None, f: BinaryIO | None, bufsize: int) -> None:
+    def __init__(self, data: memoryview | None, f: io.BufferedIOBase | None, bufsize: int) -> None:
         self.data, self.f, self.pos = data, f, 0
         self.buf = memoryview(bytearray(bufsize)) if f is not None else None
 
@@ -310,7 +312,7 @@ def atomic_output(dst: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 
 def seal_file(
-    src: Path | str | bytes,
+    src: Path | str | bytes | bytearray | memoryview,
     dst: Path | str,
     *,
     key: bytes,
@@ -407,7 +409,11 @@ def _unseal_stream(h: SealedHeader, src: _Source, out: BinaryIO | None, *, key: 
                     f"sealed file truncated: chunk {i + 1} of {n} is missing or short "
                     f"({h.total_length} plaintext bytes expected)",
                 )
-            dest = oview[i * h.chunk_size : i * h.chunk_size + size] if oview is not None else pbuf[:size]
+            if oview is not None:
+                dest = oview[i * h.chunk_size : i * h.chunk_size + size]
+            else:
+                assert pbuf is not None  # made above exactly when there is no output buffer
+                dest = pbuf[:size]
             open_chunk(i, ct, dest)
             if out is not None:
                 out.write(dest)
@@ -437,6 +443,12 @@ def unseal_bytes(
     return out
 
 
+@overload
+def unseal_file(src: Path | str, dst: None = None, *, key: bytes, node_id: str, name: str,
+                min_version: int | None = None, version: int | None = None) -> bytearray: ...
+@overload
+def unseal_file(src: Path | str, dst: Path | str, *, key: bytes, node_id: str, name: str,
+                min_version: int | None = None, version: int | None = None) -> SealedHeader: ...
 def unseal_file(
     src: Path | str,
     dst: Path | str | None = None,

@@ -127,8 +127,7 @@ def _positive(p: dict[str, Any], *keys: str) -> None:
 
 
 def fmt_spec(s: TensorSpec) -> str:
-    dims = ", ".join("batch" if d is None else str(d) for d in s.shape)
-    return f"{s.dtype}[{dims}]"
+    return s.text()
 
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import click
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, parse_sets
-from fldsl.cli.check import print_diagnostics, print_warnings
+from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_OK, output, parse_sets
+from fldsl.cli.check import print_warnings, warnings_json
 from fldsl.diagnostics import FldslError
 
 
@@ -64,6 +63,7 @@ from fldsl.diagnostics import FldslError
               "cluster, or on one docker host).")
 @click.option("--image", default=None, metavar="IMAGE",
               help="--target: the image the nodes run (default fldsl:<version>, built by the Dockerfile).")
+@click.option("--json", "as_json", is_flag=True, help=output.JSON_HELP)
 def command(
     file: str,
     out_dir: str | None,
@@ -76,6 +76,7 @@ def command(
     expose: str | None,
     addresses_file: str | None,
     image: str | None,
+    as_json: bool,
 ) -> None:
     """Compile a .flp pipeline into per-node plans, policies, pins and Gramine manifests."""
     from fldsl.api import compile_pipeline
@@ -93,24 +94,26 @@ def command(
         result = compile_pipeline(file, out_dir, parse_sets(sets), target, owner_keys, party=party,
                                   expose=expose, addresses=addresses_file, image=image)
     except FldslError as e:
-        print_diagnostics(e)
-        sys.exit(EXIT_INPUT)
+        output.fail_diagnostics(e, EXIT_INPUT)
     print_warnings(result.warnings, {file: Path(file).read_text(encoding="utf-8")})
     if sign_key is not None:
         try:
             sign = importlib.import_module("fldsl.compiler.sign")
         except ModuleNotFoundError:
-            click.echo("error: --sign is not available in this build", err=True)
-            sys.exit(EXIT_ENV)
+            output.fail(EXIT_ENV, "--sign is not available in this build")
         try:
             signed = sign.sign_build(result.build_dir, Path(sign_key), entrypoint=entrypoint)
         except sign.GramineMissing as e:
-            click.echo(f"error: --sign: {e}", err=True)
-            sys.exit(EXIT_ENV)
+            output.fail(EXIT_ENV, f"--sign: {e}")
         except sign.SignError as e:
-            click.echo(f"error: --sign: {e}", err=True)
-            sys.exit(EXIT_INPUT)
+            output.fail(EXIT_INPUT, f"--sign: {e}")
     nodes = sorted({f.split("/")[1] for f in result.files if f.startswith("nodes/")})
+    if as_json:
+        output.emit(EXIT_OK, build_dir=str(result.build_dir), digest=result.digest, files=list(result.files),
+                    nodes=nodes, warnings=warnings_json(result.warnings), diagnostics=[],
+                    signed=[{"node": s.node_id, "mr_enclave": s.mr_enclave, "trusted_files": s.trusted_files}
+                            for s in signed] if sign_key is not None else [])
+        return
     click.echo(f"compiled {result.build_dir}  digest {result.digest}")
     click.echo(f"  pipeline.json  ({len(result.files)} files)")
     for n in nodes:
@@ -146,7 +149,6 @@ def _read_owner_keys(items: tuple[str, ...]) -> dict[str, str]:
             with open(path, "rb") as f:
                 data = f.read(1 << 16)  # a public key PEM is a few hundred bytes; compile refuses the rest
         except OSError as e:
-            click.echo(f"error: --owner-key {party}: cannot read {path}: {e.strerror}", err=True)
-            sys.exit(EXIT_INPUT)
+            output.fail(EXIT_INPUT, f"--owner-key {party}: cannot read {path}: {e.strerror}")
         out[party] = data.decode("ascii", errors="replace")
     return out

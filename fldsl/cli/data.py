@@ -40,7 +40,7 @@ def command() -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def keygen(out: Path) -> None:
     """Write a new random 16-byte data key to OUT (mode 0600; never overwrites, never follows a symlink)."""
-    from fldsl.runtime.attestation._crypto import write_secret
+    from fldsl.runtime.attestation.crypto import write_secret
 
     try:
         write_secret(out, os.urandom(KEY_BYTES))  # O_CREAT|O_EXCL: refuses existing files and symlinks

@@ -28,7 +28,7 @@ class _InputError(Exception):
     """Bad FILE / options: printed as one line, exit 2."""
 
 
-def _violations(raw: Iterable[Any]) -> list[Any]:
+def _violations(raw: Iterable[Any] | None) -> list[Any]:
     """The compiler's violating flows as draw.Violation (objects or dicts with src, dst, tensor, message)."""
     from fldsl.compiler.draw import Violation
 

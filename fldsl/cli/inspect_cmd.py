@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST
+from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, output
 
 DEFAULT_TRUST_DIR = Path(".fldsl/trust")
 _trust_dir = click.option(
@@ -19,7 +19,7 @@ _trust_dir = click.option(
     help="Simulated trust material to verify against: a party's folder (its root and its pinned peers'), "
     "or a trust root holding party folders.",
 )
-_json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+_json = click.option("--json", "as_json", is_flag=True, help=output.JSON_HELP)
 
 
 @click.group(name="inspect")
@@ -31,8 +31,7 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        click.echo(f"error: {path}: {e.strerror}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, f"{path}: {e.strerror}")
 
 
 def _roots(trust_dir: Path) -> dict[str, bytes]:
@@ -47,8 +46,7 @@ def _roots(trust_dir: Path) -> dict[str, bytes]:
         try:
             roots.update(sim_roots(folder))
         except AttestationError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_INPUT)
+            output.fail(EXIT_INPUT, str(e))
     return roots
 
 
@@ -73,11 +71,9 @@ def _genuine(quote: Any, trust_dir: Path, party: str | None = None) -> Any:
         return Verdict(False, False, "qvl-missing", str(e))
 
 
-def _emit(doc: dict[str, Any], as_json: bool, title: str) -> None:
+def _emit(doc: dict[str, Any], as_json: bool, title: str, code: int) -> None:
     if as_json:
-        from fldsl.artifacts import dump_json
-
-        click.echo(dump_json(doc), nl=False)
+        output.emit(code, **doc)
         return
     click.echo(title)
 
@@ -109,8 +105,7 @@ def _peer_check(file: Path, node_dir: Path, expect: str | None, trust_dir: Path)
         pins = load_model(Pins, node_dir / "pins.json")
         policy = load_model(Policy, node_dir / "policy.json")
     except ArtifactError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, str(e))
     verifier = PeerVerifier(pins, policy.attestation, sim_roots=_roots(trust_dir),
                             own_pins_digest=pins.digest())
     try:
@@ -146,8 +141,7 @@ def cert(file: Path, as_json: bool, trust_dir: Path, node_dir: Path | None, expe
     try:
         ev = parse_certificate(_read(file))
     except CertificateError as e:
-        click.echo(f"error: {file}: {e}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, f"{file}: {e}")
     verdict = _genuine(ev.quote, trust_dir, ev.node_id.split(".", 1)[0] if ev.node_id else None)
     doc = ev.summary()
     doc["genuine"] = _verdict_doc(verdict)
@@ -165,8 +159,9 @@ def cert(file: Path, as_json: bool, trust_dir: Path, node_dir: Path | None, expe
     if node_dir is not None:
         doc["peer_check"] = _peer_check(file, node_dir, expect, trust_dir)
         failed = failed or not doc["peer_check"]["accepted"]
-    _emit(doc, as_json, f"RA-TLS certificate {file}")
-    sys.exit(EXIT_TRUST if failed else EXIT_OK)
+    code = EXIT_TRUST if failed else EXIT_OK
+    _emit(doc, as_json, f"RA-TLS certificate {file}", code)
+    sys.exit(code)
 
 
 @command.command(name="quote")
@@ -184,13 +179,13 @@ def quote(file: Path, as_json: bool, trust_dir: Path) -> None:
     try:
         q = Quote.parse(raw)
     except QuoteError as e:
-        click.echo(f"error: {file}: {e}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, f"{file}: {e}")
     verdict = _genuine(q, trust_dir)
     doc = q.summary()
     doc["genuine"] = _verdict_doc(verdict)
-    _emit(doc, as_json, f"SGX quote {file}")
-    sys.exit(EXIT_OK if verdict.ok else EXIT_TRUST)
+    code = EXIT_OK if verdict.ok else EXIT_TRUST
+    _emit(doc, as_json, f"SGX quote {file}", code)
+    sys.exit(code)
 
 
 @command.command(name="sealed")
@@ -208,11 +203,9 @@ def sealed(file: Path, as_json: bool, trust_dir: Path, key_file: Path | None) ->
     try:
         header = sealing.read_header_file(file)
     except OSError as e:
-        click.echo(f"error: {file}: {e.strerror}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, f"{file}: {e.strerror}")
     except sealing.SealError as e:
-        click.echo(f"error: {file}: {e}", err=True)
-        sys.exit(EXIT_INPUT)
+        output.fail(EXIT_INPUT, f"{file}: {e}")
     doc: dict[str, Any] = header.summary()
     doc["file_bytes"] = file.stat().st_size
     party_dir = trust_dir / header.node_id.split(".", 1)[0]
@@ -226,5 +219,5 @@ def sealed(file: Path, as_json: bool, trust_dir: Path, key_file: Path | None) ->
         except sealing.SealError as e:
             status, code = f"REFUSED: {e}", EXIT_TRUST
     doc["integrity"] = status
-    _emit(doc, as_json, f"sealed file {file}")
+    _emit(doc, as_json, f"sealed file {file}", code)
     sys.exit(code)

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import click
 
-from fldsl.cli import EXIT_INPUT, EXIT_OK
+from fldsl.cli import EXIT_INPUT, EXIT_OK, output
 
 MAX_KEY_FILE = 4096  # read at most this much of a key file (a key is 16 bytes)
 
@@ -32,8 +32,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+    output.fail(code, message)
 
 
 def _read_keys(items: list[tuple[str, str]]) -> dict[str, bytes]:
@@ -128,8 +127,12 @@ def serve(build_dir: Path, key_items: tuple[str, ...], grant_items: tuple[str, .
     except KeyServiceError as e:
         _fail(str(e))
     mode = verifier.requirement.mode
-    click.echo(f"key service listening on {server.address} ({mode} attestation; keys: "
-               + "; ".join(f"{n} -> {', '.join(ids)}" for n, ids in sorted(grants.items())) + ")")
+    if output.is_json():  # a server streams: JSON lines, the address first (whoever started it reads it)
+        output.emit_line("listening", address=server.address, attestation=mode,
+                         grants={n: sorted(ids) for n, ids in sorted(grants.items())})
+    else:
+        click.echo(f"key service listening on {server.address} ({mode} attestation; keys: "
+                   + "; ".join(f"{n} -> {', '.join(ids)}" for n, ids in sorted(grants.items())) + ")")
     sys.stdout.flush()
 
     stop = threading.Event()
@@ -142,5 +145,8 @@ def serve(build_dir: Path, key_items: tuple[str, ...], grant_items: tuple[str, .
     while not stop.wait(0.5):
         pass
     server.stop()
-    click.echo("key service stopped")
+    if output.is_json():
+        output.emit_line("done", ok=True, exit_code=EXIT_OK)
+    else:
+        click.echo("key service stopped")
     sys.exit(EXIT_OK)

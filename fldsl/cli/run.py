@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable
@@ -15,7 +14,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from fldsl.cli import EXIT_ENV, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, EXIT_TRUST, parse_sets
+from fldsl.cli import (
+    EXIT_ENV,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_TRUST,
+    output,
+    parse_sets,
+)
 from fldsl.runtime.enclave_runner import ENCLAVES
 
 
@@ -32,10 +40,8 @@ def _build_dir(target: Path, params: dict[str, str]) -> Path:
 
     try:
         return Path(load_or_compile(target, params))
-    except FldslError as e:
-        render = getattr(e, "render", None)
-        click.echo(render() if callable(render) else str(e), err=True)
-        sys.exit(EXIT_INPUT)
+    except FldslError as e:  # under --json: the diagnostics as objects (this printed nothing before)
+        output.fail_diagnostics(e, EXIT_INPUT)
 
 
 class RichDisplay:
@@ -268,17 +274,18 @@ def command(target: Path, sets: tuple[str, ...], as_json: bool, only: str | None
                                 enclave=enclave, data_dirs=data_dirs,  # type: ignore[arg-type]
                                 key_services=key_services, node_args=node_args)
     except L.LaunchError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        output.fail(e.exit_code, str(e))
     except KeyboardInterrupt:  # Ctrl-C outside the launcher's wait loop (during start-up)
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        output.fail(EXIT_INTERRUPTED, "interrupted")
     except OSError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_ENV)
+        output.fail(EXIT_ENV, str(e))
     result.exit_code = run_exit_code(result)
     if as_json:
-        click.echo(json.dumps(result.to_json(), sort_keys=True, indent=2))
+        doc = result.to_json()
+        failed = root_failure(result) if result.exit_code else None
+        if failed is not None:
+            doc["error"] = {"message": f"node {failed.id} failed: {failed.error or ''}", "hint": None}
+        output.emit(result.exit_code, **doc)
     else:
         print_summary(console, result)
     sys.exit(result.exit_code if result.exit_code else EXIT_OK)

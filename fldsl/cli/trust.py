@@ -111,7 +111,7 @@ def show(party: str, root: Path) -> None:
 def owner_key(private_out: Path, public_out: Path | None, kind: str) -> None:
     """Make a model owner's key pair: PRIVATE_OUT (0600) stays with the owner, the public key goes to
     `fldsl compile --owner-key PARTY=PUBLIC.pem`. Never overwrites, never follows a symlink."""
-    from fldsl.runtime.attestation._crypto import write_public, write_secret
+    from fldsl.runtime.attestation.crypto import write_public, write_secret
     from fldsl.runtime.owner_export import generate_owner_key
 
     public_out = public_out or private_out.with_suffix(".pub.pem")

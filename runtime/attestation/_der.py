@@ -2,9 +2,9 @@
 
 Why not ``cryptography.x509``: real RA-TLS certificates from Gramine (mbedTLS < 3.5) and the Intel SGX SDK
 put a NULL parameter in the ECDSA signature AlgorithmIdentifier, which ``cryptography`` ≥ 50 refuses to
-parse (gramine.md §5.6). The verifier needs only a few fields (TBS bytes, signature, SPKI, validity, subject
-CN, extensions), so we read them ourselves and hand the SPKI to ``cryptography`` for the key. Every read is
-bounds-checked; malformed input raises :class:`DerError`.
+parse (docs/trust.md, "RA-TLS certificates"). The verifier needs only a few fields (TBS bytes, signature,
+SPKI, validity, subject CN, extensions), so we read them ourselves and hand the SPKI to ``cryptography`` for
+the key. Every read is bounds-checked; malformed input raises :class:`DerError`.
 """
 
 from __future__ import annotations

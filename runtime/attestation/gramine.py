@@ -1,4 +1,5 @@
-"""The real attestation backend: DCAP quotes through Gramine's ``/dev/attestation`` (gramine.md §4).
+"""The real attestation backend: DCAP quotes through Gramine's ``/dev/attestation`` (Gramine's attestation
+pseudo-files: ``user_report_data``, ``quote``).
 
 Runs inside ``gramine-sgx`` with ``sgx.remote_attestation = "dcap"``. The root is configurable so tests run
 against a fake directory with the same files. Fails closed: anything but ``attestation_type == "dcap"`` is an
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from fldsl.runtime.attestation import qvl
 from fldsl.runtime.attestation.backend import AttestationError, Verdict
 from fldsl.runtime.attestation.quote import Quote, QuoteError

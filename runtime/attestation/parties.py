@@ -24,19 +24,20 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from fldsl.runtime.attestation import _crypto
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from fldsl.runtime.attestation import crypto
 from fldsl.runtime.attestation.backend import AttestationError
 from fldsl.runtime.attestation.sim import FILES, SimDeployment, trust_init
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 IDENTITY_FILE = "identity.json"
 PEERS_DIR = "peers"
-IDENTITY_FORMAT = "fldsl.party-identity/1"
+IDENTITY_FORMAT: Final = "fldsl.party-identity/1"
 MAX_IDENTITY_BYTES = 64 << 10  # a root certificate and a few names; anything larger is not an identity
 _PARTY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # the grammar's identifiers: a party name is one
 
@@ -145,7 +146,7 @@ def init_party(root: Path, party: str) -> tuple[SimDeployment, PartyIdentity]:
             raise AttestationError(f"{ident_path}: does not match {d / FILES['root_cert']} (edited, or the "
                                    "keys were replaced); remove identity.json to write it anew")
     else:
-        _crypto.write_public(ident_path, ident.dump())
+        crypto.write_public(ident_path, ident.dump())
         dep.created.append(IDENTITY_FILE)
     (d / PEERS_DIR).mkdir(mode=0o755, exist_ok=True)
     return dep, ident
@@ -177,7 +178,7 @@ def add_peer(folder: Path, ident: PartyIdentity, *, replace: bool = False) -> st
         dst.unlink()
         state = "replaced"
     try:
-        _crypto.write_public(dst, ident.dump())
+        crypto.write_public(dst, ident.dump())
     except FileExistsError:  # another launcher pinned it meanwhile: fine if it pinned the same identity
         if load_identity(dst) != ident:
             raise AttestationError(

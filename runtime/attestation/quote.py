@@ -1,7 +1,7 @@
 """SGX ECDSA (DCAP) quotes: strict parsing of v3 / v4 SGX quotes and building of v3 quotes.
 
-Byte layout from reference/gramine.md §6 (Intel ``sgx_quote_3.h`` / ``sgx_quote_4.h``, QVL). All integers are
-little-endian; ECDSA signatures and public keys are raw ``r‖s`` / ``x‖y`` (2 × 32 bytes, big-endian).
+Byte layout of Intel's ``sgx_quote_3.h`` / ``sgx_quote_4.h`` (the DCAP quote library and QVL). All integers
+are little-endian; ECDSA signatures and public keys are raw ``r‖s`` / ``x‖y`` (2 × 32 bytes, big-endian).
 
 Parsing never trusts a length field: every read is bounds-checked and a malformed quote raises
 :class:`QuoteError` naming what is wrong, so a hostile peer cannot make the verifier crash with an
@@ -47,7 +47,8 @@ class QuoteError(ValueError):
 
 @dataclass(frozen=True)
 class ReportBody:
-    """The 384-byte SGX report body (gramine.md §6.2), used both for the enclave and the QE report."""
+    """The 384-byte SGX report body (``sgx_report_body_t`` of ``sgx_report.h``), used both for the enclave and
+    the QE report."""
 
     raw: bytes
 
@@ -93,9 +94,9 @@ def make_report_body(
     ):
         if len(value) != size:
             raise QuoteError(f"{name} must be {size} bytes, got {len(value)}")
-    for name, value in (("isv_prod_id", isv_prod_id), ("isv_svn", isv_svn)):
-        if not 0 <= value <= 0xFFFF:
-            raise QuoteError(f"{name} must fit in 16 bits, got {value}")
+    for name, number in (("isv_prod_id", isv_prod_id), ("isv_svn", isv_svn)):
+        if not 0 <= number <= 0xFFFF:
+            raise QuoteError(f"{name} must fit in 16 bits, got {number}")
     raw = bytearray(BODY_SIZE)
     raw[0:16] = cpu_svn
     struct.pack_into("<I", raw, 16, misc_select)

@@ -2,7 +2,7 @@
 
 ``libsgx_dcap_quoteverify.so`` (package ``libsgx-dcap-quote-verify``) fetches collateral from the PCCS
 configured in ``/etc/sgx_default_qcnl.conf`` and checks the PCK chain to the Intel SGX Root CA, the QE
-report, the ISV signature and the TCB level (gramine.md §5.3 step 3, §6.3). We accept only
+report, the ISV signature and the TCB level (Intel's DCAP Quote Verification Library). We accept only
 ``SGX_QL_QV_RESULT_OK`` with unexpired collateral: the policy format has no knobs for out-of-date TCBs, so
 anything else fails closed with the status named.
 

@@ -1,7 +1,7 @@
 """RA-TLS certificates: make ours, parse anyone's (fldsl, Gramine, Intel SGX SDK).
 
 A node makes a fresh ECDSA key pair at every start and a short-lived self-signed certificate that carries
-its quote in two extensions (gramine.md §5.1–5.2):
+its quote in two extensions (Gramine's RA-TLS: docs/trust.md, "RA-TLS certificates"):
 
 * TCG DICE tagged evidence, OID ``2.23.133.5.4.9``: CBOR ``tag(60000)[quote bstr, claims bstr]``; claims are a
   CBOR map ``{"pubkey-hash": bstr(cbor [1, sha256(SPKI DER)]), "fldsl-pins": bstr(32), "fldsl-node": tstr}``
@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fldsl.runtime.attestation import _der
 from fldsl.runtime.attestation.backend import AttestationBackend
 from fldsl.runtime.attestation.quote import Quote, QuoteError

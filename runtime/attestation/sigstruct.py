@@ -1,4 +1,5 @@
-"""The SGX SIGSTRUCT that ``gramine-sgx-sign`` writes (``<node>.sig``, 1808 bytes; gramine.md §3.3).
+"""The SGX SIGSTRUCT that ``gramine-sgx-sign`` writes (``<node>.sig``, 1808 bytes; layout: Intel SDM vol. 3D,
+"SIGSTRUCT").
 
 Under real SGX the CPU checks it at EINIT and reports its MRENCLAVE / MRSIGNER in every quote. Under
 ``gramine-direct`` nothing checks it, so the simulated backend does what EINIT would: it verifies the RSA-3072
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
 from fldsl.runtime.attestation.backend import AttestationError
 
 SIGSTRUCT_SIZE = 1808

@@ -9,9 +9,10 @@
     sealing.key                      32 random bytes: root of every sealing key in sim mode
 
 Private files are created 0600 and never overwritten. A sim quote has exactly the v3 layout of a real DCAP
-quote (gramine.md §6) with the distinct vendor id ``SIM_QE_VENDOR_ID``, so Intel's QVL can never accept it,
-and :func:`verify_sim_quote` runs the same chain checks as QVL (§6.3 relations 1, 2, 3, 5) against the
-deployment's sim root instead of Intel's.
+quote (Intel's ``sgx_quote_3.h`` layout) with the distinct vendor id ``SIM_QE_VENDOR_ID``, so Intel's QVL can
+never accept it, and :func:`verify_sim_quote` runs the same chain checks as QVL (PCK chain to the root, QE
+report signed by the PCK key, QE report binding the attestation key, quote signed by the attestation key)
+against the deployment's sim root instead of Intel's.
 
 What this proves and what it cannot (docs/trust.md): a sim quote shows that whoever produced it holds the
 deployment's attestation key and computed ``mr_enclave`` from the files it runs; it cannot show that the
@@ -32,7 +33,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from fldsl.runtime.attestation import _crypto
+
+from fldsl.artifacts import Identity
+from fldsl.measurement import mr_signer_of, sim_mr_enclave, sim_mr_enclave_gramine
+from fldsl.runtime.attestation import crypto
 from fldsl.runtime.attestation.backend import AttestationError, Verdict
 from fldsl.runtime.attestation.quote import (
     CERT_TYPE_PCK_CHAIN,
@@ -46,9 +50,6 @@ from fldsl.runtime.attestation.quote import (
     build_quote,
     make_report_body,
 )
-
-from fldsl.artifacts import Identity
-from fldsl.measurement import sim_mr_enclave, sim_mr_enclave_gramine
 
 ROOT_CN = "fldsl SIMULATED SGX Root CA — not Intel"
 PCK_CN = "fldsl SIMULATED SGX PCK Certificate — not Intel"
@@ -84,7 +85,7 @@ class SimDeployment:
 
     @property
     def mr_signer(self) -> bytes:
-        return _crypto.mr_signer_of(self.signing_key)
+        return mr_signer_of(self.signing_key)
 
     @property
     def sealing_key_path(self) -> Path:
@@ -205,7 +206,7 @@ def _init_locked(d: Path, party: str | None) -> SimDeployment:
     now = dt.datetime.now(dt.UTC)
 
     def make(kind: str, data: bytes) -> None:
-        (_crypto.write_secret if kind in SECRET_FILES else _crypto.write_public)(p[kind], data)
+        (crypto.write_secret if kind in SECRET_FILES else crypto.write_public)(p[kind], data)
         created.append(FILES[kind])
 
     root_present = p["root_cert"].exists(), p["root_key"].exists()
@@ -215,7 +216,7 @@ def _init_locked(d: Path, party: str | None) -> SimDeployment:
         if p["pck_cert"].exists():
             raise AttestationError(f"{d}: pck.pem exists without its root CA; remove it or restore root_ca.*")
         root_key = ec.generate_private_key(ec.SECP256R1())
-        make("root_key", _crypto.private_pem(root_key))
+        make("root_key", crypto.private_pem(root_key))
         make("root_cert", _ca_cert(root_key, now, party).public_bytes(serialization.Encoding.PEM))
     if not p["pck_cert"].exists():
         root_key = _load_key(p["root_key"])
@@ -224,16 +225,16 @@ def _init_locked(d: Path, party: str | None) -> SimDeployment:
             pck_key = _load_key(p["pck_key"])
         else:
             pck_key = ec.generate_private_key(ec.SECP256R1())
-            make("pck_key", _crypto.private_pem(pck_key))
+            make("pck_key", crypto.private_pem(pck_key))
         make(
             "pck_cert", _pck_cert(pck_key, root_key, root_cert, now).public_bytes(serialization.Encoding.PEM)
         )
     elif not p["pck_key"].exists():
         raise AttestationError(f"{d}: pck.pem exists without pck.key")
     if not p["attestation_key"].exists():
-        make("attestation_key", _crypto.private_pem(ec.generate_private_key(ec.SECP256R1())))
+        make("attestation_key", crypto.private_pem(ec.generate_private_key(ec.SECP256R1())))
     if not p["signing_key"].exists():
-        make("signing_key", _crypto.private_pem(rsa.generate_private_key(public_exponent=3, key_size=3072)))
+        make("signing_key", crypto.private_pem(rsa.generate_private_key(public_exponent=3, key_size=3072)))
     if not p["sealing_key"].exists():
         make("sealing_key", os.urandom(32))
     dep = SimDeployment.load(d)
@@ -298,7 +299,7 @@ class SimBackend:
         if len(report_data) != 64:
             raise AttestationError(f"report_data must be exactly 64 bytes, got {len(report_data)}")
         dep = self.deployment
-        att_pub = _crypto.raw_public_p256(dep.attestation_key)
+        att_pub = crypto.raw_public_p256(dep.attestation_key)
         qe_report = make_report_body(
             mr_enclave=SIM_QE_MR_ENCLAVE,
             mr_signer=dep.mr_signer,
@@ -319,10 +320,10 @@ class SimBackend:
         return build_quote(
             header=build_header(vendor_id=SIM_QE_VENDOR_ID, user_data=b"fldsl-sim"),
             body=body,
-            sign=lambda data: _crypto.sign_raw_p256(dep.attestation_key, data),
+            sign=lambda data: crypto.sign_raw_p256(dep.attestation_key, data),
             attestation_key=att_pub,
             qe_report=qe_report,
-            qe_report_signature=_crypto.sign_raw_p256(dep.pck_key, qe_report.raw),
+            qe_report_signature=crypto.sign_raw_p256(dep.pck_key, qe_report.raw),
             qe_auth_data=SIM_QE_AUTH_DATA,
             cert_data=chain,
             cert_data_type=CERT_TYPE_PCK_CHAIN,
@@ -383,11 +384,11 @@ def verify_sim_quote(
     pck_pub = pck.public_key()
     if not isinstance(pck_pub, ec.EllipticCurvePublicKey) or pck_pub.curve.name != "secp256r1":
         return _fail("bad-cert-data", "PCK key must be ECDSA P-256")
-    if not _crypto.verify_raw_with(pck_pub, q.qe_report_signature, q.qe_report.raw):
+    if not crypto.verify_raw_with(pck_pub, q.qe_report_signature, q.qe_report.raw):
         return _fail("bad-signature", "QE report signature does not verify with the PCK key")
     expected_qe_rd = hashlib.sha256(q.attestation_key + q.qe_auth_data).digest() + b"\0" * 32
     if q.qe_report.report_data != expected_qe_rd:
         return _fail("bad-qe-report", "QE report data does not bind the attestation key")
-    if not _crypto.verify_raw_p256(q.attestation_key, q.signature, q.signed_bytes):
+    if not crypto.verify_raw_p256(q.attestation_key, q.signature, q.signed_bytes):
         return _fail("bad-signature", "enclave report signature does not verify with the attestation key")
     return Verdict(True, True, "ok", f"simulated quote chain verified against {whose} sim root")

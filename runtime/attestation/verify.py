@@ -24,6 +24,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
 from fldsl.runtime.attestation import qvl
 from fldsl.runtime.attestation.backend import Verdict
 from fldsl.runtime.attestation.parties import party_of
@@ -36,8 +37,6 @@ from fldsl.runtime.attestation.quote import (
 )
 from fldsl.runtime.attestation.ratls import MAX_CERT_VALIDITY, CertificateError, Evidence, parse_certificate
 from fldsl.runtime.attestation.sim import verify_sim_quote
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 CAUSES = {
     "certificate": "the peer sent something that is not a valid, current fldsl RA-TLS certificate",

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from fldsl.artifacts import TensorSpec
 from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.common import (
-    DATA_BASE,
     RoleContext,
     RoleError,
     configure_tf,
@@ -28,8 +29,7 @@ from fldsl.runtime.roles.common import (
     send_chunked,
     unpack_arrays,
 )
-
-from fldsl.artifacts import TensorSpec
+from fldsl.runtime.transport import keys
 
 # The compiler sizes the shard flow for a worker's whole shard (its rows times the fields' bytes, plus 16
 # bytes a row for the id). Ids travel as fixed-width unicode, 4 bytes a character, so the shard a worker
@@ -76,12 +76,12 @@ def chief(ctx: RoleContext) -> dict[str, Any]:
             for fld, arr in t.fields.items():
                 bundle[f"{name}/{fld}"] = arr[rows]
             sent += len(rows)
-        send_chunked(ctx, w, ctx.flow(plan.node, w, ("data",)), DATA_BASE, pack_arrays(bundle))
+        send_chunked(ctx, w, ctx.flow(plan.node, w, ("data",)), keys.data(), pack_arrays(bundle))
         ctx.progress.emit("step", step=k + 1, total=len(sh.workers))
     # The shards are sent; wait until each worker has them all before leaving (closing our end early would
     # cut a stream still being read). The worker's acknowledgement is a control message.
     for w in sh.workers:
-        ctx.recv_json(w, DATA_BASE - 1)
+        ctx.recv_json(w, keys.control(keys.Control.DATA_RECEIVED))
     return {"metrics": {"rows_sharded": sent}, "examples_per_s": 0.0, "steps": len(sh.workers)}
 
 
@@ -127,9 +127,9 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
         flow = ctx.flow(sh.chief, plan.node, ("data",))
         limit = SHARD_SLACK * flow.max_bytes
         what = "its data shard"
-        bundle = unpack_arrays(recv_chunked(ctx, sh.chief, flow, DATA_BASE, limit, what), sh.chief,
+        bundle = unpack_arrays(recv_chunked(ctx, sh.chief, flow, keys.data(), limit, what), sh.chief,
                                limit=limit, what=what)
-        ctx.send_json(sh.chief, DATA_BASE - 1, {"received": True})
+        ctx.send_json(sh.chief, keys.control(keys.Control.DATA_RECEIVED), {"received": True})
         ctx.cache["shard"] = bundle
     fitted = bundle.get(PREPROCESSING)
     if fitted is not None and "preprocessing" not in ctx.cache:
@@ -142,7 +142,8 @@ def _worker(ctx: RoleContext) -> dict[str, Any]:
     if not tables:  # the worker's plan may name the chief's data sets only through the model inputs
         names = sorted({k.split("/", 1)[0] for k in bundle if k != PREPROCESSING})
         tables = {n: _table_from(bundle, n, sh.chief) for n in names}
-    specs = {f"{name}.{fld}": TensorSpec(shape=[None, *arr.shape[1:]], dtype=str(arr.dtype))
+    specs = {f"{name}.{fld}": TensorSpec.model_validate({"shape": [None, *arr.shape[1:]],
+                                                          "dtype": str(arr.dtype)})
              for name, t in tables.items() for fld, arr in t.fields.items()}
     return horizontal.worker(ctx, tables, specs)
 

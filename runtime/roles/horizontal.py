@@ -44,13 +44,13 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from fldsl.artifacts import Flow, Plan, TensorSpec
 from fldsl.runtime.roles.common import (
-    CTRL_BASE,
-    CTRL_INFO,
-    CTRL_SCHEDULE,
     CheckpointWriter,
     Meter,
     PeerLimitExceeded,
@@ -74,13 +74,12 @@ from fldsl.runtime.roles.common import (
     with_checkpoint_writer,
 )
 from fldsl.runtime.roles.optstate import get_opt_state, restore_training, set_opt_state, training_arrays
+from fldsl.runtime.transport import keys
 
-from fldsl.artifacts import Flow, Plan, TensorSpec
-
-# Step key (+ the agreed step) of the weights the server sends each worker after a resume. Far above
-# CTRL_ROLLBACK + n (common.py's key map) and below EVAL_BASE; keyed by step so that a copy left unread by an
-# interrupted agreement can never be taken for another step's weights.
-RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
+# The weights the server sends each worker after a resume travel under keys.resume_weights(agreed step):
+# keyed by step so that a copy left unread by an interrupted agreement is never taken for another step's.
+INFO_KEY = keys.control(keys.Control.INFO)  # worker -> server: its rows and input specs
+SCHEDULE_KEY = keys.control(keys.Control.SCHEDULE)  # server -> worker: steps per epoch, rounds
 
 # The one message of each `stats` flow (its own flow: no other message shares it). A copy a restarted
 # worker's previous process left unread is the same bytes (same rows, same statistics), so taking it
@@ -88,11 +87,10 @@ RESUME_WEIGHTS = CTRL_BASE + (1 << 40)
 STATS_KEY = 0
 
 # FedAvg pieces: at most PIECE_BYTES each (a few transport chunks: small enough to overlap the directions,
-# large enough that per-message costs stay negligible). Piece p of round r travels under
-# PIECE_BASE + r * PIECE_STRIDE + p: below CTRL_BASE and apart from the plain step keys of other flows.
+# large enough that per-message costs stay negligible). Piece p of round r travels under keys.piece(r, p),
+# apart from the plain step keys of other flows.
 PIECE_BYTES = 8 << 20
-PIECE_BASE = 1 << 48
-PIECE_STRIDE = 1 << 16
+MAX_PIECES = keys.LAYOUT[keys.Namespace.PIECE].index_limit
 
 
 class Seg(NamedTuple):
@@ -126,13 +124,9 @@ def piece_layout(shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int],
         pieces += [[Seg(i, (lo, min(lo + per, shape[0])))] for lo in range(0, shape[0], per)]
     if cur or not pieces:
         pieces.append(cur)
-    if len(pieces) > PIECE_STRIDE:
-        raise RoleError(f"the model needs {len(pieces)} pieces of {limit} bytes; at most {PIECE_STRIDE}")
+    if len(pieces) > MAX_PIECES:
+        raise RoleError(f"the model needs {len(pieces)} pieces of {limit} bytes; at most {MAX_PIECES}")
     return pieces
-
-
-def piece_key(r: int, p: int) -> int:
-    return PIECE_BASE + r * PIECE_STRIDE + p
 
 
 def _seg_shape(shapes: Sequence[tuple[int, ...]], s: Seg) -> tuple[int, ...]:
@@ -147,7 +141,7 @@ def _seg_view(arrays: Sequence[np.ndarray] | Mapping[int, np.ndarray], s: Seg) -
 
 def _piece_keys(n: int) -> Callable[[int], list[int]]:
     """ctx.step_keys for FedAvg: round k's piece keys (stale ones are dropped after a peer restarts)."""
-    return lambda k: [k, *(piece_key(k, p) for p in range(n))]
+    return lambda k: [k, *(keys.piece(k, p) for p in range(n))]
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -369,9 +363,9 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
     coefs: list[float] = []
     avg.reset()
     for p, piece in enumerate(layout):
-        key = piece_key(r, p)
+        key = keys.piece(r, p)
         for k, w in enumerate(workers):
-            arrays = ctx.wait(lambda t, w=w, key=key: ctx.links[w].recv_arrays(grad_in[w], key, t), w)
+            arrays = ctx.wait(partial(ctx.links[w].recv_arrays, grad_in[w], key), w)
             parts, count = _parse_piece(arrays, piece, shapes, names, w, r, p)
             del arrays
             if p == 0:
@@ -390,8 +384,7 @@ def _fedavg_round(ctx: RoleContext, r: int, layout: list[list[Seg]], acc: list[n
                     avg._fold_one(view, part, coefs[k])
             del parts  # the upload piece's buffer
         out = [*(_seg_view(acc, s) for s in piece), np.array([sum(counts)], np.int64)]
-        _send_all(pool, [lambda w=w, key=key, out=out: ctx.links[w].send_arrays(weights_out[w], key, out)
-                         for w in workers])
+        _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], key, out) for w in workers])
     return sum(counts)
 
 
@@ -414,7 +407,7 @@ def _worker_info(ctx: RoleContext, w: str) -> tuple[int, dict[str, TensorSpec]]:
     """A worker's row count and input specs, checked. The server builds its model from these specs, so where
     the plan names the inputs (the compiler's aggregate task), a worker cannot widen them: a wider input
     would make every weight matrix it feeds, and the server's memory, grow with the announcement."""
-    info = ctx.recv_json(w, CTRL_INFO)
+    info = ctx.recv_json(w, INFO_KEY)
     try:
         rows, raw = info["rows"], info["specs"]
         if type(rows) is not int or rows < 0 or not isinstance(raw, dict):
@@ -427,8 +420,8 @@ def _worker_info(ctx: RoleContext, w: str) -> tuple[int, dict[str, TensorSpec]]:
         for ref, spec in specs.items():
             want = planned.get(ref)
             if want is None or want.shape != spec.shape:
-                allowed = f"{want.dtype}{want.shape}" if want is not None else "not an input of the plan"
-                raise PeerLimitExceeded(f"{w} announces input {ref} as {spec.dtype}{spec.shape}, but the "
+                allowed = want.text() if want is not None else "not an input of the plan"
+                raise PeerLimitExceeded(f"{w} announces input {ref} as {spec.text()}, but the "
                                         f"plan allows {allowed}: refusing", peer=w)
     return rows, specs
 
@@ -453,6 +446,7 @@ def server(ctx: RoleContext) -> dict[str, Any]:
 
 def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor) -> dict[str, Any]:
     import tensorflow as tf
+
     from fldsl.stdlib.tf import build_segment, make_optimizer
 
     plan = ctx.plan
@@ -481,7 +475,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         local = [agg.every_steps] * len(workers)
     rounds_per_epoch = spe if agg.mode == "sync" else max(1, rounds // plan.train.epochs)
     for w, n_local in zip(workers, local, strict=True):
-        ctx.send_json(w, CTRL_SCHEDULE, {"steps_per_epoch": spe, "rounds": rounds, "local_steps": n_local,
+        ctx.send_json(w, SCHEDULE_KEY, {"steps_per_epoch": spe, "rounds": rounds, "local_steps": n_local,
                                          "rounds_per_epoch": rounds_per_epoch})
 
     model = build_segment(plan.model, specs, seed=plan.train.seed)
@@ -507,6 +501,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
     weights: list[np.ndarray] | None = None
     history: list[dict[str, Any]] = []  # the combined metrics of each epoch so far
     if resume is not None:
+        assert ctx.store is not None  # a resume step comes from the store
         ckpt = ctx.store.load(resume)
         restore_training(model, opt, variables, ckpt.arrays)
         start = ckpt.step
@@ -514,8 +509,8 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         weights = model.get_weights()
         del ckpt
         # Worker checkpoints hold no weights: every worker continues from these.
-        key, sent = RESUME_WEIGHTS + resume, weights
-        _send_all(pool, [lambda w=w: ctx.links[w].send_arrays(weights_out[w], key, sent) for w in workers])
+        key, sent = keys.resume_weights(resume), weights
+        _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], key, sent) for w in workers])
     if not sync:
         if weights is None:
             weights = model.get_weights()
@@ -539,13 +534,14 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         ctx.check_stop()
         ctx.last_step = max(ctx.last_step, r)
         if not sync:
+            assert weights is not None  # FedAvg: the accumulator, set above
             total = _fedavg_round(ctx, r, layout, weights, shapes, names, avg, agg.weighting == "examples",
                                   (grad_in, weights_out), pool, first_arrival)
         else:
             avg.reset()
             total = 0
             for k, w in enumerate(workers):
-                arrays = ctx.wait(lambda t, w=w, r=r: ctx.links[w].recv_arrays(grad_in[w], r, t), w)
+                arrays = ctx.wait(partial(ctx.links[w].recv_arrays, grad_in[w], r), w)
                 parts, count = _parse_upload(arrays, shapes, names, w, r)
                 del arrays
                 total += count
@@ -557,8 +553,7 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
             assert opt is not None and model is not None
             apply(_server_grads(tf, avg, opt.sparse_is_exact()))
             weights = model.get_weights()
-            _send_all(pool, [lambda w=w, r=r, out=weights: ctx.links[w].send_arrays(weights_out[w], r, out)
-                             for w in workers])
+            _send_all(pool, [partial(ctx.links[w].send_arrays, weights_out[w], r, weights) for w in workers])
         meter.stop(total)
         now = time.monotonic()
         if now - last_emit > 0.25 or r + 1 == rounds:
@@ -574,9 +569,10 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
         if is_checkpoint_step(plan, r + 1, rounds_per_epoch):
             # The optimiser state (sync) is copied now (the next step changes it); the weights are not written
             # to until the next round's first fold, which waits for this write first.
+            assert weights is not None  # both modes have set it by the end of a round
             arrays_now = training_arrays(weights, opt, variables)
             meta = {"history": list(history)}
-            writer.submit(lambda r=r, a=arrays_now, m=meta: save_checkpoint(ctx, r + 1, a, m))
+            writer.submit(partial(save_checkpoint, ctx, r + 1, arrays_now, meta))
             del arrays_now
     writer.wait()
     if weights is None:  # sync, no round ran and nothing was resumed (zero rounds)
@@ -596,7 +592,8 @@ def _server(ctx: RoleContext, writer: CheckpointWriter, pool: ThreadPoolExecutor
 def _split_tables(plan: Plan, tables: dict[str, Any]) -> tuple[str, Any, Any | None]:
     train_ds, _ = label_ref(plan)
     if train_ds not in tables:
-        raise RoleError(f"{plan.node}: the loss reads `{plan.loss.label}` but this node holds "
+        label = plan.loss.label if plan.loss is not None else "a label"
+        raise RoleError(f"{plan.node}: the loss reads `{label}` but this node holds "
                         f"{', '.join(sorted(tables)) or 'no data'}")
     test_name = plan.train.validation.test_data
     return train_ds, tables[train_ds], tables.get(test_name) if test_name else None
@@ -607,10 +604,14 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     """Train as a worker on ``tables``; ``specs`` (distributed: derived from the received shard) overrides
     the input specs of the plan's data sets."""
     import tensorflow as tf
+
     from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
     from fldsl.stdlib.tf.optim import unique_rows
 
     plan = ctx.plan
+    loss_spec = plan.loss
+    if loss_spec is None:  # the compiler gives every worker the loss; a plan without one is not a worker's
+        raise RoleError(f"{plan.node}: a worker's plan has no loss; recompile the pipeline")
     agg = _agg(plan)
     srv = agg.server
     ctx.progress.emit("phase", name="resume")
@@ -644,9 +645,9 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         specs = {k: v for k, v in input_specs(plan, ctx.policy).items() if k.startswith(f"{train_ds}.")}
     refs = {r for op in plan.model for r in op.inputs if r.startswith(f"{train_ds}.")}
     specs = {k: v for k, v in specs.items() if k in refs}
-    ctx.send_json(srv, CTRL_INFO, {"rows": len(train_rows),
+    ctx.send_json(srv, INFO_KEY, {"rows": len(train_rows),
                                    "specs": {k: v.model_dump(mode="json") for k, v in sorted(specs.items())}})
-    sched = ctx.recv_json(srv, CTRL_SCHEDULE)
+    sched = ctx.recv_json(srv, SCHEDULE_KEY)
     rounds, local_steps = int(sched["rounds"]), int(sched["local_steps"])
     spe, rpe = int(sched["steps_per_epoch"]), int(sched["rounds_per_epoch"])
     if after_setup is not None:
@@ -672,7 +673,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     def grad_step(inputs, labels):
         with tf.GradientTape() as tape:
             out = model(inputs, training=True)
-            value = loss(out[plan.loss.logits], labels)
+            value = loss(out[loss_spec.logits], labels)
         grads = tape.gradient(value, variables)
         # Embedding tables: (indices, rows summed per index); everything else dense.
         return value, [unique_rows(g) if isinstance(g, tf.IndexedSlices) else tf.convert_to_tensor(g)
@@ -683,13 +684,13 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         def local_step(inputs, labels):
             with tf.GradientTape() as tape:
                 out = model(inputs, training=True)
-                value = loss(out[plan.loss.logits], labels)
+                value = loss(out[loss_spec.logits], labels)
             opt.apply(tape.gradient(value, variables), variables)
             return value
 
     @tf.function(reduce_retracing=True)
     def predict(inputs):
-        return model(inputs, training=False)[plan.loss.logits]
+        return model(inputs, training=False)[loss_spec.logits]
 
     def inputs_for(t: Any, rows: np.ndarray | None) -> dict[str, np.ndarray]:
         out = {}
@@ -704,6 +705,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
     history: list[dict[str, Any]] = []
     epoch_losses: list[float] = []  # a mid-epoch checkpoint's batch losses of the epoch so far
     if resume is not None:
+        assert ctx.store is not None  # a resume step comes from the store
         ckpt = ctx.store.load(resume)
         if opt is not None:
             set_opt_state(opt, variables, ckpt.arrays)
@@ -712,7 +714,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
         history = list(ckpt.meta.get("history", []))
         epoch_losses = [float(x) for x in ckpt.meta.get("epoch_losses", [])]
         # The weights come from the server (module docstring: worker checkpoints hold none).
-        key = RESUME_WEIGHTS + resume
+        key = keys.resume_weights(resume)
         received = ctx.wait(lambda t: link.recv_arrays(recv_flow, key, t), srv)
         model.set_weights(received)
         del received
@@ -750,7 +752,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
             meter.stop(0)
             link.send_arrays(send_flow, r, upload)
             del upload
-            weights = ctx.wait(lambda t, r=r: link.recv_arrays(recv_flow, r, t), srv)
+            weights = ctx.wait(partial(link.recv_arrays, recv_flow, r), srv)
             meter.start()
             model.set_weights(weights)
             del weights  # the received buffer; kept, it would stay alive through the next step
@@ -775,7 +777,7 @@ def worker(ctx: RoleContext, tables: dict[str, Any], specs: dict[str, TensorSpec
                 labels = labels_all[hold_rows]
                 logits = _holdout_logits(plan, predict, inputs_for(table, hold_rows), len(labels))
             if logits is not None:
-                metrics.update(score_metrics(plan.loss.op, plan.train.metrics, logits, labels))
+                metrics.update(score_metrics(loss_spec.op, list[str](plan.train.metrics), logits, labels))
             if summary_flow is not None:  # after the round's weights, before this worker's checkpoint
                 _send_summary(ctx, summary_flow, r, logits, labels, epoch_losses)
             epoch = (r + 1 + rpe - 1) // rpe
@@ -818,14 +820,14 @@ def _exchange_pieces(ctx: RoleContext, r: int, layout: list[list[Seg]], variable
                 # the variable then; if something did, TensorFlow would copy on write, not corrupt it.
                 held[s.var] = np.asarray(variables[s.var].read_value())
             out.append(_seg_view(held, s))
-        link.send_arrays(send_flow, piece_key(r, p), [*out, count])
+        link.send_arrays(send_flow, keys.piece(r, p), [*out, count])
         del out
         for s in piece:
             if last_piece[s.var] == p:
                 del held[s.var]
     for p, piece in enumerate(layout):
-        key = piece_key(r, p)
-        arrays = ctx.wait(lambda t, key=key: link.recv_arrays(recv_flow, key, t), srv)
+        key = keys.piece(r, p)
+        arrays = ctx.wait(partial(link.recv_arrays, recv_flow, key), srv)
         parts, _ = _parse_piece(arrays, piece, shapes, names, srv, r, p)
         for s, a in zip(piece, parts, strict=True):
             v = variables[s.var]
@@ -991,6 +993,6 @@ def _combined_metrics(ctx: RoleContext, flows: list[Flow], r: int) -> dict[str, 
     from fldsl.stdlib.tf import metrics as M
 
     summaries = [_recv_summary(ctx, f, r) for f in flows]
-    metrics, _ = M.combine_summaries(ctx.plan.train.metrics, summaries)
+    metrics, _ = M.combine_summaries(list[str](ctx.plan.train.metrics), summaries)
     return metrics
 

@@ -20,14 +20,14 @@ No labels are read or sent, no gradient flows, no checkpoint is written.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
-    CTRL_ALIGN,
-    CTRL_BASE,
     PeerLimitExceeded,
     RoleContext,
     RoleError,
@@ -39,8 +39,10 @@ from fldsl.runtime.roles.common import (
     unpack_arrays,
 )
 from fldsl.runtime.roles.vertical import _align_peer, _rows_of
+from fldsl.runtime.transport import keys
 
-CTRL_PREDICT = CTRL_BASE + 7  # both ways: "this node is predicting"
+CTRL_PREDICT = keys.control(keys.Control.PREDICT)  # both ways: "this node is predicting"
+ALIGN_KEY = keys.control(keys.Control.ALIGN)  # active -> passive: the rows to score (vertical's _align_peer)
 HELLO = {"mode": "predict"}
 
 
@@ -101,7 +103,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     for p in passives:
         where = {i: k for k, i in enumerate(pairwise[p])}
         positions = np.array([where[i] for i in final], dtype=np.int64)
-        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), CTRL_ALIGN, pack_arrays({"rows": positions}))
+        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), ALIGN_KEY, pack_arrays({"rows": positions}))
     ctx.progress.emit("aligned", rows=len(final), train=0, holdout=len(final))
     if not final:
         raise RoleError(f"{ctx.node}: the parties' rows have no id in common: nothing to score")
@@ -120,7 +122,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
         ctx.check_stop()
         feeds = {key: v[idx] for key, v in own.items()}
         for p, f in recv_flows:
-            got = ctx.wait(lambda t, p=p, f=f, k=k: ctx.links[p].recv(f.id, k, t), p)
+            got = ctx.wait(partial(ctx.links[p].recv, f.id, k), p)
             feeds[sm.input_key(f.tensor)] = _rows_of(p, f.id, f"the activations of batch {k}", got, len(idx))
         scores.append(part(feeds)["scores"])
         ctx.progress.emit("step", step=k + 1, total=-(-len(final) // plan.train.batch_size))
@@ -128,8 +130,8 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = sm.scores_csv(final, np.concatenate(scores))
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # scores derive from the labels
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    with os.fdopen(fd, "w", encoding="utf-8") as scores_file:
+        scores_file.write(text)
     ctx.progress.emit("predicted", rows=len(final), path=str(out))
     return {"metrics": {}, "predicted": {"rows": len(final), "path": str(out)}, "steps": len(scores)}
 
@@ -150,7 +152,7 @@ def _passive(ctx: RoleContext) -> dict[str, Any]:
     pair = _align_peer(ctx, active, ids, leader=False)
     what = "the rows to score"
     limit = limit_for(1, 8 * len(pair))
-    bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), CTRL_ALIGN, limit,
+    bundle = unpack_arrays(recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), ALIGN_KEY, limit,
                                         what), active, limit=limit, what=what)
     positions = bundle.get("rows")
     if (sorted(bundle) != ["rows"] or positions is None or positions.ndim != 1

@@ -1,10 +1,10 @@
-"""The attested gRPC transport (DESIGN §5 "Attested gRPC", §6).
+"""The attested gRPC transport (ARCHITECTURE.md, "Transport"; docs/trust.md).
 
 Bootstrap attestation (``Hello`` exchanges RA-TLS certificates, each side verifies the other with the
 trust layer's ``PeerVerifier``) → mutual TLS pinned to exactly the verified certificates → one policed
-bidirectional stream per peer pair carrying raw tensors, lists of arrays, opaque blobs and iteration
-markers. See ``transport.py`` for the handshake, ``link.py`` for delivery semantics, ``guard.py`` for
-the policy checks.
+bidirectional stream per peer pair carrying raw tensors, lists of arrays and opaque blobs, each under a
+typed message key (``keys.py``). See ``transport.py`` for the handshake, ``link.py`` for delivery
+semantics, ``guard.py`` for the policy checks, ``channel.py`` for how the streams are secured.
 
 Regenerate the protobuf modules after editing ``fldsl.proto`` (grpcio-tools < 1.82, see pyproject)::
 

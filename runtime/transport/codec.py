@@ -107,7 +107,8 @@ def encode_frame(header: pb.Frame, parts: Sequence[memoryview | bytes] = ()) -> 
 
 
 def control_frame(kind: int, iteration: int) -> bytes:
-    return encode_frame(pb.Frame(control=pb.Control(kind=kind, iteration=iteration)))
+    control = pb.Control(kind=pb.Control.Kind.ValueType(kind), iteration=iteration)
+    return encode_frame(pb.Frame(control=control))
 
 
 def error_frame(flow: str, step: int, reason: str) -> bytes:
@@ -135,7 +136,7 @@ def _chunk_segments(segments: Sequence[memoryview], chunk: int) -> Iterator[list
 
 
 def _bytes_view(buf: memoryview | bytes | bytearray | np.ndarray) -> memoryview:
-    mv = memoryview(buf)
+    mv = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
     return mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
 
 

@@ -1,4 +1,5 @@
-"""Run-time policing of flows (DESIGN §5 "Policy enforcement at run time").
+"""Run-time policing of flows (ARCHITECTURE.md, "Transport": every message is checked against the declared
+flows).
 
 Every tensor or blob a node receives must match a flow of its ``policy.json``: the flow exists, goes from
 the authenticated peer to this node, has the declared dtype and shape (``None`` = batch dimension, any
@@ -28,10 +29,6 @@ _OPAQUE = ("bytes", "string")
 class WireSpec:
     dtype: str
     shape: tuple[int, ...]
-
-
-def _fmt_spec(spec: TensorSpec) -> str:
-    return f"{spec.dtype}[{', '.join('?' if d is None else str(d) for d in spec.shape)}]"
 
 
 def _fmt_wire(w: WireSpec) -> str:
@@ -85,7 +82,7 @@ class FlowGuard:
         spec = flow.spec
         if kind == "blob":
             if spec is not None and spec.dtype not in _OPAQUE:
-                raise refuse(f"flow {flow_id!r} carries tensors {_fmt_spec(spec)}, not opaque bytes")
+                raise refuse(f"flow {flow_id!r} carries tensors {spec.text()}, not opaque bytes")
             return flow
         if spec is not None:
             if spec.dtype in _OPAQUE:
@@ -94,5 +91,5 @@ class FlowGuard:
                 if not _matches(spec, w):
                     which = f"array {i} " if kind == "arrays" else ""
                     raise refuse(
-                        f"flow {flow_id!r} expects {_fmt_spec(spec)}, {which}got {_fmt_wire(w)}")
+                        f"flow {flow_id!r} expects {spec.text()}, {which}got {_fmt_wire(w)}")
         return flow

@@ -12,8 +12,11 @@ from typing import Any, Protocol
 class LocalIdentityLike(Protocol):
     """``fldsl.runtime.attestation.ratls.LocalIdentity``: this node's RA-TLS key and certificate (PEM)."""
 
-    key_pem: bytes
-    cert_pem: bytes
+    @property
+    def key_pem(self) -> bytes: ...
+
+    @property
+    def cert_pem(self) -> bytes: ...
 
 
 class PeerVerifierLike(Protocol):

@@ -36,6 +36,7 @@ from .errors import (
     TransportError,
 )
 from .guard import FlowGuard, WireSpec
+from .keys import STEP_LIMIT
 
 if TYPE_CHECKING:
     from fldsl.artifacts import Flow
@@ -169,15 +170,15 @@ _MAX_OPEN_ASSEMBLIES = 16
 # read at most a step or two ahead; without a bound, a peer sending messages nobody reads (far-future steps)
 # grows this node's memory until it dies. So each link may hold, unread, BUDGET_STEPS messages of every flow
 # from that peer at the flow's policy size (bulk transfers, the PSI sets, a data shard, the alignment
-# positions, are each sized by the compiler to fit their flow's maximum) plus a floor; every held message or
-# iteration marker counts at least MESSAGE_CHARGE bytes (its bookkeeping), so a flood of tiny ones is bounded
+# positions, are each sized by the compiler to fit their flow's maximum) plus a floor; every held message
+# counts at least MESSAGE_CHARGE bytes (its bookkeeping), so a flood of tiny ones is bounded
 # too. A peer that exceeds it is refused: the link fails closed, as for any policy violation.
 BUDGET_STEPS = 4
 BUDGET_FLOOR = 64 << 20
 MESSAGE_CHARGE = 4096
-# Role keys below this are training steps (fldsl.runtime.roles.common: FedAvg pieces, control and evaluation
-# keys are 2**48 and above); the highest one read says where the role is, in a refusal.
-_STEP_KEYS = 1 << 48
+# Role keys below this are training steps (fldsl.runtime.transport.keys); the highest one read says where the
+# role is, in a refusal.
+_STEP_KEYS = STEP_LIMIT
 
 
 # Exchange streams a peer may open (acceptor side). A genuine dialer opens one stream at a time, and the next
@@ -201,8 +202,6 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
-_CONTROL_NAMES = {pb.Control.START: "start", pb.Control.COMMIT: "commit", pb.Control.ABORT: "abort"}
-_CONTROL_KINDS = {v: k for k, v in _CONTROL_NAMES.items()}
 
 
 class PeerLink:
@@ -229,7 +228,6 @@ class PeerLink:
         self._failure: Exception | None = None
         self._closed = False
         self._mailbox: dict[tuple[str, int], deque[tuple[str, Any, int]]] = {}  # (kind, value, charge)
-        self._controls: dict[tuple[str, int], int] = {}
         self._budget = receive_budget(getattr(guard, "flows", {}).values(), peer_id, me)
         self._held_bytes = 0  # charged bytes of what arrived and the role has not read (under _cv)
         self._held_count = 0
@@ -289,29 +287,6 @@ class PeerLink:
 
     def recv_blob(self, flow_id: str, step: int, timeout: float | None = None) -> bytes:
         return self._take(flow_id, step, "blob", timeout)
-
-    def send_control(self, kind: str, iteration: int) -> None:
-        """Iteration markers (Bridge style): ``kind`` in start / commit / abort. They carry no data."""
-        code = _CONTROL_KINDS.get(kind)
-        if code is None:
-            raise ValueError(f"unknown control kind {kind!r} (use {', '.join(_CONTROL_KINDS)})")
-        self._send(f"control:{kind}", 0, lambda: [codec.control_frame(code, iteration)], count=False)
-
-    def recv_control(self, kind: str, iteration: int, timeout: float | None = None) -> None:
-        """Wait for the peer's ``kind`` marker of ``iteration``."""
-        if kind not in _CONTROL_KINDS:
-            raise ValueError(f"unknown control kind {kind!r} (use {', '.join(_CONTROL_KINDS)})")
-        key = (kind, iteration)
-
-        def ready() -> bool:
-            return self._controls.get(key, 0) > 0
-
-        with self._cv:
-            self._wait(ready, f"{kind} of iteration {iteration}", timeout)
-            self._controls[key] -= 1
-            if not self._controls[key]:
-                del self._controls[key]
-            self._release(MESSAGE_CHARGE)
 
     def note_refusal(self, reason: str, refusal: Exception | None) -> None:
         """Acceptor side: a Hello claiming to be this peer was refused. ``refusal`` is our verifier's verdict
@@ -657,14 +632,9 @@ class PeerLink:
                 self._close_acked = True
                 self._cv.notify_all()
             return
-        name = _CONTROL_NAMES.get(c.kind)
-        if name is None:
-            raise FrameError(f"unknown control kind {c.kind}")
-        with self._cv:
-            key = (name, c.iteration)
-            self._hold(f"control:{name}", 0)  # markers nobody waits for count against the budget too
-            self._controls[key] = self._controls.get(key, 0) + 1
-            self._cv.notify_all()
+        # START / COMMIT / ABORT (iteration markers) are in the wire format but no role sends them: the
+        # roles' control messages are JSON blobs under typed message keys (fldsl.runtime.transport.keys).
+        raise FrameError(f"unexpected control kind {c.kind}")
 
     def _on_data(self, stream: Stream, kind: str, h: Any, payload: memoryview) -> None:
         key = (kind, h.flow, h.step)

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .bootstrap import BootstrapServer, HelloPolicy, HelloService, RefusalNote
-from .errors import cannot_listen
+from .channel import MUTUAL_TLS, ChannelSecurity
 from .identity import LocalIdentityLike, PeerVerifierLike
 from .link import MAX_STREAMS_PER_PEER
 
@@ -79,6 +79,11 @@ class CertRegistry:
             self._by_node[node_id] = (fp, cert_pem)
             self._version += 1
 
+    def verified(self, node_id: str) -> bool:
+        """Whether ``node_id`` passed Hello (holds a pinned certificate)."""
+        with self._lock:
+            return node_id in self._by_node
+
     def node_of(self, cert_pem: bytes) -> str | None:
         try:
             fp = cert_fingerprint(cert_pem)
@@ -121,9 +126,11 @@ class NodeServer:
         self, *, node_id: str, identity: LocalIdentityLike, verifier: PeerVerifierLike, host: str, port: int,
         bootstrap_port: int, peers: frozenset[str], admissible: HelloPolicy, note_refusal: RefusalNote,
         on_stream: StreamHandler, max_message_bytes: int, stream_workers: int,
+        security: ChannelSecurity = MUTUAL_TLS,
     ) -> None:
         self.node_id = node_id
         self.registry = CertRegistry(identity)
+        self._security = security
         self._on_stream = on_stream
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -149,7 +156,7 @@ class NodeServer:
         self._secure.add_generic_rpc_handlers((handler,))
         creds = grpc.dynamic_ssl_server_credentials(
             self.registry.initial_config(), self.registry.fetch, require_client_authentication=True)
-        self.bound_port = self._add_port(self._secure, host, port, creds)
+        self.bound_port = security.add_port(self._secure, host, port, creds)
         self._hello = hello = HelloService(me=node_id, identity=identity, verifier=verifier, peers=peers,
                              admissible=admissible, note_refusal=note_refusal, pin=self.registry.add)
         try:
@@ -158,17 +165,6 @@ class NodeServer:
             self._secure.stop(0)
             raise
         self.bound_bootstrap_port = self._boot.bound_port
-
-    @staticmethod
-    def _add_port(server: grpc.Server, host: str, port: int, creds: Any) -> int:
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            bound = server.add_secure_port(target, creds)
-        except RuntimeError as e:
-            raise cannot_listen(host, port, str(e)) from None
-        if bound == 0:
-            raise cannot_listen(host, port)
-        return bound
 
     def start(self) -> None:
         self._boot.start()
@@ -184,9 +180,7 @@ class NodeServer:
         self._boot.stop(grace)
 
     def _exchange(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        # Every RPC re-checks the caller: the TLS client certificate must be one verified at Hello.
-        pems = context.auth_context().get("x509_pem_cert") or []
-        node = self.registry.node_of(pems[0]) if pems else None
+        node = self._security.caller(self.registry, context)  # MutualTls: the verified client certificate
         if node is None:
             log.warning("%s: Exchange from %s with an unverified certificate refused",
                         self.node_id, context.peer())

@@ -1,4 +1,4 @@
-"""``Transport``: a node's attested links to all its peers (DESIGN §5 "Attested gRPC").
+"""``Transport``: a node's attested links to all its peers (ARCHITECTURE.md, "Transport").
 
 Connection set-up, for a peer this node dials (``PeerRef.dial``; the proofs are in ``handshake.py``):
 
@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -42,6 +43,7 @@ from . import fldsl_pb2 as pb
 from . import fldsl_pb2_grpc as pb_grpc
 from .addresses import Addresses, NodeAddress
 from .bootstrap import MAX_MESSAGE_BYTES as BOOTSTRAP_MESSAGE_BYTES
+from .channel import MUTUAL_TLS, ChannelSecurity
 from .errors import PeerUnreachable, RemoteRefused, StreamLimitExceeded, TransportError
 from .guard import FlowGuard
 from .identity import LocalIdentityLike, PeerVerifierLike, refusal_field
@@ -76,8 +78,10 @@ class Transport:
         verifier: PeerVerifierLike, addresses: Addresses, listen_host: str = "127.0.0.1",
         connect_timeout_s: float = 120.0, send_buffer_bytes: int = 32 * 1024 * 1024,
         renew_identity: Callable[[], LocalIdentityLike] | None = None,
+        security: ChannelSecurity = MUTUAL_TLS,
     ) -> None:
         self.node_id = node_id
+        self._security = security
         self.policy = policy
         self._identity = identity
         self._renew = renew_identity
@@ -122,7 +126,7 @@ class Transport:
             port=me.port, bootstrap_port=me.bootstrap_port, peers=frozenset(self._links),
             admissible=self._admissible, note_refusal=self._note_refusal,
             on_stream=self._on_stream, max_message_bytes=self._max_message,
-            stream_workers=4 + 3 * len(self._links))
+            stream_workers=4 + 3 * len(self._links), security=self._security)
         self._server.start()
         log.info("%s listening on %s (mutual TLS) and %s (bootstrap)", self.node_id,
                  self._server.bound_port, self._server.bound_bootstrap_port)
@@ -380,10 +384,7 @@ class Transport:
     def _run_stream(self, link: PeerLink, addr: NodeAddress, peer_cert: bytes) -> None:
         """Open the mutual-TLS stream pinned to ``peer_cert``; return when it ends (_Retry if never up)."""
         ident = self._identity  # one read: a renewal may swap it
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=peer_cert, private_key=ident.key_pem, certificate_chain=ident.cert_pem)
-        options = [
-            ("grpc.ssl_target_name_override", link.peer_id),
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", self._max_message),
             ("grpc.max_send_message_length", self._max_message),
             ("grpc.keepalive_time_ms", 10_000),
@@ -393,7 +394,7 @@ class Transport:
             # Never share a connection with an older channel to a previous incarnation of the peer.
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        channel = grpc.secure_channel(addr.secure_target(), creds, options=options)
+        channel = self._security.channel(addr.secure_target(), link.peer_id, peer_cert, ident, options)
         stream = Stream(outbox=Outbox(self._send_buffer))
         try:
             call = channel.stream_stream(EXCHANGE_METHOD)(iter(stream.outbox))

@@ -1,7 +1,7 @@
 """TensorFlow implementations of the stdlib ops, losses, optimisers and metrics.
 
-Importing this package does not import TensorFlow (3-4 s, baseline_perf.md); the names below are resolved
-on first use so that e.g. ``fldsl.stdlib.tf.metrics`` (numpy only) stays cheap.
+Importing this package does not import TensorFlow (3-4 s: BENCHMARKS.md, "Micro benchmarks and start-up"); the
+names below are resolved on first use so that e.g. ``fldsl.stdlib.tf.metrics`` (numpy only) stays cheap.
 
 Public API (ARCHITECTURE.md, "Stdlib TensorFlow"):
 

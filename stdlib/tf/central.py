@@ -3,7 +3,7 @@
 This is what quality tests and ``fldsl bench`` compare a federated run against. It uses exactly the pieces
 the runtime uses (``build_segment``, ``loss_fn``, ``make_optimizer``, ``epoch_batches``,
 ``stratified_split``), a custom ``tf.function`` step over numpy batches (no tf.data iterator is ever
-created: baseline_perf.md finding A) and a fixed seed, so two calls with the same arguments give the same
+created: BENCHMARKS.md, profiles) and a fixed seed, so two calls with the same arguments give the same
 result.
 """
 
@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from fldsl.artifacts import DType, LossSpec, OpCall, Plan, TensorSpec, TrainSpec
 from fldsl.stdlib.tf.batching import epoch_batches
 from fldsl.stdlib.tf.losses import loss_fn, scores
 from fldsl.stdlib.tf.metrics import ScoreAccumulator
 from fldsl.stdlib.tf.optim import make_optimizer
 from fldsl.stdlib.tf.segment import Segment, build_segment
 
-from fldsl.artifacts import LossSpec, OpCall, Plan, TensorSpec, TrainSpec
-
-_NP_TO_DTYPE = {d: d for d in ("float32", "float64", "int32", "int64", "bool")}
+_NP_TO_DTYPE: dict[str, DType] = {"float32": "float32", "float64": "float64", "int32": "int32",
+                                  "int64": "int64", "bool": "bool"}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 All tensors are batch-first (B = batch). Every op is a small object holding its ``tf.Variable`` s in a fixed
 order and a ``__call__(inputs, training)``; :mod:`.segment` wires them together. No Keras: Keras layers
-build lazily and their optimisers densify embedding gradients (baseline_perf.md finding B).
+build lazily and their optimisers densify embedding gradients (BENCHMARKS.md).
 
 Weights are initialised from numpy with a generator seeded by ``(seed, op output name, variable name)``, so
 two processes that build the same op get bit-identical weights, and a model split across parties starts
@@ -212,6 +212,11 @@ class Op:
     """Base: ``variables`` in a fixed order and ``__call__(inputs, training) -> tensor``."""
 
     variables: list[tf.Variable]
+
+    def __init__(self, call: OpCall, specs: list[TensorSpec], seed: int) -> None:
+        """Every op is built from its call, its input specs and the seed (the segment does it); this base
+        holds no variables."""
+        self.variables = []
 
     def __call__(self, inputs: list[tf.Tensor], training: bool) -> tf.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -1,7 +1,7 @@
 """Optimisers with sparse (lazy, row-wise) updates for embedding tables; Keras-free.
 
 Keras 3 Adam/Adagrad densify ``IndexedSlices`` and so touch every row of every table each step
-(baseline_perf.md finding B: 4-9x slower on embedding-heavy models). Here the update is chosen per gradient:
+(measured 4-9x slower on embedding-heavy models: BENCHMARKS.md). Here the update is chosen per gradient:
 
 - a dense ``tf.Tensor`` gradient gets the textbook update (same formulas and defaults as Keras 3, so a
   dense model trains identically);
@@ -18,14 +18,14 @@ slot as numpy arrays, in ``build`` order, so checkpoints restore the optimiser e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import tensorflow as tf
 
 from fldsl.artifacts import OptimizerSpec
 
-Grad = tf.Tensor | tf.IndexedSlices | None
+Grad: TypeAlias = "tf.Tensor | tf.IndexedSlices | None"
 
 
 class OptimizerError(ValueError):

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from fldsl.stdlib.tf.ops import OPS, OpError, variable_name
 
 from fldsl.artifacts import OpCall, TensorSpec
+from fldsl.stdlib.tf.ops import OPS, OpError, variable_name
 
 
 class SegmentError(ValueError):

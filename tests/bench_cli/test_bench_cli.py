@@ -55,7 +55,7 @@ def _bench_node(tmp_path: Path, env_extra: dict[str, str]) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLDSL_BENCH")}
     env.update(env_extra)
     return subprocess.run(
-        [sys.executable, "-m", "fldsl.runtime.bench_node", "--mode", "plain", "--report",
+        [sys.executable, "-m", "fldsl.bench.node", "--mode", "plain", "--report",
          str(tmp_path / "reports" / "x.json"), "--", "--build", "b", "--node", "n"],
         capture_output=True, text=True, env=env, timeout=60)
 
@@ -93,7 +93,7 @@ def test_fldsl_run_never_starts_the_bench_node(tmp_path: Path) -> None:
 
 
 def test_ratios_are_paired_per_rep_and_failed_reps_left_out() -> None:
-    from fldsl.cli.bench import ModeResult, summarise
+    from fldsl.bench.harness import ModeResult, summarise
 
     def r(mode: str, rep: int, exs: float, rss: dict[str, int], ok: bool = True) -> ModeResult:
         return ModeResult(mode=mode, rep=rep, ok=ok, examples_per_s=exs, first_step_s=1.0, peak_rss_bytes=rss)

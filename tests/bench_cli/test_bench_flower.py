@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fldsl.runtime.bench_flower import (
+
+from fldsl.bench.flower import (
     examples_after,
     fedavg_workers,
     local_steps_per_round,
     schedule,
     train_rows,
 )
-
-from fldsl.cli import main
-from fldsl.cli.bench import (
+from fldsl.bench.harness import (
     ModeResult,
     fedavg_rounds,
     flower_result,
@@ -29,6 +28,7 @@ from fldsl.cli.bench import (
     round_overhead,
     summarise,
 )
+from fldsl.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 FEDAVG = REPO / "bench" / "pipelines" / "horizontal_fedavg_wd.flp"
@@ -53,7 +53,7 @@ def test_examples_after_counts_each_epochs_partial_last_batch() -> None:
 
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fldsl.cli.bench import compile_for_bench
+    from fldsl.bench.harness import compile_for_bench
 
     return compile_for_bench(FEDAVG, {"rows": "300", "buckets": "1000", "batch": "64"},
                              tmp_path_factory.mktemp("build"), None)
@@ -130,7 +130,7 @@ def test_flower_unavailable_says_why_in_one_line(tmp_path: Path) -> None:
 
 def test_flower_mode_skipped_with_a_reason_when_flwr_is_missing(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fldsl.cli.bench.flower_unavailable", lambda **_: "flwr is not installed (test)")
+    monkeypatch.setattr("fldsl.bench.harness.flower_unavailable", lambda **_: "flwr is not installed (test)")
     res = CliRunner().invoke(main, ["bench", str(FEDAVG), *SMALL, "--modes", "flower", "--reps", "1",
                                     "--out", str(tmp_path / "out"), "--trust-dir", str(tmp_path / "trust")],
                              catch_exceptions=False)

@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
+from fldsl.api import check, compile_pipeline
+from fldsl.cli import main
 from fldsl.compiler import lower
 from fldsl.compiler.deploy import (
     BOOTSTRAP_PORT,
@@ -29,9 +32,6 @@ from fldsl.compiler.deploy import (
     memory_mib,
     service_name,
 )
-
-from fldsl.api import check, compile_pipeline
-from fldsl.cli import main
 from fldsl.diagnostics import FldslError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -672,9 +672,8 @@ def test_each_partys_job_attests_and_trains(tmp_path: Path) -> None:
     import os
     import sys
 
-    from fldsl.runtime.attestation.parties import local_deployment
-
     from fldsl.measurement import code_digest
+    from fldsl.runtime.attestation.parties import local_deployment
 
     code_digest.cache_clear()  # the pins must cover the code the nodes start with, not an earlier test's
     r = compile_pipeline(VERTICAL, tmp_path / "build", {"rows": "400"}, target="kubernetes")

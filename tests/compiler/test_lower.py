@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import networkx as nx
-from fldsl.compiler import lower
 
 from fldsl.api import check, check_source, task_graph
 from fldsl.artifacts import GraphEdge, GraphNode
+from fldsl.compiler import lower
 
 from ._base import BASE, mutate
 

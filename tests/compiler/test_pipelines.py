@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fldsl.compiler.manifest import trusted_node_files
 
 from fldsl.api import check, compile_pipeline, load_or_compile
 from fldsl.artifacts import Pins, Plan, Policy, load_model, sha256_hex
+from fldsl.compiler.manifest import trusted_node_files
 from fldsl.measurement import sim_mr_enclave
 
 REPO = Path(__file__).resolve().parents[2]
@@ -254,7 +254,6 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path: Path) -> None:
 
 def test_failed_emit_keeps_previous_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fldsl.compiler import manifest_check
-
     from fldsl.diagnostics import FldslError
 
     out = tmp_path / "b"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from fldsl.stdlib.signatures import LOSSES, OPS, SignatureError
 
 from fldsl.artifacts import TensorSpec
+from fldsl.stdlib.signatures import LOSSES, OPS, SignatureError
 
 
 def t(*shape: int | None, dtype: str = "float32") -> TensorSpec:

@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fldsl.runtime import arrowread
-from fldsl.runtime.csvschema import SchemaMismatch, check_schemas
-from fldsl.runtime.data import DataError, LabelRule, Table, load_dataset
 
 from fldsl.api import compile_pipeline
 from fldsl.artifacts import ColumnSpec, DataSpec, MissingSpec, Plan, TensorSpec, load_model
+from fldsl.runtime import arrowread
+from fldsl.runtime.csvschema import SchemaMismatch, check_schemas
+from fldsl.runtime.data import DataError, LabelRule, Table, load_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,7 +207,10 @@ model {{
   loss softmax_cross_entropy(logits, people.label)
 }}
 train {{ epochs: 1  batch_size: 16  validation: 0.2  seed: 1 }}
-trust {{ allow bank -> hub: weights  allow hub -> bank: weights }}
+trust {{
+  allow bank -> hub: weights  allow hub -> bank: weights
+  allow bank -> hub: stats  allow hub -> bank: stats
+}}
 """
 BLOCK = """{
     rows <= 200

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fldsl.runtime.data import DataError, load_dataset, read_csv, relocate_csv
 
 from fldsl.artifacts import DataSpec, TensorSpec
+from fldsl.runtime.data import DataError, load_dataset, read_csv, relocate_csv
 
 HEADER = "id,y,x0,x1\n"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.data import DataError, Table, stratified_split
 from fldsl.runtime.datagen import criteo, wide_n_deep
 from fldsl.stdlib.tf.metrics import auc

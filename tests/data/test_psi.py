@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+
 from fldsl.runtime import psi
 from fldsl.runtime.psi import PsiError, blind, hash_to_u, psi_follower, psi_leader
 

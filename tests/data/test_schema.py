@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fldsl.artifacts import ColumnSpec, DataSpec, TensorSpec
 from fldsl.runtime.csvschema import (
     SchemaMismatch,
     check_csv_schema,
@@ -16,8 +18,6 @@ from fldsl.runtime.csvschema import (
     value_problem,
 )
 from fldsl.runtime.data import DataError, load_dataset
-
-from fldsl.artifacts import ColumnSpec, DataSpec, TensorSpec
 
 
 def _spec(path: Path | str, columns: list[tuple[str, str]], max_rows: int = 100,
@@ -200,12 +200,12 @@ def test_describe_a_parquet_file_then_its_block_checks_the_file(tmp_path: Path) 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from click.testing import CliRunner
-    from fldsl.runtime.csvschema import check_schemas
-    from fldsl.runtime.data import load_dataset
 
     from fldsl.api import compile_pipeline
     from fldsl.artifacts import Plan, load_model
     from fldsl.cli import main
+    from fldsl.runtime.csvschema import check_schemas
+    from fldsl.runtime.data import load_dataset
 
     n = 80
     age = np.arange(n, dtype=float) + 18

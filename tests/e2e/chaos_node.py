@@ -199,6 +199,7 @@ class ChaosLink:
 
     def _hostile(self, action: str, arg: int, m: _Msg, rng: random.Random) -> None:
         import numpy as np
+
         from fldsl.runtime.transport import codec
         from fldsl.runtime.transport import fldsl_pb2 as pb
 

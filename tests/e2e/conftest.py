@@ -11,9 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from fldsl.runtime.launcher import RunResult, run_pipeline
-
 from fldsl.measurement import code_digest
+from fldsl.runtime.launcher import RunResult, run_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,7 @@ def null_resume(ctx: Any) -> dict[str, Any]:
 async def _open_streams(target: str, peer: str, cert: bytes, ident: Any, n: int) -> dict[str, int]:
     """Open ``n`` Exchange calls at once over one mutual-TLS channel; how each ended, counted by outcome."""
     import grpc
+
     from fldsl.runtime.transport import codec
     from fldsl.runtime.transport import fldsl_pb2 as pb
     from fldsl.runtime.transport.server import EXCHANGE_METHOD

@@ -12,6 +12,7 @@ import buildkit
 import numpy as np
 import pytest
 from conftest import describe, launch
+
 from fldsl.runtime.launcher import run_pipeline
 
 pytestmark = pytest.mark.e2e

@@ -16,6 +16,7 @@ from pathlib import Path
 import buildkit
 import pytest
 from conftest import describe, launch
+
 from fldsl.runtime.launcher import ensure_trust, write_addresses
 
 pytestmark = pytest.mark.e2e

@@ -19,10 +19,11 @@ import buildkit
 import pytest
 from chaos_node import ACTIONS, BENIGN
 from conftest import describe, launch
-from fldsl.runtime import launcher
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from test_peer_abuse import PEAK_LIMIT_KB, _PeakMemory
+
+from fldsl.runtime import launcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,9 +69,8 @@ def _is_benign(applied: list[dict[str, Any]]) -> bool:
 
 
 def test_flood_thresholds_match_the_receive_budget(tmp_path: Path) -> None:
-    from fldsl.runtime.transport.link import receive_budget
-
     from fldsl.artifacts import Policy, load_model, node_dir
+    from fldsl.runtime.transport.link import receive_budget
 
     build = buildkit.vertical_build(tmp_path, rows=ROWS, epochs=EPOCHS, checkpoint_every=2)
     for me, peer in ((SHOP, MEDIA), (MEDIA, SHOP)):

@@ -16,13 +16,13 @@ from typing import Any
 import buildkit
 import pytest
 from conftest import describe, launch
+
+from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
+from fldsl.measurement import code_digest
 from fldsl.runtime import launcher
 from fldsl.runtime.launcher import RunResult, run_pipeline
 from fldsl.runtime.roles.common import artifacts_digest
 from fldsl.runtime.transport.link import MAX_STREAMS_PER_PEER, _mib, receive_budget
-
-from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
-from fldsl.measurement import code_digest
 
 pytestmark = pytest.mark.e2e
 

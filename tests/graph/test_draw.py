@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from drawfixture import FLOWS, MEASUREMENTS, build_graph
+
 from fldsl.compiler import draw
 from fldsl.compiler.draw import Violation, build_scene, render, to_dot, to_mermaid
 

@@ -125,9 +125,8 @@ def test_invalid_pipeline_prints_diagnostics_and_exits_2(tmp_path):
 @needs_compiler
 def test_partial_program_with_violations_is_drawn_in_red(tmp_path, monkeypatch):
     # When the compiler's error carries the partial program and the refused flows, they are drawn.
-    from fldsl.compiler import draw
-
     from fldsl import api
+    from fldsl.compiler import draw
     from fldsl.diagnostics import Diagnostic, FldslError
 
     class Partial:

@@ -7,6 +7,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from fldsl.compiler.manifest import (
     ManifestError,
     ManifestInputs,
@@ -17,10 +21,6 @@ from fldsl.compiler.manifest import (
     trusted_node_files,
 )
 from fldsl.compiler.manifest_check import LintContext, validate_manifest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import ValidationError
-
 from fldsl.measurement import sim_mr_enclave
 
 PLAN_SHA = "a1" * 32
@@ -128,9 +128,8 @@ def test_compile_renders_for_the_reference_machine_so_every_party_gets_the_same_
 def test_the_local_rendering_lists_every_file_of_this_interpreter(rendered):
     """What `--sign` renders for an entrypoint: the interpreter and the fldsl code the node imports are
     measured, file by file, each once."""
-    from fldsl.compiler.manifest import render_local
-
     import fldsl
+    from fldsl.compiler.manifest import render_local
 
     _, template, _toml = rendered
     doc = tomllib.loads(render_local(template))
@@ -446,10 +445,28 @@ def test_validator_only_returns_findings_on_mutated_manifests(data):
 
 
 def test_runtime_reads_the_same_hashes_as_the_renderer_wrote(rendered):
-    # The runtime re-implements the reading (it never imports the compiler); both must agree.
-    node = pytest.importorskip("fldsl.runtime.node", reason="the runtime node module is not in this checkout")
+    from fldsl.runtime import node
+
     _, _template, toml = rendered
     assert node.listed_hashes(toml, __import__("pathlib").Path("m.toml")) == trusted_node_files(toml)
+
+
+@pytest.mark.parametrize("toml", [
+    'sgx.trusted_files = [{ uri = "file:node/plan.json", sha256 = "ZZ" }]',
+    'sgx.trusted_files = [{ uri = "file:node/plan.json", sha256 = 5 }]',
+    f'sgx.trusted_files = [{{ uri = "file:node/plan.json", sha256 = "{PLAN_SHA}" }},'
+    f' {{ uri = "file:node/plan.json", sha256 = "{POLICY_SHA}" }}]',
+    'sgx.trusted_files = "file:node/plan.json"',
+])
+def test_runtime_refuses_what_the_compiler_rejects(toml):
+    """The node's reader was a laxer copy: it skipped a malformed hash and let a second entry win."""
+    from fldsl.runtime import node
+
+    with pytest.raises(ManifestError):
+        trusted_node_files(toml)
+    with pytest.raises(node.NodeError) as e:
+        node.listed_hashes(toml, __import__("pathlib").Path("m.toml"))
+    assert e.value.code == node.EXIT_TRUST
 
 
 def test_stage2_supplies_every_template_variable(rendered):

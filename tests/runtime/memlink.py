@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fldsl.artifacts import Plan, Policy, load_model, node_dir
 from fldsl.runtime.checkpoint import CheckpointStore
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.roles import role_main
 from fldsl.runtime.roles.common import RoleContext, artifacts_digest
-
-from fldsl.artifacts import Plan, Policy, load_model, node_dir
 
 KEY = bytes(range(32))
 

@@ -17,10 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
-from fldsl.compiler.flows import METRIC_BINS
-from fldsl.stdlib.tf import metrics as M
 
 from fldsl.artifacts import Policy, load_model, node_dir
+from fldsl.compiler.flows import METRIC_BINS
+from fldsl.stdlib.tf import metrics as M
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,10 +111,9 @@ def test_a_diverged_loss_is_reported_not_refused() -> None:
 
 
 def test_compiled_metrics_flow_is_a_sized_protocol_flow(tmp_path: Path) -> None:
+    from fldsl.api import compile_pipeline
     from fldsl.runtime.transport import FlowRefused
     from fldsl.runtime.transport.guard import FlowGuard, WireSpec
-
-    from fldsl.api import compile_pipeline
 
     build = compile_pipeline(REPO / "pipelines" / "horizontal_dlrm.flp", out_dir=tmp_path / "b").build_dir
     policy = load_model(Policy, node_dir(build, "hub.ps") / "policy.json")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fldsl.runtime.node import EXIT_INPUT, NodeError, bind_data
 
 from fldsl.artifacts import DataSpec, Plan, load_model, node_dir
 from fldsl.cli import main
+from fldsl.runtime.node import EXIT_INPUT, NodeError, bind_data
 
 
 def _plan(tmp_path: Path) -> Plan:

@@ -18,13 +18,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
+
+from fldsl.artifacts import DataSpec, Plan, dump_json, load_model, node_dir
 from fldsl.runtime import enclave_runner, keyservice
 from fldsl.runtime import node as N
 from fldsl.runtime.launcher import Launcher
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.transport import Addresses, NodeAddress
-
-from fldsl.artifacts import DataSpec, Plan, dump_json, load_model, node_dir
 
 NODE = "shop.trainer"
 
@@ -153,10 +153,10 @@ def test_owner_exports_are_reported_by_their_host_paths(tmp_path: Path) -> None:
 
 
 def test_the_summary_gives_the_owner_their_decrypt_command(tmp_path: Path) -> None:
-    from fldsl.runtime.launcher import NodeState, RunResult
     from rich.console import Console
 
     from fldsl.cli.run import print_summary
+    from fldsl.runtime.launcher import NodeState, RunResult
 
     owner_file = str(tmp_path / "models" / "shop.trainer_model.owner")
     st = NodeState(id=NODE, role="vertical.leader", exit_code=0,

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
+
 from fldsl.runtime.checkpoint import RollbackDetected
 from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.common import Interrupted

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
+
 from fldsl.runtime.roles import horizontal
 from fldsl.runtime.roles.horizontal import SparseRows, _Average
 
@@ -113,9 +114,9 @@ def test_sparse_uploads_train_the_same_model(tmp_path: Path, optimizer: str,
 def test_sparse_is_exact_says_when_row_wise_equals_dense(name: str, params: dict) -> None:
     """The server applies row-wise only where ``sparse_is_exact``: check that against the dense update."""
     import tensorflow as tf
-    from fldsl.stdlib.tf.optim import make_optimizer
 
     from fldsl.artifacts import OptimizerSpec
+    from fldsl.stdlib.tf.optim import make_optimizer
 
     rng = np.random.default_rng(3)
     init = rng.normal(size=(20, 3)).astype(np.float32)

@@ -8,10 +8,10 @@ from pathlib import Path
 import buildkit
 import numpy as np
 import pytest
-from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, load_dataset, read_csv
-from fldsl.runtime.roles.common import label_rule, load_tables
 
 from fldsl.artifacts import DataSpec, LossSpec, Plan, TensorSpec, load_model, node_dir
+from fldsl.runtime.data import MAX_LABELS_LISTED, DataError, LabelRule, load_dataset, read_csv
+from fldsl.runtime.roles.common import label_rule, load_tables
 
 BINARY = LabelRule(2, "a binary task: loss sigmoid_cross_entropy")
 

@@ -8,10 +8,10 @@ import io
 from pathlib import Path
 
 import buildkit
-from fldsl.runtime.launcher import Launcher
 from rich.console import Console
 
 from fldsl.cli.run import SIM_CLAIM, RichDisplay
+from fldsl.runtime.launcher import Launcher
 
 SHOP, MEDIA = "shop.trainer", "media.trainer"
 

@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
-from fldsl.runtime.node import EXIT_TRUST, NodeError, check_artifacts, listed_hashes
 
 from fldsl.artifacts import node_dir
+from fldsl.runtime.node import EXIT_TRUST, NodeError, check_artifacts, listed_hashes
 
 
 @pytest.fixture(scope="module")

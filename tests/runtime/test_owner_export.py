@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fldsl.runtime import owner_export as ox
 
 from fldsl.artifacts import Plan, dump_json, load_model, node_dir
 from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, main
+from fldsl.runtime import owner_export as ox
 
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit

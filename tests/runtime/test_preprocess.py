@@ -16,10 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import memlink
-from fldsl.runtime.csvschema import SchemaMismatch
-from fldsl.runtime.data import stratified_split
 
 from fldsl.api import compile_pipeline
+from fldsl.runtime.csvschema import SchemaMismatch
+from fldsl.runtime.data import stratified_split
 
 ROWS = 1500
 EDUCATION = ["HS-grad", "Bachelors", "Masters", "Doctorate", "Some-college", "Assoc", "Prof-school", "11th"]

@@ -19,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
+
+from fldsl.artifacts import Plan, Policy, load_model, node_dir
 from fldsl.runtime.checkpoint import Checkpoint, RollbackDetected
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.roles.common import (
@@ -30,8 +32,6 @@ from fldsl.runtime.roles.common import (
     RoleContext,
     send_chunked,
 )
-
-from fldsl.artifacts import Plan, Policy, load_model, node_dir
 
 MEDIA, SHOP = "media.trainer", "shop.trainer"
 

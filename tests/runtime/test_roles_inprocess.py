@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
 import memlink
-from fldsl.runtime.roles.common import Interrupted
 
 from fldsl.artifacts import Plan, load_model, node_dir
+from fldsl.runtime.roles.common import Interrupted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,9 +165,8 @@ def test_vertical_pipeline_schedule(tmp_path: Path, pipeline: int) -> None:
 def test_vertical_pipelined_demo_reaches_the_lockstep_auc(tmp_path: Path) -> None:
     """The README pipeline with ``pipeline: 1``: one step of staleness changes the model but not what the
     user gets from it (holdout AUC within 0.02 of lock-step training, which equals the central reference)."""
-    from fldsl.stdlib.tf.central import train_central_plans
-
     from fldsl.api import compile_pipeline
+    from fldsl.stdlib.tf.central import train_central_plans
 
     source = (REPO / "pipelines" / "vertical_wide_deep.flp").read_text()
     assert "  validation: 0.2\n" in source

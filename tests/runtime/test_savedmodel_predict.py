@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fldsl.runtime import owner_export as ox
-from fldsl.runtime import savedmodel as sm
-from fldsl.runtime import sealing
 
 from fldsl.artifacts import Plan, dump_json, load_model, node_dir
 from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, main
+from fldsl.runtime import owner_export as ox
+from fldsl.runtime import savedmodel as sm
+from fldsl.runtime import sealing
 
 sys.path.insert(0, str(Path(__file__).parent))
 import buildkit
@@ -132,6 +132,7 @@ def test_new_rows_by_column_name_without_labels(vertical: dict[str, Path]) -> No
 
 def test_decrypted_savedmodels_load_with_plain_tensorflow(vertical: dict[str, Path]) -> None:
     import tensorflow as tf
+
     from fldsl.runtime.datagen import wide_n_deep
 
     root, models = vertical["root"], vertical["run"] / "models"
@@ -248,10 +249,9 @@ def test_horizontal_predict_is_the_aggregated_model(tmp_path: Path) -> None:
 def test_a_synchronous_parameter_server_serves_the_global_models_logits(tmp_path: Path) -> None:
     """Its plan has the model but not the loss (the workers compute it); its export used to stop the run
     (the shipped horizontal_dlrm pipeline ended with exit 1 at export)."""
-    from fldsl.runtime.savedmodel import _outputs
-
     from fldsl.api import compile_pipeline
     from fldsl.artifacts import Plan, Policy, load_model, node_dir
+    from fldsl.runtime.savedmodel import _outputs
 
     pipelines = Path(__file__).resolve().parents[2] / "pipelines"
     build = compile_pipeline(pipelines / "horizontal_dlrm.flp", tmp_path / "b").build_dir

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import memlink
-from fldsl.runtime.csvschema import SchemaMismatch
 
 from fldsl.api import compile_pipeline
 from fldsl.cli import main
+from fldsl.runtime.csvschema import SchemaMismatch
 
 PIPELINE = """\
 pipeline census

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fldsl.runtime.datagen import wide_n_deep
-from fldsl.stdlib.tf import train_central
 
 from fldsl.artifacts import LossSpec, OptimizerSpec, TrainSpec, ValidationSpec
+from fldsl.runtime.datagen import wide_n_deep
+from fldsl.stdlib.tf import train_central
 
 from .helpers import op
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fldsl.stdlib.tf.central import train_central_plans
 
 from fldsl.artifacts import Plan, load_model
+from fldsl.stdlib.tf.central import train_central_plans
 
 REPO = Path(__file__).resolve().parents[2]
 

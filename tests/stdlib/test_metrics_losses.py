@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+
 from fldsl.stdlib.tf import accuracy, auc, loss_fn, scores
 from fldsl.stdlib.tf.metrics import ScoreAccumulator, evaluate_logits, macro_auc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+
 from fldsl.stdlib.tf import SegmentError, build_segment
 
 from .helpers import op, spec

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from fldsl.stdlib.tf import make_optimizer
-from fldsl.stdlib.tf.optim import OptimizerError
 
 from fldsl.artifacts import OptimizerSpec
+from fldsl.stdlib.tf import make_optimizer
+from fldsl.stdlib.tf.optim import OptimizerError
 
 
 @pytest.mark.parametrize(("name", "params", "reference"), [

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
+from fldsl.artifacts import OpCall, OptimizerSpec, TensorSpec
 from fldsl.stdlib import signatures as sig
 from fldsl.stdlib.tf import build_segment, make_optimizer
 from fldsl.stdlib.tf.ops import OPS
-
-from fldsl.artifacts import OpCall, OptimizerSpec, TensorSpec
 
 from .helpers import spec
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
 
 from fldsl.artifacts import OptimizerSpec
+from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
 
 from .helpers import op, spec
 

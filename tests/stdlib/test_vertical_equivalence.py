@@ -10,12 +10,12 @@ import threading
 
 import numpy as np
 import tensorflow as tf
+
+from fldsl.artifacts import LossSpec, OptimizerSpec, TrainSpec, ValidationSpec
 from fldsl.runtime.data import stratified_split
 from fldsl.runtime.datagen import wide_n_deep
 from fldsl.runtime.psi import psi_follower, psi_leader
 from fldsl.stdlib.tf import build_segment, epoch_batches, loss_fn, make_optimizer, train_central
-
-from fldsl.artifacts import LossSpec, OptimizerSpec, TrainSpec, ValidationSpec
 
 from .helpers import op, spec
 

@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 from fldsl.artifacts import AttestationRequirement, Flow, Identity, PeerRef, Pins, Policy, TensorSpec
+from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 A = "media.trainer"
 B = "shop.trainer"
@@ -182,9 +182,11 @@ class Pair:
 
 def make_transport(node: str, ident: Any, verifier: Any, addresses: Addresses,
                    flows: list[Flow] | None = None, connect_timeout_s: float = 20.0,
-                   max_message_bytes: int = 4 * 1024 * 1024, renew_identity: Any = None) -> Transport:
+                   max_message_bytes: int = 4 * 1024 * 1024, renew_identity: Any = None,
+                   security: Any = None) -> Transport:
     other = B if node == A else A
     return Transport(
+        **({"security": security} if security is not None else {}),
         node_id=node, policy=policy_for(node, pair_flows() if flows is None else flows, max_message_bytes),
         peers=[PeerRef(id=other, party=other.split(".")[0], dial=(node == A))],
         identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=connect_timeout_s,

@@ -23,7 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fldsl.runtime.transport import is_trust_failure, load_addresses
-
 from transport.conftest import A, B, make_transport, make_trust
 
 

@@ -23,6 +23,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+
 from fldsl.runtime.transport import fldsl_pb2 as pb
 
 SERVICE = "/fldsl.transport.v1.Bootstrap/"

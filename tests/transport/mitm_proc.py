@@ -21,7 +21,6 @@ from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport import fldsl_pb2_grpc as pb_grpc
 from fldsl.runtime.transport import handshake
 from fldsl.runtime.transport.server import EXCHANGE_METHOD
-
 from transport.conftest import make_test_identity
 
 

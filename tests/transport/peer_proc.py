@@ -15,7 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fldsl.runtime.transport import TransportError, load_addresses
-
 from transport.conftest import A, make_transport, make_trust
 
 

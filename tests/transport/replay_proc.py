@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport import fldsl_pb2_grpc as pb_grpc
-
 from transport.conftest import make_test_identity
 
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from fldsl.runtime.transport import Addresses, NodeAddress, load_addresses, save_addresses
 
 from fldsl.artifacts import ArtifactError
+from fldsl.runtime.transport import Addresses, NodeAddress, load_addresses, save_addresses
 
 
 def test_round_trip_is_canonical(tmp_path: Path) -> None:

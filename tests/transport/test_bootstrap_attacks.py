@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from fldsl.runtime.transport import Addresses, NodeAddress, save_addresses
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport import fldsl_pb2_grpc as pb_grpc

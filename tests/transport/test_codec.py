@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import FrameError, codec
-from fldsl.runtime.transport import fldsl_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from fldsl.runtime.transport import FrameError, codec
+from fldsl.runtime.transport import fldsl_pb2 as pb
 
 
 @pytest.mark.parametrize(("nbytes", "chunk", "frames"), [(0, 16, 1), (16, 16, 1), (17, 16, 2), (32, 16, 2),

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.transport import RecvTimeout, TransportError
 
 from .conftest import A, B, Pair
@@ -53,11 +54,9 @@ def test_array_list_round_trip_out_of_order_steps(pair: Pair) -> None:
         assert x.shape == (1024, 1024) and float(x[0, 0]) == i and float(x[-1, -1]) == i
 
 
-def test_blobs_and_control_markers(pair: Pair) -> None:
+def test_blobs(pair: Pair) -> None:
     la, lb = pair.a.link(B, timeout=15), pair.b.link(A, timeout=15)
-    la.send_control("start", 5)
     la.send_blob("psi", 0, b"\x00hello\xff" * 1000)
-    lb.recv_control("start", 5, timeout=5)
     assert lb.recv_blob("psi", 0, timeout=5) == b"\x00hello\xff" * 1000
     lb.send_blob("psi_back", 0, b"")
     assert la.recv_blob("psi_back", 0, timeout=5) == b""

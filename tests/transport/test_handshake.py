@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport import handshake
 

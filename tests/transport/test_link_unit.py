@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.transport import FlowRefused, FrameError, codec
 from fldsl.runtime.transport import fldsl_pb2 as pb
 from fldsl.runtime.transport.guard import FlowGuard

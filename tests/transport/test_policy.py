@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-from fldsl.runtime.transport import FlowGuard, FlowRefused, TransportError
-from fldsl.runtime.transport.guard import WireSpec
 
 from fldsl.artifacts import TensorSpec
+from fldsl.runtime.transport import FlowGuard, FlowRefused, TransportError
+from fldsl.runtime.transport.guard import WireSpec
 
 from .conftest import A, B, Trust, flow, pair_flows, policy_for, start_pair
 
@@ -63,8 +63,8 @@ def test_wrong_shape_refused_with_expected_and_actual(trust: Trust) -> None:
     try:
         recv_msg, send_msg = _expect_refused_on_both(
             p, "act", lambda la: la.send("act", 0, np.ones((4, 8), np.float32)))
-        assert "expects float32[?, 16], got float32[4, 8]" in recv_msg
-        assert "expects float32[?, 16], got float32[4, 8]" in send_msg
+        assert "expects float32[batch, 16], got float32[4, 8]" in recv_msg
+        assert "expects float32[batch, 16], got float32[4, 8]" in send_msg
     finally:
         _close(p)
 
@@ -86,7 +86,7 @@ def test_sender_checks_its_own_sends(pair) -> None:
         la.send("grad", 0, np.ones((2, 16), np.float32))
     with pytest.raises(FlowRefused, match=r"'nope' .*not declared.*declared media\.trainer -> shop\.trainer"):
         la.send("nope", 0, np.ones(3))
-    with pytest.raises(FlowRefused, match=r"expects float32\[\?, 16\], got float64\[2, 16\]"):
+    with pytest.raises(FlowRefused, match=r"expects float32\[batch, 16\], got float64\[2, 16\]"):
         la.send("act", 0, np.ones((2, 16)))
     with pytest.raises(FlowRefused, match="carries tensors"):
         la.send_blob("act", 0, b"xx")

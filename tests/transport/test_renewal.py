@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.attestation.verify import PeerRefused
 
 from .conftest import A, B, Trust, make_addresses, make_transport

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fldsl.runtime.transport import PeerUnreachable, TransportError, save_addresses
 
 from .conftest import A, B, Trust, make_addresses, make_transport

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from fldsl.runtime.attestation.verify import PeerRefused
 from fldsl.runtime.transport import PeerUnreachable, RemoteRefused, handshake, is_trust_failure
 from fldsl.runtime.transport import fldsl_pb2 as pb

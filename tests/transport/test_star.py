@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 from fldsl.artifacts import AttestationRequirement, PeerRef, Policy
+from fldsl.runtime.transport import Addresses, NodeAddress, Transport
 
 from .conftest import flow, free_port, make_trust
 

@@ -4,6 +4,7 @@ from one attested peer). The check against real node processes is in tests/e2e/t
 from __future__ import annotations
 
 import pytest
+
 from fldsl.runtime.transport import FlowRefused, TransportError
 from fldsl.runtime.transport.errors import StreamLimitExceeded
 from fldsl.runtime.transport.guard import FlowGuard

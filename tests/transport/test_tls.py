@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
 from fldsl.runtime.transport.server import CertRegistry, cert_fingerprint
 
 from .conftest import A, B, FakeVerifier, make_addresses, make_test_identity, make_transport

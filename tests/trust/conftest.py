@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fldsl.runtime.attestation.parties import init_party
-from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
 
 from fldsl.artifacts import AttestationRequirement, Identity, Pins
+from fldsl.runtime.attestation.parties import init_party
+from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
 
 VECTORS = Path(__file__).parent / "vectors"
 MR_A = hashlib.sha256(b"node a build").digest()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+
+from fldsl.artifacts import Pins
 from fldsl.runtime.attestation import ratls
 from fldsl.runtime.attestation.sim import SimBackend, SimDeployment
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-
-from fldsl.artifacts import Pins
 
 from .conftest import SIM
 

@@ -7,10 +7,10 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-from fldsl.runtime import sealing
-from fldsl.runtime.attestation import qvl, ratls
 
 from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, main
+from fldsl.runtime import sealing
+from fldsl.runtime.attestation import qvl, ratls
 
 from .conftest import MR_A, VECTORS
 

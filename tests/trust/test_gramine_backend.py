@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from fldsl.runtime.attestation.backend import AttestationError
 from fldsl.runtime.attestation.gramine import GramineBackend, available
 

@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fldsl.runtime import keyservice as ks
-from fldsl.runtime.attestation.ratls import LocalIdentity, make_identity
-from fldsl.runtime.attestation.sim import SimDeployment
 
 from fldsl.artifacts import Pins, load_model, node_dir
 from fldsl.cli import EXIT_INPUT, main
+from fldsl.runtime import keyservice as ks
+from fldsl.runtime.attestation.ratls import LocalIdentity, make_identity
+from fldsl.runtime.attestation.sim import SimDeployment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 import buildkit

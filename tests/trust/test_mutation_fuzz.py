@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fldsl.runtime.attestation import ratls
 from fldsl.runtime.attestation.quote import Quote, QuoteError
 from fldsl.runtime.attestation.sim import verify_sim_quote
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from .conftest import SIM
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from fldsl.cli import EXIT_OK, EXIT_TRUST, main
 from fldsl.runtime.attestation.backend import AttestationError
 from fldsl.runtime.attestation.parties import (
     add_peer,
@@ -18,8 +20,6 @@ from fldsl.runtime.attestation.parties import (
     secret_files,
     sim_roots,
 )
-
-from fldsl.cli import EXIT_OK, EXIT_TRUST, main
 
 
 def run(*args: str):
@@ -105,9 +105,8 @@ def _node_args(folder: Path, node: str) -> argparse.Namespace:
 
 
 def test_a_node_quotes_only_from_its_own_partys_folder(tmp_path: Path) -> None:
-    from fldsl.runtime.node import NodeError, _backend
-
     from fldsl.artifacts import Identity
+    from fldsl.runtime.node import NodeError, _backend
 
     local_deployment(tmp_path, ["media", "shop"])
     me = Identity(mr_enclave=["00" * 32], isv_prod_id=0, isv_svn_min=0)

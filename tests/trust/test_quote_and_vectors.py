@@ -10,12 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
 from fldsl.runtime.attestation import qvl, ratls
 from fldsl.runtime.attestation.quote import INTEL_QE_VENDOR_ID, SIM_QE_VENDOR_ID, Quote, QuoteError
 from fldsl.runtime.attestation.sim import verify_sim_quote
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier, check_identity
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 from .conftest import MR_A, VECTORS
 
@@ -36,7 +36,7 @@ def test_sim_quote_roundtrips_every_field(deployment, backend_a):
 
 def test_sim_quote_has_the_real_v3_offsets(backend_a):
     raw = backend_a.quote(b"\xaa" * 64)
-    assert raw[112:144] == MR_A  # MRENCLAVE at 112 (gramine.md §6.2)
+    assert raw[112:144] == MR_A  # MRENCLAVE at 112 (sgx_quote_3.h)
     assert raw[368:432] == b"\xaa" * 64  # REPORTDATA at 368
     assert struct.unpack_from("<I", raw, 432)[0] == len(raw) - 436
     q = Quote.parse(raw)

@@ -11,7 +11,9 @@ import shutil
 import subprocess
 
 import pytest
-from fldsl.runtime.attestation import _crypto, qvl, ratls
+
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
+from fldsl.runtime.attestation import crypto, qvl, ratls
 from fldsl.runtime.attestation.quote import (
     INTEL_QE_VENDOR_ID,
     Quote,
@@ -20,8 +22,6 @@ from fldsl.runtime.attestation.quote import (
     make_report_body,
 )
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 from .conftest import MR_A
 
@@ -71,7 +71,7 @@ class IntelLookalikeBackend:
         self.dep = deployment
 
     def quote(self, report_data: bytes) -> bytes:
-        att_pub = _crypto.raw_public_p256(self.dep.attestation_key)
+        att_pub = crypto.raw_public_p256(self.dep.attestation_key)
         qe = make_report_body(
             mr_enclave=b"\1" * 32, mr_signer=b"\2" * 32, isv_prod_id=1, isv_svn=1, report_data=b"\0" * 64
         )
@@ -81,7 +81,7 @@ class IntelLookalikeBackend:
         return build_quote(
             header=build_header(vendor_id=INTEL_QE_VENDOR_ID),
             body=body,
-            sign=lambda d: _crypto.sign_raw_p256(self.dep.attestation_key, d),
+            sign=lambda d: crypto.sign_raw_p256(self.dep.attestation_key, d),
             attestation_key=att_pub,
             qe_report=qe,
             qe_report_signature=b"\0" * 64,

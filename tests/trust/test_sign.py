@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fldsl.compiler.sign import GramineMissing, SignError, sign_build
-from fldsl.runtime.attestation._crypto import mr_signer_of, private_pem
 
 from fldsl.artifacts import (
     AttestationRequirement,
@@ -24,7 +22,9 @@ from fldsl.artifacts import (
     dump_json,
     load_model,
 )
-from fldsl.measurement import sim_mr_enclave_gramine
+from fldsl.compiler.sign import GramineMissing, SignError, sign_build
+from fldsl.measurement import mr_signer_of, sim_mr_enclave_gramine
+from fldsl.runtime.attestation.crypto import private_pem
 
 FAKES = Path(__file__).parent / "fake_gramine"
 NODES = {"media.trainer": ("media", 7, 2), "shop.trainer": ("shop", 7, 2)}
@@ -161,10 +161,9 @@ def test_sign_pins_real_identities_into_every_node(build, fake_tools, key, deplo
 def test_signed_pins_take_a_simulated_quote_only_of_the_signed_manifest(build, fake_tools, key, deployment):
     """Under gramine-direct a signed node reports a simulated quote with the simulated measurement of its
     signed manifest; a simulated quote claiming anything else (the real MRENCLAVE included) is refused."""
+    from fldsl.artifacts import AttestationRequirement
     from fldsl.runtime.attestation import ratls
     from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-
-    from fldsl.artifacts import AttestationRequirement
 
     sign_build(build, key, entrypoint="/usr/bin/python3", arch_libdir="/lib")
     pins = load_model(Pins, build / "nodes" / "shop.trainer" / "pins.json")
@@ -229,7 +228,7 @@ def test_isv_values_must_match_the_trust_block(build, fake_tools, key):
 
 
 def test_fake_tool_json_shape_matches_gramine(build, fake_tools, key):
-    """Guard the fake itself: the JSON keys are the ones gramine.md §3.4 lists."""
+    """Guard the fake itself: the JSON keys are the ones gramine-sgx-sign's --output JSON has."""
     sign_build(build, key, entrypoint="/x", arch_libdir="/lib")
     import subprocess
 

@@ -10,11 +10,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fldsl.artifacts import AttestationRequirement, Identity, Pins
 from fldsl.runtime.attestation import ratls
 from fldsl.runtime.attestation.sim import SimDeployment
 from fldsl.runtime.attestation.verify import PeerRefused, PeerVerifier
-
-from fldsl.artifacts import AttestationRequirement, Identity, Pins
 
 from .conftest import DCAP, MR_A, SIM
 

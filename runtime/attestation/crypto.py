@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -43,15 +42,6 @@ def verify_raw_with(pub: ec.EllipticCurvePublicKey, signature: bytes, data: byte
 def raw_public_p256(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     return pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)[1:]
-
-
-def mr_signer_of(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> bytes:
-    """MRSIGNER = SHA-256 of the 384-byte little-endian RSA-3072 modulus (gramine.md §3.3)."""
-    pub = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
-    n = pub.public_numbers().n
-    if pub.key_size != 3072:
-        raise ValueError(f"enclave signing key must be RSA-3072, got RSA-{pub.key_size}")
-    return hashlib.sha256(n.to_bytes(384, "little")).digest()
 
 
 def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:

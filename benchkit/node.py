@@ -1,6 +1,6 @@
 """The process ``fldsl bench`` starts for each of its three measurements; nothing else may start it.
 
-    python -m fldsl.runtime.bench_node --mode native|plain|attested --report FILE -- NODE ARGS...
+    python -m fldsl.bench.node --mode native|plain|attested --report FILE -- NODE ARGS...
 
 * ``attested``: exactly ``fldsl.runtime.node.main`` (the real node), plus a report of the process' peak RSS.
 * ``native``: the pipeline's model trained centrally in this one process (``stdlib.tf.central``).
@@ -46,18 +46,18 @@ def check_harness(report: Path) -> None:
     """Fail closed unless the bench harness started us (parent pid + a secret it wrote next to the report)."""
     token, parent = os.environ.get(TOKEN_ENV, ""), os.environ.get(PARENT_ENV, "")
     if not token or not parent:
-        raise BenchRefused("fldsl.runtime.bench_node is started by `fldsl bench` only "
+        raise BenchRefused("fldsl.bench.node is started by `fldsl bench` only "
                            "(use `fldsl run` or `python -m fldsl.runtime.node`)")
     if not parent.isdigit() or int(parent) != os.getppid():
-        raise BenchRefused("fldsl.runtime.bench_node: the parent process is not the bench harness")
+        raise BenchRefused("fldsl.bench.node: the parent process is not the bench harness")
     secret = report.parent / TOKEN_NAME
     try:
         st = secret.stat()
         want = secret.read_text(encoding="ascii").strip()
     except OSError as e:
-        raise BenchRefused(f"fldsl.runtime.bench_node: no harness secret ({e.strerror})") from None
+        raise BenchRefused(f"fldsl.bench.node: no harness secret ({e.strerror})") from None
     if st.st_mode & 0o077 or st.st_uid != os.getuid() or not hmac.compare_digest(want, token):
-        raise BenchRefused("fldsl.runtime.bench_node: the harness secret does not match")
+        raise BenchRefused("fldsl.bench.node: the harness secret does not match")
 
 
 def peak_rss_bytes() -> int:
@@ -65,7 +65,8 @@ def peak_rss_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# plain mode: the real node with the attestation verdict and TLS taken out
+# plain mode: the real node with the attestation verdict and TLS taken out (passed to node.main: the node's
+# own entry point and command line cannot select them)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -76,15 +77,16 @@ class _UnverifiedVerdict:
         self.summary = "NOT ATTESTED (insecure bench mode)"
 
 
-class _NoAttestationVerifier:
-    """Stands in for ``PeerVerifier``: accepts the claimed node id without looking at its evidence."""
+class NoAttestationVerifier:
+    """The node's verifier in plain mode (PeerVerifier's signature): accepts the claimed node id without
+    looking at its evidence."""
 
     def __init__(self, pins: Any, requirement: Any, *, sim_roots: Any = None, own_pins_digest: Any = b"",
                  now: Any = None) -> None:
         self.own_pins_digest = own_pins_digest
 
-    def verify(self, cert_pem: bytes, expect_node: str) -> _UnverifiedVerdict:
-        return _UnverifiedVerdict(expect_node)
+    def verify(self, cert_pem: bytes, expect_node: str | None) -> _UnverifiedVerdict:
+        return _UnverifiedVerdict(expect_node or "?")
 
 
 class _PlainChannel:
@@ -102,54 +104,27 @@ class _PlainChannel:
         self._channel.close()
 
 
-class _PlainGrpc:
-    """The ``grpc`` module as the transport's dialer sees it in plain mode: secure channels are plaintext."""
+class PlainChannels:
+    """The transport's ChannelSecurity in plain mode: no TLS; a caller is who its header says, provided it
+    passed Hello (the bootstrap still runs, with NoAttestationVerifier)."""
 
-    def __init__(self, grpc_module: Any, me: str) -> None:
-        self._grpc = grpc_module
-        self._me = me
+    def __init__(self, me: str) -> None:
+        self.me = me
 
-    def secure_channel(self, target: str, _creds: Any, options: Any = None, **kw: Any) -> _PlainChannel:
-        options = [o for o in (options or []) if o[0] != "grpc.ssl_target_name_override"]
-        return _PlainChannel(self._grpc.insecure_channel(target, options=options, **kw), self._me)
+    def add_port(self, server: Any, host: str, port: int, creds: Any) -> int:
+        from fldsl.runtime.transport.channel import bind
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grpc, name)
+        return bind(server, host, port, server.add_insecure_port)
 
-
-def enable_plain_mode(me: str) -> None:
-    """Patch the transport of THIS process only (called after ``check_harness``)."""
-    import grpc
-    from fldsl.runtime.attestation import verify
-    from fldsl.runtime.transport import server as srv
-    from fldsl.runtime.transport import transport as tr
-
-    def add_port(server: grpc.Server, host: str, port: int, creds: Any) -> int:
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            bound = server.add_insecure_port(target)
-        except RuntimeError as e:
-            raise srv.TransportError(f"cannot listen on {target}: {e} (port in use?)") from None
-        if bound == 0:
-            raise srv.TransportError(f"cannot listen on {target} (port in use?)")
-        return bound
-
-    def exchange(self: Any, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        # Without TLS the caller is whoever the header says, provided it said Hello first.
+    def caller(self, registry: Any, context: Any) -> str | None:
         node = dict(context.invocation_metadata()).get(NODE_HEADER)
-        if node is None or node not in getattr(self.registry, "_by_node", {}):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{self.node_id}: no Hello from {node!r}")
-        return self._on_stream(node, request_iterator, context)
+        return node if isinstance(node, str) and registry.verified(node) else None
 
-    for owner, name in ((srv.NodeServer, "_add_port"), (srv.NodeServer, "_exchange"), (tr, "grpc"),
-                        (verify, "PeerVerifier")):
-        if not hasattr(owner, name):  # the transport changed shape: refuse rather than half-patch
-            raise BenchRefused(f"plain mode cannot patch {getattr(owner, '__name__', owner)}.{name}")
-    srv.NodeServer._add_port = staticmethod(add_port)  # type: ignore[method-assign]
-    srv.NodeServer._exchange = exchange  # type: ignore[method-assign]
-    tr.grpc = _PlainGrpc(grpc, me)  # type: ignore[assignment]
-    verify.PeerVerifier = _NoAttestationVerifier  # type: ignore[assignment,misc]
-    log.warning(INSECURE_BANNER)
+    def channel(self, target: str, peer_id: str, peer_cert: bytes, identity: Any,
+                options: list[tuple[str, Any]]) -> _PlainChannel:
+        import grpc
+
+        return _PlainChannel(grpc.insecure_channel(target, options=options), self.me)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,9 +134,8 @@ def enable_plain_mode(me: str) -> None:
 
 def run_native(build: Path) -> dict[str, Any]:
     """Train the build's model centrally; time to first step counted from the harness' spawn."""
-    from fldsl.stdlib.tf import central
-
     from fldsl.artifacts import Plan, load_model
+    from fldsl.stdlib.tf import central
 
     t0 = float(os.environ.get(T0_ENV) or time.time())
     plans = [load_model(Plan, p) for p in sorted((build / "nodes").glob("*/plan.json"))]
@@ -215,7 +189,7 @@ def write_profile(profiler: Any, report: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fldsl.runtime.bench_node",
+    p = argparse.ArgumentParser(prog="python -m fldsl.bench.node",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=["native", "plain", "attested"])
     p.add_argument("--report", required=True, type=Path)
@@ -253,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.mode == "plain":
             print(INSECURE_BANNER, file=sys.stderr, flush=True)
+            log.warning(INSECURE_BANNER)
             me = rest[rest.index("--node") + 1] if "--node" in rest else "?"
-            enable_plain_mode(me)
-        code = node.main(rest)
+            code = node.main(rest, security=PlainChannels(me), verifier_for=NoAttestationVerifier)
+        else:
+            code = node.main(rest)
     if profiler is not None:
         profiler.disable()
         write_profile(profiler, args.report)

@@ -1,8 +1,8 @@
 """The Flower side of ``fldsl bench``'s ``flower`` mode: a Flower FedAvg server and one client per worker.
 
-    python -m fldsl.runtime.bench_flower server --build B --address HOST:PORT --report R --clients N \
+    python -m fldsl.bench.flower server --build B --address HOST:PORT --report R --clients N \
         --rounds R --rounds-per-epoch E [--weighting examples|mean]
-    python -m fldsl.runtime.bench_flower client --build B --node ID --address HOST:PORT --report R
+    python -m fldsl.bench.flower client --build B --node ID --address HOST:PORT --report R
 
 The comparison must be of the same training, so the clients reuse the compiled build, not a re-implemented
 model: each client is one worker of a horizontal FedAvg plan and trains exactly what that worker trains in
@@ -128,6 +128,7 @@ class WorkerTrainer:
 
         configure_tf()  # the same thread pools as a fldsl node
         import tensorflow as tf
+
         from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
 
         d = node_dir(build, node)
@@ -233,8 +234,8 @@ class WorkerTrainer:
                   for i in range(0, len(labels), b)]
         if logits:
             assert self.plan.loss is not None
-            metrics.update(score_metrics(self.plan.loss.op, self.plan.train.metrics, np.concatenate(logits),
-                                         labels))
+            wanted = list[str](self.plan.train.metrics)
+            metrics.update(score_metrics(self.plan.loss.op, wanted, np.concatenate(logits), labels))
         return metrics
 
 
@@ -331,7 +332,7 @@ def run_server(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fldsl.runtime.bench_flower",
+    p = argparse.ArgumentParser(prog="python -m fldsl.bench.flower",
                                 description=__doc__.splitlines()[0])
     p.add_argument("role", choices=["server", "client"])
     p.add_argument("--build", type=Path, required=True)
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"role": args.role}
     code = 0
     if args.xla:
-        from fldsl.runtime.bench_node import enable_xla
+        from fldsl.bench.node import enable_xla
 
         enable_xla()
     try:
