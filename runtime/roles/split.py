@@ -162,6 +162,9 @@ class SplitKernels:
             value = st.inputs[w.tensor]
         if st.key == st.step and is_checkpoint_step(self.ctx.plan, st.step + 1, self.spe):
             self.writer.wait()  # the checkpoint gate: see CheckpointWriter
+            if self.sched.lead == len(self.sched.step) and self.ctx.landed_steps:
+                # Nothing comes back per step: wait for the peers' own landing of the last checkpoint.
+                self.ctx.wait_landed(self.ctx.landed_steps[-1])
         self.ctx.links[w.peer].send(w.flow.id, st.key, np.asarray(value))
 
     def recv(self, task: Task, st: StepState) -> None:
