@@ -94,14 +94,17 @@ class SplitKernels:
             return {n: out[n] for n in sent}
 
         @tf.function(reduce_retracing=True)
-        def pull_back(inputs, out_grads):
+        def pull_back(inputs, out_grads, apply_now):
             # Recompute the forward under a tape (no randomness in the ops). Lock-step: the weights are those
             # of the forward whose tensors were sent, so the gradient is exact. Pipelined: they already
             # include the previous step's update (the documented one-step staleness).
             with tf.GradientTape() as tape:
                 out = model(inputs, training=True)
                 targets = [out[n] for n in out_grads]
-            return tape.gradient(targets, variables, output_gradients=list(out_grads.values()))
+            grads = tape.gradient(targets, variables, output_gradients=list(out_grads.values()))
+            if apply_now:  # a Python bool: one trace with the update, one without
+                opt.apply(grads, variables)
+            return grads
 
         @tf.function(reduce_retracing=True)
         def loss_grads(inputs, cuts, labels):
@@ -121,6 +124,11 @@ class SplitKernels:
             return model({**inputs, **cuts}, training=False)[logits]
 
         self.forward_fn, self.pull_back_fn, self.loss_grads_fn = forward, pull_back, loss_grads
+        # An apply task right after the backward runs inside the backward's compiled call (one dispatch
+        # instead of two per step); the order of the two is the plan's either way.
+        kinds = [t.kind for t in sched.step]
+        self.fused_apply = plan.loss is None and "backward" in kinds \
+            and kinds[kinds.index("backward") + 1:][:1] == ["apply"]
         self.apply_fn, self.predict_fn = apply, predict
         self.kernels = {"forward": self.forward, "loss": self.loss, "send": self.send, "recv": self.recv,
                         "backward": self.backward, "apply": self.apply}
@@ -188,10 +196,11 @@ class SplitKernels:
             st.grads_out = {g: cut_grads[c].numpy() for g, c in self.sched.wrt.items()}
         else:
             out_grads = {c: st.cut_grads[c] for c in dict.fromkeys(self.sched.wrt.values())}
-            st.var_grads = self.pull_back_fn(st.inputs, out_grads)
+            st.var_grads = self.pull_back_fn(st.inputs, out_grads, self.fused_apply)
 
     def apply(self, task: Task, st: StepState) -> None:
-        self.apply_fn(st.var_grads)
+        if not self.fused_apply:
+            self.apply_fn(st.var_grads)
 
     # -- holdout ---------------------------------------------------------------------------------------------
 
