@@ -38,7 +38,8 @@ from fldsl.runtime.roles.common import (
     send_chunked,
     unpack_arrays,
 )
-from fldsl.runtime.roles.vertical import _align_peer, _rows_of
+from fldsl.runtime.roles.split import rows_of as _rows_of
+from fldsl.runtime.roles.vertical import _align_peer
 
 CTRL_PREDICT = CTRL_BASE + 7  # both ways: "this node is predicting"
 HELLO = {"mode": "predict"}
