@@ -32,6 +32,7 @@ from fldsl.runtime.roles.common import (
     Meter,
     PeerProtocolError,
     RoleContext,
+    RoleError,
     epoch_batch,
     is_checkpoint_step,
 )
@@ -164,7 +165,9 @@ class SplitKernels:
         if w.flow.kind == "gradient":
             value = st.grads_out[w.tensor]
         elif w.tensor in self.produced:
-            assert st.out is not None, f"{task.id} runs before the forward that produces {w.tensor}"
+            if st.out is None:
+                raise RoleError(f"{self.ctx.node}: the plan sends `{w.tensor}` ({task.id}) before any "
+                                "forward task computes it; recompile the pipeline")
             value = st.out[w.tensor]
         else:  # a raw data field the plan allows across
             value = st.inputs[w.tensor]
