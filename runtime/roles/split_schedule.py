@@ -114,6 +114,12 @@ def split_schedule(plan: Plan, policy: Policy) -> SplitSchedule:
         if wrt.get(w.tensor) not in cuts:
             raise RoleError(f"{plan.node}: the plan exchanges gradient `{w.tensor}` on {w.flow.id}, but its "
                             "backward task does not name a cut tensor this node exchanges for it")
+    produced = {op.output for op in plan.model}
+    first_forward = next((k for k, t in enumerate(step) if t.kind == "forward"), len(step))
+    for w in wires["out"]:
+        if w.tensor in produced and step.index(w.task) < first_forward:
+            raise RoleError(f"{plan.node}: the plan sends `{w.tensor}` ({w.task.id}) before the forward "
+                            "that computes it; recompile the pipeline")
     if wires["gin"] and not any(t.kind == "backward" for t in step):
         raise RoleError(f"{plan.node}: the plan receives gradients but has no backward task")
     return SplitSchedule(

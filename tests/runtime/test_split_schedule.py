@@ -79,6 +79,15 @@ def test_a_gradient_the_backward_does_not_name_is_refused(tmp_path: Path) -> Non
         split_schedule(plan.model_copy(update={"tasks": tasks}), policy)
 
 
+def test_a_cut_sent_before_its_forward_is_refused(tmp_path: Path) -> None:
+    build = _compile(tmp_path, "vertical_two_cuts")
+    plan, policy = _load(build, "media.trainer")
+    sends = [t for t in plan.tasks if t.kind == "send" and "deep" in t.id]
+    reordered = [*sends, *(t for t in plan.tasks if t not in sends)]
+    with pytest.raises(RoleError, match="before the forward"):
+        split_schedule(plan.model_copy(update={"tasks": reordered}), policy)
+
+
 def _shop_weights(run_dir: Path) -> list[np.ndarray]:
     from fldsl.runtime import sealing
 
