@@ -189,9 +189,13 @@ class FlowBuilder:
         ops_at: dict[str, list[str]] = {}
         for op in c.ops:
             ops_at.setdefault(op.party, []).append(op.output)
+        # A party without ops still takes part when another party's op reads one of its raw fields (an
+        # `allow media -> shop: impressions.sparse` rule): it sends that field, nothing comes back.
+        feeds = {t.party for op in c.ops for ref in op.inputs
+                 if (t := c.tensors[ref]).raw and t.party is not None and t.party != op.party}
         node_of: dict[str, str] = {}
         for pname in c.parties:
-            if pname not in ops_at and pname != label_party:
+            if pname not in ops_at and pname not in feeds and pname != label_party:
                 c.error(
                     c.parties[pname].span,
                     f"party `{pname}` takes no part in the model",

@@ -138,22 +138,33 @@ def _vertical(t: _Tasks, p: Program, n: IRNode) -> None:
         for f in _flows(p, dst=n.id, kind="activation") + _flows(p, dst=n.id, kind="data"):
             t.recv(f, [f.tensor])
     _forward(t, p, n)
+    has_weights = any(p.param_counts.get(o, 0) for o in n.ops)
     if not active:
-        for f in _flows(p, src=n.id, kind="activation") + _flows(p, src=n.id, kind="data"):
+        cuts = _flows(p, src=n.id, kind="activation") + _flows(p, src=n.id, kind="data")
+        for f in cuts:
             t.send(f, [f.tensor])
         grads = _flows(p, dst=n.id, kind="gradient")
         for f in grads:
             t.recv(f, [f.tensor])
-        t.add("backward", "bottom", [f.tensor for f in grads], ["grads"])
+        # A part nothing flows back to (raw fields, untrained cuts) has no backward and no apply: it only
+        # sends. ``wrt`` names, per received gradient, the cut tensor it is the gradient of.
+        if grads and has_weights:
+            wrt = _wrt(grads, cuts)
+            t.add("backward", "bottom", [*wrt.values(), *wrt], ["grads"], wrt=wrt)
+            t.add("apply", p.train.optimizer.name, ["grads"], ["weights"])
     else:
         loss = p.loss
         t.add("loss", loss.op, [loss.logits, loss.label], ["loss"])
         grads = _flows(p, src=n.id, kind="gradient")
-        t.add("backward", "top", ["loss"], ["grads", *[f.tensor for f in grads]])
+        cuts = _flows(p, dst=n.id, kind="activation") + _flows(p, dst=n.id, kind="data")
+        wrt = _wrt(grads, cuts)
+        t.add("backward", "top", ["loss", *wrt.values()], ["grads", *wrt], wrt=wrt)
+        # The gradients go back before this node applies its own update: the passive parties' backward
+        # then overlaps the apply (the two touch disjoint weights, so the order does not change the math).
         for f in grads:
             t.send(f, [f.tensor])
-    has_weights = any(p.param_counts.get(o, 0) for o in n.ops)
-    t.add("apply", p.train.optimizer.name, ["grads"], ["weights"])
+        if has_weights:
+            t.add("apply", p.train.optimizer.name, ["grads"], ["weights"])
     if active and (
         p.train.validation.fraction > 0 or "auc" in p.train.metrics or "accuracy" in p.train.metrics
     ):
@@ -166,6 +177,19 @@ def _vertical(t: _Tasks, p: Program, n: IRNode) -> None:
             fraction=p.train.validation.fraction,
         )
     _finish(t, p, n, export=has_weights)
+
+
+def _wrt(grads: list[Flow], cuts: list[Flow]) -> dict[str, str]:
+    """gradient tensor -> the cut tensor it differentiates: the gradient flow of a cut runs the other way
+    between the same two nodes and is named ``grad(<cut>)`` by fldsl.compiler.flows."""
+    out = {}
+    for g in grads:
+        cut = next((f for f in cuts if (f.src, f.dst) == (g.dst, g.src) and g.tensor == f"grad({f.tensor})"),
+                   None)
+        if cut is None:
+            raise ValueError(f"gradient flow {g.id} matches no cut tensor sent the other way")
+        out[g.tensor] = cut.tensor
+    return out
 
 
 def _worker(t: _Tasks, p: Program, n: IRNode) -> None:

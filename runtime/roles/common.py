@@ -400,6 +400,27 @@ class RoleContext:
                     break
         self.store.flush()
 
+    def wait_landed(self, step: int) -> None:
+        """Block until every resume peer said it landed checkpoint ``step``. For a node that receives nothing
+        per step (it only sends a raw field), the checkpoint gate of :class:`CheckpointWriter` does not hold
+        by itself: without this it could land checkpoints c' and c'' while a slower peer has yet to land c,
+        and a crash then would leave no step every node holds."""
+        if self.store is None:
+            return
+        for peer in self.resume_peers:
+            if self.store.peers_seen().get(peer, -1) >= step:
+                continue
+
+            def take(t: float, peer: str = peer) -> None:
+                got = self._take_landed(peer, step, t)
+                if got == "none":
+                    raise TimeoutError
+                if got == "gone":
+                    raise RoleError(f"{self.node}: {peer} closed the link before it landed checkpoint {step}")
+
+            self.wait(take, peer)
+            self.store.note_peer(peer, step)
+
     def _take_landed(self, peer: str, step: int, timeout: float) -> Literal["ok", "none", "gone"]:
         try:
             data = self.links[peer].recv_blob(self.control_flow(peer, self.node), CTRL_LANDED + step, timeout)

@@ -38,7 +38,8 @@ from fldsl.runtime.roles.common import (
     send_chunked,
     unpack_arrays,
 )
-from fldsl.runtime.roles.vertical import _align_peer, _rows_of
+from fldsl.runtime.roles.split import rows_of as _rows_of
+from fldsl.runtime.roles.vertical import _align_peer
 from fldsl.runtime.transport import keys
 
 CTRL_PREDICT = keys.control(keys.Control.PREDICT)  # both ways: "this node is predicting"

@@ -25,6 +25,7 @@ from fldsl.artifacts import (
     Plan,
     Policy,
     ShardingSpec,
+    Task,
     TensorSpec,
     TrainSpec,
     ValidationSpec,
@@ -80,6 +81,8 @@ def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str =
         mine = [f for f in flows if plan.node in (f.src, f.dst)]
         plan.sends = sorted(f.id for f in mine if f.src == plan.node)
         plan.receives = sorted(f.id for f in mine if f.dst == plan.node)
+        if plan.role.startswith("vertical.") and not plan.tasks:
+            plan.tasks = split_tasks(plan, mine)
         policy = Policy(pipeline=pipeline, node=plan.node,
                         attestation=AttestationRequirement(mode=mode),
                         accept_peers=sorted(p.id for p in plan.peers), flows=mine,
@@ -101,6 +104,48 @@ def write_build(root: Path, plans: list[Plan], flows: list[Flow], *, mode: str =
     for plan in plans:
         (node_dir(build, plan.node) / "pins.json").write_text(dump_json(pins))
     return build
+
+
+def split_tasks(plan: Plan, flows: list[Flow]) -> list[Task]:
+    """A vertical node's step tasks as compiler/lower.py writes them: the runtime executes these."""
+    node = plan.node
+    out: list[Task] = []
+
+    def add(kind: str, name: str, **params: Any) -> None:
+        out.append(Task(id=f"{node}/{kind}:{name}", kind=kind, params=params))  # type: ignore[arg-type]
+
+    def wire(kind: str, f: Flow) -> None:
+        add(kind, f"{f.tensor}@{f.dst if kind == 'send' else f.src}", flow=f.id)
+
+    cuts = [f for f in flows if f.kind in ("activation", "data")]
+    grads = [f for f in flows if f.kind == "gradient"]
+    wrt = {g.tensor: next(f.tensor for f in cuts if g.tensor == f"grad({f.tensor})"
+                          and (f.src, f.dst) == (g.dst, g.src)) for g in grads}
+    if plan.role == "vertical.active":
+        for f in cuts:
+            wire("recv", f)
+        for op in plan.model:
+            add("forward", op.output)
+        add("loss", "loss")
+        add("backward", "top", wrt=wrt)
+        for f in grads:
+            wire("send", f)
+        add("apply", "opt")
+        add("evaluate", "holdout")
+    else:
+        for op in plan.model:
+            add("forward", op.output)
+        for f in cuts:
+            wire("send", f)
+        for f in grads:
+            wire("recv", f)
+        if grads:
+            add("backward", "bottom", wrt=wrt)
+            add("apply", "opt")
+    add("checkpoint", "state")
+    if plan.export:
+        add("export", "model")
+    return out
 
 
 def _recompile(build: Path, node: str, file: str, model: Any, edit: Any) -> None:
