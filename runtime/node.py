@@ -305,6 +305,7 @@ def _preload_tensorflow() -> None:
 def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> dict[str, Any]:
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
+    from fldsl.runtime.audit import AuditingProgress, AuditLog
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
     from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
@@ -361,12 +362,21 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     check_schemas(plan.data)
 
     progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
+    # The signed record of what crosses each link (docs/trust.md "The audit record"), sealed with the
+    # party's key; prediction runs keep one too (activations cross there as well).
+    audit = AuditLog(args.run_dir, node_id=args.node, sealing_root=backend.sealing_key(), policy=policy,
+                     identity=identity)
+    progress = AuditingProgress(progress, audit)
+
     def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
-        return make_identity(backend, node_id=args.node, pins_digest=digest)
+        fresh = make_identity(backend, node_id=args.node, pins_digest=digest)
+        audit.set_identity(fresh)
+        return fresh
 
     transport = Transport(node_id=args.node, policy=policy, peers=plan.peers, identity=identity,
                           verifier=verifier, addresses=addresses, connect_timeout_s=args.connect_timeout,
                           renew_identity=renew, listen_host=_listen_host(args, addresses))
+    transport.attach_audit(audit)
     transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
@@ -435,6 +445,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
         result["bytes_received"] = {k: v.bytes_received for k, v in sorted(stats.items()) if v.bytes_received}
         result["exports"] = dict(ctx.exports)
         result["owner_exports"] = dict(ctx.owner_exports)
+        result["audit"] = str(audit.dir)
         # Let the peers read what we sent last before our end of the streams goes away.
         transport.close(flush_timeout=10.0)
         transport = None
@@ -446,6 +457,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event) -> 
     finally:
         if transport is not None:
             transport.close(flush_timeout=1.0)
+        audit.close()  # after the links closed: nothing more can be sent or received
 
 
 class _Reported(Exception):

@@ -1,0 +1,277 @@
+"""The writer of a node's audit record (format: ``fldsl.auditlog``; verifier: ``fldsl.runtime.audit_verify``).
+
+Every message a link sends or receives, every attestation of the peer, every refusal, and the node's
+checkpoints and exports become a record: hash-chained per file, signed with the node's current RA-TLS key
+(whose certificate, quote inside, is stored in ``certs/``), sealed line by line with the node's sealing key.
+Records are appended and flushed as they happen (a crash loses at most the line being written). Payload
+bytes never enter a record, only their SHA-256; the key never leaves this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fldsl.runtime.sealing import LineSealer, SealError
+
+from fldsl.auditlog import (
+    CERTS,
+    GENESIS,
+    NODE_CHAIN,
+    SUFFIX,
+    AuditFileHeader,
+    AuditRecord,
+    FlowGrant,
+    PeerIdentity,
+    PolicyHead,
+)
+
+log = logging.getLogger("fldsl.audit")
+
+SEAL_LABEL = b"fldsl-audit/1"
+
+
+def audit_dir(run_dir: Path, node_id: str) -> Path:
+    return Path(run_dir) / "audit" / node_id
+
+
+def cert_sha256(cert_pem: bytes) -> str:
+    der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def peer_identity(cert_pem: bytes) -> PeerIdentity:
+    """What the pinned certificate of a verified peer says about it (its quote's measurement)."""
+    from fldsl.runtime.attestation.ratls import parse_certificate
+
+    ev = parse_certificate(cert_pem)
+    return PeerIdentity(node=ev.node_id or ev.subject_cn or "?",
+                        cert_sha256=hashlib.sha256(ev.cert_der).hexdigest(),
+                        measurement=ev.quote.mr_enclave.hex(), simulated=bool(ev.quote.is_simulated))
+
+
+class _Signer:
+    """The node's current RA-TLS key and its certificate's fingerprint (swapped at renewal)."""
+
+    def __init__(self, certs: Path) -> None:
+        self._certs = certs
+        self._lock = threading.Lock()
+        self._key: ec.EllipticCurvePrivateKey | None = None
+        self.fingerprint = ""
+
+    def use(self, key_pem: bytes, cert_pem: bytes) -> None:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the RA-TLS key is not an EC key; the audit record signs with ECDSA")
+        fp = cert_sha256(cert_pem)
+        self._certs.mkdir(parents=True, exist_ok=True)
+        path = self._certs / f"{fp}.pem"
+        if not path.exists():
+            path.write_bytes(cert_pem)
+        with self._lock:
+            self._key, self.fingerprint = key, fp
+
+    def sign(self, digest_hex: str) -> tuple[str, str]:
+        import base64
+
+        with self._lock:
+            key, fp = self._key, self.fingerprint
+        if key is None:
+            raise RuntimeError("audit record has no signing identity yet")
+        sig = key.sign(bytes.fromhex(digest_hex), ec.ECDSA(hashes.SHA256()))
+        return fp, base64.b64encode(sig).decode()
+
+
+class AuditChain:
+    """One append-only, hash-chained, signed and sealed record file. Thread-safe."""
+
+    def __init__(self, path: Path, *, node: str, chain: str, sealer: LineSealer, signer: _Signer) -> None:
+        self.path = path
+        self.node = node
+        self.chain = chain
+        self._sealer = sealer
+        self._signer = signer
+        self._lock = threading.Lock()
+        self._seq, self._prev = 0, GENESIS
+        if path.exists() and path.stat().st_size:
+            self._resume()
+        else:
+            head = AuditFileHeader(node=node, chain=chain, key_id=sealer.key_id)
+            path.write_text(head.model_dump_json() + "\n")
+        self._f = open(path, "ab")  # kept open for the run, closed by close()
+
+    def _resume(self) -> None:
+        """A restarted node (``--run-dir`` resume) continues its chain after the last readable record."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        if not data.endswith(b"\n"):  # a line cut by a crash stays (the verifier reports it) but ends here
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+            lines = lines[:-1]
+        for line in reversed([x for x in lines[1:] if x.strip()]):
+            try:
+                rec = AuditRecord.model_validate_json(self._sealer.open(self.chain, line))
+            except (SealError, ValueError):
+                continue
+            self._seq, self._prev = rec.seq + 1, rec.hash
+            return
+
+    def append(self, event: str, **fields: Any) -> AuditRecord:
+        with self._lock:
+            rec = AuditRecord(seq=self._seq, prev=self._prev, time=time.time(), node=self.node,
+                              chain=self.chain, event=event, signer="", **fields)  # type: ignore[arg-type]
+            rec.signer = self._signer.fingerprint
+            rec.hash = rec.compute_hash()
+            signer, rec.sig = self._signer.sign(rec.hash)
+            if signer != rec.signer:  # renewed between the two reads: sign again under the new one
+                rec.signer = signer
+                rec.hash = rec.compute_hash()
+                _, rec.sig = self._signer.sign(rec.hash)
+            self._f.write(self._sealer.seal(self.chain, rec.model_dump_json().encode()) + b"\n")
+            self._f.flush()
+            self._seq, self._prev = rec.seq + 1, rec.hash
+            return rec
+
+    def close(self, detail: str) -> None:
+        with self._lock:
+            if self._f.closed:
+                return
+        self.append("close", detail=detail)
+        with self._lock:
+            self._f.close()
+
+
+def _digest(segments: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for s in segments:
+        h.update(s)
+    return h.hexdigest()
+
+
+class LinkAudit:
+    """What a ``PeerLink`` calls: one chain per peer, with the peer's identity as last attested."""
+
+    def __init__(self, chain: AuditChain, guard_flows: dict[str, Any]) -> None:
+        self._chain = chain
+        self._flows = guard_flows
+        self._peer: PeerIdentity | None = None
+        self._counts = {"send": 0, "recv": 0, "refusal": 0}
+
+    def attested(self, cert_pem: bytes) -> None:
+        try:
+            self._peer = peer_identity(cert_pem)
+        except Exception as e:  # the verifier accepted it: a parse failure here is a bug, recorded as such
+            log.error("audit: cannot read the verified certificate of %s: %s", self._chain.chain, e)
+            return
+        self._chain.append("attest", peer=self._peer)
+
+    def message(self, direction: str, flow: str, step: int, kind: str,
+                specs: list[tuple[str, tuple[int, ...]]], nbytes: int, segments: Iterable[Any]) -> None:
+        grant = self._flows.get(flow)
+        self._counts[direction] += 1
+        self._chain.append(
+            direction, flow=flow, step=step, kind=kind, dtypes=[d for d, _ in specs],
+            shapes=[list(s) for _, s in specs], nbytes=nbytes, digest=_digest(segments),
+            rule=getattr(grant, "rule", None), peer=self._peer)
+
+    def refused(self, direction: str, flow: str, reason: str) -> None:
+        self._counts["refusal"] += 1
+        self._chain.append("refusal", direction=direction, flow=flow or None, detail=reason[:2000],
+                           peer=self._peer)
+
+    def close(self) -> None:
+        self._chain.close(json.dumps(self._counts, sort_keys=True))
+
+
+def _grant(f: Any) -> FlowGrant:
+    spec = f.spec
+    dims = "" if spec is None else ", ".join("?" if d is None else str(d) for d in spec.shape)
+    text = "bytes" if spec is None else f"{spec.dtype}[{dims}]"
+    return FlowGrant(id=f.id, src=f.src, dst=f.dst, spec=text, rule=f.rule, max_bytes=f.max_bytes)
+
+
+class AuditLog:
+    """A node's audit folder: a chain per peer link, ``node`` for its own events, the signing certs."""
+
+    def __init__(
+        self, run_dir: Path, *, node_id: str, sealing_root: bytes, policy: Any, identity: Any,
+    ) -> None:
+        self.dir = audit_dir(run_dir, node_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.node = node_id
+        self._policy = policy
+        self._policy_sha = hashlib.sha256(policy.model_dump_json().encode()).hexdigest()
+        self._sealer = LineSealer(sealing_root, node_id, SEAL_LABEL)
+        self._signer = _Signer(self.dir / CERTS)
+        self._signer.use(identity.key_pem, identity.cert_pem)
+        self._links: dict[str, LinkAudit] = {}
+        self._node = self._chain(NODE_CHAIN)
+        self._node.append("open", policy=PolicyHead(pipeline=getattr(policy, "pipeline", ""),
+                                                     policy_sha256=self._policy_sha, flows=[]))
+
+    def _chain(self, name: str) -> AuditChain:
+        return AuditChain(self.dir / f"{name}{SUFFIX}", node=self.node, chain=name, sealer=self._sealer,
+                          signer=self._signer)
+
+    def set_identity(self, identity: Any) -> None:
+        """A renewed RA-TLS identity signs every later record."""
+        self._signer.use(identity.key_pem, identity.cert_pem)
+
+    def link(self, peer: str, flows: dict[str, Any]) -> LinkAudit:
+        if peer not in self._links:
+            chain = self._chain(peer)
+            mine = [_grant(f) for f in flows.values() if {f.src, f.dst} == {self.node, peer}]
+            chain.append("open", policy=PolicyHead(pipeline=getattr(self._policy, "pipeline", ""),
+                                                    policy_sha256=self._policy_sha, flows=mine))
+            self._links[peer] = LinkAudit(chain, flows)
+        return self._links[peer]
+
+    def node_event(self, event: str, *, path: str, detail: str) -> None:
+        """A checkpoint or an export: the file's digest, so the auditor can tie a file to this run."""
+        try:
+            digest = _file_digest(Path(path))
+        except OSError:
+            digest = None
+        self._node.append(event, digest=digest, detail=f"{detail} {path}".strip())
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._node.close("{}")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class AuditingProgress:
+    """Wraps a node's progress reporter: checkpoint and export events also go to the audit record."""
+
+    def __init__(self, inner: Any, audit: AuditLog) -> None:
+        self._inner = inner
+        self._audit = audit
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if event in ("checkpoint", "export") and "path" in fields:
+            what = f"step {fields['step']}" if "step" in fields else str(fields.get("name", ""))
+            try:
+                self._audit.node_event(event, path=str(fields["path"]), detail=what)
+            except Exception:  # the run goes on; the missing record shows in the audit
+                log.exception("audit: could not record %s", event)
+        self._inner.emit(event, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
