@@ -47,6 +47,7 @@ _COMMANDS = {
     "bench": "bench",
     "data": "data",
     "keys": "keys",
+    "audit": "audit",
 }
 
 
