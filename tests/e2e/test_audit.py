@@ -76,6 +76,7 @@ def test_clean_run_verifies_and_shows_exactly_the_checked_flows(demo_run: tuple[
     assert signers[MEDIA].attested_by == [SHOP] and signers[SHOP].attested_by == [MEDIA]
     assert all(s.simulated and "chains to the party's sim root" in s.quote for s in report.signers)
     assert {e.event for e in report.events} == {"checkpoint", "export"} and report.refusals == []
+    assert all(e.digest for e in report.events if e.event == "export")  # ties each model file to the run
     assert doc["nodes"][MEDIA]["audit"] == str(run_dir / "audit" / MEDIA)  # the run summary points to it
 
 
