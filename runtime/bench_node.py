@@ -4,12 +4,13 @@
 
 * ``attested``: exactly ``fldsl.runtime.node.main`` (the real node), plus a report of the process' peak RSS.
 * ``native``: the pipeline's model trained centrally in this one process (``stdlib.tf.central``).
-* ``plain``: the real node with attestation verification and TLS switched OFF, so the bench can show what
-  they cost. This is the only way to get an unauthenticated, unencrypted node, and it is reachable only
-  from the bench harness: the process refuses to start unless its parent is the harness process named in
-  ``FLDSL_BENCH_HARNESS_PID`` and ``FLDSL_BENCH_TOKEN`` equals the secret the harness wrote (0600) next to
-  the report. ``fldsl run``, the launcher and the manifests only ever start ``fldsl.runtime.node``, and no
-  .flp setting reaches this module. The mode is logged loudly ("INSECURE BENCH MODE").
+* ``plain``: the real node with attestation verification, TLS and the per-message audit record
+  (``fldsl.runtime.audit``) switched OFF, so the bench can show what they cost. This is the only way to get
+  an unauthenticated, unencrypted node, and it is reachable only from the bench harness: the process
+  refuses to start unless its parent is the harness process named in ``FLDSL_BENCH_HARNESS_PID`` and
+  ``FLDSL_BENCH_TOKEN`` equals the secret the harness wrote (0600) next to the report. ``fldsl run``, the
+  launcher and the manifests only ever start ``fldsl.runtime.node``, and no .flp setting reaches this
+  module. The mode is logged loudly ("INSECURE BENCH MODE").
 
 The report (JSON) holds ``peak_rss_bytes`` and, for native, the central result. Time to the first training
 step is measured by the harness from progress events (federated) or reported here (native).
@@ -141,14 +142,18 @@ def enable_plain_mode(me: str) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{self.node_id}: no Hello from {node!r}")
         return self._on_stream(node, request_iterator, context)
 
+    def no_audit(self: Any, audit: Any) -> None:  # the node still opens and closes its (empty) record
+        return None
+
     for owner, name in ((srv.NodeServer, "_add_port"), (srv.NodeServer, "_exchange"), (tr, "grpc"),
-                        (verify, "PeerVerifier")):
+                        (verify, "PeerVerifier"), (tr.Transport, "attach_audit")):
         if not hasattr(owner, name):  # the transport changed shape: refuse rather than half-patch
             raise BenchRefused(f"plain mode cannot patch {getattr(owner, '__name__', owner)}.{name}")
     srv.NodeServer._add_port = staticmethod(add_port)  # type: ignore[method-assign]
     srv.NodeServer._exchange = exchange  # type: ignore[method-assign]
     tr.grpc = _PlainGrpc(grpc, me)  # type: ignore[assignment]
     verify.PeerVerifier = _NoAttestationVerifier  # type: ignore[assignment,misc]
+    tr.Transport.attach_audit = no_audit  # type: ignore[method-assign]
     log.warning(INSECURE_BANNER)
 
 
