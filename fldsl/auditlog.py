@@ -9,7 +9,8 @@ signed a record (its quote inside). A record file is::
 
 ``hash`` = SHA-256 of the record's canonical JSON without ``hash`` and ``sig``; it covers ``prev`` (the
 previous record's hash) and ``seq``, so each signature vouches for the whole history up to its record.
-``sig`` = ECDSA (the RA-TLS key, P-256/SHA-256) over ``hash``, DER, base64; ``signer`` names the
+``sig`` = ECDSA (the RA-TLS key, P-256/SHA-256) over ``hash``, DER, base64, on the records with ``signed``
+(the last of each batch the writer wrote: it vouches for the records before it); ``signer`` names the
 certificate. This module is pure format: no crypto, no I/O, shared by writer and verifier.
 """
 
@@ -93,7 +94,11 @@ class AuditRecord(BaseModel):
     peer: PeerIdentity | None = None
     detail: str | None = None  # refusal reason, checkpoint/export path, close counts
     policy: PolicyHead | None = None  # "open" only
-    signer: str  # SHA-256 of the signing certificate's DER
+    signer: str  # SHA-256 of the certificate of the key the node held when it wrote the record
+    # Whether ``sig`` signs this record. The writer signs the last record of each batch it writes; that
+    # signature covers every earlier record through the chain of hashes. In the hash, so a signature
+    # cannot be stripped to pass a rewritten record off as one still waiting for its batch's signature.
+    signed: bool = True
     hash: str = ""
     sig: str = ""
 

@@ -146,6 +146,7 @@ class ChainReader:
         self.findings: list[Finding] = []
         self._root_key = root_key
         self._certs = certs
+        self._pending: list[tuple[int, AuditRecord]] = []  # intact, chained, waiting for a signed record
 
     def _flag(self, pos: int | None, message: str, severity: Literal["error", "warning"] = "error") -> None:
         self.findings.append(Finding(severity=severity, node=self.chain.node, chain=self.chain.name,
@@ -162,15 +163,26 @@ class ChainReader:
         for pos, line in enumerate(lines[1:], start=1):
             rec = self._open(sealer, pos, line)
             if rec is None:
+                self._drop_pending("an unreadable record follows them")
                 prev = None  # the next record cannot be tied to an unreadable one: say so once, there
                 continue
             expect_seq, prev = self._check(pos, rec, expect_seq, prev)
+        self._drop_pending("no signed record follows them (the node stopped before its writer signed "
+                           "them)", "warning")
         last = self.chain.records[-1][1] if self.chain.records else None
         self.chain.closed = last is not None and last.event == "close"
         if not self.chain.closed:
             self._flag(None, "the record does not end with its closing record: cut short (records "
                        "deleted at the end), or the node was stopped before it closed", "warning")
         return self.chain
+
+    def _drop_pending(self, why: str, severity: Literal["error", "warning"] = "error") -> None:
+        """Intact records that wait for a later signature which will now never cover them: not evidence."""
+        if self._pending:
+            first, last = self._pending[0][0], self._pending[-1][0]
+            self._flag(first, f"records at positions {first}..{last} are not covered by a signature: {why}; "
+                       "they are not counted", severity)
+            self._pending = []
 
     def _header_ok(self, line: bytes) -> bool:
         try:
@@ -200,13 +212,13 @@ class ChainReader:
             return None
 
     def _check(self, pos: int, rec: AuditRecord, expect_seq: int, prev: str | None) -> tuple[int, str]:
-        ok = True
-        if rec.compute_hash() != rec.hash:
+        intact = rec.compute_hash() == rec.hash
+        if not intact:
             self._flag(pos, f"altered: its content does not match its hash (record {rec.seq}, {rec.event})")
-            ok = False
         if rec.node != self.chain.node or rec.chain != self.chain.name:
             self._flag(pos, f"belongs to {rec.node}'s record of {rec.chain}: copied from another file")
-            ok = False
+            intact = False
+        linked = False
         if rec.seq > expect_seq:
             self._flag(pos, f"records {expect_seq}..{rec.seq - 1} are missing before it (deleted)")
         elif rec.seq < expect_seq:
@@ -215,14 +227,27 @@ class ChainReader:
         elif prev is not None and rec.prev != prev:
             self._flag(pos, f"record {rec.seq} does not follow the record before it (chain broken: "
                        "reordered, or a record replaced)")
+        else:
+            linked = prev is not None
+        if not (intact and linked):
+            self._drop_pending("the chain breaks after them")
+        if intact and rec.signed:
+            if self._signed_ok(pos, rec):
+                self.chain.records += [*self._pending, (pos, rec)]
+                self._pending = []
+            else:
+                self._drop_pending("the signature that should cover them does not verify")
+        elif intact:
+            self._pending.append((pos, rec))  # the next signed record of the batch vouches for it
+        return max(expect_seq, rec.seq + 1), rec.hash
+
+    def _signed_ok(self, pos: int, rec: AuditRecord) -> bool:
         cert = self._certs.get(rec.signer)
         if cert.problem is not None:
             self._flag(pos, f"record {rec.seq}: {cert.problem}")
-            ok = False
-        elif not _signature_ok(cert, rec):
+            return False
+        if not _signature_ok(cert, rec):
             self._flag(pos, f"record {rec.seq}: the signature does not verify with {self.chain.node}'s "
                        f"certificate {rec.signer[:16]} (forged, or re-signed with another key)")
-            ok = False
-        if ok:
-            self.chain.records.append((pos, rec))
-        return max(expect_seq, rec.seq + 1), rec.hash
+            return False
+        return True

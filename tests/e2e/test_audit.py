@@ -162,7 +162,7 @@ def test_swapped_records_are_located(demo_run: tuple[Path, dict], tmp_path: Path
 def test_a_record_resigned_with_another_key_is_located(demo_run: tuple[Path, dict], tmp_path: Path,
                                                        trust_dir: Path) -> None:
     """The host holds the sim sealing key: it opens a record, shrinks what it says was sent, recomputes the
-    hash and signs with a key of its own. The signature does not verify with the node's certificate."""
+    hash and signs it with a key of its own. The signature does not verify with the node's certificate."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -171,7 +171,7 @@ def test_a_record_resigned_with_another_key_is_located(demo_run: tuple[Path, dic
     i = _first_send(lines, trust_dir)
     sealer = _sealer(trust_dir)
     rec = AuditRecord.model_validate_json(sealer.open(SHOP, lines[i]))
-    rec.nbytes, rec.shapes = 4, [[1, 1]]
+    rec.nbytes, rec.shapes, rec.signed = 4, [[1, 1]], True
     rec.hash = rec.compute_hash()
     forged = ec.generate_private_key(ec.SECP256R1()).sign(bytes.fromhex(rec.hash), ec.ECDSA(hashes.SHA256()))
     rec.sig = base64.b64encode(forged).decode()
@@ -183,3 +183,21 @@ def test_a_record_resigned_with_another_key_is_located(demo_run: tuple[Path, dic
     cli = subprocess.run([*FLDSL, "audit", str(run_dir), "--trust", str(trust_dir)],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 3 and f"record {i}" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_a_stripped_signature_is_located(demo_run: tuple[Path, dict], tmp_path: Path,
+                                         trust_dir: Path) -> None:
+    """Only the last record of each batch is signed, and whether a record is signed is inside its hash: a
+    signature cannot be removed to pass the batch off as still waiting for one."""
+    run_dir, path = _copy(demo_run, tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    sealer = _sealer(trust_dir)
+    records = [AuditRecord.model_validate_json(sealer.open(SHOP, x)) for x in lines[1:] if x]
+    assert any(not r.signed for r in records) and records[-1].signed  # batches; the close record signed
+    i = next(n for n, r in enumerate(records, start=1) if r.signed and r.event == "send")
+    rec = records[i - 1]
+    rec.sig = ""
+    lines[i] = sealer.seal(SHOP, rec.model_dump_json().encode())
+    path.write_bytes(b"\n".join(lines))
+    errors = _errors(run_dir, trust_dir)
+    assert errors[0].record == i and "does not verify" in errors[0].message, errors
