@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fldsl.runtime.sealing import LineSealer, SealError
@@ -186,20 +187,24 @@ class AuditChain:
         self._f = open(path, "ab")  # kept open for the run, closed by close()
 
     def _resume(self) -> None:
-        """A restarted node (``--run-dir`` resume) continues its chain after the last readable record."""
+        """A restarted node (``--run-dir`` resume) continues its chain after its last SIGNED record: the
+        records after it (the last batch before a crash) were never signed, so the host could have
+        rewritten them; the new records do not vouch for them (the verifier reports them as unsigned)."""
         data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        if not data.endswith(b"\n"):  # a line cut by a crash stays (the verifier reports it) but ends here
-            with open(self.path, "ab") as f:
-                f.write(b"\n")
-            lines = lines[:-1]
-        for line in reversed([x for x in lines[1:] if x.strip()]):
+        if not data.endswith(b"\n"):  # a line cut by the crash: junk that opens for no one
+            log.warning("audit: %s ends in a partial line (the node stopped while writing it); dropped",
+                        self.path)
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        lines = [x for x in data.split(b"\n")[1:] if x.strip()]
+        for line in reversed(lines):
             try:
                 rec = AuditRecord.model_validate_json(self._sealer.open(self.chain, line))
             except (SealError, ValueError):
                 continue
-            self._seq, self._prev = rec.seq + 1, rec.hash
-            return
+            if rec.signed and _signature_verifies(self.path.parent / CERTS / f"{rec.signer}.pem", rec):
+                self._seq, self._prev = rec.seq + 1, rec.hash
+                return
 
     def append(self, event: str, **fields: Any) -> None:
         self._writer.put(self, event, fields)
@@ -227,6 +232,19 @@ class AuditChain:
 
     def close_file(self) -> None:
         self._f.close()
+
+
+def _signature_verifies(cert_path: Path, rec: AuditRecord) -> bool:
+    import base64
+
+    try:
+        key = x509.load_pem_x509_certificate(cert_path.read_bytes()).public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return False
+        key.verify(base64.b64decode(rec.sig), bytes.fromhex(rec.hash), ec.ECDSA(hashes.SHA256()))
+    except (OSError, ValueError, InvalidSignature):
+        return False
+    return True
 
 
 def _digest(segments: Iterable[Any]) -> str:

@@ -143,16 +143,31 @@ def match_link(sender: Chain | None, receiver: Chain | None, src: str, dst: str)
     pending: dict[tuple, deque[tuple[int, AuditRecord]]] = defaultdict(deque)
     for p, r in sends:
         pending[_key(r)].append((p, r))
+    unsigned = {_key(r) for _, r in sender.unsigned if r.event == "send"}
+    matched: set[int] = set()
+    lost: list[tuple[int, AuditRecord]] = []
     for p, r in recvs:
         q = pending.get(_key(r))
         if q:
             q.popleft()
+            matched.add(p)
             out[r.flow or "?"].append((r, True))
-            continue
-        findings.append(Finding(
-            severity="error", node=dst, chain=src, record=p,
-            message=f"received {r.flow} step {r.step} ({r.nbytes} bytes, digest {str(r.digest)[:16]}) that "
-                    f"{src}'s record has no send of (its record altered or cut, or this one forged)"))
+        else:
+            lost.append((p, r))
+    tails = _connection_tails(receiver, matched) if _stopped(sender) else set()
+    for p, r in lost:
+        what = f"received {r.flow} step {r.step} ({r.nbytes} bytes, digest {str(r.digest)[:16]})"
+        if _key(r) in unsigned:  # the sender recorded it just before it stopped, and never signed that
+            findings.append(Finding(severity="warning", node=dst, chain=src, record=p, message=(
+                f"{what}: {src}'s record of sending it is among those it never signed (it stopped)")))
+        elif p in tails:
+            findings.append(Finding(severity="warning", node=dst, chain=src, record=p, message=(
+                f"{what} in the last moments of a connection {src} dropped without closing; {src}'s "
+                "record of sending it was still unwritten when it stopped")))
+        else:
+            findings.append(Finding(severity="error", node=dst, chain=src, record=p, message=(
+                f"{what} that {src}'s record has no send of (its record altered or cut, or this one "
+                "forged)")))
         out[r.flow or "?"].append((r, False))
     for q in pending.values():
         for p, r in q:
@@ -162,6 +177,27 @@ def match_link(sender: Chain | None, receiver: Chain | None, src: str, dst: str)
                         "(lost at a reconnect, or the receiver's record is incomplete)"))
             out[r.flow or "?"].append((r, False))
     return out, findings
+
+
+def _stopped(chain: Chain) -> bool:
+    """The node behind ``chain`` stopped without closing at least once (killed, then maybe resumed)."""
+    opens = sum(1 for _, r in chain.records if r.event == "open")
+    return bool(chain.unsigned) or opens > 1 or not chain.closed
+
+
+def _connection_tails(receiver: Chain, matched: set[int]) -> set[int]:
+    """Positions of receive records after which, up to the peer's next attestation (a new connection) or the
+    end, no received message matched the sender's record: what arrived just before the sender stopped."""
+    tails: set[int] = set()
+    run: list[int] = []
+    for p, r in receiver.records:
+        if r.event == "attest":
+            tails.update(run)
+            run = []
+        elif r.event == "recv":
+            run = [] if p in matched else [*run, p]
+    tails.update(run)
+    return tails
 
 
 def _grants(*chains: Chain | None) -> dict[str, FlowGrant]:

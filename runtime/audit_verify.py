@@ -51,6 +51,9 @@ class Chain:
     path: Path
     records: list[tuple[int, AuditRecord]] = field(default_factory=list)  # (position, record)
     closed: bool = False
+    # Intact records no signature covers because the node stopped before signing them: not evidence, but
+    # the other end's record of the same message is then a warning, not a forgery.
+    unsigned: list[tuple[int, AuditRecord]] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ChainReader:
         self._root_key = root_key
         self._certs = certs
         self._pending: list[tuple[int, AuditRecord]] = []  # intact, chained, waiting for a signed record
+        self._proven: tuple[int, str] = (-1, GENESIS)  # the last record a signature covers: (seq, hash)
 
     def _flag(self, pos: int | None, message: str, severity: Literal["error", "warning"] = "error") -> None:
         self.findings.append(Finding(severity=severity, node=self.chain.node, chain=self.chain.name,
@@ -182,6 +186,8 @@ class ChainReader:
             first, last = self._pending[0][0], self._pending[-1][0]
             self._flag(first, f"records at positions {first}..{last} are not covered by a signature: {why}; "
                        "they are not counted", severity)
+            if severity == "warning":
+                self.chain.unsigned += self._pending
             self._pending = []
 
     def _header_ok(self, line: bytes) -> bool:
@@ -219,7 +225,13 @@ class ChainReader:
             self._flag(pos, f"belongs to {rec.node}'s record of {rec.chain}: copied from another file")
             intact = False
         linked = False
-        if rec.seq > expect_seq:
+        if self._is_resume(rec, expect_seq):
+            # The node restarted (--run-dir resume) and continues after its last signed record; the
+            # records it wrote after that one, just before it stopped, were never signed.
+            self._drop_pending("the node stopped before signing them, and resumed after its last signed "
+                               "record", "warning")
+            linked = True
+        elif rec.seq > expect_seq:
             self._flag(pos, f"records {expect_seq}..{rec.seq - 1} are missing before it (deleted)")
         elif rec.seq < expect_seq:
             self._flag(pos, f"out of order: record {rec.seq} comes after record {expect_seq - 1} "
@@ -235,11 +247,16 @@ class ChainReader:
             if self._signed_ok(pos, rec):
                 self.chain.records += [*self._pending, (pos, rec)]
                 self._pending = []
+                self._proven = (rec.seq, rec.hash)
             else:
                 self._drop_pending("the signature that should cover them does not verify")
         elif intact:
             self._pending.append((pos, rec))  # the next signed record of the batch vouches for it
         return max(expect_seq, rec.seq + 1), rec.hash
+
+    def _is_resume(self, rec: AuditRecord, expect_seq: int) -> bool:
+        return (rec.event == "open" and rec.seq < expect_seq and bool(self._pending)
+                and (rec.seq - 1, rec.prev) == self._proven)
 
     def _signed_ok(self, pos: int, rec: AuditRecord) -> bool:
         cert = self._certs.get(rec.signer)

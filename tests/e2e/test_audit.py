@@ -201,3 +201,54 @@ def test_a_stripped_signature_is_located(demo_run: tuple[Path, dict], tmp_path: 
     path.write_bytes(b"\n".join(lines))
     errors = _errors(run_dir, trust_dir)
     assert errors[0].record == i and "does not verify" in errors[0].message, errors
+
+
+class _KillAt:
+    """A launcher display that SIGKILLs ``node`` once it has trained ``step`` steps (no clean shutdown)."""
+
+    def __init__(self, node: str, step: int) -> None:
+        self.node, self.step, self.fired, self.launcher = node, step, False, None
+
+    def begin(self, launcher) -> None:
+        self.launcher = launcher
+
+    def update(self, st) -> None:
+        if not self.fired and st.id == self.node and st.phase == "train" and st.step >= self.step:
+            self.fired = True
+            st.proc.kill()
+
+    def end(self) -> None:
+        pass
+
+
+def test_a_node_killed_and_resumed_keeps_one_verifiable_chain(tmp_path: Path, trust_dir: Path) -> None:
+    """SIGKILL mid-training, then `fldsl run --run-dir` again: the restarted node continues its chain after
+    its last signed record. The records it never signed are reported (warnings) and not counted; the rest,
+    before and after the restart, verify and match the peer's."""
+    import buildkit
+    from fldsl.runtime.audit_report import build_report
+    from fldsl.runtime.launcher import run_pipeline
+
+    def make() -> Path:
+        return buildkit.vertical_build(tmp_path, rows=1000, epochs=2, batch=16, checkpoint_every=10)
+
+    fault = _KillAt(MEDIA, 12)
+    part = launch(make, tmp_path / "run", trust_dir, display=fault)
+    assert fault.fired and part.exit_code != 0, describe(part)
+    resumed = run_pipeline(tmp_path / "build" / "vertical_test", run_dir=part.run_dir, trust_dir=trust_dir)
+    assert resumed.exit_code == 0, describe(resumed)
+    report = build_report([part.run_dir], _keys(trust_dir))
+    assert report.ok, [f for f in report.findings if f.severity == "error"]
+    media = [(p, r) for p, r in _chain_records(part.run_dir, trust_dir, MEDIA, SHOP)]
+    assert sum(1 for _, r in media if r.event == "open") == 2  # the first run's and the resumed run's
+    act = next(f for b in report.boundaries for f in b.flows if f.flow.endswith(":act1"))
+    assert act.matched and act.matched >= resumed.to_json()["nodes"][SHOP]["steps"]
+
+
+def _chain_records(run_dir: Path, trust_dir: Path, node: str, peer: str) -> list[tuple[int, AuditRecord]]:
+    from fldsl.runtime.audit import SEAL_LABEL
+    from fldsl.runtime.sealing import LineSealer
+
+    sealer = LineSealer((trust_dir / node.split(".")[0] / "sealing.key").read_bytes(), node, SEAL_LABEL)
+    lines = (run_dir / "audit" / node / f"{peer}.audit").read_bytes().split(b"\n")[1:]
+    return [(i, AuditRecord.model_validate_json(sealer.open(peer, x))) for i, x in enumerate(lines, 1) if x]
