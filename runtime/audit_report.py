@@ -145,16 +145,19 @@ def match_link(sender: Chain | None, receiver: Chain | None, src: str, dst: str)
         pending[_key(r)].append((p, r))
     unsigned = {_key(r) for _, r in sender.unsigned if r.event == "send"}
     matched: set[int] = set()
+    matched_keys: set[tuple] = set()
     lost: list[tuple[int, AuditRecord]] = []
     for p, r in recvs:
         q = pending.get(_key(r))
         if q:
             q.popleft()
             matched.add(p)
+            matched_keys.add(_key(r))
             out[r.flow or "?"].append((r, True))
         else:
             lost.append((p, r))
-    tails = _connection_tails(receiver, matched) if _stopped(sender) else set()
+    stopped = _stopped(sender)
+    tails = _connection_tails(receiver, matched) if stopped else set()
     for p, r in lost:
         what = f"received {r.flow} step {r.step} ({r.nbytes} bytes, digest {str(r.digest)[:16]})"
         if _key(r) in unsigned:  # the sender recorded it just before it stopped, and never signed that
@@ -164,6 +167,10 @@ def match_link(sender: Chain | None, receiver: Chain | None, src: str, dst: str)
             findings.append(Finding(severity="warning", node=dst, chain=src, record=p, message=(
                 f"{what} in the last moments of a connection {src} dropped without closing; {src}'s "
                 "record of sending it was still unwritten when it stopped")))
+        elif stopped and _key(r) in matched_keys:  # the same bytes again: a resend after a restart
+            findings.append(Finding(severity="warning", node=dst, chain=src, record=p, message=(
+                f"{what} twice, {src}'s record has it once: {src} sent it again after it restarted, and "
+                "its record of the first sending was still unwritten when it stopped")))
         else:
             findings.append(Finding(severity="error", node=dst, chain=src, record=p, message=(
                 f"{what} that {src}'s record has no send of (its record altered or cut, or this one "
