@@ -16,6 +16,10 @@ Then, per rep, a lock-step phase (the split-learning pattern): 200 x 16 KiB tens
 the next is sent; prints the mean round trip of both configurations.
 
 Prints MB/s (10^6 bytes/s) per rep, the medians and the attested/plain ratio (paired median).
+
+``--audit``: both attested nodes keep the audit record a node keeps in a run (``fldsl.runtime.audit``: per
+message a SHA-256 of the payload, an ECDSA signature, a sealed line appended and flushed), so the ratio
+then includes its cost.
 """
 
 from __future__ import annotations
@@ -91,14 +95,22 @@ def _policy(node: str) -> Policy:
 
 
 SEND_BUFFER = [None]  # --send-buffer-mib (None = the Transport default)
+AUDIT: list[Path | None] = [None]  # --audit: the folder the attested nodes' audit records go to
 
 
 def _transport(trust_dir: Path, node: str, addresses: Addresses) -> Transport:
     ident, verifier = _identity_and_verifier(trust_dir, node)
     other = B if node == A else A
-    return Transport(node_id=node, policy=_policy(node), peers=[PeerRef(id=other, party="x", dial=node == A)],
-                     identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=60,
-                     **({} if SEND_BUFFER[0] is None else {"send_buffer_bytes": SEND_BUFFER[0]}))
+    t = Transport(node_id=node, policy=_policy(node), peers=[PeerRef(id=other, party="x", dial=node == A)],
+                  identity=ident, verifier=verifier, addresses=addresses, connect_timeout_s=60,
+                  **({} if SEND_BUFFER[0] is None else {"send_buffer_bytes": SEND_BUFFER[0]}))
+    if AUDIT[0] is not None:
+        from fldsl.runtime.attestation.sim import SimDeployment
+        from fldsl.runtime.audit import AuditLog
+
+        root = SimDeployment.load(trust_dir).sealing_key
+        t.attach_audit(AuditLog(AUDIT[0], node_id=node, sealing_root=root, policy=t.policy, identity=ident))
+    return t
 
 
 def _free_port() -> int:
@@ -258,6 +270,8 @@ def main() -> None:
     ap.add_argument("--mib-per-rep", type=int, default=128)
     ap.add_argument("--tensor-mib", type=int, default=4)
     ap.add_argument("--send-buffer-mib", type=int, help="Transport send buffer (default: Transport's)")
+    ap.add_argument("--audit", action="store_true", help="the attested nodes keep their audit record")
+    ap.add_argument("--audit-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--role", choices=["attested", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--trust", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--addresses", type=Path, help=argparse.SUPPRESS)
@@ -266,6 +280,7 @@ def main() -> None:
     messages = max(1, args.mib_per_rep // args.tensor_mib)
     if args.send_buffer_mib is not None:
         SEND_BUFFER[0] = args.send_buffer_mib * 1024 * 1024
+    AUDIT[0] = args.audit_dir
     if args.role == "attested":
         serve_attested(args.trust, args.addresses, messages, args.reps)
         return
@@ -284,6 +299,9 @@ def main() -> None:
         plain_port = _free_port()
         common = ["--trust", str(trust_dir), "--mib-per-rep", str(args.mib_per_rep),
                   "--tensor-mib", str(args.tensor_mib), "--reps", str(args.reps)]
+        if args.audit:
+            AUDIT[0] = Path(tmp) / "run"
+            common += ["--audit-dir", str(AUDIT[0])]
         plain_proc = _spawn(["--role", "plain", "--port", str(plain_port), *common])
         att_proc = _spawn(["--role", "attested", "--addresses", str(addresses_file), *common])
         t = _transport(trust_dir, A, addresses)

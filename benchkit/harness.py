@@ -1,8 +1,8 @@
 """``fldsl bench FILE.flp``: the pipeline's model trained three (four) ways, side by side, in one invocation.
 
 * **native**: the same model trained centrally in one TensorFlow process on the joined data;
-* **plain**: fldsl's runtime (one process per node, real gRPC) with attestation and TLS OFF — a bench-only
-  mode (``fldsl.bench.node``), never reachable from a .flp or ``fldsl run``;
+* **plain**: fldsl's runtime (one process per node, real gRPC) with attestation, TLS and the per-message audit
+  record OFF — a bench-only mode (``fldsl.bench.node``), never reachable from a .flp or ``fldsl run``;
 * **attested**: the real thing (attestation, RA-TLS, pinned mutual TLS, sealed checkpoints);
 * **flower** (horizontal FedAvg pipelines, when ``flwr`` is installed: the ``bench`` extra): the same workers'
   training driven by a Flower FedAvg server and clients (``fldsl.bench.flower``), so fldsl's

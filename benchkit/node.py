@@ -4,12 +4,13 @@
 
 * ``attested``: exactly ``fldsl.runtime.node.main`` (the real node), plus a report of the process' peak RSS.
 * ``native``: the pipeline's model trained centrally in this one process (``stdlib.tf.central``).
-* ``plain``: the real node with attestation verification and TLS switched OFF, so the bench can show what
-  they cost. This is the only way to get an unauthenticated, unencrypted node, and it is reachable only
-  from the bench harness: the process refuses to start unless its parent is the harness process named in
-  ``FLDSL_BENCH_HARNESS_PID`` and ``FLDSL_BENCH_TOKEN`` equals the secret the harness wrote (0600) next to
-  the report. ``fldsl run``, the launcher and the manifests only ever start ``fldsl.runtime.node``, and no
-  .flp setting reaches this module. The mode is logged loudly ("INSECURE BENCH MODE").
+* ``plain``: the real node with attestation verification, TLS and the per-message audit record
+  (``fldsl.runtime.audit``) switched OFF, so the bench can show what they cost. This is the only way to get
+  an unauthenticated, unencrypted node, and it is reachable only from the bench harness: the process
+  refuses to start unless its parent is the harness process named in ``FLDSL_BENCH_HARNESS_PID`` and
+  ``FLDSL_BENCH_TOKEN`` equals the secret the harness wrote (0600) next to the report. ``fldsl run``, the
+  launcher and the manifests only ever start ``fldsl.runtime.node``, and no .flp setting reaches this
+  module. The mode is logged loudly ("INSECURE BENCH MODE").
 
 The report (JSON) holds ``peak_rss_bytes`` and, for native, the central result. Time to the first training
 step is measured by the harness from progress events (federated) or reported here (native).
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             print(INSECURE_BANNER, file=sys.stderr, flush=True)
             log.warning(INSECURE_BANNER)
             me = rest[rest.index("--node") + 1] if "--node" in rest else "?"
-            code = node.main(rest, security=PlainChannels(me), verifier_for=NoAttestationVerifier)
+            code = node.main(rest, security=PlainChannels(me), verifier_for=NoAttestationVerifier,
+                             audit_messages=False)
         else:
             code = node.main(rest)
     if profiler is not None:

@@ -302,7 +302,7 @@ def lint_context_for(inputs: ManifestInputs) -> LintContext:
         # encrypted mount: the mount's MRENCLAVE key does not exist under gramine-direct.
         output_paths=[],
         output_dirs=[f"file:run/checkpoints/{inputs.node_id}/", "file:run/models/",
-                     f"file:run/tensorboard/{inputs.node_id}/"],
+                     f"file:run/tensorboard/{inputs.node_id}/", f"file:run/audit/{inputs.node_id}/"],
     )
 
 

@@ -63,6 +63,11 @@ class NodeState:
     attestation: dict[str, Any] = field(default_factory=dict)  # backend, simulated, runner (from the node)
 
 
+def _audit_dir(run_dir: Path, node: str) -> str | None:
+    folder = run_dir / "audit" / node
+    return str(folder) if folder.is_dir() else None
+
+
 @dataclass
 class RunResult:
     pipeline: str
@@ -85,6 +90,8 @@ class RunResult:
                 "examples_per_s": done.get("examples_per_s", st.examples_per_s),
                 "bytes_sent": done.get("bytes_sent", {}), "bytes_received": done.get("bytes_received", {}),
                 "exports": done.get("exports", {}), "owner_exports": done.get("owner_exports", {}),
+                # The node's signed record of its links (the host's path: inside Gramine the node's differs).
+                "audit": _audit_dir(self.run_dir, nid),
                 "log": str(st.log_path) if st.log_path else None,
                 "attestation": st.attestation,
             }

@@ -299,12 +299,13 @@ def _preload_tensorflow() -> None:
 
 def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
              security: ChannelSecurity | None = None, verifier_for: Callable[..., Any] | None = None,
-             ) -> dict[str, Any]:
+             audit_messages: bool = True) -> dict[str, Any]:
     """The node. ``security`` and ``verifier_for`` (PeerVerifier's signature) default to the attested
     mutual TLS and the pins' verifier; only a Python caller can pass others (main's docstring)."""
     from fldsl.artifacts import Pins, Plan, Policy, load_model, node_dir
     from fldsl.runtime.attestation.ratls import make_identity
     from fldsl.runtime.attestation.verify import PeerVerifier
+    from fldsl.runtime.audit import AuditingProgress, AuditLog
     from fldsl.runtime.checkpoint import CheckpointStore
     from fldsl.runtime.roles import role_main
     from fldsl.runtime.roles.common import PeerRestarted, RoleContext, RollbackRequested
@@ -361,13 +362,23 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
     check_schemas(plan.data)
 
     progress.emit("phase", name="connect", detail=", ".join(p.id for p in plan.peers))
+    # The signed record of what crosses each link (docs/trust.md "The audit record"), sealed with the
+    # party's key; prediction runs keep one too (activations cross there as well).
+    audit = AuditLog(args.run_dir, node_id=args.node, sealing_root=backend.sealing_key(), policy=policy,
+                     identity=identity)
+    progress = AuditingProgress(progress, audit)
+
     def renew() -> Any:  # a fresh key and quote before the 1-day certificate lapses (long runs reconnect)
-        return make_identity(backend, node_id=args.node, pins_digest=digest)
+        fresh = make_identity(backend, node_id=args.node, pins_digest=digest)
+        audit.set_identity(fresh)
+        return fresh
 
     transport = Transport(
         node_id=args.node, policy=policy, peers=plan.peers, identity=identity, verifier=verifier,
         addresses=addresses, connect_timeout_s=args.connect_timeout, renew_identity=renew,
         listen_host=_listen_host(args, addresses), security=security or MUTUAL_TLS)
+    if audit_messages:  # off only in the bench's plain mode (main's docstring): it still opens its record
+        transport.attach_audit(audit)
     closed = False  # closed with the full flush on success; the finally below closes it on any failure
     transport.start()
     if preload and args.runner == "gramine":
@@ -437,6 +448,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
         result["bytes_received"] = {k: v.bytes_received for k, v in sorted(stats.items()) if v.bytes_received}
         result["exports"] = dict(ctx.exports)
         result["owner_exports"] = dict(ctx.owner_exports)
+        result["audit"] = str(audit.dir)
         # Let the peers read what we sent last before our end of the streams goes away.
         transport.close(flush_timeout=10.0)
         closed = True
@@ -448,6 +460,7 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
     finally:
         if not closed:
             transport.close(flush_timeout=1.0)
+        audit.close()  # after the links closed: nothing more can be sent or received
 
 
 class _Reported(Exception):
@@ -524,9 +537,10 @@ def _in_gramine() -> bool:
 
 
 def main(argv: list[str] | None = None, *, security: ChannelSecurity | None = None,
-         verifier_for: Callable[..., Any] | None = None) -> int:
+         verifier_for: Callable[..., Any] | None = None, audit_messages: bool = True) -> int:
     """``python -m fldsl.runtime.node``. The keywords exist for the bench's plain mode (fldsl.bench.node),
-    which measures the node without attestation and TLS: no flag or file of the node reaches them."""
+    which measures the node without attestation, TLS and the per-message audit record: no flag or file of
+    the node reaches them."""
     # Before TensorFlow is imported anywhere: quiet C++ logs, and keep oneDNN from printing its banner.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -548,7 +562,7 @@ def main(argv: list[str] | None = None, *, security: ChannelSecurity | None = No
     signal.signal(signal.SIGTERM, on_signal)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_node(args, progress, stop, security, verifier_for)
+        result = run_node(args, progress, stop, security, verifier_for, audit_messages)
     except _Reported as r:
         return r.code
     except BaseException as e:  # every failure becomes an exit code + one clear line

@@ -539,3 +539,41 @@ class VersionStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+class LineSealer:
+    """AES-256-GCM for one short record at a time (the audit record: a line per message, appended as the
+    run goes, so a crash loses at most the line being written; a whole-file envelope would lose the file).
+
+    Same keys as the file envelope (``derive_key`` / ``key_id`` of the backend's sealing root). Each line is
+    ``base64(nonce[12] ‖ ciphertext ‖ tag)`` with ``aad = label ‖ 0 ‖ node_id ‖ 0 ‖ chain``: a line moved to
+    another node's or another link's file does not open there.
+    """
+
+    def __init__(self, root: bytes, node_id: str, label: bytes) -> None:
+        self._aead = AESGCM(derive_key(root, node_id))
+        self.key_id = key_id(root).hex()
+        self._prefix = label + b"\0" + node_id.encode() + b"\0"
+
+    def seal(self, chain: str, data: bytes) -> bytes:
+        import base64
+
+        nonce = os.urandom(12)
+        return base64.b64encode(nonce + self._aead.encrypt(nonce, data, self._prefix + chain.encode()))
+
+    def open(self, chain: str, line: bytes) -> bytes:
+        """The plaintext, or ``SealError("tampered")`` if the line was altered, cut or moved."""
+        import base64
+        import binascii
+
+        try:
+            raw = base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise SealError("tampered", "not a sealed record line (bad base64)") from None
+        if len(raw) < 12 + TAG:
+            raise SealError("tampered", "sealed record line too short")
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], self._prefix + chain.encode())
+        except InvalidTag:
+            raise SealError("tampered", "sealed record line does not open: altered, or from another "
+                            "file or node") from None

@@ -56,6 +56,7 @@ _COMMANDS = {
     "bench": "bench",
     "data": "data",
     "keys": "keys",
+    "audit": "audit",
 }
 
 

@@ -182,6 +182,9 @@ def print_summary(console: Any, result: Any) -> None:
             ft.add_row(f, _fmt_bytes(b))
         console.print(ft)
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, logs/, models/ sealed, checkpoints/)")
+    if (Path(result.run_dir) / "audit").is_dir():
+        console.print(f"signed record of what crossed each link: {result.run_dir}/audit/ (sealed); verify "
+                      f"and summarise it with: fldsl audit {result.run_dir}", highlight=False)
     exports = [(nid, name, p) for nid, n in doc["nodes"].items() for name, p in (n["exports"] or {}).items()]
     if exports and result.exit_code == 0:
         nid, name, p = exports[0]

@@ -40,6 +40,7 @@ from .keys import STEP_LIMIT
 
 if TYPE_CHECKING:
     from fldsl.artifacts import Flow
+    from fldsl.runtime.audit import LinkAudit
 
 log = logging.getLogger("fldsl.transport.link")
 
@@ -242,6 +243,8 @@ class PeerLink:
         # Acceptor side: our verifier's refusal of the last Hello that proved possession of its key; the
         # link's failure if the peer is still missing at the connect timeout (see note_refusal).
         self._refused_evidence: Exception | None = None
+        # The audit record of this link (fldsl.runtime.audit), when the node keeps one.
+        self.audit: LinkAudit | None = None
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -264,19 +267,33 @@ class PeerLink:
     def send(self, flow_id: str, step: int, array: np.ndarray) -> None:
         arr = codec.as_wire_array(array)
         spec = WireSpec(arr.dtype.name, arr.shape)
-        self._guard.check_send(self.peer_id, flow_id, "tensor", [spec], arr.nbytes)
+        self._check_send(flow_id, "tensor", [spec], arr.nbytes)
         self._send(flow_id, arr.nbytes, lambda: codec.tensor_frames(flow_id, step, arr, self._chunk))
+        if self.audit is not None:
+            self.audit.message("send", flow_id, step, "tensor", [(spec.dtype, spec.shape)], arr.nbytes,
+                               [memoryview(arr.reshape(-1)).cast("B")] if arr.size else [])
 
     def send_arrays(self, flow_id: str, step: int, arrays: list[np.ndarray]) -> None:
         wire = [codec.as_wire_array(a) for a in arrays]
         packed = codec.pack_arrays(wire)
         specs = [WireSpec(a.dtype.name, a.shape) for a in wire]
-        self._guard.check_send(self.peer_id, flow_id, "arrays", specs, packed.total)
+        self._check_send(flow_id, "arrays", specs, packed.total)
         self._send(flow_id, packed.total, lambda: codec.arrays_frames(flow_id, step, packed, self._chunk))
+        if self.audit is not None:
+            self.audit.message("send", flow_id, step, "arrays", [(w.dtype, w.shape) for w in specs],
+                               packed.total, packed.segments)
 
     def send_blob(self, flow_id: str, step: int, data: bytes) -> None:
-        self._guard.check_send(self.peer_id, flow_id, "blob", [], len(data))
+        self._check_send(flow_id, "blob", [], len(data))
         self._send(flow_id, len(data), lambda: codec.blob_frames(flow_id, step, data, self._chunk))
+        if self.audit is not None:
+            self.audit.message("send", flow_id, step, "blob", [], len(data), [data])
+
+    def note_peer_cert(self, cert_pem: bytes) -> None:
+        """The transport verified and pinned this certificate of the peer (dialled or accepted): the
+        identity every later message of the link is recorded with."""
+        if self.audit is not None:
+            self.audit.attested(cert_pem)
 
     def recv(self, flow_id: str, step: int, timeout: float | None = None) -> np.ndarray:
         """The tensor of (flow, step). Read-only when it arrived in one frame (zero copy)."""
@@ -333,6 +350,14 @@ class PeerLink:
             if count:
                 self._stats.sent(flow, nbytes)
             return
+
+    def _check_send(self, flow_id: str, kind: Any, specs: list[WireSpec], nbytes: int) -> None:
+        try:
+            self._guard.check_send(self.peer_id, flow_id, kind, specs, nbytes)
+        except FlowRefused as e:
+            if self.audit is not None:
+                self.audit.refused("send", flow_id, str(e))
+            raise
 
     def _current_stream_for_send(self) -> Stream:
         with self._cv:
@@ -592,6 +617,8 @@ class PeerLink:
                 e = header.error
                 msg = f"{self.peer_id} refused what we sent on flow {e.flow!r} step {e.step}: {e.reason}"
                 log.error("%s", msg)
+                if self.audit is not None:
+                    self.audit.refused("peer", e.flow, msg)
                 self.fail(FlowRefused(msg, flow=e.flow, peer=self.peer_id))
             elif which in ("tensor", "arrays", "blob"):
                 self._on_data(stream, which, getattr(header, which), payload)
@@ -606,6 +633,8 @@ class PeerLink:
     def _refuse(self, stream: Stream, flow: str, reason: str, exc: Exception) -> None:
         # Log the reason, never the payload.
         log.error("%s refused a message from %s: %s", self.me, self.peer_id, reason)
+        if self.audit is not None:
+            self.audit.refused("recv", flow, reason)
         self._send_urgent(stream, codec.error_frame(flow, 0, f"refused by {self.me}: {reason}"))
         if isinstance(exc, FlowRefused):
             msg = f"refused a message from {self.peer_id}: {reason}"
@@ -710,10 +739,20 @@ class PeerLink:
         else:
             value = bytes(buf)
         self._stats.received(flow, len(buf))
+        if self.audit is not None:  # before it is readable: the record precedes any use of the message
+            self._audit_received(kind, flow, step, meta, buf)
         with self._cv:
             charge = self._hold(flow, len(buf))
             self._mailbox.setdefault((flow, step), deque()).append((kind, value, charge))
             self._cv.notify_all()
+
+    def _audit_received(self, kind: str, flow: str, step: int, meta: Any, buf: memoryview) -> None:
+        assert self.audit is not None
+        if kind == "tensor":
+            specs = [(meta[0], meta[1])]
+        else:
+            specs = [(a.dtype, tuple(a.shape)) for a in meta] if kind == "arrays" else []
+        self.audit.message("recv", flow, step, kind, specs, len(buf), [buf])
 
 
 _KIND_WORDS = {"tensor": "a tensor", "arrays": "a list of arrays", "blob": "opaque bytes"}

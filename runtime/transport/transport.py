@@ -170,6 +170,12 @@ class Transport:
         link.wait_connected(self._connect_timeout if timeout is None else timeout)
         return link
 
+    def attach_audit(self, audit: Any) -> None:
+        """Record every message, attestation and refusal of every link in ``audit``
+        (``fldsl.runtime.audit.AuditLog``); call before ``start`` so the first attestation is in it."""
+        for peer, link in self._links.items():
+            link.audit = audit.link(peer, self._guard.flows)
+
     @property
     def links(self) -> dict[str, PeerLink]:
         return dict(self._links)
@@ -248,6 +254,9 @@ class Transport:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
         if not context.add_callback(link.stream_closed):
             link.stream_closed()  # the call ended already
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if pems:  # the certificate verified at Hello (the server checked it against the pins)
+            link.note_peer_cert(pems[0])
         stream = Stream(outbox=Outbox(self._send_buffer), cancel=context.cancel)
         stream.ready.set()
         stream.outbox.put(codec.control_frame(pb.Control.READY, 0))
@@ -384,6 +393,7 @@ class Transport:
     def _run_stream(self, link: PeerLink, addr: NodeAddress, peer_cert: bytes) -> None:
         """Open the mutual-TLS stream pinned to ``peer_cert``; return when it ends (_Retry if never up)."""
         ident = self._identity  # one read: a renewal may swap it
+        link.note_peer_cert(peer_cert)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", self._max_message),
             ("grpc.max_send_message_length", self._max_message),
