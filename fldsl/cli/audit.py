@@ -8,13 +8,12 @@ reordered or forged, or one end recorded a message the other did not (each findi
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from fldsl.cli import EXIT_INPUT, EXIT_TRUST
+from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, output
 
 
 def _keys(nodes: list[str], trust: Path, given: dict[str, str]) -> tuple[dict[str, bytes], dict[str, bytes]]:
@@ -95,11 +94,11 @@ def command(run_dirs: tuple[Path, ...], trust: Path, keys: tuple[str, ...], as_j
         sealing, roots = _keys(list(nodes), trust, _parse_keys(keys))
         report = build_report(list(run_dirs), PartyKeys(sealing=sealing, sim_roots=roots))
     except AuditInputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_INPUT)
-    if as_json:
-        click.echo(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=True))
+        output.fail(EXIT_INPUT, str(e))
+    code = EXIT_OK if report.ok else EXIT_TRUST
+    if as_json:  # the common --json document (fldsl.cli.output) around the report's fields
+        output.emit(code, **report.model_dump(mode="json"))
     else:
         _print(report)
-    if not report.ok:
-        sys.exit(EXIT_TRUST)
+    if code != EXIT_OK:
+        sys.exit(code)
