@@ -188,9 +188,13 @@ def _child(path: Path, reader: str, engine: str, rows: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(rows: int, old_rows: int, formats: list[str], folder: Path) -> dict[str, Any]:
+def run(rows: int, old_rows: int, formats: list[str], folder: Path, reuse: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    paths = generate(folder, rows, formats)
+    existing = {f: folder / f"criteo_{rows}.{f}" for f in formats}
+    if reuse and all(p.exists() for p in existing.values()):
+        paths = existing  # written by an earlier run with the same --rows (the generator is deterministic)
+    else:
+        paths = generate(folder, rows, formats)
     gen_s = time.perf_counter() - t0
     results = [_child(p, f, "arrow", rows) for f, p in paths.items()]
     if "csv" in formats and old_rows > 0:
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None,
                     help="where to write the files (default: a temp folder)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --dir: reuse files an earlier run wrote there for the same --rows")
     ap.add_argument("--child", nargs=4, metavar=("PATH", "READER", "ENGINE", "ROWS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f in a.formats.split(",") if f]
     if a.dir is not None:
         a.dir.mkdir(parents=True, exist_ok=True)
-        result = run(a.rows, a.old_rows, formats, a.dir)
+        result = run(a.rows, a.old_rows, formats, a.dir, reuse=a.reuse)
     else:
         with tempfile.TemporaryDirectory(prefix="fldsl-data-load-") as tmp:
             result = run(a.rows, a.old_rows, formats, Path(tmp))
