@@ -412,3 +412,33 @@ trust {{
         pre = _sealed_fit(tmp_path / "run", node)["people"]
         assert pre["columns"][0]["missing"]["value"] == pytest.approx(want, rel=1e-12)
         assert pre["train_rows"] == len(train)
+
+
+@pytest.mark.parametrize(("row", "why"), [
+    ([-1, 0, 0, 0, 0, 0], "negative count"),
+    ([2.5, 0, 0, 0, 0, 0], "fractional count"),
+    ([3, 1, -0.5, 0, 1, 0], "negative spread"),
+    ([3, 1, 0.5, 2, 1, 0], "min above max"),
+    ([3, float("nan"), 0.5, 0, 1, 0], "not finite"),
+    ([3, 1, 0.5, 0, 1, float("inf")], "infinite missing count"),
+])
+def test_pooled_statistics_that_are_not_statistics_are_refused(row: list[float], why: str) -> None:
+    """What the aggregator (or a worker) does with a `stats` message whose shape the flow guard passed but
+    whose values cannot be statistics: refuse the sender (exit 3, a policy violation), naming it."""
+    from types import SimpleNamespace
+
+    from fldsl.artifacts import Flow, TensorSpec
+    from fldsl.runtime.roles import horizontal
+    from fldsl.runtime.roles.common import PeerLimitExceeded
+
+    flow = Flow(id="bank1.worker->hub.ps:stats", tensor="stats", kind="stats", src="bank1.worker",
+                dst="hub.ps", spec=TensorSpec(shape=[1, 6], dtype="float64"), max_bytes=10_000, rule="test")
+    good = np.array([[3, 1, 0.5, 0, 2, 1]], dtype=np.float64)
+    sent = {"x": good}
+    link = SimpleNamespace(recv=lambda flow_id, key, timeout: sent["x"])
+    ctx = SimpleNamespace(links={"bank1.worker": link}, wait=lambda fn, peer: fn(1.0))
+    np.testing.assert_array_equal(horizontal._recv_stats(ctx, flow), good)  # type: ignore[arg-type]
+    sent["x"] = np.array([row], dtype=np.float64)
+    with pytest.raises(PeerLimitExceeded) as e:
+        horizontal._recv_stats(ctx, flow)  # type: ignore[arg-type]
+    assert e.value.peer == "bank1.worker" and "not statistics" in str(e.value), why
