@@ -279,3 +279,24 @@ def test_horizontal_and_distributed_records_verify_and_match(tmp_path: Path, tru
     for nid, node in doc["nodes"].items():  # every counted byte is in the record, matched at both ends
         for fid, nbytes in node["bytes_sent"].items():
             assert crossed[fid].bytes == nbytes and crossed[fid].sent == crossed[fid].matched, (nid, fid)
+
+
+def test_one_party_audits_its_own_record_alone(demo_run: tuple[Path, dict], tmp_path: Path,
+                                               trust_dir: Path) -> None:
+    """Across organisations each party holds only its own nodes' records and its own key: the shop's officer
+    verifies the shop's side; each flow then shows one end's count. A wrong key is named, exit 3."""
+    own = tmp_path / "shop-run"
+    shutil.copytree(demo_run[0] / "audit" / SHOP, own / "audit" / SHOP)
+    key = ["--trust", str(trust_dir), "--key", f"shop={trust_dir / 'shop' / 'sealing.key'}"]
+    out = subprocess.run([*FLDSL, "audit", str(own), *key, "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["nodes"] == [SHOP] and doc["findings"] == []
+    flows = {f["flow"]: f for b in doc["boundaries"] for f in b["flows"]}
+    act = flows[f"{MEDIA}->{SHOP}:act1"]
+    assert act["received"] > 0 and act["sent"] is None and act["matched"] is None
+    assert flows[f"{SHOP}->{MEDIA}:grad(act1)"]["sent"] == demo_run[1]["nodes"][SHOP]["steps"]
+    other = ["--trust", str(trust_dir), "--key", f"shop={trust_dir / 'media' / 'sealing.key'}"]
+    wrong = subprocess.run([*FLDSL, "audit", str(own), *other], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 3 and "is not the one that sealed this file" in wrong.stderr
