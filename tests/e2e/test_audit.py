@@ -221,6 +221,37 @@ class _KillAt:
         pass
 
 
+class _RestartAt(_KillAt):
+    """Kills ``node`` and starts it again at once while its peer keeps running (a live rejoin)."""
+
+    def update(self, st) -> None:
+        if not self.fired and st.id == self.node and st.phase == "train" and st.step >= self.step:
+            self.fired = True
+            import threading
+
+            threading.Thread(target=self.launcher.restart_node, args=(self.node,), daemon=True).start()
+
+
+@pytest.mark.parametrize("node", [MEDIA, SHOP])
+def test_a_node_restarted_alone_keeps_the_records_verifiable(tmp_path: Path, trust_dir: Path,
+                                                             node: str) -> None:
+    """The peer's link survives, re-attests the restarted node (a new certificate) and goes on: both
+    certificates of the restarted node are attested in the peer's record, and nothing is an error."""
+    import buildkit
+    from fldsl.runtime.audit_report import build_report
+
+    fault = _RestartAt(node, 3)
+    def make() -> Path:
+        return buildkit.vertical_build(tmp_path, rows=1000, epochs=2, batch=16, checkpoint_every=10)
+
+    res = launch(make, tmp_path / "run", trust_dir, display=fault)
+    assert fault.fired and res.exit_code == 0, describe(res)
+    report = build_report([res.run_dir], _keys(trust_dir))
+    assert report.ok, [f for f in report.findings if f.severity == "error"]
+    restarted = [s for s in report.signers if s.node == node]
+    assert len(restarted) == 2 and all(s.attested_by for s in restarted)
+
+
 def test_a_node_killed_and_resumed_keeps_one_verifiable_chain(tmp_path: Path, trust_dir: Path) -> None:
     """SIGKILL mid-training, then `fldsl run --run-dir` again: the restarted node continues its chain after
     its last signed record. The records it never signed are reported (warnings) and not counted; the rest,
