@@ -119,7 +119,8 @@ def read_all(nodes: dict[str, Path], keys: PartyKeys) -> tuple[dict[tuple[str, s
             reader = ChainReader(path, node, root, certs)
             chain = reader.read()
             findings += reader.findings
-            chains[(node, chain.name)] = chain
+            if chain.readable:  # else: as if that side's record were not given (its error says why)
+                chains[(node, chain.name)] = chain
         signers += certs.signers()
     return chains, findings, signers
 

@@ -51,6 +51,7 @@ class Chain:
     path: Path
     records: list[tuple[int, AuditRecord]] = field(default_factory=list)  # (position, record)
     closed: bool = False
+    readable: bool = True  # False: the file as a whole could not be read (its finding says why)
     # Intact records no signature covers because the node stopped before signing them: not evidence, but
     # the other end's record of the same message is then a warning, not a forgery.
     unsigned: list[tuple[int, AuditRecord]] = field(default_factory=list)
@@ -150,7 +151,8 @@ class ChainReader:
         self._root_key = root_key
         self._certs = certs
         self._pending: list[tuple[int, AuditRecord]] = []  # intact, chained, waiting for a signed record
-        self._proven: tuple[int, str] = (-1, GENESIS)  # the last record a signature covers: (seq, hash)
+        self._proven: tuple[int, str] = (-1, GENESIS)
+        self._bad_certs: set[str] = set()  # the last record a signature covers: (seq, hash)
 
     def _flag(self, pos: int | None, message: str, severity: Literal["error", "warning"] = "error") -> None:
         self.findings.append(Finding(severity=severity, node=self.chain.node, chain=self.chain.name,
@@ -161,6 +163,9 @@ class ChainReader:
         if lines and lines[-1] == b"":
             lines.pop()
         if not lines or not self._header_ok(lines[0]):
+            if not lines:
+                self._flag(None, "empty file (no header)")
+            self.chain.readable = False
             return self.chain
         sealer = LineSealer(self._root_key, self.chain.node, SEAL_LABEL)
         expect_seq, prev = 0, GENESIS
@@ -248,6 +253,8 @@ class ChainReader:
                 self.chain.records += [*self._pending, (pos, rec)]
                 self._pending = []
                 self._proven = (rec.seq, rec.hash)
+            elif rec.signer in self._bad_certs:
+                self._pending = []  # named already: nothing that certificate signs is counted
             else:
                 self._drop_pending("the signature that should cover them does not verify")
         elif intact:
@@ -261,7 +268,10 @@ class ChainReader:
     def _signed_ok(self, pos: int, rec: AuditRecord) -> bool:
         cert = self._certs.get(rec.signer)
         if cert.problem is not None:
-            self._flag(pos, f"record {rec.seq}: {cert.problem}")
+            if rec.signer not in self._bad_certs:  # once per certificate and file: the rest say the same
+                self._bad_certs.add(rec.signer)
+                self._flag(pos, f"record {rec.seq}: {cert.problem}; no record this certificate signs, "
+                           "nor those its signatures cover, is counted")
             return False
         if not _signature_ok(cert, rec):
             self._flag(pos, f"record {rec.seq}: the signature does not verify with {self.chain.node}'s "

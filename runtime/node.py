@@ -373,14 +373,18 @@ def run_node(args: argparse.Namespace, progress: Any, stop: threading.Event,
         audit.set_identity(fresh)
         return fresh
 
-    transport = Transport(
-        node_id=args.node, policy=policy, peers=plan.peers, identity=identity, verifier=verifier,
-        addresses=addresses, connect_timeout_s=args.connect_timeout, renew_identity=renew,
-        listen_host=_listen_host(args, addresses), security=security or MUTUAL_TLS)
-    if audit_messages:  # off only in the bench's plain mode (main's docstring): it still opens its record
-        transport.attach_audit(audit)
+    try:
+        transport = Transport(
+            node_id=args.node, policy=policy, peers=plan.peers, identity=identity, verifier=verifier,
+            addresses=addresses, connect_timeout_s=args.connect_timeout, renew_identity=renew,
+            listen_host=_listen_host(args, addresses), security=security or MUTUAL_TLS)
+        if audit_messages:  # off only in the bench's plain mode (main's docstring): it still opens its record
+            transport.attach_audit(audit)
+        transport.start()
+    except BaseException:
+        audit.close()  # what it holds (its opening records) is written and signed
+        raise
     closed = False  # closed with the full flush on success; the finally below closes it on any failure
-    transport.start()
     if preload and args.runner == "gramine":
         threading.Thread(target=_preload_tensorflow, daemon=True, name="tf-import").start()
     try:

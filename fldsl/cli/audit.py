@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fldsl.cli import EXIT_INPUT, EXIT_OK, EXIT_TRUST, output
+
+if TYPE_CHECKING:
+    from fldsl.runtime.audit_report import AuditReport
 
 
 def _keys(nodes: list[str], trust: Path, given: dict[str, str]) -> tuple[dict[str, bytes], dict[str, bytes]]:
@@ -35,8 +39,7 @@ def _keys(nodes: list[str], trust: Path, given: dict[str, str]) -> tuple[dict[st
     return sealing, roots
 
 
-def _print(report: object) -> None:
-    r = report  # AuditReport
+def _print(r: AuditReport) -> None:
     click.echo(f"{len(r.nodes)} node(s): {', '.join(r.nodes)}; {r.files} record files, {r.records} records "
                "verified (chain, signature, certificate)")
     for s in r.signers:

@@ -221,6 +221,38 @@ class _KillAt:
         pass
 
 
+class _RestartAt(_KillAt):
+    """Kills ``node`` and starts it again at once while its peer keeps running (a live rejoin)."""
+
+    def update(self, st) -> None:
+        if not self.fired and st.id == self.node and st.phase == "train" and st.step >= self.step:
+            self.fired = True
+            import threading
+
+            threading.Thread(target=self.launcher.restart_node, args=(self.node,), daemon=True).start()
+
+
+@pytest.mark.parametrize("node", [MEDIA, SHOP])
+def test_a_node_restarted_alone_keeps_the_records_verifiable(tmp_path: Path, trust_dir: Path,
+                                                             node: str) -> None:
+    """The peer's link survives, re-attests the restarted node (a new certificate) and goes on: both
+    certificates of the restarted node are attested in the peer's record, and nothing is an error."""
+    import buildkit
+
+    from fldsl.runtime.audit_report import build_report
+
+    fault = _RestartAt(node, 3)
+    def make() -> Path:
+        return buildkit.vertical_build(tmp_path, rows=1000, epochs=2, batch=16, checkpoint_every=10)
+
+    res = launch(make, tmp_path / "run", trust_dir, display=fault)
+    assert fault.fired and res.exit_code == 0, describe(res)
+    report = build_report([res.run_dir], _keys(trust_dir))
+    assert report.ok, [f for f in report.findings if f.severity == "error"]
+    restarted = [s for s in report.signers if s.node == node]
+    assert len(restarted) == 2 and all(s.attested_by for s in restarted)
+
+
 def test_a_node_killed_and_resumed_keeps_one_verifiable_chain(tmp_path: Path, trust_dir: Path) -> None:
     """SIGKILL mid-training, then `fldsl run --run-dir` again: the restarted node continues its chain after
     its last signed record. The records it never signed are reported (warnings) and not counted; the rest,
@@ -253,3 +285,52 @@ def _chain_records(run_dir: Path, trust_dir: Path, node: str, peer: str) -> list
     sealer = LineSealer((trust_dir / node.split(".")[0] / "sealing.key").read_bytes(), node, SEAL_LABEL)
     lines = (run_dir / "audit" / node / f"{peer}.audit").read_bytes().split(b"\n")[1:]
     return [(i, AuditRecord.model_validate_json(sealer.open(peer, x))) for i, x in enumerate(lines, 1) if x]
+
+
+@pytest.mark.parametrize("scenario", ["fedavg", "distributed"])
+def test_horizontal_and_distributed_records_verify_and_match(tmp_path: Path, trust_dir: Path,
+                                                             scenario: str) -> None:
+    """Hub-and-spoke links, weights as lists of arrays, shards as blobs, a party with several nodes."""
+    import buildkit
+
+    from fldsl.runtime.audit_report import PartyKeys, build_report
+
+    def make() -> Path:
+        if scenario == "fedavg":
+            return buildkit.horizontal_build(tmp_path, mode="fedavg", rows=300)
+        return buildkit.distributed_build(tmp_path, rows=400)
+
+    res = launch(make, tmp_path / "run", trust_dir)
+    assert res.exit_code == 0, describe(res)
+    doc = res.to_json()
+    parties = sorted({n.split(".")[0] for n in doc["nodes"]})
+    keys = PartyKeys(sealing={p: (trust_dir / p / "sealing.key").read_bytes() for p in parties},
+                     sim_roots={p: (trust_dir / p / "root_ca.pem").read_bytes() for p in parties})
+    report = build_report([res.run_dir], keys)
+    assert report.ok and report.findings == [], report.findings
+    assert report.nodes == sorted(doc["nodes"])
+    crossed = {f.flow: f for b in report.boundaries for f in b.flows}
+    for nid, node in doc["nodes"].items():  # every counted byte is in the record, matched at both ends
+        for fid, nbytes in node["bytes_sent"].items():
+            assert crossed[fid].bytes == nbytes and crossed[fid].sent == crossed[fid].matched, (nid, fid)
+
+
+def test_one_party_audits_its_own_record_alone(demo_run: tuple[Path, dict], tmp_path: Path,
+                                               trust_dir: Path) -> None:
+    """Across organisations each party holds only its own nodes' records and its own key: the shop's officer
+    verifies the shop's side; each flow then shows one end's count. A wrong key is named, exit 3."""
+    own = tmp_path / "shop-run"
+    shutil.copytree(demo_run[0] / "audit" / SHOP, own / "audit" / SHOP)
+    key = ["--trust", str(trust_dir), "--key", f"shop={trust_dir / 'shop' / 'sealing.key'}"]
+    out = subprocess.run([*FLDSL, "audit", str(own), *key, "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["nodes"] == [SHOP] and doc["findings"] == []
+    flows = {f["flow"]: f for b in doc["boundaries"] for f in b["flows"]}
+    act = flows[f"{MEDIA}->{SHOP}:act1"]
+    assert act["received"] > 0 and act["sent"] is None and act["matched"] is None
+    assert flows[f"{SHOP}->{MEDIA}:grad(act1)"]["sent"] == demo_run[1]["nodes"][SHOP]["steps"]
+    other = ["--trust", str(trust_dir), "--key", f"shop={trust_dir / 'media' / 'sealing.key'}"]
+    wrong = subprocess.run([*FLDSL, "audit", str(own), *other], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 3 and "is not the one that sealed this file" in wrong.stderr
