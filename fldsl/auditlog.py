@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-FORMAT = "fldsl-audit/1"
+FORMAT: Final = "fldsl-audit/1"
 GENESIS = "0" * 64  # ``prev`` of a file's first record
 NODE_CHAIN = "node"  # the chain of a node's own events (not a peer id: those contain a dot)
 CERTS = "certs"

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +30,7 @@ from fldsl.auditlog import (
     SUFFIX,
     AuditFileHeader,
     AuditRecord,
+    Event,
     FlowGrant,
     PeerIdentity,
     PolicyHead,
@@ -106,14 +107,14 @@ class _Writer:
     Files are flushed after each batch; a crash loses at most the last ``_BATCH_S`` of records."""
 
     def __init__(self, node: str) -> None:
-        self._items: list[tuple[AuditChain, str, float, dict[str, Any]]] = []
+        self._items: list[tuple[AuditChain, Event, float, dict[str, Any]]] = []
         self._cv = threading.Condition()
         self._stopping = False
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"audit-{node}", daemon=True)
         self._thread.start()
 
-    def put(self, chain: AuditChain, event: str, fields: dict[str, Any]) -> None:
+    def put(self, chain: AuditChain, event: Event, fields: dict[str, Any]) -> None:
         with self._cv:
             while len(self._items) >= _QUEUE_MAX and self.failure is None:
                 self._cv.wait(0.5)  # back-pressure: the disk stalls, the run waits rather than lose records
@@ -146,7 +147,7 @@ class _Writer:
                 return
 
     @staticmethod
-    def _write(batch: list[tuple[AuditChain, str, float, dict[str, Any]]]) -> None:
+    def _write(batch: list[tuple[AuditChain, Event, float, dict[str, Any]]]) -> None:
         last = {id(chain): i for i, (chain, *_) in enumerate(batch)}
         for i, (chain, event, when, fields) in enumerate(batch):
             chain.write(event, when, fields, sign=last[id(chain)] == i)
@@ -206,17 +207,16 @@ class AuditChain:
                 self._seq, self._prev = rec.seq + 1, rec.hash
                 return
 
-    def append(self, event: str, **fields: Any) -> None:
+    def append(self, event: Event, **fields: Any) -> None:
         self._writer.put(self, event, fields)
 
-    def write(self, event: str, when: float, fields: dict[str, Any], *, sign: bool) -> None:
+    def write(self, event: Event, when: float, fields: dict[str, Any], *, sign: bool) -> None:
         """Append one record (writer thread). ``sign``: the last of its file in a batch (see _Writer)."""
         if "file" in fields:  # a checkpoint or export: its digest, read here, off the training thread
             fields = dict(fields)
             fields["digest"] = _file_digest_or_none(Path(fields.pop("file")))
         rec = AuditRecord(seq=self._seq, prev=self._prev, time=when, node=self.node, chain=self.chain,
-                          event=event, signer=self._signer.fingerprint, signed=sign,
-                          **fields)  # type: ignore[arg-type]
+                          event=event, signer=self._signer.fingerprint, signed=sign, **fields)
         rec.hash = rec.compute_hash()
         if sign:
             signer, rec.sig = self._signer.sign(rec.hash)
@@ -271,7 +271,7 @@ class LinkAudit:
             return
         self.chain.append("attest", peer=self._peer)
 
-    def message(self, direction: str, flow: str, step: int, kind: str,
+    def message(self, direction: Literal["send", "recv"], flow: str, step: int, kind: str,
                 specs: list[tuple[str, tuple[int, ...]]], nbytes: int, segments: Iterable[Any]) -> None:
         grant = self._flows.get(flow)
         self._counts[direction] += 1
@@ -334,7 +334,7 @@ class AuditLog:
             self._links[peer] = LinkAudit(chain, flows)
         return self._links[peer]
 
-    def node_event(self, event: str, *, path: str, detail: str) -> None:
+    def node_event(self, event: Literal["checkpoint", "export"], *, path: str, detail: str) -> None:
         """A checkpoint or an export: the file's digest, so the auditor can tie a file to this run."""
         self._node.append(event, file=path, detail=f"{detail} {path}".strip())
 
@@ -370,10 +370,12 @@ class AuditingProgress:
         self._audit = audit
 
     def emit(self, event: str, **fields: Any) -> None:
-        if event in ("checkpoint", "export") and "path" in fields:
+        kind: Literal["checkpoint", "export"] | None = \
+            "checkpoint" if event == "checkpoint" else "export" if event == "export" else None
+        if kind is not None and "path" in fields:
             what = f"step {fields['step']}" if "step" in fields else str(fields.get("name", ""))
             try:
-                self._audit.node_event(event, path=str(fields["path"]), detail=what)
+                self._audit.node_event(kind, path=str(fields["path"]), detail=what)
             except Exception:  # the run goes on; the missing record shows in the audit
                 log.exception("audit: could not record %s", event)
         self._inner.emit(event, **fields)

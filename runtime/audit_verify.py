@@ -168,7 +168,8 @@ class ChainReader:
             self.chain.readable = False
             return self.chain
         sealer = LineSealer(self._root_key, self.chain.node, SEAL_LABEL)
-        expect_seq, prev = 0, GENESIS
+        expect_seq: int = 0
+        prev: str | None = GENESIS
         for pos, line in enumerate(lines[1:], start=1):
             rec = self._open(sealer, pos, line)
             if rec is None:

@@ -62,11 +62,12 @@ def _print(r: AuditReport) -> None:
                    f"{x.reason}")
     if r.events:
         kinds = sorted({e.event for e in r.events})
-        counts = [f"{sum(1 for e in r.events if e.event == k)} {k} record(s)" for k in kinds]
-        click.echo("\n" + "; ".join(counts))
-    for f in r.findings:
-        at = f"record {f.record}" if f.record is not None else "file"
-        click.echo(f"{f.severity.upper()}: {f.node}/{f.chain}.audit {at}: {f.message}", err=True)
+        tallies = [f"{sum(1 for e in r.events if e.event == k)} {k} record(s)" for k in kinds]
+        click.echo("\n" + "; ".join(tallies))
+    for finding in r.findings:
+        at = f"record {finding.record}" if finding.record is not None else "file"
+        where = f"{finding.node}/{finding.chain}.audit {at}"
+        click.echo(f"{finding.severity.upper()}: {where}: {finding.message}", err=True)
     click.echo("\nok: the records verify and both ends agree" if r.ok else "\nFAILED: see the errors above")
 
 

@@ -271,7 +271,7 @@ class PeerLink:
         self._send(flow_id, arr.nbytes, lambda: codec.tensor_frames(flow_id, step, arr, self._chunk))
         if self.audit is not None:
             self.audit.message("send", flow_id, step, "tensor", [(spec.dtype, spec.shape)], arr.nbytes,
-                               [memoryview(arr.reshape(-1)).cast("B")] if arr.size else [])
+                               [memoryview(arr.reshape(-1)).cast("B")] if arr.size else [])  # type: ignore[arg-type]
 
     def send_arrays(self, flow_id: str, step: int, arrays: list[np.ndarray]) -> None:
         wire = [codec.as_wire_array(a) for a in arrays]
