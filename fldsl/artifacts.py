@@ -289,7 +289,11 @@ class ShardingSpec(_Model):
 
 
 class Task(_Model):
-    """A task of the task graph placed on this node (see PipelineFile.graph for the whole graph)."""
+    """A task of the task graph placed on this node (see PipelineFile.graph for the whole graph).
+
+    Vertical nodes execute their step tasks in list order (fldsl.runtime.roles.split_schedule): ``send`` /
+    ``recv`` params name the ``flow``; a ``backward`` task's ``wrt`` maps each gradient tensor the node
+    sends or receives to the cut tensor it is the gradient of (``{"grad(act1)": "act1"}``)."""
 
     id: str  # e.g. "media.trainer/forward:act1"
     kind: Literal[

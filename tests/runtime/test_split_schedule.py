@@ -87,12 +87,33 @@ def test_a_cut_sent_before_its_forward_is_refused(tmp_path: Path) -> None:
         split_schedule(plan.model_copy(update={"tasks": reordered}), policy)
 
 
-def _shop_weights(run_dir: Path) -> list[np.ndarray]:
+def test_a_cut_and_a_raw_field_from_one_party_match_central_training(tmp_path: Path) -> None:
+    """media sends act1 (its gradient comes back) and the raw impressions.sparse (nothing comes back); in
+    lock-step that is the central model's computation, weights of both parties included."""
+    from fldsl.stdlib.tf.central import train_central_plans
+
+    build = _compile(tmp_path, "vertical_act_and_raw")
+    media = split_schedule(*_load(build, "media.trainer"))
+    assert {w.flow.kind for w in media.cuts_out} == {"activation", "data"}
+    assert media.wrt == {"grad(act1)": "act1"}
+    res = memlink.run_in_threads(build, tmp_path / "run")
+    assert not [r for r in res.values() if isinstance(r, BaseException)], res
+    plans = [_load(build, n)[0] for n in ("media.trainer", "shop.trainer")]
+    central = train_central_plans(plans)
+    assert res["shop.trainer"]["metrics"]["auc"] == pytest.approx(central.metrics["auc"], abs=1e-4)
+    got = [h["train_loss"] for h in res["shop.trainer"]["history"]]
+    assert got == pytest.approx([h["train_loss"] for h in central.history], rel=1e-4)
+    media_w = _weights(tmp_path / "run", "media.trainer")
+    for a, b in zip(media_w, central.weights[:len(media_w)], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _weights(run_dir: Path, node: str) -> list[np.ndarray]:
     from fldsl.runtime import sealing
 
-    name = "shop.trainer/model"
-    data = sealing.unseal_file(run_dir / "models" / "shop.trainer_model.sealed", key=memlink.KEY,
-                               node_id="shop.trainer", name=name)
+    name = f"{node}/model"
+    data = sealing.unseal_file(run_dir / "models" / f"{node}_model.sealed", key=memlink.KEY, node_id=node,
+                               name=name)
     with np.load(io.BytesIO(data)) as npz:
         return [npz[k] for k in sorted(npz.files)]
 
@@ -113,7 +134,8 @@ def test_raw_field_sender_stays_within_a_checkpoint_and_resumes_exactly(tmp_path
     assert any(isinstance(r, Interrupted) for r in part.values()), part
     resumed = memlink.run_in_threads(build, tmp_path / "part")
     assert not [r for r in resumed.values() if isinstance(r, BaseException)], resumed
-    for a, b in zip(_shop_weights(tmp_path / "full"), _shop_weights(tmp_path / "part"), strict=True):
+    full_w, part_w = _weights(tmp_path / "full", "shop.trainer"), _weights(tmp_path / "part", "shop.trainer")
+    for a, b in zip(full_w, part_w, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert resumed["shop.trainer"]["metrics"]["auc"] == pytest.approx(full["shop.trainer"]["metrics"]["auc"],
                                                                      abs=1e-6)
