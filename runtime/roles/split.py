@@ -105,12 +105,14 @@ class SplitKernels:
                 targets = [out[n] for n in out_grads]
             grads = tape.gradient(targets, variables, output_gradients=list(out_grads.values()))
             if apply_now:  # a Python bool: one trace with the update, one without
+                assert opt is not None  # the schedule has an apply task only where the node trains
                 opt.apply(grads, variables)
             return grads
 
         @tf.function(reduce_retracing=True)
         def loss_grads(inputs, cuts, labels):
             watched = [cuts[n] for n in wrt_cuts]
+            assert loss is not None  # a loss task only where the plan has the loss
             with tf.GradientTape() as tape:
                 tape.watch(watched)
                 value = loss(model({**inputs, **cuts}, training=True)[logits], labels)
@@ -119,6 +121,7 @@ class SplitKernels:
 
         @tf.function(reduce_retracing=True)
         def apply(grads):
+            assert opt is not None  # the schedule has an apply task only where the node trains
             opt.apply(grads, variables)
 
         @tf.function(reduce_retracing=True)
