@@ -243,10 +243,11 @@ def _pooled_fit(t: _Tasks, p: Program, n: IRNode, server: str) -> None:
     up = _flows(p, src=n.id, dst=server, kind="stats")
     if not up:
         return
-    t.send(up[0], ["stats"])
+    features = f"{p.loss.label.split('.')[0]}.features"  # the training set's (the label's data set)
+    t.send(up[0], [features])
     for f in _flows(p, src=server, dst=n.id, kind="stats"):
         t.recv(f, ["pooled_stats"])
-    t.add("fit", "preprocessing", ["pooled_stats"], ["features"], pooled=True)
+    t.add("fit", "preprocessing", ["pooled_stats", features], [features], pooled=True)
 
 
 def _server(t: _Tasks, p: Program, n: IRNode) -> None:
