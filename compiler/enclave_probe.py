@@ -141,7 +141,9 @@ def fldsl_files() -> tuple[list[str], list[str]]:
             mod = importlib.import_module(name)
         except ImportError:
             continue
-        root = Path(str(mod.__file__)).resolve().parent
+        # Where the import system found it, links included (a checkout's fldsl/runtime -> ../runtime): the
+        # paths the interpreter opens are the ones Gramine must trust and the bytecode is compiled for.
+        root = Path(os.path.abspath(str(mod.__file__))).parent
         roots.append(str(root))
         for p in root.rglob("*"):
             rel = p.relative_to(root).parts

@@ -63,3 +63,16 @@ def test_code_digest_leaves_the_bench_out(tmp_path: Path, monkeypatch: pytest.Mo
     measurement.code_digest.cache_clear()
     assert measurement.code_digest() != before
     measurement.code_digest.cache_clear()
+
+
+def test_the_enclave_trusts_fldsl_files_where_python_imports_them() -> None:
+    """A checkout imports fldsl.runtime through the fldsl/runtime link; Gramine checks the path opened, so
+    the probe lists that path (it listed the link's target, and the node could not import inside)."""
+    import fldsl.compiler.parse
+    import fldsl.runtime.node
+    from fldsl.compiler.enclave_probe import fldsl_files
+
+    files, roots = fldsl_files()
+    for mod in (fldsl.runtime.node, fldsl.compiler.parse):
+        assert os.path.abspath(str(mod.__file__)) in files
+    assert os.path.dirname(os.path.abspath(str(fldsl.runtime.node.__file__))) in roots

@@ -3,6 +3,7 @@ attested, granted enclave gets the key, and only the holder of the certificate's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -305,3 +306,20 @@ def test_under_gramine_direct_the_node_gets_its_key_and_reads_its_encrypted_data
                           text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out.csv").read_text() == plain
+
+
+def test_serve_json_streams_its_address_and_its_end(build, data_key, deployment):
+    """`--json`: JSON lines on stdout, the address first (whoever started the service reads it), then done."""
+    cmd = [sys.executable, "-u", "-c", "from fldsl.cli import main; main()", "keys", "serve", str(build),
+           "--key", f"data={data_key[0]}", "--grant", f"data={GRANTED}", "--listen", "127.0.0.1:0",
+           "--trust-dir", str(deployment.dir.parent), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = json.loads(proc.stdout.readline() if proc.stdout else "{}")
+        assert first["command"] == "keys serve" and first["event"] == "listening", first
+        assert first["address"].startswith("127.0.0.1:") and first["grants"] == {"data": [GRANTED]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    last = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 0 and last["event"] == "done" and last["exit_code"] == 0
