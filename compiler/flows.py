@@ -30,7 +30,7 @@ from fldsl.compiler.ir import IRNode
 from fldsl.stdlib.signatures import fmt_spec
 
 if TYPE_CHECKING:
-    from fldsl.compiler.check import Checker, Rule, Tensor
+    from fldsl.compiler.checkstate import CheckState, Rule, Tensor
 
 # (worker, server) roles of the parameter-server scenarios.
 _PS_ROLES: dict[str, tuple[Role, Role]] = {
@@ -60,7 +60,7 @@ class _Pending:
 
 
 class FlowBuilder:
-    def __init__(self, checker: Checker, train: TrainSpec):
+    def __init__(self, checker: CheckState, train: TrainSpec):
         self.c = checker
         self.train = train
         self.nodes: list[IRNode] = []
