@@ -89,41 +89,13 @@ def _csv(
     found = next((c for c in candidates if c.is_file()), None)
     arg_span = call.args[0].span if call.args else call.span
     if found is None:
-        path_params = [p for p in sorted(env.used_params) if env.param_types.get(p) == "path"]
-        where = " or ".join(str(c.resolve()) for c in candidates)
-        if path_params:
-            # One line per parameter: the other files under that folder are missing for the same reason.
-            if path_params[0] in ck.missing_data_params:
-                return None
-            ck.missing_data_params.add(path_params[0])
-            ck.error(
-                arg_span,
-                f"data file not found: {raw} (looked for {where}); "
-                f"set parameter `{path_params[0]}` to the folder that holds it: "
-                f"`--set {path_params[0]}=DIR`",
-            )
-        else:
-            ck.error(arg_span, f"data file not found: {raw} (looked for {where})")
+        _not_found(ck, raw, candidates, env, arg_span)
         return None
     found = found.resolve()
-    if call.func.value == "parquet":
-        parquet = _parquet_columns(found)
-        if isinstance(parquet, str):
-            ck.error(arg_span, f"cannot read data file {found}: {parquet}")
-            return None
-        header, rows = parquet
-    else:
-        try:
-            with found.open("r", encoding="utf-8", newline="") as f:
-                header_line = f.readline()
-                rows = sum(1 for line in f if line.strip())
-        except (OSError, UnicodeDecodeError) as e:
-            ck.error(arg_span, f"cannot read data file {found}: {e}")
-            return None
-        header = [c.strip() for c in next(csv.reader([header_line.strip()]), [])]
-        if not header_line.strip():
-            ck.error(arg_span, f"{found}: empty file (a CSV needs a header line)")
-            return None
+    read = _header_and_rows(ck, call, found, arg_span)
+    if read is None:
+        return None
+    header, rows = read
     id_col, label_col = args["id"], args["label"]
     ok = True
     for what, col in (("id", id_col), ("label", label_col)):
@@ -162,6 +134,48 @@ def _csv(
         fields=_csv_fields(ck, len(features), label_col),
     )
     return IRDataset(party=party, spec=spec, rows=rows, span=span)
+
+
+def _not_found(ck: CheckState, raw: str, candidates: list[Path], env: Env, arg_span: ast.Span) -> None:
+    path_params = [p for p in sorted(env.used_params) if env.param_types.get(p) == "path"]
+    where = " or ".join(str(c.resolve()) for c in candidates)
+    if path_params:
+        # One line per parameter: the other files under that folder are missing for the same reason.
+        if path_params[0] in ck.missing_data_params:
+            return
+        ck.missing_data_params.add(path_params[0])
+        ck.error(
+            arg_span,
+            f"data file not found: {raw} (looked for {where}); "
+            f"set parameter `{path_params[0]}` to the folder that holds it: "
+            f"`--set {path_params[0]}=DIR`",
+        )
+    else:
+        ck.error(arg_span, f"data file not found: {raw} (looked for {where})")
+
+
+def _header_and_rows(
+    ck: CheckState, call: ast.Call, found: Path, arg_span: ast.Span
+) -> tuple[list[str], int] | None:
+    """A data file's column names and row count, or None after reporting why it cannot be read."""
+    if call.func.value == "parquet":
+        parquet = _parquet_columns(found)
+        if isinstance(parquet, str):
+            ck.error(arg_span, f"cannot read data file {found}: {parquet}")
+            return None
+        return parquet
+    try:
+        with found.open("r", encoding="utf-8", newline="") as f:
+            header_line = f.readline()
+            rows = sum(1 for line in f if line.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        ck.error(arg_span, f"cannot read data file {found}: {e}")
+        return None
+    header = [c.strip() for c in next(csv.reader([header_line.strip()]), [])]
+    if not header_line.strip():
+        ck.error(arg_span, f"{found}: empty file (a CSV needs a header line)")
+        return None
+    return header, rows
 
 
 def _csv_declared(
@@ -271,131 +285,156 @@ def _schema_columns(
     return result
 
 
-def _column_options(ck: CheckState, cd: ast.ColumnDecl, env: Env) -> dict[str, Any] | None:
-    """The preprocessing of one schema line (``missing:``, ``scale:``, ``vocabulary:``, ``hash:``) as
-    ColumnSpec fields, or None after reporting every problem with them."""
-    ctype = cd.type.value
-    numeric = ctype in ("numeric", "integer")
-    out: dict[str, Any] = {}
-    seen: dict[type, ast.Span] = {}
-    ok = True
+class _Options:
+    """One schema line's option reader: reports a problem and remembers that the line failed."""
 
-    def bad(span: ast.Span, message: str, hint: str | None = None) -> None:
-        nonlocal ok
-        ck.error(span, message, hint)
-        ok = False
+    def __init__(self, ck: CheckState, env: Env, ctype: str) -> None:
+        self.ck, self.env, self.ctype = ck, env, ctype
+        self.numeric = ctype in ("numeric", "integer")
+        self.out: dict[str, Any] = {}
+        self.ok = True
 
-    def number(expr: ast.Expr, what: str) -> float | None:
-        v = evaluate(expr, "float", env, what, ck.report)
+    def bad(self, span: ast.Span, message: str, hint: str | None = None) -> None:
+        self.ck.error(span, message, hint)
+        self.ok = False
+
+    def number(self, expr: ast.Expr, what: str) -> float | None:
+        v = evaluate(expr, "float", self.env, what, self.ck.report)
         if v is BAD:
-            nonlocal ok
-            ok = False
+            self.ok = False
             return None
         return float(v)
 
-    def count(expr: ast.Expr, what: str, most: int) -> int | None:
-        v = evaluate(expr, "int", env, what, ck.report)
+    def count(self, expr: ast.Expr, what: str, most: int) -> int | None:
+        v = evaluate(expr, "int", self.env, what, self.ck.report)
         if v is BAD:
-            nonlocal ok
-            ok = False
+            self.ok = False
             return None
         if not 1 <= v <= most:
-            bad(expr.span, f"{what} must be between 1 and {most:,}, got {v}")
+            self.bad(expr.span, f"{what} must be between 1 and {most:,}, got {v}")
             return None
         return int(v)
 
+
+def _column_options(ck: CheckState, cd: ast.ColumnDecl, env: Env) -> dict[str, Any] | None:
+    """The preprocessing of one schema line (``missing:``, ``scale:``, ``vocabulary:``, ``hash:``) as
+    ColumnSpec fields, or None after reporting every problem with them."""
+    r = _Options(ck, env, cd.type.value)
+    seen: dict[type, ast.Span] = {}
     for opt in cd.options:
         word = {ast.MissingOpt: "missing", ast.ScaleOpt: "scale", ast.VocabularyOpt: "vocabulary",
                 ast.HashOpt: "hash", ast.BucketizeOpt: "bucketize"}[type(opt)]
         if type(opt) in seen:
             prev = seen[type(opt)]
-            bad(opt.span, f"`{word}:` is given twice on one line",
-                f"first given at line {prev.line}, column {prev.column}; keep one")
+            r.bad(opt.span, f"`{word}:` is given twice on one line",
+                  f"first given at line {prev.line}, column {prev.column}; keep one")
             continue
         seen[type(opt)] = opt.span
         if isinstance(opt, ast.MissingOpt):
-            token = str(opt.token.value) if opt.token is not None else None
-            if opt.token is not None and token is not None and (token != token.strip() or token == ""):
-                bad(opt.token.span, f"missing-value token {json.dumps(token)} is empty or starts or "
-                    "ends with a space",
-                    "cells are compared without surrounding spaces, and an empty cell is always missing")
-                continue
-            if not numeric:
-                if opt.fill is not None:
-                    bad(opt.fill.span, f"`{opt.fill.value}` fills numbers; a `category` column has no "
-                        "such fill: a missing value is a category of its own (the empty value)",
-                        'declare only the token, e.g. `missing: "?"`')
-                    continue
-                if opt.indicator is not None:
-                    bad(opt.indicator.span, "`indicator` is for numeric and integer columns: a missing "
-                        "category value is already a category of its own (the empty value)",
-                        "remove `indicator`")
-                    continue
-                out["missing"] = MissingSpec(token=token)
-                continue
-            if opt.fill is None:
-                bad(opt.span, "`missing:` on a numeric or integer line needs a fill: `mean`, `median` or "
-                    "`constant N`", 'e.g. `missing: "?" mean` or `missing: constant 0 indicator`')
-                continue
-            value = number(opt.value, "the fill constant") if opt.value is not None else None
-            if opt.value is not None and value is None:
-                continue
-            if ctype == "integer" and value is not None and not value.is_integer():
-                bad(opt.value.span, f"the fill constant of an integer column must be a whole number, "  # type: ignore[union-attr]
-                    f"got {value}")
-                continue
-            out["missing"] = MissingSpec(token=token, fill=opt.fill.value, value=value,  # type: ignore[arg-type]
-                                         indicator=opt.indicator is not None)
-            if opt.fill.value == "median":
-                ck.medians.append(opt.fill.span)
+            _missing_option(r, opt)
         elif isinstance(opt, ast.ScaleOpt):
-            if not numeric:
-                bad(opt.span, "`scale:` is for numeric and integer columns; a category becomes one-hot "
-                    "columns of 0 and 1", "remove `scale:` from this line")
-                continue
-            lo = number(opt.lo, "the lower clip bound") if opt.lo is not None else None
-            hi = number(opt.hi, "the upper clip bound") if opt.hi is not None else None
-            if opt.kind.value == "clip":
-                if lo is None or hi is None:
-                    continue
-                if not lo < hi:
-                    bad(opt.span, f"`clip(lo, hi)` needs lo < hi, got clip({lo:g}, {hi:g})")
-                    continue
-            out["scale"] = ScaleSpec(kind=opt.kind.value, lo=lo, hi=hi)  # type: ignore[arg-type]
+            _scale_option(r, opt)
         elif isinstance(opt, ast.VocabularyOpt):
-            if numeric:
-                bad(opt.span, f"`vocabulary:` is for `category` columns, not `{ctype}` ones",
-                    "declare the columns as `category` to one-hot their values")
-                continue
-            k = count(opt.top, "the vocabulary size", MAX_VOCABULARY)
-            if k is not None:
-                out["vocabulary"] = k
-                ck.vocabularies.append(opt.span)
+            _vocabulary_option(r, opt)
         elif isinstance(opt, ast.BucketizeOpt):
-            bounds = _bucket_bounds(ck, opt, ctype, env, bad)
+            bounds = _bucket_bounds(ck, opt, r.ctype, env, r.bad)
             if bounds is not None:
-                out["buckets"] = bounds
+                r.out["buckets"] = bounds
         else:
-            if numeric:
-                bad(opt.span, f"`hash:` is for `category` columns, not `{ctype}` ones",
-                    "declare the columns as `category` to hash their values")
-                continue
-            n = count(opt.buckets, "the number of hash buckets", MAX_VOCABULARY)
-            if n is not None:
-                out["hash_buckets"] = n
-    if ok and "buckets" in out and "scale" in out:
-        bad(cd.span, "a line takes `bucketize:` or `scale:`, not both: the bucket's one-hot replaces the "
-            "value, so a scale would change nothing", "keep one")
-    if ok and ctype == "category":
+            _hash_option(r, opt)
+    _line_rules(r, cd)
+    return r.out if r.ok else None
+
+
+def _missing_option(r: _Options, opt: ast.MissingOpt) -> None:
+    token = str(opt.token.value) if opt.token is not None else None
+    if opt.token is not None and token is not None and (token != token.strip() or token == ""):
+        r.bad(opt.token.span, f"missing-value token {json.dumps(token)} is empty or starts or "
+              "ends with a space",
+              "cells are compared without surrounding spaces, and an empty cell is always missing")
+        return
+    if not r.numeric:
+        if opt.fill is not None:
+            r.bad(opt.fill.span, f"`{opt.fill.value}` fills numbers; a `category` column has no "
+                  "such fill: a missing value is a category of its own (the empty value)",
+                  'declare only the token, e.g. `missing: "?"`')
+            return
+        if opt.indicator is not None:
+            r.bad(opt.indicator.span, "`indicator` is for numeric and integer columns: a missing "
+                  "category value is already a category of its own (the empty value)",
+                  "remove `indicator`")
+            return
+        r.out["missing"] = MissingSpec(token=token)
+        return
+    if opt.fill is None:
+        r.bad(opt.span, "`missing:` on a numeric or integer line needs a fill: `mean`, `median` or "
+              "`constant N`", 'e.g. `missing: "?" mean` or `missing: constant 0 indicator`')
+        return
+    value = r.number(opt.value, "the fill constant") if opt.value is not None else None
+    if opt.value is not None and value is None:
+        return
+    if r.ctype == "integer" and value is not None and not value.is_integer():
+        r.bad(opt.value.span, f"the fill constant of an integer column must be a whole number, "  # type: ignore[union-attr]
+              f"got {value}")
+        return
+    r.out["missing"] = MissingSpec(token=token, fill=opt.fill.value, value=value,  # type: ignore[arg-type]
+                                   indicator=opt.indicator is not None)
+    if opt.fill.value == "median":
+        r.ck.medians.append(opt.fill.span)
+
+
+def _scale_option(r: _Options, opt: ast.ScaleOpt) -> None:
+    if not r.numeric:
+        r.bad(opt.span, "`scale:` is for numeric and integer columns; a category becomes one-hot "
+              "columns of 0 and 1", "remove `scale:` from this line")
+        return
+    lo = r.number(opt.lo, "the lower clip bound") if opt.lo is not None else None
+    hi = r.number(opt.hi, "the upper clip bound") if opt.hi is not None else None
+    if opt.kind.value == "clip":
+        if lo is None or hi is None:
+            return
+        if not lo < hi:
+            r.bad(opt.span, f"`clip(lo, hi)` needs lo < hi, got clip({lo:g}, {hi:g})")
+            return
+    r.out["scale"] = ScaleSpec(kind=opt.kind.value, lo=lo, hi=hi)  # type: ignore[arg-type]
+
+
+def _vocabulary_option(r: _Options, opt: ast.VocabularyOpt) -> None:
+    if r.numeric:
+        r.bad(opt.span, f"`vocabulary:` is for `category` columns, not `{r.ctype}` ones",
+              "declare the columns as `category` to one-hot their values")
+        return
+    k = r.count(opt.top, "the vocabulary size", MAX_VOCABULARY)
+    if k is not None:
+        r.out["vocabulary"] = k
+        r.ck.vocabularies.append(opt.span)
+
+
+def _hash_option(r: _Options, opt: ast.HashOpt) -> None:
+    if r.numeric:
+        r.bad(opt.span, f"`hash:` is for `category` columns, not `{r.ctype}` ones",
+              "declare the columns as `category` to hash their values")
+        return
+    n = r.count(opt.buckets, "the number of hash buckets", MAX_VOCABULARY)
+    if n is not None:
+        r.out["hash_buckets"] = n
+
+
+def _line_rules(r: _Options, cd: ast.ColumnDecl) -> None:
+    """What the options of one line must agree on (checked only when each option was fine)."""
+    out = r.out
+    if r.ok and "buckets" in out and "scale" in out:
+        r.bad(cd.span, "a line takes `bucketize:` or `scale:`, not both: the bucket's one-hot replaces the "
+              "value, so a scale would change nothing", "keep one")
+    if r.ok and r.ctype == "category":
         if "vocabulary" in out and "hash_buckets" in out:
-            bad(cd.span, "a category line takes `vocabulary:` or `hash:`, not both",
-                "keep one: the feature columns are either the vocabulary's or the buckets'")
+            r.bad(cd.span, "a category line takes `vocabulary:` or `hash:`, not both",
+                  "keep one: the feature columns are either the vocabulary's or the buckets'")
         elif "vocabulary" not in out and "hash_buckets" not in out:
             cols = ", ".join(_quoted(c.value) for c in cd.columns[:2])
-            bad(cd.type.span, "a `category` line needs `vocabulary: top K` or `hash: N buckets`: the "
-                "number of feature columns it becomes is declared, so every party compiles the same "
-                "model", f"e.g. `category {cols} vocabulary: top 100`")
-    return out if ok else None
+            r.bad(cd.type.span, "a `category` line needs `vocabulary: top K` or `hash: N buckets`: the "
+                  "number of feature columns it becomes is declared, so every party compiles the same "
+                  "model", f"e.g. `category {cols} vocabulary: top 100`")
 
 
 def _bucket_bounds(ck: CheckState, opt: ast.BucketizeOpt, ctype: str, env: Env,

@@ -128,16 +128,7 @@ def op_call(
     name = call.func.value
     op = sig.OPS.get(name)
     if op is None:
-        if name in sig.LOSSES:
-            ck.error(
-                call.func.span, f"`{name}` is a loss; write it as `loss {name}(logits, dataset.label)`"
-            )
-        elif name == "grad":
-            ck.error(
-                call.func.span, "`grad(...)` is computed by the compiler; it can only appear in `allow`"
-            )
-        else:
-            ck.unknown(call.func.span, "op", name, sig.OPS)
+        _not_an_op(ck, call)
         return None
     if name not in ck.imported:
         ck.error(call.func.span, f"op `{name}` is not imported", f"add `use {op.module}.{{{name}}}`")
@@ -146,37 +137,7 @@ def op_call(
     else:
         counter[name] = counter.get(name, 0) + 1
         out = f"{target}/{name}" + (f"_{counter[name]}" if counter[name] > 1 else "")
-    inputs: list[Tensor] = []
-    if op.variadic:
-        args: dict[str, Any] | None = {}
-        for a in call.args:
-            if a.name is not None:
-                ck.error(a.name.span, f"`{name}` takes tensors only, not `{a.name.value}:`")
-                args = None
-                continue
-            t = tensor_expr(ck, a.value, at, target, counter)
-            if t is None:
-                args = None
-            else:
-                inputs.append(t)
-        if args is not None:
-            args["inputs"] = [t.spec for t in inputs]
-    else:
-        collected: list[Tensor] = []
-
-        def tensor(e: Any) -> Any:
-            t = tensor_expr(ck, e, at, target, counter)
-            if t is None:
-                return BAD
-            collected.append(t)
-            return t
-
-        env = Env({}, {})
-        env.params, env.param_types = ck.env.params, ck.env.param_types
-        args = ck._bind(call, op.params, f"`{name}(...)`", env, tensor)
-        if args is not None:
-            inputs = [args[p.name] for p in op.params if p.is_tensor and args[p.name] is not None]
-            args = {k: (v.spec if isinstance(v, Tensor) else v) for k, v in args.items()}
+    args, inputs = _op_args(ck, op, call, at, target, counter)
     if args is None:
         return None
     try:
@@ -217,6 +178,60 @@ def op_call(
     )
     ck.tensors[out] = t
     return t
+
+
+def _not_an_op(ck: CheckState, call: ast.Call) -> None:
+    """Report a call of a name that is no op (a loss, grad, or a typo)."""
+    name = call.func.value
+    if name in sig.LOSSES:
+        ck.error(
+            call.func.span, f"`{name}` is a loss; write it as `loss {name}(logits, dataset.label)`"
+        )
+    elif name == "grad":
+        ck.error(
+            call.func.span, "`grad(...)` is computed by the compiler; it can only appear in `allow`"
+        )
+    else:
+        ck.unknown(call.func.span, "op", name, sig.OPS)
+
+
+def _op_args(
+    ck: CheckState, op: sig.OpSignature, call: ast.Call, at: str | None, target: str, counter: dict[str, int]
+) -> tuple[dict[str, Any] | None, list[Tensor]]:
+    """An op call's arguments (tensors as their specs) and its input tensors; None after reporting."""
+    name = call.func.value
+    inputs: list[Tensor] = []
+    if op.variadic:
+        args: dict[str, Any] | None = {}
+        for a in call.args:
+            if a.name is not None:
+                ck.error(a.name.span, f"`{name}` takes tensors only, not `{a.name.value}:`")
+                args = None
+                continue
+            t = tensor_expr(ck, a.value, at, target, counter)
+            if t is None:
+                args = None
+            else:
+                inputs.append(t)
+        if args is not None:
+            args["inputs"] = [t.spec for t in inputs]
+    else:
+        collected: list[Tensor] = []
+
+        def tensor(e: Any) -> Any:
+            t = tensor_expr(ck, e, at, target, counter)
+            if t is None:
+                return BAD
+            collected.append(t)
+            return t
+
+        env = Env({}, {})
+        env.params, env.param_types = ck.env.params, ck.env.param_types
+        args = ck._bind(call, op.params, f"`{name}(...)`", env, tensor)
+        if args is not None:
+            inputs = [args[p.name] for p in op.params if p.is_tensor and args[p.name] is not None]
+            args = {k: (v.spec if isinstance(v, Tensor) else v) for k, v in args.items()}
+    return args, inputs
 
 
 def check_model(ck: CheckState, env: Env) -> None:

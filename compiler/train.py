@@ -18,22 +18,7 @@ from fldsl.stdlib import signatures as sig
 
 
 def check_train(ck: CheckState, env: Env) -> TrainSpec:
-    if not ck.m.trains:
-        ck.error(ck.m.name.span, "the pipeline has no `train { ... }` block")
-        raise _Fatal
-    for extra in ck.m.trains[1:]:
-        ck.error(extra.span, "only one `train` block is allowed")
-    keys = ("epochs", "batch_size", "optimizer", "seed", "checkpoint", "metrics", "validation", "test",
-            "pipeline")
-    got: dict[str, ast.TrainItem] = {}
-    for item in ck.m.trains[0].items:
-        k = item.key.value
-        if k not in keys:
-            ck.unknown(item.key.span, "train setting", k, keys)
-        elif k in got:
-            ck.error(item.key.span, f"`{k}` is set twice")
-        else:
-            got[k] = item
+    got = _train_items(ck)
     ck.train_items = got
     vals: dict[str, Any] = {}
 
@@ -55,6 +40,46 @@ def check_train(ck: CheckState, env: Env) -> TrainSpec:
             ck.error(got[k].value.span, f"`{k}` must be positive, got {v}")
         vals[k] = v
     vals["seed"] = num("seed", "int") or 0
+    opt = _optimizer(ck, got, env)
+    ckpt = _checkpoint(ck, got)
+    metrics = _metrics(ck, got, env)
+    validation = _validation(ck, got, num, vals["seed"])
+    pipeline = check_pipeline(ck, got.get("pipeline"), num, ckpt)
+    # A missing/bad value was reported; a placeholder lets the trust block still be checked.
+    return TrainSpec(
+        epochs=vals["epochs"] or 1,
+        batch_size=vals["batch_size"] or 1,
+        optimizer=opt,
+        seed=vals["seed"],
+        checkpoint_every_steps=ckpt,
+        metrics=metrics,  # type: ignore[arg-type]
+        validation=validation,
+        pipeline=pipeline,
+    )
+
+
+def _train_items(ck: CheckState) -> dict[str, ast.TrainItem]:
+    """The train block's settings by key (unknown and repeated keys reported)."""
+    if not ck.m.trains:
+        ck.error(ck.m.name.span, "the pipeline has no `train { ... }` block")
+        raise _Fatal
+    for extra in ck.m.trains[1:]:
+        ck.error(extra.span, "only one `train` block is allowed")
+    keys = ("epochs", "batch_size", "optimizer", "seed", "checkpoint", "metrics", "validation", "test",
+            "pipeline")
+    got: dict[str, ast.TrainItem] = {}
+    for item in ck.m.trains[0].items:
+        k = item.key.value
+        if k not in keys:
+            ck.unknown(item.key.span, "train setting", k, keys)
+        elif k in got:
+            ck.error(item.key.span, f"`{k}` is set twice")
+        else:
+            got[k] = item
+    return got
+
+
+def _optimizer(ck: CheckState, got: dict[str, ast.TrainItem], env: Env) -> OptimizerSpec:
     opt = OptimizerSpec(name="adam", params={"learning_rate": 0.001})
     if "optimizer" in got:
         ov = got["optimizer"].value
@@ -68,6 +93,10 @@ def check_train(ck: CheckState, env: Env) -> TrainSpec:
                 if args["learning_rate"] <= 0:
                     ck.error(ov.span, "`learning_rate` must be positive")
                 opt = OptimizerSpec(name=ov.func.value, params=args)  # type: ignore[arg-type]
+    return opt
+
+
+def _checkpoint(ck: CheckState, got: dict[str, ast.TrainItem]) -> int | None:
     ckpt: int | None = None
     if "checkpoint" in got:
         cv = got["checkpoint"].value
@@ -77,6 +106,10 @@ def check_train(ck: CheckState, env: Env) -> TrainSpec:
             if (cv.count or 0) <= 0:
                 ck.error(cv.span, "the step count must be positive")
             ckpt = cv.count
+    return ckpt
+
+
+def _metrics(ck: CheckState, got: dict[str, ast.TrainItem], env: Env) -> list[str]:
     metrics = ["loss"]
     if "metrics" in got:
         mv = got["metrics"].value
@@ -95,7 +128,13 @@ def check_train(ck: CheckState, env: Env) -> TrainSpec:
                                "softmax_cross_entropy / sigmoid_cross_entropy")
                 elif v is not BAD and v not in metrics:
                     metrics.append(v)
-    validation = ValidationSpec(seed=vals["seed"])
+    return metrics
+
+
+def _validation(
+    ck: CheckState, got: dict[str, ast.TrainItem], num: Callable[[str, str], Any], seed: int
+) -> ValidationSpec:
+    validation = ValidationSpec(seed=seed)
     if "validation" in got:
         v = num("validation", "float")
         if v is not None and not 0 < v < 1:
@@ -116,18 +155,7 @@ def check_train(ck: CheckState, env: Env) -> TrainSpec:
             )
         else:
             validation.test_data = tv.text
-    pipeline = check_pipeline(ck, got.get("pipeline"), num, ckpt)
-    # A missing/bad value was reported; a placeholder lets the trust block still be checked.
-    return TrainSpec(
-        epochs=vals["epochs"] or 1,
-        batch_size=vals["batch_size"] or 1,
-        optimizer=opt,
-        seed=vals["seed"],
-        checkpoint_every_steps=ckpt,
-        metrics=metrics,  # type: ignore[arg-type]
-        validation=validation,
-        pipeline=pipeline,
-    )
+    return validation
 
 
 def check_pipeline(ck: CheckState, item: ast.TrainItem | None, num: Callable[[str, str], Any],
