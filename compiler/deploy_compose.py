@@ -28,6 +28,7 @@ from fldsl.compiler.deploy_party import (
     addresses_for,
     memory_mib,
 )
+from fldsl.compiler.ir import IRNode
 from fldsl.compiler.yaml_text import _yaml
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,28 +47,7 @@ def compose_party(d: Party) -> dict[str, str]:
     for n in d.nodes():
         s = d.services[n.id]
         workdir = WORK if d.dcap else "/fldsl/node"
-        if d.dcap:
-            volumes = [
-                f"{rel_build}/nodes/{n.id}:{WORK}/node:ro",
-                f"{rel_build}/pycache:{WORK}/pycache:ro",
-                f"sealed-{s}:{WORK}/run",
-                f"./addresses.json:{WORK}/run/addresses.json:ro",
-                f"{AESM}:{AESM}",
-            ]
-            folders = _data_mounts(d.program, n.id, workdir)
-            if len(folders) > 1:
-                raise DeployError(f"{n.id} reads csv files from {len(folders)} folders; inside the enclave "
-                                  "they are one encrypted folder (data/): put them in one")
-            volumes += [f"{host}:{WORK}/data:ro" for host, _ in folders]
-        else:
-            volumes = [
-                f"{rel_build}/nodes/{n.id}:/fldsl/node:ro",
-                "./addresses.json:/fldsl/run/addresses.json:ro",
-                f"sealed-{s}:/fldsl/sealed",
-                # Its own party's folder, and only that one (override the root with FLDSL_TRUST_DIR).
-                "${FLDSL_TRUST_DIR:-" + trust_root + "}/" + d.name + ":/fldsl/trust:ro",
-            ]
-            volumes += [f"{host}:{inside}:ro" for host, inside in _data_mounts(d.program, n.id, workdir)]
+        volumes = _volumes(d, n, s, workdir, rel_build, trust_root)
         request, limit = memory_mib(d.program, n)
         svc: dict[str, Any] = {
             "image": d.image,
@@ -123,3 +103,31 @@ def compose_party(d: Party) -> dict[str, str]:
         f"(listening on 0.0.0.0) and {peers_note}.",
     ])
     return {"compose.yaml": head + _yaml(doc), "addresses.json": dump_json(addresses_for(d))}
+
+
+def _volumes(d: Party, n: IRNode, s: str, workdir: str, rel_build: str, trust_root: str) -> list[str]:
+    """Node ``n``'s volumes (service ``s``): its folder, addresses, sealed volume, trust folder or SGX
+    socket, and its data."""
+    if d.dcap:
+        volumes = [
+            f"{rel_build}/nodes/{n.id}:{WORK}/node:ro",
+            f"{rel_build}/pycache:{WORK}/pycache:ro",
+            f"sealed-{s}:{WORK}/run",
+            f"./addresses.json:{WORK}/run/addresses.json:ro",
+            f"{AESM}:{AESM}",
+        ]
+        folders = _data_mounts(d.program, n.id, workdir)
+        if len(folders) > 1:
+            raise DeployError(f"{n.id} reads csv files from {len(folders)} folders; inside the enclave "
+                              "they are one encrypted folder (data/): put them in one")
+        volumes += [f"{host}:{WORK}/data:ro" for host, _ in folders]
+    else:
+        volumes = [
+            f"{rel_build}/nodes/{n.id}:/fldsl/node:ro",
+            "./addresses.json:/fldsl/run/addresses.json:ro",
+            f"sealed-{s}:/fldsl/sealed",
+            # Its own party's folder, and only that one (override the root with FLDSL_TRUST_DIR).
+            "${FLDSL_TRUST_DIR:-" + trust_root + "}/" + d.name + ":/fldsl/trust:ro",
+        ]
+        volumes += [f"{host}:{inside}:ro" for host, inside in _data_mounts(d.program, n.id, workdir)]
+    return volumes

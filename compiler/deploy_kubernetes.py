@@ -113,6 +113,31 @@ def kubernetes_node(d: Party, node: IRNode) -> list[tuple[str, dict[str, Any]]]:
     docs.append(_service(d, node))
     docs.append(_network_policy(d, node))
 
+    mounts, volumes = _mounts_and_volumes(d, node, workdir, csv)
+    request, limit = memory_mib(d.program, node)
+    container = _container(d, node, workdir, csv, _resources(d, request, limit), mounts)
+    pod: dict[str, Any] = {
+        # A crash restarts the container in place; the node resumes from the checkpoint on its volume.
+        "restartPolicy": "OnFailure",
+        "automountServiceAccountToken": False,  # a node never talks to the Kubernetes API
+        "enableServiceLinks": False,
+        # SIGTERM stops the node at the next step boundary (the last checkpoint stays usable).
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": GID, "fsGroup": GID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    docs.append(_job(d, node, pod, request))
+    return docs
+
+
+def _mounts_and_volumes(
+    d: Party, node: IRNode, workdir: str, csv: list[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The node container's mounts and the pod's volumes."""
     if d.dcap:
         mounts: list[dict[str, Any]] = [
             {"name": "sealed", "mountPath": f"{workdir}/run"},
@@ -148,7 +173,10 @@ def kubernetes_node(d: Party, node: IRNode) -> list[tuple[str, dict[str, Any]]]:
         volumes.append({"name": "data", "persistentVolumeClaim": {
             "claimName": d.fit(f"{service_name(d.name)}-data"), "readOnly": True}})
 
-    request, limit = memory_mib(d.program, node)
+    return mounts, volumes
+
+
+def _resources(d: Party, request: int, limit: int) -> dict[str, Any]:
     resources: dict[str, Any] = {
         "requests": {"cpu": CPU_REQUEST, "memory": f"{request}Mi"},
         "limits": {"cpu": CPU_LIMIT, "memory": f"{limit}Mi"},
@@ -161,6 +189,13 @@ def kubernetes_node(d: Party, node: IRNode) -> list[tuple[str, dict[str, Any]]]:
             "sgx.intel.com/enclave": 1,
             "sgx.intel.com/provision": 1,
         })
+    return resources
+
+
+def _container(
+    d: Party, node: IRNode, workdir: str, csv: list[tuple[str, str]], resources: dict[str, Any],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
     bootstrap = {"tcpSocket": {"port": "bootstrap"}}
     container: dict[str, Any] = {
         "name": "node",
@@ -188,20 +223,10 @@ def kubernetes_node(d: Party, node: IRNode) -> list[tuple[str, dict[str, Any]]]:
         },
         "volumeMounts": mounts,
     }
-    pod: dict[str, Any] = {
-        # A crash restarts the container in place; the node resumes from the checkpoint on its volume.
-        "restartPolicy": "OnFailure",
-        "automountServiceAccountToken": False,  # a node never talks to the Kubernetes API
-        "enableServiceLinks": False,
-        # SIGTERM stops the node at the next step boundary (the last checkpoint stays usable).
-        "terminationGracePeriodSeconds": 60,
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": GID, "fsGroup": GID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
+    return container
+
+
+def _job(d: Party, node: IRNode, pod: dict[str, Any], request: int) -> tuple[str, dict[str, Any]]:
     job_comment = [
         f"{node.id}: a Job, not a Deployment: it runs until the node has trained and exported, and a",
         "finished Job stays finished (no ttlSecondsAfterFinished: a deleted Job would be re-created and",
@@ -216,15 +241,14 @@ def kubernetes_node(d: Party, node: IRNode) -> list[tuple[str, dict[str, Any]]]:
             "node reaches them where the runtime gives devices the pod's user (containerd:",
             "device_ownership_from_security_context = true) or with those groups in supplementalGroups.",
         ]
-    docs.append((_comment(job_comment), {
+    return (_comment(job_comment), {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(d, d.obj(node.id), node.id),
         "spec": {
             "backoffLimit": RESTARTS,
             "template": {"metadata": {"labels": _labels(d, node.id)}, "spec": pod},
         },
-    }))
-    return docs
+    })
 
 
 def _service(d: Party, node: IRNode) -> tuple[str, dict[str, Any]]:
