@@ -37,7 +37,7 @@ class Checker(CheckState):
             scenario.check_partition_kind(self)
             schema.check_fitted_vocabularies(self)
             self.fail_if_errors()
-            scenario.check_partition_nodes(self)
+            self.roles = scenario.check_partition_nodes(self)
             self.fail_if_errors()
             shapes.check_model(self, env)
             self.fail_if_errors()

@@ -65,6 +65,16 @@ class Rule:
     used: bool = False
 
 
+@dataclass
+class Roles:
+    """The scenario pass's result: the nodes the partition names (empty where its scenario has none)."""
+
+    worker_parties: list[str] = field(default_factory=list)  # horizontal: the worker parties
+    server_node: str = ""  # horizontal: the aggregator; distributed: the parameter server
+    chief_node: str = ""  # distributed
+    dist_workers: list[str] = field(default_factory=list)  # distributed: the worker nodes
+
+
 class CheckState:
     def __init__(self, module: ast.Module, source: str, file: str, base_dir: Path, overrides: dict[str, str]):
         self.m = module
@@ -92,11 +102,8 @@ class CheckState:
         # Those without a value are set before any reader runs: a pass reached only when the earlier one
         # raised no error (run() calls fail_if_errors between them).
         self.loss_name: str | None = None  # Checker.run, before the data pass (it decides csv label dtypes)
-        self.worker_parties: list[str] = []  # scenario pass (horizontal)
-        self.dist_workers: list[str] = []  # scenario pass (distributed)
-        self.partition: ast.Partition  # scenario pass
-        self.server_node: str  # scenario pass (horizontal, distributed)
-        self.chief_node: str  # scenario pass (distributed)
+        self.partition: ast.Partition  # scenario pass (check_partition_kind)
+        self.roles = Roles()  # scenario pass (check_partition_nodes returns them)
         self.env: Env  # shapes pass: the parameters the op calls read
         self.loss_stmt: ast.LossStmt  # shapes pass
         self.logits_t: Tensor  # shapes pass

@@ -395,19 +395,19 @@ class FlowBuilder:
         part = c.partition
         assert isinstance(part, ast.HorizontalPartition)
         workers: list[str] = []
-        for w in c.worker_parties:
+        for w in c.roles.worker_parties:
             n = self.one_node(w, "as a horizontal worker")
             if n:
                 workers.append(n)
-        server = c.server_node
-        if len(workers) != len(c.worker_parties):
+        server = c.roles.server_node
+        if len(workers) != len(c.roles.worker_parties):
             return
         used_ds = sorted(
             {r.split(".")[0] for op in c.ops for r in op.inputs if "." in r} | {c.label_t.name.split(".")[0]}
         )
-        self._same_schema(c.worker_parties, used_ds, part.span)
+        self._same_schema(c.roles.worker_parties, used_ds, part.span)
         test = self.train.validation.test_data
-        test_holders = [w for w in c.worker_parties if test and test in c.parties[w].datasets]
+        test_holders = [w for w in c.roles.worker_parties if test and test in c.parties[w].datasets]
         if test:
             if not test_holders:
                 c.error(c.train_items["test"].value.span, f"no worker party holds the test set `{test}`")
@@ -525,14 +525,14 @@ class FlowBuilder:
 
     # --- distributed -----------------------------------------------------------------------------------
     def _shard_source(self) -> str:
-        chief_party = self.c.chief_node.split(".")[0]
+        chief_party = self.c.roles.chief_node.split(".")[0]
         return self.label_source(chief_party)
 
     def distributed(self) -> None:
         c = self.c
         part = c.partition
         assert isinstance(part, ast.DistributedPartition)
-        chief, workers, server = c.chief_node, c.dist_workers, c.server_node
+        chief, workers, server = c.roles.chief_node, c.roles.dist_workers, c.roles.server_node
         chief_party = chief.split(".")[0]
         used_ds = sorted(
             {r.split(".")[0] for op in c.ops for r in op.inputs if "." in r} | {c.label_t.name.split(".")[0]}

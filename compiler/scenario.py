@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from fldsl.compiler import ast
-from fldsl.compiler.checkstate import CheckState, _Fatal
+from fldsl.compiler.checkstate import CheckState, Roles, _Fatal
 
 
 def check_partition_kind(ck: CheckState) -> None:
@@ -64,8 +64,9 @@ def node_ref(ck: CheckState, ref: ast.Ref, what: str, *, family_ok: bool = False
     return None
 
 
-def check_partition_nodes(ck: CheckState) -> None:
+def check_partition_nodes(ck: CheckState) -> Roles:
     """Resolve the partition's parties and nodes (scenario rules on them are in flows.py)."""
+    roles = Roles()
     p = ck.partition
     if isinstance(p, ast.HorizontalPartition):
         workers: list[str] = []
@@ -75,12 +76,12 @@ def check_partition_nodes(ck: CheckState) -> None:
                 workers += [w for w in got if w not in workers]
         server = node_ref(ck, p.server, "the aggregator")
         if not workers or server is None:
-            return
-        ck.worker_parties = workers
-        ck.server_node = server[0]
-        if ck.server_node.split(".")[0] in workers:
+            return roles
+        roles.worker_parties = workers
+        roles.server_node = server[0]
+        if roles.server_node.split(".")[0] in workers:
             ck.error(
-                p.server.span, f"the aggregator `{ck.server_node}` must not be one of the workers"
+                p.server.span, f"the aggregator `{roles.server_node}` must not be one of the workers"
             )
         if p.reduce is not None and p.reduce.value not in ("mean", "fedavg"):
             ck.unknown(p.reduce.span, "aggregation", p.reduce.value, ["mean", "fedavg"])
@@ -90,14 +91,14 @@ def check_partition_nodes(ck: CheckState) -> None:
         chief = node_ref(ck, p.chief, "the chief")
         workers_ = node_ref(ck, p.workers, "the workers", family_ok=True)
         if chief is None or workers_ is None:
-            return
-        ck.chief_node = chief[0]
-        ck.dist_workers = workers_
+            return roles
+        roles.chief_node = chief[0]
+        roles.dist_workers = workers_
         if p.server is not None:
             srv = node_ref(ck, p.server, "the parameter server")
             if srv is None:
-                return
-            ck.server_node = srv[0]
+                return roles
+            roles.server_node = srv[0]
         else:
             wparty = ck.parties[workers_[0].split(".")[0]]
             rest = [f"{wparty.name}.{n}" for n in wparty.nodes if f"{wparty.name}.{n}" not in workers_]
@@ -107,13 +108,12 @@ def check_partition_nodes(ck: CheckState) -> None:
                     f"cannot tell which node of `{wparty.name}` is the parameter server",
                     f"name it: `... to {p.workers.text} via {wparty.name}.ps shard ...`",
                 )
-                return
-            ck.server_node = rest[0]
-        if ck.chief_node in workers_ or ck.server_node in (*workers_, ck.chief_node):
+                return roles
+            roles.server_node = rest[0]
+        if roles.chief_node in workers_ or roles.server_node in (*workers_, roles.chief_node):
             ck.error(p.span, "the chief, the workers and the parameter server must be different nodes")
         if p.strategy.value not in ("round_robin", "contiguous"):
             ck.unknown(
                 p.strategy.span, "sharding strategy", p.strategy.value, ["round_robin", "contiguous"]
             )
-
-
+    return roles

@@ -47,7 +47,7 @@ def dataset_field(ck: CheckState, ref: ast.Ref, at: str | None) -> Tensor | None
         owner = None
         missing = [
             w
-            for w in getattr(ck, "worker_parties", [])
+            for w in ck.roles.worker_parties
             if ds_name.value not in ck.parties[w].datasets
         ]
         if missing:
@@ -57,13 +57,13 @@ def dataset_field(ck: CheckState, ref: ast.Ref, at: str | None) -> Tensor | None
                 "(horizontal parties share one schema)",
             )
             return None
-        owners = [ck.parties[w] for w in ck.worker_parties]
+        owners = [ck.parties[w] for w in ck.roles.worker_parties]
     else:
-        chief_party = ck.chief_node.split(".")[0]
+        chief_party = ck.roles.chief_node.split(".")[0]
         if ds_name.value not in ck.parties[chief_party].datasets:
             ck.error(
                 ds_name.span,
-                f"data set `{ds_name.value}` is not held by the chief `{ck.chief_node}` "
+                f"data set `{ds_name.value}` is not held by the chief `{ck.roles.chief_node}` "
                 "(in distributed training only the chief has data)",
             )
             return None

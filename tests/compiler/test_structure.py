@@ -60,7 +60,7 @@ def _state_writes(name: str, state_names: tuple[str, ...]) -> set[str]:
 
 def test_every_attribute_a_pass_sets_is_declared_in_the_state() -> None:
     declared = _declared_state()
-    assert {"loss_name", "partition", "server_node", "logits_t", "label_t", "loss", "train_items"} <= declared
+    assert {"loss_name", "partition", "roles", "logits_t", "label_t", "loss", "train_items"} <= declared
     undeclared = {f"{m}: {a}" for m in PASSES for a in _state_writes(m, ("ck", "c")) - declared}
     # check.py's Checker is the state itself: its methods set only what __init__ declared.
     undeclared |= {f"check: {a}" for a in _state_writes("check", ("self",)) - declared}
