@@ -6,6 +6,10 @@ derives the cross-node flows and checks each against the trust block's ``allow``
 every value carries the private sources it depends on, see :mod:`fldsl.compiler.flows`).
 
 Errors are collected (as many as can be found in one pass) and raised together as one ``FldslError``.
+
+This module is the driver: :class:`Checker` runs the passes (``resolve``, ``schema``, ``scenario``,
+``shapes``, ``train``, ``trust``, then ``flows``), each a module of functions over the one
+:class:`~fldsl.compiler.checkstate.CheckState`; between passes it stops at the first errors.
 """
 
 from __future__ import annotations
