@@ -14,20 +14,25 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fldsl.artifacts import (
     Identity,
     NodeSummary,
     Pins,
     PipelineFile,
+    Plan,
     dump_json,
     node_dir,
     sha256_hex,
 )
 from fldsl.compiler import lower
-from fldsl.compiler.ir import Program
+from fldsl.compiler.ir import IRNode, Program
 from fldsl.diagnostics import Diagnostic, FldslError
 from fldsl.measurement import sim_mr_enclave
+
+if TYPE_CHECKING:  # a type only: the manifest modules are imported inside the functions, as before
+    from fldsl.compiler.manifest import ManifestInputs
 
 # Source of each stdlib module a pipeline can `use` (its text is part of the pipeline digest).
 STDLIB_MODULE_FILES = {"std.models": "signatures.py"}
@@ -91,14 +96,7 @@ def emit(program: Program, source: str, out: Path, file: str = "<input>") -> Com
 
 
 def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
-    from fldsl.compiler.manifest import (
-        ManifestInputs,
-        TrustedFile,
-        lint_context_for,
-        node_file_uri,
-        render_node_manifest,
-    )
-    from fldsl.compiler.manifest_check import validate_manifest
+    from fldsl.compiler.manifest import render_node_manifest
 
     written: dict[str, bytes] = {}
 
@@ -119,36 +117,12 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
         plan = lower.plan_for(program, n)
         plan_sha = write(f"{base}/plan.json", dump_json(plan))
         policy_sha = write(f"{base}/policy.json", dump_json(lower.policy_for(program, n)))
-        inputs = ManifestInputs(
-            pipeline=program.pipeline,
-            node_id=n.id,
-            enclave_size=t.enclave_size,
-            max_threads=t.max_threads,
-            isv_prod_id=t.isv_prod_id,
-            isv_svn=t.isv_svn,
-            debug=t.debug,
-            edmm=t.edmm,
-            remote_attestation="dcap",
-            node_files=[
-                TrustedFile(uri=node_file_uri("plan.json"), sha256=plan_sha),
-                TrustedFile(uri=node_file_uri("policy.json"), sha256=policy_sha),
-            ],
-            outputs_encrypted=t.at_rest == "encrypted",
-            peer_parties=sorted({p.id.split(".", 1)[0] for p in plan.peers} - {n.id.split(".", 1)[0]}),
-        )
+        inputs = _manifest_inputs(program, n, plan, plan_sha, policy_sha)
         rendered = render_node_manifest(inputs)
         tmpl_name, toml_name = _manifest_names(n.id)
         write(f"{base}/{tmpl_name}", rendered.template)
         write(f"{base}/{toml_name}", rendered.toml)
-        for finding in validate_manifest(rendered.toml, lint=lint_context_for(inputs)):
-            if finding.severity == "error":
-                diags.append(
-                    Diagnostic(
-                        "error",
-                        f"manifest of node `{n.id}`: {finding.key}: {finding.message} [{finding.code}]",
-                        file,
-                    )
-                )
+        diags += _manifest_errors(rendered.toml, inputs, n.id, file)
         identities[n.id] = Identity(
             mr_enclave=[sim_mr_enclave(rendered.toml.encode("utf-8"))],
             isv_prod_id=t.isv_prod_id,
@@ -166,17 +140,72 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
         nid = rel.split("/")[1]
         per_node[nid][rel.split("/", 2)[2]] = sha256_hex(data)
 
+    digest = _digest(program, source, written)
+
+    pf = _pipeline_file(program, digest, identities, per_node)
+    write("pipeline.json", dump_json(pf))
+    return CompileResult(build_dir=out, digest=digest, files=sorted(written), warnings=program.warnings)
+
+
+def _manifest_inputs(
+    program: Program, n: IRNode, plan: Plan, plan_sha: str, policy_sha: str
+) -> ManifestInputs:
+    from fldsl.compiler.manifest import ManifestInputs, TrustedFile, node_file_uri
+
+    t = program.trust
+    return ManifestInputs(
+        pipeline=program.pipeline,
+        node_id=n.id,
+        enclave_size=t.enclave_size,
+        max_threads=t.max_threads,
+        isv_prod_id=t.isv_prod_id,
+        isv_svn=t.isv_svn,
+        debug=t.debug,
+        edmm=t.edmm,
+        remote_attestation="dcap",
+        node_files=[
+            TrustedFile(uri=node_file_uri("plan.json"), sha256=plan_sha),
+            TrustedFile(uri=node_file_uri("policy.json"), sha256=policy_sha),
+        ],
+        outputs_encrypted=t.at_rest == "encrypted",
+        peer_parties=sorted({p.id.split(".", 1)[0] for p in plan.peers} - {n.id.split(".", 1)[0]}),
+    )
+
+
+def _manifest_errors(toml: str, inputs: ManifestInputs, node_id: str, file: str) -> list[Diagnostic]:
+    """The lint errors of one node's rendered manifest (a build with any is refused)."""
+    from fldsl.compiler.manifest import lint_context_for
+    from fldsl.compiler.manifest_check import validate_manifest
+
+    diags: list[Diagnostic] = []
+    for finding in validate_manifest(toml, lint=lint_context_for(inputs)):
+        if finding.severity == "error":
+            diags.append(
+                Diagnostic(
+                    "error",
+                    f"manifest of node `{node_id}`: {finding.key}: {finding.message} [{finding.code}]",
+                    file,
+                )
+            )
+    return diags
+
+
+def _digest(program: Program, source: str, written: dict[str, bytes]) -> str:
+    """The pipeline digest: the source, the stdlib modules it uses and every artifact written."""
     h = hashlib.sha256(b"fldsl-pipeline-digest/1\0")
     h.update(b"source\0" + hashlib.sha256(source.encode()).hexdigest().encode() + b"\n")
     for mod in program.uses:
         h.update(f"stdlib\0{mod}\0{_stdlib_digest(mod)}\n".encode())
     for rel in sorted(written):
         h.update(f"artifact\0{rel}\0{sha256_hex(written[rel])}\n".encode())
-    digest = h.hexdigest()
+    return h.hexdigest()
 
+
+def _pipeline_file(program: Program, digest: str, identities: dict[str, Identity],
+                   per_node: dict[str, dict[str, str]]) -> PipelineFile:
     g = lower.task_graph(program)
     gnodes, gedges = lower.graph_lists(g)
-    pf = PipelineFile(
+    return PipelineFile(
         pipeline=program.pipeline,
         digest=digest,
         source=program.source_name,
@@ -198,8 +227,6 @@ def _emit(program: Program, source: str, out: Path, file: str) -> CompileResult:
         graph_edges=gedges,
         ir=program.model_dump(mode="json"),
     )
-    write("pipeline.json", dump_json(pf))
-    return CompileResult(build_dir=out, digest=digest, files=sorted(written), warnings=program.warnings)
 
 
 def node_paths(build_dir: Path, node_id: str) -> dict[str, Path]:

@@ -11,7 +11,6 @@ rule and say so in their ``rule`` field. A violation is reported with the path, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from fldsl.artifacts import (
@@ -26,11 +25,12 @@ from fldsl.artifacts import (
     TrainSpec,
 )
 from fldsl.compiler import ast
+from fldsl.compiler.flow_rules import PendingFlow, apply_rules
 from fldsl.compiler.ir import IRNode
 from fldsl.stdlib.signatures import fmt_spec
 
 if TYPE_CHECKING:
-    from fldsl.compiler.check import Checker, Rule, Tensor
+    from fldsl.compiler.checkstate import CheckState, Tensor
 
 # (worker, server) roles of the parameter-server scenarios.
 _PS_ROLES: dict[str, tuple[Role, Role]] = {
@@ -51,23 +51,15 @@ def bound(n: int) -> int:
     return -(-(n + HEADER_BYTES) // 1024) * 1024
 
 
-@dataclass
-class _Pending:
-    flow: Flow
-    path: list[str] | None  # None: a protocol flow that needs no allow rule
-    span: ast.Span | None = None
-    raw: bool = False
-
-
 class FlowBuilder:
-    def __init__(self, checker: Checker, train: TrainSpec):
+    def __init__(self, checker: CheckState, train: TrainSpec):
         self.c = checker
         self.train = train
         self.nodes: list[IRNode] = []
         self.alignment: AlignmentSpec | None = None
         self.aggregation: AggregationSpec | None = None
         self.sharding: ShardingSpec | None = None
-        self.pending: list[_Pending] = []
+        self.pending: list[PendingFlow] = []
         self.deferred: list[tuple[ast.Span, str]] = []
         self.violations: list[dict[str, str]] = []  # refused flows, for drawing them in red
 
@@ -75,7 +67,7 @@ class FlowBuilder:
     def build(self) -> list[Flow]:
         getattr(self, self.c.scenario)()
         self.c.fail_if_errors()
-        flows = self.apply_rules()
+        flows = apply_rules(self.c, self.pending, self.violations)
         # Structural errors about flows come after the information-flow errors on the same flows.
         for span, msg in self.deferred:
             self.c.error(span, msg)
@@ -107,7 +99,7 @@ class FlowBuilder:
             rule=rule,
             rule_span=rule_span,
         )
-        self.pending.append(_Pending(flow, path, span, raw))
+        self.pending.append(PendingFlow(flow, path, span, raw))
 
     def control(self, a: str, b: str) -> None:
         for s, d in ((a, b), (b, a)):
@@ -193,18 +185,7 @@ class FlowBuilder:
         # `allow media -> shop: impressions.sparse` rule): it sends that field, nothing comes back.
         feeds = {t.party for op in c.ops for ref in op.inputs
                  if (t := c.tensors[ref]).raw and t.party is not None and t.party != op.party}
-        node_of: dict[str, str] = {}
-        for pname in c.parties:
-            if pname not in ops_at and pname not in feeds and pname != label_party:
-                c.error(
-                    c.parties[pname].span,
-                    f"party `{pname}` takes no part in the model",
-                    "place a model statement there (`at PARTY: ...`) or remove the party",
-                )
-                continue
-            n = self.one_node(pname, "in a vertical pipeline")
-            if n:
-                node_of[pname] = n
+        node_of = self._vertical_parties(ops_at, feeds, label_party)
         if label_party not in node_of:
             return
         leader = node_of[label_party]
@@ -217,6 +198,34 @@ class FlowBuilder:
             return
         self._align(node_of, label_party)
 
+        logits = self._vertical_cuts(node_of, label_party)
+        for p in passives:
+            self.control(leader, p)
+        self._vertical_holdout(leader, passives, label_party)
+        self._vertical_nodes(node_of, ops_at, label_party, logits)
+
+    def _vertical_parties(
+        self, ops_at: dict[str, list[str]], feeds: set[str], label_party: str
+    ) -> dict[str, str]:
+        """Each party that takes part in the model -> its one node (the others reported)."""
+        c = self.c
+        node_of: dict[str, str] = {}
+        for pname in c.parties:
+            if pname not in ops_at and pname not in feeds and pname != label_party:
+                c.error(
+                    c.parties[pname].span,
+                    f"party `{pname}` takes no part in the model",
+                    "place a model statement there (`at PARTY: ...`) or remove the party",
+                )
+                continue
+            n = self.one_node(pname, "in a vertical pipeline")
+            if n:
+                node_of[pname] = n
+        return node_of
+
+    def _vertical_cuts(self, node_of: dict[str, str], label_party: str) -> Tensor:
+        """The activations (and raw fields) across the cut and their gradients back; returns the logits."""
+        c = self.c
         # Cut tensors: used at one party, produced at another.
         cuts: dict[tuple[str, str], tuple[Tensor, ast.Span]] = {}
         for op in c.ops:
@@ -269,8 +278,10 @@ class FlowBuilder:
                 path=[self.label_source(label_party), "loss", f"grad({t.name})", src_party],
                 span=c.loss_stmt.span,
             )
-        for p in passives:
-            self.control(leader, p)
+        return logits
+
+    def _vertical_holdout(self, leader: str, passives: list[str], label_party: str) -> None:
+        c = self.c
         val = self.train.validation
         if val.fraction > 0:
             item = c.train_items["validation"]
@@ -285,6 +296,11 @@ class FlowBuilder:
                     rule=f"validation: {val.fraction} (stratified holdout by id, chosen by the label owner)",
                     rule_span=c.loc(item.span),
                 )
+
+    def _vertical_nodes(
+        self, node_of: dict[str, str], ops_at: dict[str, list[str]], label_party: str, logits: Tensor
+    ) -> None:
+        c = self.c
         for pname, nid in node_of.items():
             ops = ops_at.get(pname, [])
             specs = self.input_specs(ops)
@@ -379,19 +395,19 @@ class FlowBuilder:
         part = c.partition
         assert isinstance(part, ast.HorizontalPartition)
         workers: list[str] = []
-        for w in c.worker_parties:
+        for w in c.roles.worker_parties:
             n = self.one_node(w, "as a horizontal worker")
             if n:
                 workers.append(n)
-        server = c.server_node
-        if len(workers) != len(c.worker_parties):
+        server = c.roles.server_node
+        if len(workers) != len(c.roles.worker_parties):
             return
         used_ds = sorted(
             {r.split(".")[0] for op in c.ops for r in op.inputs if "." in r} | {c.label_t.name.split(".")[0]}
         )
-        self._same_schema(c.worker_parties, used_ds, part.span)
+        self._same_schema(c.roles.worker_parties, used_ds, part.span)
         test = self.train.validation.test_data
-        test_holders = [w for w in c.worker_parties if test and test in c.parties[w].datasets]
+        test_holders = [w for w in c.roles.worker_parties if test and test in c.parties[w].datasets]
         if test:
             if not test_holders:
                 c.error(c.train_items["test"].value.span, f"no worker party holds the test set `{test}`")
@@ -509,14 +525,14 @@ class FlowBuilder:
 
     # --- distributed -----------------------------------------------------------------------------------
     def _shard_source(self) -> str:
-        chief_party = self.c.chief_node.split(".")[0]
+        chief_party = self.c.roles.chief_node.split(".")[0]
         return self.label_source(chief_party)
 
     def distributed(self) -> None:
         c = self.c
         part = c.partition
         assert isinstance(part, ast.DistributedPartition)
-        chief, workers, server = c.chief_node, c.dist_workers, c.server_node
+        chief, workers, server = c.roles.chief_node, c.roles.dist_workers, c.roles.server_node
         chief_party = chief.split(".")[0]
         used_ds = sorted(
             {r.split(".")[0] for op in c.ops for r in op.inputs if "." in r} | {c.label_t.name.split(".")[0]}
@@ -565,73 +581,6 @@ class FlowBuilder:
             IRNode(id=server, party=server.split(".")[0], role=_PS_ROLES[scenario][1], ops=all_ops,
                    input_specs=specs)
         )
-
-    # --- allow rules -----------------------------------------------------------------------------------
-    def _endpoint_matches(self, party: str, node: str | None, node_id: str) -> bool:
-        pname, nname = node_id.split(".", 1)
-        p = self.c.parties[pname]
-        if party not in (pname, p.family):
-            return False
-        return node is None or node == nname or p.node_families.get(nname) == node
-
-    def _matches(self, r: Rule, f: Flow) -> bool:
-        return (
-            r.tensor == f.tensor
-            and self._endpoint_matches(r.src_party, r.src_node, f.src)
-            and self._endpoint_matches(r.dst_party, r.dst_node, f.dst)
-        )
-
-    def _who(self, node_id: str) -> str:
-        p = self.c.parties[node_id.split(".")[0]]
-        return p.family or p.name
-
-    def apply_rules(self) -> list[Flow]:
-        c = self.c
-        out: list[Flow] = []
-        for p in self.pending:
-            f = p.flow
-            if p.path is None:
-                out.append(f)
-                continue
-            rule = next((r for r in c.rules if self._matches(r, f)), None)
-            if rule is None:
-                path = " → ".join(p.path) + " (no allow rule)"
-                dst_party = f.dst.split(".")[0]
-                if p.raw:
-                    msg = (
-                        f"raw feature column `{p.path[0]}` would be sent to `{dst_party}` without an allow "
-                        f"rule: {path}"
-                    )
-                else:
-                    msg = f"information flow: `{f.tensor}` would carry `{p.path[0]}` to `{dst_party}`: {path}"
-                self.violations.append({"src": f.src, "dst": f.dst, "tensor": f.tensor, "message": msg})
-                c.error(
-                    p.span,
-                    msg,
-                    f"if this is intended, add `allow {self._who(f.src)} -> {self._who(f.dst)}: "
-                    f"{f.tensor}` to the trust block",
-                )
-                continue
-            rule.used = True
-            f.rule = rule.stmt.text
-            f.rule_span = c.loc(rule.stmt.span)
-            if rule.stmt.as_type is not None and rule.as_spec is not None:
-                if f.spec is None:
-                    c.error(rule.stmt.as_type.span, f"`{f.tensor}` has no fixed shape; remove `as ...`")
-                elif rule.as_spec != f.spec:
-                    c.error(
-                        rule.stmt.as_type.span,
-                        f"declared `{fmt_spec(rule.as_spec)}` for `{f.tensor}` but it is inferred as "
-                        f"`{fmt_spec(f.spec)}`",
-                    )
-            out.append(f)
-        used = {id(r.stmt) for r in c.rules if r.used}
-        warned: set[int] = set()
-        for r in c.rules:
-            if id(r.stmt) not in used and id(r.stmt) not in warned:
-                warned.add(id(r.stmt))
-                c.warning(r.stmt.span, f"allow rule is not used by any flow: `{r.stmt.text}`")
-        return out
 
 
 def _schema(fields: dict[str, TensorSpec], cols: list[str]) -> str:

@@ -238,22 +238,7 @@ def sign_build(
         )
     signing_key = load_signing_key(key)
     mr_signer = mr_signer_of(signing_key).hex()
-    nodes_root = build_dir / "nodes"
-    node_dirs = sorted(p for p in nodes_root.iterdir() if p.is_dir()) if nodes_root.is_dir() else []
-    if not node_dirs:
-        raise SignError(f"{build_dir}: no node directories under nodes/ (was the pipeline compiled?)")
-    try:
-        pins = load_model(Pins, node_dirs[0] / "pins.json")
-        pipeline = load_model(PipelineFile, build_dir / "pipeline.json")
-    except ArtifactError as e:
-        raise SignError(str(e)) from None
-    for d in node_dirs[1:]:
-        try:
-            other = load_model(Pins, d / "pins.json")
-        except ArtifactError as e:
-            raise SignError(str(e)) from None
-        if other != pins:
-            raise SignError(f"{d / 'pins.json'} differs from {node_dirs[0] / 'pins.json'}; recompile first")
+    node_dirs, pins, pipeline = _load_build(build_dir)
     entry = entrypoint or sys.executable
     libdir = arch_libdir or _local_arch_libdir()
     qvl: str | None = None
@@ -272,21 +257,53 @@ def sign_build(
             raise SignError(f"{d}: node {d.name!r} is not in pins.json")
         s = sign_node(d, key, files=files, pkglibdir=pkglibdir, arch_libdir=libdir,
                       expected_mr_signer=mr_signer, qvl_library=qvl)
-        compiled = pins.nodes[d.name]
-        if s.isv_prod_id != compiled.isv_prod_id:
-            raise SignError(
-                f"{d.name}: SIGSTRUCT isv_prod_id {s.isv_prod_id} != {compiled.isv_prod_id} "
-                "from the trust block"
-            )
-        if s.isv_svn < compiled.isv_svn_min:
-            raise SignError(
-                f"{d.name}: SIGSTRUCT isv_svn {s.isv_svn} is below the pinned minimum {compiled.isv_svn_min}"
-            )
-        if s.debug != compiled.debug:
-            raise SignError(
-                f"{d.name}: SIGSTRUCT debug={s.debug} but the trust block says debug={compiled.debug}"
-            )
+        _check_sigstruct(s, pins.nodes[d.name], d.name)
         signed.append(s)
+    _pin_signed(build_dir, node_dirs, pins, pipeline, signed)
+    return signed
+
+
+def _load_build(build_dir: Path) -> tuple[list[Path], Pins, PipelineFile]:
+    """The build's node folders, their (identical) pins and pipeline.json."""
+    nodes_root = build_dir / "nodes"
+    node_dirs = sorted(p for p in nodes_root.iterdir() if p.is_dir()) if nodes_root.is_dir() else []
+    if not node_dirs:
+        raise SignError(f"{build_dir}: no node directories under nodes/ (was the pipeline compiled?)")
+    try:
+        pins = load_model(Pins, node_dirs[0] / "pins.json")
+        pipeline = load_model(PipelineFile, build_dir / "pipeline.json")
+    except ArtifactError as e:
+        raise SignError(str(e)) from None
+    for d in node_dirs[1:]:
+        try:
+            other = load_model(Pins, d / "pins.json")
+        except ArtifactError as e:
+            raise SignError(str(e)) from None
+        if other != pins:
+            raise SignError(f"{d / 'pins.json'} differs from {node_dirs[0] / 'pins.json'}; recompile first")
+    return node_dirs, pins, pipeline
+
+
+def _check_sigstruct(s: SignedNode, compiled: Identity, name: str) -> None:
+    """The signed enclave carries the identity the trust block pinned (else the build is not signed)."""
+    if s.isv_prod_id != compiled.isv_prod_id:
+        raise SignError(
+            f"{name}: SIGSTRUCT isv_prod_id {s.isv_prod_id} != {compiled.isv_prod_id} "
+            "from the trust block"
+        )
+    if s.isv_svn < compiled.isv_svn_min:
+        raise SignError(
+            f"{name}: SIGSTRUCT isv_svn {s.isv_svn} is below the pinned minimum {compiled.isv_svn_min}"
+        )
+    if s.debug != compiled.debug:
+        raise SignError(
+            f"{name}: SIGSTRUCT debug={s.debug} but the trust block says debug={compiled.debug}"
+        )
+
+
+def _pin_signed(
+    build_dir: Path, node_dirs: list[Path], pins: Pins, pipeline: PipelineFile, signed: list[SignedNode]
+) -> None:
     # Everything signed: now rewrite pins (identical in every node) and pipeline.json.
     for s in signed:
         pins.nodes[s.node_id] = Identity(
@@ -310,4 +327,3 @@ def sign_build(
     for d in node_dirs:
         (d / "pins.json").write_text(pins_text)
     (build_dir / "pipeline.json").write_text(dump_json(pipeline))
-    return signed
