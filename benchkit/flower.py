@@ -10,8 +10,9 @@ model: each client is one worker of a horizontal FedAvg plan and trains exactly 
 the same data set (its plan's reader and parameters), the same stratified holdout and preprocessing fit, the
 same model (``build_segment`` from the plan, same seed), optimiser (kept across rounds), batch size,
 per-epoch row order (driven by a local step cursor), local steps per round, the same TensorFlow thread
-settings, and the same evaluation of the received global model at every epoch end. The server is Flower's ``FedAvg`` (weighted by examples unless the plan says ``mean``)
-with timestamps around every round; nothing of fldsl's transport, attestation or checkpointing is used.
+settings, and the same evaluation of the received global model at every epoch end. The server is Flower's
+``FedAvg`` (weighted by examples unless the plan says ``mean``) with timestamps around every round; nothing
+of fldsl's transport, attestation or checkpointing is used.
 
 Flower is started the legacy way (``flwr.server.start_server`` / ``flwr.client.start_client``, gRPC
 bidi stream, insecure on loopback): deprecated since flwr 1.13 but still shipped (1.42), it is one server
