@@ -73,17 +73,10 @@ def fedavg_workers(build: Path) -> list[Plan]:
 
 def train_rows(plan: Plan) -> int:
     """Rows a worker trains on (its data set less the holdout), loading the data as the worker does."""
-    from fldsl.runtime.roles.common import label_ref, load_tables
+    from fldsl.runtime.roles.common import load_tables
+    from fldsl.runtime.roles.worker_core import WorkerData
 
-    ds, label = label_ref(plan)
-    table = load_tables(plan)[ds]
-    if plan.train.validation.fraction > 0 and not plan.train.validation.test_data:
-        from fldsl.runtime.data import stratified_split
-
-        tr, _ = stratified_split(np.asarray(table.ids), table.fields[label], plan.train.validation.fraction,
-                                 plan.train.validation.seed)
-        return len(tr)
-    return len(table.ids)
+    return len(WorkerData.load(plan, load_tables(plan)).train_rows)
 
 
 def schedule(workers: Sequence[Plan]) -> tuple[int, int]:
