@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fldsl.artifacts import Plan, TensorSpec
+from fldsl.artifacts import AggregationSpec, Plan, TensorSpec
 from fldsl.runtime.roles import hsummary
 from fldsl.runtime.roles.aggregate import Aggregator, FedAvgMean, Links, SyncMean, send_all
 from fldsl.runtime.roles.common import (
@@ -71,7 +71,7 @@ def run(ctx: RoleContext) -> dict[str, Any]:
     return worker(ctx, load_tables(ctx.plan))
 
 
-def _agg(plan: Plan):
+def _agg(plan: Plan) -> AggregationSpec:
     if plan.aggregation is None:
         raise RoleError(f"{plan.node}: the plan has no aggregation section")
     return plan.aggregation

@@ -11,11 +11,12 @@ import numpy as np
 
 from fldsl.artifacts import Flow
 from fldsl.runtime.roles.common import PeerLimitExceeded, PeerProtocolError, RoleContext, RoleError
+from fldsl.runtime.transport import keys
 
 # The one message of each `stats` flow (its own flow: no other message shares it). A copy a restarted
 # worker's previous process left unread is the same bytes (same rows, same statistics), so taking it
 # instead of the new one changes nothing.
-STATS_KEY = 0
+STATS_KEY = keys.step(0)
 
 
 def stats_flows(ctx: RoleContext, src: str, dst: str) -> list[Flow]:
