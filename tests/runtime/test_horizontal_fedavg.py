@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -182,3 +183,19 @@ def test_fedavg_in_small_pieces_equals_whole_messages(tmp_path: Path,
     for x, y in zip(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"), strict=True):
         np.testing.assert_array_equal(x, y)
     assert cut["bank1.worker"]["history"] == whole["bank1.worker"]["history"]
+
+
+@pytest.mark.parametrize("every_steps", [None, 3])
+def test_the_flower_bench_schedule_is_the_servers(tmp_path: Path, every_steps: int | None) -> None:
+    """The Flower bench computes fldsl's FedAvg schedule without running the server (rounds, rounds per
+    epoch, each worker's local steps): it must be what ``horizontal.server`` decides from the same rows."""
+    from fldsl.bench.flower import fedavg_workers, local_steps_per_round, schedule, train_rows
+    from fldsl.runtime.roles import horizontal
+
+    build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=300, every_steps=every_steps)
+    workers = fedavg_workers(build)
+    rows = [train_rows(w) for w in workers]
+    server = horizontal.schedule(workers[0], rows)
+    assert schedule(workers) == (server.rounds, server.rounds_per_epoch)
+    assert [local_steps_per_round(w, n) for w, n in zip(workers, rows, strict=True)] == server.local_steps
+    assert server.rounds == (2 if every_steps is None else math.ceil(server.steps_per_epoch * 2 / 3))
