@@ -6,12 +6,13 @@
 
 The comparison must be of the same training, so the clients reuse the compiled build, not a re-implemented
 model: each client is one worker of a horizontal FedAvg plan and trains exactly what that worker trains in
-``runtime/roles/horizontal.py`` — the same data set (its plan's reader and parameters), the same stratified
-holdout, the same model (``build_segment`` from the plan, same seed), optimiser (``make_optimizer``, kept
-across rounds), batch size, per-epoch row order (``epoch_batch`` driven by a local step cursor), local steps
-per round, the same TensorFlow thread settings, and the same evaluation of the received global model at
-every epoch end. The server is Flower's ``FedAvg`` (weighted by examples unless the plan says ``mean``)
-with timestamps around every round; nothing of fldsl's transport, attestation or checkpointing is used.
+``runtime/roles/horizontal.py``, through the same code, the worker core (``runtime/roles/worker_core.py``):
+the same data set (its plan's reader and parameters), the same stratified holdout and preprocessing fit, the
+same model (``build_segment`` from the plan, same seed), optimiser (kept across rounds), batch size,
+per-epoch row order (driven by a local step cursor), local steps per round, the same TensorFlow thread
+settings, and the same evaluation of the received global model at every epoch end. The server is Flower's
+``FedAvg`` (weighted by examples unless the plan says ``mean``) with timestamps around every round; nothing
+of fldsl's transport, attestation or checkpointing is used.
 
 Flower is started the legacy way (``flwr.server.start_server`` / ``flwr.client.start_client``, gRPC
 bidi stream, insecure on loopback): deprecated since flwr 1.13 but still shipped (1.42), it is one server
@@ -72,17 +73,10 @@ def fedavg_workers(build: Path) -> list[Plan]:
 
 def train_rows(plan: Plan) -> int:
     """Rows a worker trains on (its data set less the holdout), loading the data as the worker does."""
-    from fldsl.runtime.roles.common import label_ref, load_tables
+    from fldsl.runtime.roles.common import load_tables
+    from fldsl.runtime.roles.worker_core import WorkerData
 
-    ds, label = label_ref(plan)
-    table = load_tables(plan)[ds]
-    if plan.train.validation.fraction > 0 and not plan.train.validation.test_data:
-        from fldsl.runtime.data import stratified_split
-
-        tr, _ = stratified_split(np.asarray(table.ids), table.fields[label], plan.train.validation.fraction,
-                                 plan.train.validation.seed)
-        return len(tr)
-    return len(table.ids)
+    return len(WorkerData.load(plan, load_tables(plan)).train_rows)
 
 
 def schedule(workers: Sequence[Plan]) -> tuple[int, int]:
@@ -121,74 +115,34 @@ def examples_after(steps: int, n: int, batch_size: int) -> int:
 
 
 class WorkerTrainer:
-    """What ``horizontal.worker`` does between rounds, without fldsl's transport (see the module doc)."""
+    """What ``horizontal.worker`` does between rounds, without fldsl's transport (see the module doc): the
+    worker core itself (:class:`fldsl.runtime.roles.worker_core.WorkerCore`), driven by Flower."""
 
     def __init__(self, build: Path, node: str) -> None:
-        from fldsl.runtime.roles.common import configure_tf, input_specs, label_ref, load_tables
+        from fldsl.runtime.preprocess import fit_tables
+        from fldsl.runtime.roles.common import configure_tf, input_specs, load_tables
+        from fldsl.runtime.roles.worker_core import WorkerCore, WorkerData
 
         configure_tf()  # the same thread pools as a fldsl node
-        import tensorflow as tf
-
-        from fldsl.stdlib.tf import build_segment, loss_fn, make_optimizer
-
         d = node_dir(build, node)
         plan = load_model(Plan, d / "plan.json")
         policy = load_model(Policy, d / "policy.json")
         if plan.role != "horizontal.worker" or plan.aggregation is None or plan.loss is None:
             raise NotFedAvg(f"{node} is not a horizontal FedAvg worker")
         self.plan = plan
-        train_ds, label_field = label_ref(plan)
         tables = load_tables(plan)
-        self.table = tables[train_ds]
-        test_name = plan.train.validation.test_data
-        self.test_table = tables.get(test_name) if test_name else None
-        self.labels = self.table.fields[label_field]
-        self.label_field = label_field
-        n_all = len(self.table.ids)
-        self.train_rows = np.arange(n_all, dtype=np.int64)
-        self.hold_rows = np.zeros(0, dtype=np.int64)
-        frac = plan.train.validation.fraction
-        if frac > 0 and self.test_table is None:
-            from fldsl.runtime.data import stratified_split
+        self.data = data = WorkerData.load(plan, tables)
+        # The declared preprocessing, fitted on this worker's training rows (statistics the fldsl workers
+        # pool through the aggregator are fitted locally here: Flower has no such exchange).
+        fit_tables(plan.data, tables, *data.preprocessing_rows())
+        specs = {k: v for k, v in input_specs(plan, policy).items() if k.startswith(f"{data.train_ds}.")}
+        self.core = WorkerCore(data, data.model_specs(specs), local_optimizer=True)
+        self.model = self.core.model
+        self.local_steps = local_steps_per_round(plan, len(data.train_rows))
 
-            ids = np.asarray(self.table.ids)
-            tr, ho = stratified_split(ids, self.labels, frac, plan.train.validation.seed)
-            pos = {str(i): k for k, i in enumerate(ids.tolist())}
-            self.train_rows = np.array([pos[str(i)] for i in tr], dtype=np.int64)
-            self.hold_rows = np.array([pos[str(i)] for i in ho], dtype=np.int64)
-        specs = {k: v for k, v in input_specs(plan, policy).items() if k.startswith(f"{train_ds}.")}
-        refs = {r for op in plan.model for r in op.inputs if r.startswith(f"{train_ds}.")}
-        specs = {k: v for k, v in specs.items() if k in refs}
-
-        self.model = build_segment(plan.model, specs, seed=plan.train.seed)
-        variables = list(self.model.trainable_variables)
-        loss = loss_fn(plan.loss)
-        opt = make_optimizer(plan.train.optimizer)
-        logits_ref = plan.loss.logits
-
-        @tf.function(reduce_retracing=True)
-        def local_step(inputs: dict[str, tf.Tensor], labels: tf.Tensor) -> tf.Tensor:
-            with tf.GradientTape() as tape:
-                value = loss(self.model(inputs, training=True)[logits_ref], labels)
-            opt.apply(tape.gradient(value, variables), variables)
-            return value
-
-        @tf.function(reduce_retracing=True)
-        def predict(inputs: dict[str, tf.Tensor]) -> tf.Tensor:
-            return self.model(inputs, training=False)[logits_ref]
-
-        self._local_step, self._predict = local_step, predict
-        self.local_spe = max(1, math.ceil(len(self.train_rows) / plan.train.batch_size))
-        self.local_steps = local_steps_per_round(plan, len(self.train_rows))
-        self.local_cursor = 0
-        self.losses: list[float] = []
-
-    def _inputs(self, table: Any, rows: np.ndarray | None) -> dict[str, np.ndarray]:
-        out = {}
-        for ref in self.model.input_refs:
-            arr = table.fields[ref.split(".", 1)[1]]
-            out[ref] = arr if rows is None else arr[rows]
-        return out
+    @property
+    def hold_rows(self) -> np.ndarray:
+        return self.data.hold_rows
 
     def get_weights(self) -> list[np.ndarray]:
         return self.model.get_weights()
@@ -197,8 +151,6 @@ class WorkerTrainer:
             ) -> tuple[list[np.ndarray], int, float, dict[str, float]]:
         """One round from the global ``weights``: returns (new weights, examples, busy seconds, metrics of
         the global model when the previous round closed an epoch)."""
-        from fldsl.runtime.roles.common import epoch_batch
-
         self.model.set_weights(weights)
         metrics: dict[str, float] = {}
         if round_index > 0 and round_index % rounds_per_epoch == 0:
@@ -206,37 +158,13 @@ class WorkerTrainer:
             # (outside its busy meter); these weights are that model.
             metrics = self.evaluate()
         t0 = time.perf_counter()
-        plan, n, b = self.plan, len(self.train_rows), self.plan.train.batch_size
-        seen = 0
-        for _ in range(self.local_steps):
-            e, j = divmod(self.local_cursor, self.local_spe)
-            rows = self.train_rows[epoch_batch(n, plan.train.seed, e, j, b)]
-            self.losses.append(float(self._local_step(self._inputs(self.table, rows), self.labels[rows])))
-            seen += len(rows)
-            self.local_cursor += 1
+        seen = self.core.local_steps(self.local_steps)
         busy = time.perf_counter() - t0
         return self.model.get_weights(), seen, busy, metrics
 
     def evaluate(self) -> dict[str, float]:
         """The worker's epoch-end metrics: mean training loss since the last call, holdout / test scores."""
-        from fldsl.runtime.roles.common import score_metrics
-
-        metrics: dict[str, float] = {"train_loss": float(np.mean(self.losses))} if self.losses else {}
-        self.losses = []
-        if self.test_table is not None:
-            inputs, labels = self._inputs(self.test_table, None), self.test_table.fields[self.label_field]
-        elif len(self.hold_rows):
-            inputs, labels = self._inputs(self.table, self.hold_rows), self.labels[self.hold_rows]
-        else:
-            return metrics
-        b = max(self.plan.train.batch_size, 1024)
-        logits = [self._predict({k: v[i:i + b] for k, v in inputs.items()}).numpy()
-                  for i in range(0, len(labels), b)]
-        if logits:
-            assert self.plan.loss is not None
-            wanted = list[str](self.plan.train.metrics)
-            metrics.update(score_metrics(self.plan.loss.op, wanted, np.concatenate(logits), labels))
-        return metrics
+        return self.core.end_epoch()[0]
 
 
 def run_client(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,8 +28,6 @@ import numpy as np
 
 from fldsl.artifacts import Task
 from fldsl.runtime.roles.common import (
-    EVAL_BASE,
-    EVAL_STRIDE,
     CheckpointWriter,
     Meter,
     PeerProtocolError,
@@ -39,6 +37,7 @@ from fldsl.runtime.roles.common import (
     is_checkpoint_step,
 )
 from fldsl.runtime.roles.split_schedule import SplitSchedule, Wire
+from fldsl.runtime.transport import keys
 
 
 @dataclass
@@ -213,14 +212,14 @@ class SplitKernels:
 
     def send_holdout(self, inputs: dict[str, np.ndarray], rows: int, epoch: int, k: int) -> None:
         """Send the cut tensors of holdout batch ``k``: the step's forward and cut sends, nothing else."""
-        key = EVAL_BASE + epoch * EVAL_STRIDE + k
+        key = keys.eval_batch(epoch, k)
         st = StepState(step=-1, key=key, rows=rows, inputs=inputs)
         cut_sends = {w.task.id for w in self.sched.cuts_out}
         tasks = tuple(t for t in self.sched.step if t.kind == "forward" or t.id in cut_sends)
         self.run(st, tasks, len(tasks))
 
     def predict_holdout(self, inputs: dict[str, np.ndarray], rows: int, epoch: int, k: int) -> np.ndarray:
-        st = StepState(step=-1, key=EVAL_BASE + epoch * EVAL_STRIDE + k, rows=rows, inputs=inputs)
+        st = StepState(step=-1, key=keys.eval_batch(epoch, k), rows=rows, inputs=inputs)
         for w in self.sched.cuts_in:
             self.receive(w, st)
         return self.predict_fn(st.inputs, st.cuts).numpy()

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
-    CTRL_ALIGN,
     CheckpointWriter,
     PeerLimitExceeded,
     RoleContext,
@@ -66,6 +65,7 @@ from fldsl.runtime.roles.common import (
 from fldsl.runtime.roles.optstate import restore_training, training_arrays
 from fldsl.runtime.roles.split import SplitKernels, SplitLoop, StepState
 from fldsl.runtime.roles.split_schedule import split_schedule
+from fldsl.runtime.transport import keys
 
 
 def run(ctx: RoleContext) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def _active_split(ctx: RoleContext, table: Any, labels_all: np.ndarray,
         where = {i: k for k, i in enumerate(pairwise[p])}
         in_pair = np.array([where[i] for i in final], dtype=np.int64)
         bundle = pack_arrays({"train": in_pair[train_pos], "holdout": in_pair[hold_pos]})
-        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), CTRL_ALIGN, bundle)
+        send_chunked(ctx, p, ctx.holdout_flow(plan.node, p), keys.control(keys.Control.ALIGN), bundle)
     ctx.progress.emit("aligned", rows=len(final), train=len(train_pos), holdout=len(hold_pos))
     return rows[train_pos], rows[hold_pos]
 
@@ -251,7 +251,8 @@ def _recv_positions(ctx: RoleContext, active: str, aligned: int) -> tuple[np.nda
     the bundle on the wire and what it may expand to, before anything is expanded."""
     what = "the train/holdout positions"
     limit = limit_for(2, 8 * aligned)
-    data = recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), CTRL_ALIGN, limit, what)
+    data = recv_chunked(ctx, active, ctx.holdout_flow(active, ctx.node), keys.control(keys.Control.ALIGN),
+                        limit, what)
     bundle = unpack_arrays(data, active, limit=limit, what=what)
     if sorted(bundle) != ["holdout", "train"]:
         raise RoleError(f"{active} sent {what} as {sorted(bundle)}, not train and holdout")

@@ -88,8 +88,9 @@ def _deflate_bomb(nbytes: int) -> bytes:
 
 
 def bomb(ctx: Any) -> dict[str, Any]:
-    from fldsl.runtime.roles.common import CTRL_ALIGN, load_tables, send_chunked
+    from fldsl.runtime.roles.common import load_tables, send_chunked
     from fldsl.runtime.roles.vertical import _align_peer
+    from fldsl.runtime.transport import keys
 
     peer = _peer(ctx)
     payload = _deflate_bomb(BOMB_BYTES)
@@ -97,17 +98,17 @@ def bomb(ctx: Any) -> dict[str, Any]:
     ctx.agree_resume(ctx.node, [peer])
     table = next(iter(load_tables(ctx.plan).values()))
     _align_peer(ctx, peer, [str(i) for i in table.ids.tolist()], leader=True)
-    send_chunked(ctx, peer, ctx.holdout_flow(ctx.node, peer), CTRL_ALIGN, payload)
+    send_chunked(ctx, peer, ctx.holdout_flow(ctx.node, peer), keys.control(keys.Control.ALIGN), payload)
     _linger(ctx, peer)
     return {"metrics": {}, "steps": 0}
 
 
 def null_resume(ctx: Any) -> dict[str, Any]:
-    from fldsl.runtime.roles.common import CTRL_RESUME, CTRL_RESUME_AGREED
+    from fldsl.runtime.transport import keys
 
     peer = _peer(ctx)
-    ctx.recv_json(peer, CTRL_RESUME)
-    ctx.send_json(peer, CTRL_RESUME_AGREED, {"step": None})
+    ctx.recv_json(peer, keys.control(keys.Control.RESUME))
+    ctx.send_json(peer, keys.control(keys.Control.RESUME_AGREED), {"step": None})
     _linger(ctx, peer)
     return {"metrics": {}, "steps": 0}
 

@@ -195,10 +195,10 @@ def test_aggregator_history_survives_a_resume(tmp_path: Path) -> None:
 def test_a_malformed_metrics_message_is_refused_naming_the_worker(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from fldsl.runtime.node import _classify
-    from fldsl.runtime.roles import horizontal
+    from fldsl.runtime.roles import hsummary
     from fldsl.runtime.roles.common import PeerProtocolError
 
-    real = horizontal._send_summary
+    real = hsummary.send_summary
 
     def lying(ctx: Any, flow: Any, r: int, logits: Any, labels: Any, losses: list[float]) -> None:
         if ctx.node != "bank2.worker":
@@ -208,7 +208,7 @@ def test_a_malformed_metrics_message_is_refused_naming_the_worker(tmp_path: Path
         ctx.links[flow.dst].send_arrays(flow.id, r, [bad])
         return None
 
-    monkeypatch.setattr(horizontal, "_send_summary", lying)
+    monkeypatch.setattr(hsummary, "send_summary", lying)
     build = buildkit.horizontal_build(tmp_path, mode="sync", epochs=1, rows=200, summaries=True)
     res = memlink.run_in_threads(build, tmp_path / "run", timeout=120)
     err = res["hub.ps"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import buildkit
 import memlink
 
 from fldsl.runtime.checkpoint import RollbackDetected
-from fldsl.runtime.roles import horizontal
+from fldsl.runtime.roles import hwire
+from fldsl.runtime.roles.aggregate import Average
 from fldsl.runtime.roles.common import Interrupted
-from fldsl.runtime.roles.horizontal import _Average
 
 
 def _uploads(rng: np.random.Generator, n: int) -> list[list[np.ndarray]]:
@@ -37,11 +38,11 @@ def _reference(ups: list[list[np.ndarray]], weights: list[float]) -> list[np.nda
             for i in range(len(ups[0]))]
 
 
-@pytest.mark.parametrize("block", [_Average.BLOCK, 1000])
+@pytest.mark.parametrize("block", [Average.BLOCK, 1000])
 def test_average_is_the_weighted_mean_in_float32(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_Average, "BLOCK", block)
+    monkeypatch.setattr(Average, "BLOCK", block)
     rng = np.random.default_rng(0)
-    avg = _Average()
+    avg = Average()
     for rnd in range(2):  # the accumulator is reused: the second round must not see the first
         ups = _uploads(rng, 3)
         counts = [7200.0, 800.0, 3.0] if rnd == 0 else [1.0, 1.0, 1.0]
@@ -61,7 +62,7 @@ def test_average_is_the_weighted_mean_in_float32(block: int, monkeypatch: pytest
 def test_average_zero_weights_fall_back_to_the_plain_mean() -> None:
     rng = np.random.default_rng(1)
     ups = _uploads(rng, 3)
-    avg = _Average()
+    avg = Average()
     for u in ups:
         avg.fold(u, 0.0)
     for got, want in zip(avg.acc, _reference(ups, [1.0, 1.0, 1.0]), strict=True):
@@ -145,7 +146,7 @@ def test_fedavg_resume_after_the_server_lost_its_newest_checkpoint(tmp_path: Pat
 def test_piece_layout_covers_every_row_once_within_the_limit() -> None:
     shapes = [(1000, 16), (7,), (), (3, 5), (100_000,), (1, 4096)]
     limit = 4096
-    layout = horizontal.piece_layout(shapes, [4] * len(shapes), limit)
+    layout = hwire.piece_layout(shapes, [4] * len(shapes), limit)
     seen: dict[int, list[tuple[int, int]]] = {}
     for piece in layout:
         size = 0
@@ -162,7 +163,7 @@ def test_piece_layout_covers_every_row_once_within_the_limit() -> None:
         assert ranges[0][0] == 0 and ranges[-1][1] == (shape[0] if shape else 1)
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), ranges
     assert [s.var for p in layout for s in p] == sorted(s.var for p in layout for s in p)
-    assert horizontal.piece_layout([], []) == [[]]  # nothing to average: one piece carries the count
+    assert hwire.piece_layout([], []) == [[]]  # nothing to average: one piece carries the count
 
 
 def test_fedavg_in_small_pieces_equals_whole_messages(tmp_path: Path,
@@ -170,15 +171,31 @@ def test_fedavg_in_small_pieces_equals_whole_messages(tmp_path: Path,
     """Cutting the weights into many row-range pieces (the server folds and returns each as it arrives)
     gives bit-identical weights and metrics to moving each variable whole."""
     build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=400, every_steps=2)
-    monkeypatch.setattr(horizontal, "PIECE_BYTES", 1 << 30)
+    monkeypatch.setattr(hwire, "PIECE_BYTES", 1 << 30)
     whole = memlink.run_in_threads(build, tmp_path / "whole")
-    monkeypatch.setattr(horizontal, "PIECE_BYTES", 72)
+    monkeypatch.setattr(hwire, "PIECE_BYTES", 72)
     cut = memlink.run_in_threads(build, tmp_path / "cut")
     for res in (whole, cut):
         assert all(not isinstance(r, BaseException) for r in res.values()), res
     shapes = [tuple(a.shape) for a in _weights(tmp_path / "whole")]
-    layout = horizontal.piece_layout(shapes, [4] * len(shapes), 72)
+    layout = hwire.piece_layout(shapes, [4] * len(shapes), 72)
     assert len(layout) > len(shapes) + 4 and any(len(p) > 1 for p in layout)  # cut and grouped
     for x, y in zip(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"), strict=True):
         np.testing.assert_array_equal(x, y)
     assert cut["bank1.worker"]["history"] == whole["bank1.worker"]["history"]
+
+
+@pytest.mark.parametrize("every_steps", [None, 3])
+def test_the_flower_bench_schedule_is_the_servers(tmp_path: Path, every_steps: int | None) -> None:
+    """The Flower bench computes fldsl's FedAvg schedule without running the server (rounds, rounds per
+    epoch, each worker's local steps): it must be what ``horizontal.server`` decides from the same rows."""
+    from fldsl.bench.flower import fedavg_workers, local_steps_per_round, schedule, train_rows
+    from fldsl.runtime.roles import horizontal
+
+    build = buildkit.horizontal_build(tmp_path, mode="fedavg", epochs=2, rows=300, every_steps=every_steps)
+    workers = fedavg_workers(build)
+    rows = [train_rows(w) for w in workers]
+    server = horizontal.schedule(workers[0], rows)
+    assert schedule(workers) == (server.rounds, server.rounds_per_epoch)
+    assert [local_steps_per_round(w, n) for w, n in zip(workers, rows, strict=True)] == server.local_steps
+    assert server.rounds == (2 if every_steps is None else math.ceil(server.steps_per_epoch * 2 / 3))

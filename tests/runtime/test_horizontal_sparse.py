@@ -16,13 +16,14 @@ import buildkit
 import memlink
 
 from fldsl.runtime.roles import horizontal
-from fldsl.runtime.roles.horizontal import SparseRows, _Average
+from fldsl.runtime.roles.aggregate import Average
+from fldsl.runtime.roles.hwire import SparseRows
 
 
 def test_sparse_parts_fold_like_their_dense_arrays() -> None:
     rng = np.random.default_rng(2)
     shape = (50, 4)
-    dense_avg, sparse_avg = _Average(), _Average()
+    dense_avg, sparse_avg = Average(), Average()
     ups = []
     for _ in range(3):
         idx = rng.choice(shape[0], size=12, replace=False).astype(np.int64)
@@ -92,7 +93,7 @@ def test_sparse_uploads_train_the_same_model(tmp_path: Path, optimizer: str,
     sparse = memlink.run_in_threads(build, tmp_path / "sparse")
     assert all(not isinstance(r, BaseException) for r in sparse.values()), sparse
     with monkeypatch.context() as m:
-        m.setattr(horizontal, "_encode_grads", _dense_only)
+        m.setattr(horizontal, "encode_grads", _dense_only)
         dense = memlink.run_in_threads(build, tmp_path / "dense")
     assert all(not isinstance(r, BaseException) for r in dense.values()), dense
     # 32 rows x 26 columns touch at most 832 of the 26,000 table rows: the upload shrinks by far.

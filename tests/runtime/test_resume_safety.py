@@ -24,16 +24,18 @@ from fldsl.artifacts import Plan, Policy, load_model, node_dir
 from fldsl.runtime.checkpoint import Checkpoint, RollbackDetected
 from fldsl.runtime.progress import Progress
 from fldsl.runtime.roles.common import (
-    CTRL_ALIGN,
-    CTRL_RESUME,
-    CTRL_RESUME_AGREED,
     PeerLimitExceeded,
     ResumeRefused,
     RoleContext,
     send_chunked,
 )
+from fldsl.runtime.transport import keys
 
 MEDIA, SHOP = "media.trainer", "shop.trainer"
+
+CTRL_ALIGN = keys.control(keys.Control.ALIGN)
+CTRL_RESUME = keys.control(keys.Control.RESUME)
+CTRL_RESUME_AGREED = keys.control(keys.Control.RESUME_AGREED)
 
 
 def _contexts(build: Path, run_dir: Path) -> dict[str, RoleContext]:

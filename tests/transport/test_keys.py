@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 
-from fldsl.runtime.roles import common
 from fldsl.runtime.transport import keys
 from fldsl.runtime.transport.keys import LAYOUT, Control, MessageKey, Namespace
 
@@ -20,14 +19,17 @@ def test_namespaces_do_not_overlap() -> None:
 
 
 def test_same_values_as_the_hand_allocated_constants() -> None:
-    """vertical.py and common.py still use the integers: a node mixing both must agree on the wire."""
-    assert keys.control(Control.RESUME) == common.CTRL_RESUME
-    assert keys.control(Control.RESUME_AGREED) == common.CTRL_RESUME_AGREED
-    assert keys.control(Control.ALIGN) == common.CTRL_ALIGN
-    assert keys.rollback(3) == common.CTRL_ROLLBACK + 3
-    assert keys.landed(70) == common.CTRL_LANDED + 70
-    assert keys.eval_batch(2, 5) == common.EVAL_BASE + 2 * common.EVAL_STRIDE + 5
-    assert keys.data() == common.DATA_BASE and keys.data().chunk(4) == common.DATA_BASE + 4
+    """The wire values the roles allocated by hand before the typed keys (``CTRL_BASE = 1 << 50``, ...):
+    a node built from either must agree on the wire."""
+    ctrl = 1 << 50
+    assert keys.control(Control.RESUME) == ctrl + 1
+    assert keys.control(Control.RESUME_AGREED) == ctrl + 2
+    assert keys.control(Control.ALIGN) == ctrl + 3
+    assert keys.control(Control.INFO) == ctrl + 4 and keys.control(Control.SCHEDULE) == ctrl + 5
+    assert keys.rollback(3) == ctrl + 1000 + 3
+    assert keys.landed(70) == ctrl + (1 << 36) + 70
+    assert keys.eval_batch(2, 5) == (1 << 52) + 2 * (1 << 24) + 5
+    assert keys.data() == 1 << 54 and keys.data().chunk(4) == (1 << 54) + 4
 
 
 @pytest.mark.parametrize("key", [keys.step(0), keys.step(12345), keys.piece(7, 3), keys.control(Control.INFO),
