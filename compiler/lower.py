@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import networkx as nx
-from fldsl.compiler.ir import IRNode, Program
 
 from fldsl.artifacts import (
     AttestationRequirement,
@@ -24,6 +23,7 @@ from fldsl.artifacts import (
     Policy,
     Task,
 )
+from fldsl.compiler.ir import IRNode, Program
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -14,39 +14,33 @@ Message keys are :mod:`fldsl.runtime.transport.keys`'.
 
 from __future__ import annotations
 
-from fldsl.runtime.roles.errors import (
-    Interrupted,
-    RoleError,
-    PeerLimitExceeded,
-    PeerProtocolError,
-    ResumeRefused,
-    PeerRestarted,
-    RollbackRequested,
+from fldsl.runtime.roles.checkpoints import (
+    CheckpointWriter,
+    announce_training,
+    is_checkpoint_step,
+    save_checkpoint,
+    with_checkpoint_writer,
+)
+from fldsl.runtime.roles.chunks import (
+    PSI_BASE,
+    blob_channel,
+    pack_arrays,
+    recv_chunked,
+    send_chunked,
+    unpack_arrays,
 )
 from fldsl.runtime.roles.context import (
     RoleContext,
     artifacts_digest,
 )
-from fldsl.runtime.roles.training import (
-    configure_tf,
-    input_specs,
-    build_model,
-    epoch_order,
-    epoch_batch,
-    batches,
-    cyclic_batch,
-    field_inputs,
-    label_ref,
-    Meter,
-    score_metrics,
-    report_epoch,
-)
-from fldsl.runtime.roles.checkpoints import (
-    is_checkpoint_step,
-    announce_training,
-    save_checkpoint,
-    CheckpointWriter,
-    with_checkpoint_writer,
+from fldsl.runtime.roles.errors import (
+    Interrupted,
+    PeerLimitExceeded,
+    PeerProtocolError,
+    PeerRestarted,
+    ResumeRefused,
+    RoleError,
+    RollbackRequested,
 )
 from fldsl.runtime.roles.exports import (
     export_model,
@@ -54,16 +48,22 @@ from fldsl.runtime.roles.exports import (
 )
 from fldsl.runtime.roles.tables import (
     fit_preprocessing,
-    load_tables,
     label_rule,
+    load_tables,
 )
-from fldsl.runtime.roles.chunks import (
-    PSI_BASE,
-    blob_channel,
-    send_chunked,
-    recv_chunked,
-    pack_arrays,
-    unpack_arrays,
+from fldsl.runtime.roles.training import (
+    Meter,
+    batches,
+    build_model,
+    configure_tf,
+    cyclic_batch,
+    epoch_batch,
+    epoch_order,
+    field_inputs,
+    input_specs,
+    label_ref,
+    report_epoch,
+    score_metrics,
 )
 
 __all__ = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -122,13 +123,13 @@ class Meter:
         return self.examples / self.seconds if self.seconds > 0 else 0.0
 
 
-def score_metrics(loss_op: str, wanted: list[str], logits: np.ndarray,
+def score_metrics(loss_op: str, wanted: Sequence[str], logits: np.ndarray,
                   labels: np.ndarray) -> dict[str, float]:
     """Holdout (or test) metrics of predictions, computed by whoever holds the labels: ``loss`` is the
     pipeline's loss on these rows, plus ``auc`` / ``accuracy`` where asked (stdlib ``evaluate_logits``)."""
     from fldsl.stdlib.tf import metrics as M
 
-    return M.evaluate_logits(loss_op, wanted, logits, labels)
+    return M.evaluate_logits(loss_op, list(wanted), logits, labels)
 
 
 def report_epoch(ctx: RoleContext, epoch: int, metrics: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from fldsl.runtime.bundle import limit_for
 from fldsl.runtime.roles.common import (
     CheckpointWriter,
@@ -172,10 +173,11 @@ def _active(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
     tables = load_tables(plan)
     ds_name, table = _single_table(ctx, tables)
     label_ds, label_field = label_ref(plan)
+    assert plan.loss is not None  # label_ref refused a plan without one
     if label_ds != ds_name:
         raise RoleError(f"{ctx.node}: the loss label `{plan.loss.label}` is not in this node's data")
     labels_all = table.fields[label_field]
-    ckpt = ctx.store.load(resume) if resume is not None else None
+    ckpt = ctx.store.load(resume) if resume is not None and ctx.store is not None else None
     if ckpt is not None:
         train_rows, hold_rows = ckpt.arrays["train_rows"], ckpt.arrays["hold_rows"]
     else:
@@ -236,6 +238,7 @@ def _evaluate(k: SplitKernels, hold_rows: np.ndarray, epoch: int, inputs_for: An
     logits = [k.predict_holdout(inputs_for(hold_rows[idx]), len(idx), epoch, j)
               for j, idx in enumerate(batches(np.arange(len(hold_rows)), plan.train.batch_size))]
     joined = np.concatenate(logits)
+    assert plan.loss is not None  # the label owner's plan has the loss
     return score_metrics(plan.loss.op, plan.train.metrics, joined, labels_all[hold_rows]), joined
 
 
@@ -295,7 +298,7 @@ def _passive(ctx: RoleContext, writer: CheckpointWriter) -> dict[str, Any]:
 
     tables = load_tables(plan)
     _, table = _single_table(ctx, tables)
-    ckpt = ctx.store.load(resume) if resume is not None else None
+    ckpt = ctx.store.load(resume) if resume is not None and ctx.store is not None else None
     if ckpt is not None:
         train_rows, hold_rows = ckpt.arrays["train_rows"], ckpt.arrays["hold_rows"]
     else:
