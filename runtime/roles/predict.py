@@ -39,7 +39,7 @@ from fldsl.runtime.roles.common import (
     unpack_arrays,
 )
 from fldsl.runtime.roles.split import rows_of as _rows_of
-from fldsl.runtime.roles.vertical import _align_peer
+from fldsl.runtime.roles.vertical import _align_peer, align_all
 from fldsl.runtime.transport import keys
 
 CTRL_PREDICT = keys.control(keys.Control.PREDICT)  # both ways: "this node is predicting"
@@ -93,13 +93,7 @@ def _active(ctx: RoleContext) -> dict[str, Any]:
     for p in passives:
         _hello(ctx, p)
     ds_name, table = _table(ctx)
-    ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
-    ids = [str(i) for i in table.ids.tolist()]
-    row_of = {i: r for r, i in enumerate(ids)}
-    pairwise = {p: _align_peer(ctx, p, ids, leader=True) for p in passives}
-    common = set(ids)
-    for lst in pairwise.values():
-        common &= set(lst)
+    ids, row_of, pairwise, common = align_all(ctx, table, passives)
     final = [i for i in ids if i in common]  # the label owner's row order
     for p in passives:
         where = {i: k for k, i in enumerate(pairwise[p])}

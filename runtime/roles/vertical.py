@@ -126,10 +126,10 @@ def _kernels(ctx: RoleContext, writer: CheckpointWriter, ckpt: Any) -> SplitKern
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _active_split(ctx: RoleContext, table: Any, labels_all: np.ndarray,
-                  passives: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Align with every passive, keep the ids common to all, split train/holdout and send each passive the
-    positions of both in its own PSI output. Returns this node's train and holdout rows."""
+def align_all(ctx: RoleContext, table: Any, passives: list[str]
+              ) -> tuple[list[str], dict[str, int], dict[str, list[str]], set[str]]:
+    """PSI with every passive, this node leading: its ids (as text), their rows, each passive's aligned ids,
+    and the ids common to all (training and prediction both start here)."""
     plan = ctx.plan
     ctx.progress.emit("phase", name="align", detail=plan.alignment.method if plan.alignment else "join")
     ids = [str(i) for i in table.ids.tolist()]
@@ -138,6 +138,15 @@ def _active_split(ctx: RoleContext, table: Any, labels_all: np.ndarray,
     common = set(ids)
     for lst in pairwise.values():
         common &= set(lst)
+    return ids, row_of, pairwise, common
+
+
+def _active_split(ctx: RoleContext, table: Any, labels_all: np.ndarray,
+                  passives: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Align with every passive, keep the ids common to all, split train/holdout and send each passive the
+    positions of both in its own PSI output. Returns this node's train and holdout rows."""
+    plan = ctx.plan
+    ids, row_of, pairwise, common = align_all(ctx, table, passives)
     first = pairwise[passives[0]] if passives else ids
     final = [i for i in first if i in common]
     if not final:
