@@ -428,7 +428,7 @@ def test_pooled_statistics_that_are_not_statistics_are_refused(row: list[float],
     from types import SimpleNamespace
 
     from fldsl.artifacts import Flow, TensorSpec
-    from fldsl.runtime.roles import horizontal
+    from fldsl.runtime.roles import hsummary
     from fldsl.runtime.roles.common import PeerLimitExceeded
 
     flow = Flow(id="bank1.worker->hub.ps:stats", tensor="stats", kind="stats", src="bank1.worker",
@@ -437,8 +437,8 @@ def test_pooled_statistics_that_are_not_statistics_are_refused(row: list[float],
     sent = {"x": good}
     link = SimpleNamespace(recv=lambda flow_id, key, timeout: sent["x"])
     ctx = SimpleNamespace(links={"bank1.worker": link}, wait=lambda fn, peer: fn(1.0))
-    np.testing.assert_array_equal(horizontal._recv_stats(ctx, flow), good)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(hsummary.recv_stats(ctx, flow), good)  # type: ignore[arg-type]
     sent["x"] = np.array([row], dtype=np.float64)
     with pytest.raises(PeerLimitExceeded) as e:
-        horizontal._recv_stats(ctx, flow)  # type: ignore[arg-type]
+        hsummary.recv_stats(ctx, flow)  # type: ignore[arg-type]
     assert e.value.peer == "bank1.worker" and "not statistics" in str(e.value), why
