@@ -21,12 +21,15 @@ def fldsl(*args: str, cwd: Path, timeout: float = 900, env: dict[str, str] | Non
 
 
 def run_json(*args: str, cwd: Path, timeout: float = 900) -> tuple[int, dict[str, Any], str]:
+    """Exit code, the JSON document and what the run said: its stderr and, under --json, the document's
+    error message (an error that stops the run before any node is in the document, not on stderr)."""
     proc = fldsl("run", *args, "--json", cwd=cwd, timeout=timeout)
     try:
         doc = json.loads(proc.stdout)
     except ValueError:
         doc = {}
-    return proc.returncode, doc, proc.stderr
+    said = proc.stderr + str((doc.get("error") or {}).get("message", ""))
+    return proc.returncode, doc, said
 
 
 def sign(flp: Path, build: Path, cwd: Path, *extra: str) -> None:
