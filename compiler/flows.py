@@ -506,8 +506,7 @@ class FlowBuilder:
         first = c.parties[workers[0].split(".")[0]].datasets.get(ds) if workers else None
         if first is None:
             return
-        by_name = {col.name: col for col in first.spec.columns or []}
-        k = sum(1 for name in first.spec.feature_columns if name in by_name and by_name[name].pooled)
+        k = len(first.spec.pooled_columns())
         if k == 0:
             return
         spec = TensorSpec(shape=[k, len(POOLED_STATS)], dtype="float64")

@@ -113,17 +113,9 @@ def _csv(
     if not ok:
         return None
     pool = [c for c in header if c not in (id_col, label_col)]
-    features: list[str] = []
-    for pat in args["columns"]:
-        hits = [c for c in pool if fnmatch.fnmatchcase(c, pat)]
-        if not hits:
-            ck.error(
-                _arg_span(call, "columns") or call.span,
-                f"column pattern `{pat}` matches no column of {found.name}",
-                f"columns: {', '.join(pool[:12])}{', ...' if len(pool) > 12 else ''}",
-            )
-            return None
-        features += [c for c in hits if c not in features]
+    features = _expand_columns(ck, call, args["columns"], pool, f"no column of {found.name}", "columns")
+    if features is None:
+        return None
     spec = DataSpec(
         name=dd.name.value,
         reader=call.func.value,  # type: ignore[arg-type]  # csv or parquet (the caller's test)
@@ -134,6 +126,24 @@ def _csv(
         fields=_csv_fields(ck, len(features), label_col),
     )
     return IRDataset(party=party, spec=spec, rows=rows, span=span)
+
+
+def _expand_columns(ck: CheckState, call: ast.Call, patterns: list[str], pool: list[str], nowhere: str,
+                    listed: str) -> list[str] | None:
+    """The ``columns:`` patterns matched against ``pool`` (a file's header or a schema block), in pattern
+    order without repeats; None after reporting the first pattern that matches nothing."""
+    features: list[str] = []
+    for pat in patterns:
+        hits = [c for c in pool if fnmatch.fnmatchcase(c, pat)]
+        if not hits:
+            ck.error(
+                _arg_span(call, "columns") or call.span,
+                f"column pattern `{pat}` matches {nowhere}",
+                f"{listed}: {', '.join(pool[:12])}{', ...' if len(pool) > 12 else ''}",
+            )
+            return None
+        features += [c for c in hits if c not in features]
+    return features
 
 
 def _not_found(ck: CheckState, raw: str, candidates: list[Path], env: Env, arg_span: ast.Span) -> None:
@@ -193,18 +203,10 @@ def _csv_declared(
         return None
     names = [c.name for c in declared]
     width = {c.name: c.width for c in declared}
-    features: list[str] = []
-    for pat in args["columns"]:
-        hits = [c for c in names if fnmatch.fnmatchcase(c, pat)]
-        if not hits:
-            ck.error(
-                _arg_span(call, "columns") or call.span,
-                f"column pattern `{pat}` matches no column declared in the schema block of "
-                f"`{dd.name.value}`",
-                f"declared: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}",
-            )
-            return None
-        features += [c for c in hits if c not in features]
+    features = _expand_columns(ck, call, args["columns"], names,
+                               f"no column declared in the schema block of `{dd.name.value}`", "declared")
+    if features is None:
+        return None
     spec = DataSpec(
         name=dd.name.value,
         reader=call.func.value,  # type: ignore[arg-type]  # csv or parquet (the caller's test)

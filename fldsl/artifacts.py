@@ -193,6 +193,13 @@ class DataSpec(_Model):
     columns: list[ColumnSpec] | None = None
     max_rows: int | None = None
 
+    def pooled_columns(self) -> list[ColumnSpec]:
+        """The declared feature columns whose statistics horizontal workers pool (``ColumnSpec.pooled``), in
+        feature order: the rows of a ``stats`` message (the compiler sizes the flow by them, the workers fill
+        and the aggregator merges them)."""
+        by_name = {c.name: c for c in self.columns or []}
+        return [by_name[n] for n in self.feature_columns if n in by_name and by_name[n].pooled]
+
     @model_serializer(mode="wrap")
     def _omit_no_schema(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Written only for declared schemas, so plans (and measurements) of csv data sets whose header is

@@ -93,17 +93,11 @@ def raw_columns(spec: DataSpec, cells: Mapping[str, Sequence[str] | np.ndarray])
 # ---------------------------------------------------------------------------------------------------------
 
 
-def pooled_columns(spec: DataSpec) -> list[ColumnSpec]:
-    """The feature columns whose statistics horizontal workers pool (``ColumnSpec.pooled``), in order: the
-    rows of a ``stats`` message."""
-    return [c for c in feature_specs(spec) if c.pooled]
-
-
 def local_stats(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray) -> np.ndarray:
     """This worker's ``stats`` message: float64[pooled columns, len(POOLED_STATS)], one row per pooled
     column over its training rows (present count, mean, M2, min, max, missing count; docs/language.md)."""
     rows = np.asarray(train_rows, dtype=np.int64)
-    cols = pooled_columns(spec)
+    cols = spec.pooled_columns()
     out = np.zeros((len(cols), len(POOLED_STATS)), dtype=np.float64)
     for i, c in enumerate(cols):
         x = np.asarray(raw[c.name].take(rows), dtype=np.float64)
@@ -145,7 +139,7 @@ def fit(spec: DataSpec, raw: Mapping[str, RawColumn], train_rows: np.ndarray,
     ``pooled`` (horizontal: :func:`merge_stats` of every worker's :func:`local_stats`) replaces this node's
     own statistics of the pooled columns: every worker then fits what central training would."""
     rows = np.asarray(train_rows, dtype=np.int64)
-    pooled_rows = {c.name: i for i, c in enumerate(pooled_columns(spec))} if pooled is not None else {}
+    pooled_rows = {c.name: i for i, c in enumerate(spec.pooled_columns())} if pooled is not None else {}
     columns: list[dict[str, Any]] = []
     start = 0
     for c in feature_specs(spec):
@@ -371,7 +365,6 @@ __all__ = [
     "merge_stats",
     "missing_mask",
     "needs_fit",
-    "pooled_columns",
     "raw_columns",
     "to_bytes",
 ]

@@ -52,15 +52,16 @@ def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 
 def write_secret(path: Path, data: bytes) -> None:
     """Create a file readable only by its owner (0600), refusing to replace an existing one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    _create(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Create a world-readable file (0644), refusing to replace an existing one."""
+    _create(path, data, 0o644)
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
     finally:
