@@ -172,7 +172,7 @@ def _prepare_seconds(spec: Any, table: Any) -> float:
     from fldsl.runtime import preprocess
 
     t0 = time.perf_counter()
-    train = np.arange(0, len(table), dtype=np.int64)[: len(table) * 4 // 5]
+    train = np.arange(len(table) * 4 // 5, dtype=np.int64)
     fitted = preprocess.fit(spec, table.raw, train)
     for e in fitted["columns"]:
         if e["type"] == "category":

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fldsl.artifacts import Flow
+from fldsl.artifacts import POOLED_STATS, Flow
 from fldsl.runtime.roles.common import PeerLimitExceeded, PeerProtocolError, RoleContext, RoleError
 from fldsl.runtime.transport import keys
 
@@ -27,7 +27,7 @@ def recv_stats(ctx: RoleContext, flow: Flow) -> np.ndarray:
     """A `stats` message, checked: the flow guard fixed its dtype and shape; the values must be statistics
     (finite, whole non-negative counts, min <= max where there are values) or the sender is refused."""
     x = ctx.wait(lambda t: ctx.links[flow.src].recv(flow.id, STATS_KEY, t), flow.src)
-    counts = x[:, [0, 5]] if x.ndim == 2 and x.shape[1] == 6 else None
+    counts = x[:, [0, 5]] if x.ndim == 2 and x.shape[1] == len(POOLED_STATS) else None
     bad = counts is None or not np.isfinite(x).all() or (counts < 0).any() \
         or (counts != np.round(counts)).any() or (x[:, 2] < 0).any() \
         or ((x[:, 0] > 0) & (x[:, 3] > x[:, 4])).any()
@@ -56,12 +56,12 @@ def pool_stats(ctx: RoleContext, srv: str, train_ds: str, table: Any,
 def merge_stats(ctx: RoleContext, workers: list[str]) -> None:
     """Server: merge the workers' statistics (in the plan's worker order: every worker gets the same
     bytes) and send the merge to each. Nothing when the pipeline pools none."""
-    from fldsl.runtime.preprocess import merge_stats
+    from fldsl.runtime import preprocess
 
     ups = [f for w in workers for f in stats_flows(ctx, w, ctx.node)]
     if not ups:
         return
-    merged = merge_stats([recv_stats(ctx, f) for f in ups])
+    merged = preprocess.merge_stats([recv_stats(ctx, f) for f in ups])
     for w in workers:
         for f in stats_flows(ctx, ctx.node, w):
             ctx.links[w].send(f.id, STATS_KEY, merged)
